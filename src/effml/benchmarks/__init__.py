@@ -1,0 +1,109 @@
+"""Benchmarks of effml's components against peer implementations, run by ``effml bench NAME``.
+
+Each benchmark measures effml and its peers side by side in one process, on the same config, and reports absolute
+numbers plus ratios against the peers measured in the same run. ``run_benchmark`` writes
+``<out>/bench-<name>/<UTC timestamp>/result.json`` and ``result.md`` (atomically) and never reuses a directory.
+Peers are dev/bench extras (``pip install effml[bench]``); a missing one is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from effml.benchmarks.common import markdown_table
+from effml.io import atomic_write_json, atomic_write_text
+
+__all__ = ["Benchmark", "BENCHMARKS", "run_benchmark", "render_markdown"]
+
+
+def _default_render(result: dict[str, Any]) -> str:
+    ratios = result.get("ratios", {})
+    rows = [[f"`{name}`", f"{entry['value']:.3g}", "/".join(entry["numerator"]), "/".join(entry["denominator"])]
+            for name, entry in ratios.items()]
+    return "## Ratios\n\n" + markdown_table(["ratio", "value", "numerator", "denominator"], rows) + "\n"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A registered benchmark.
+
+    Attributes:
+        name: the ``effml bench NAME`` name.
+        description: one line, shown by ``effml list``.
+        run: ``run(quick: bool, device: str) -> dict``, a JSON-serialisable result with at least ``machine`` and
+            ``config`` (rendered first in the markdown) and, by convention, ``ratios``.
+        render: result -> the markdown body after the machine/config header (tables of numbers and ratios).
+    """
+
+    name: str
+    description: str
+    run: Callable[..., dict]
+    render: Callable[[dict[str, Any]], str] = _default_render
+
+
+def _run_lm(quick: bool = False, device: str = "cpu") -> dict:
+    from effml.benchmarks import lm
+
+    return lm.run(quick=quick, device=device)
+
+
+def _render_lm(result: dict[str, Any]) -> str:
+    from effml.benchmarks import lm
+
+    return lm.render(result)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "lm": Benchmark("lm", "effml's TransformerLM vs x-transformers and HF GPT-2: training tokens/s, step memory, "
+                    "KV-cache generation tokens/s, MFU", _run_lm, _render_lm),
+}
+
+
+def render_markdown(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> str:
+    """The full report: title, the machine, the config, then ``render(result)``."""
+    machine = result.get("machine", {})
+    machine_rows = [[key.replace("_", " "), value if not isinstance(value, dict) else
+                     ", ".join(f"{k} {v or 'not installed'}" for k, v in value.items())]
+                    for key, value in machine.items()]
+    config_rows = [[key, value] for key, value in result.get("config", {}).items()]
+    quick = " (--quick: tiny shapes, checks that it runs; not a measurement to quote)" if result.get("quick") else ""
+    return (f"# Benchmark `{name}`{quick}\n\n## Machine\n\n{markdown_table(['', ''], machine_rows)}\n\n"
+            f"## Config\n\n{markdown_table(['setting', 'value'], config_rows)}\n\n{render(result)}")
+
+
+def _new_run_directory(parent: Path, started: _dt.datetime) -> Path:
+    """Create and return a fresh ``parent/<UTC timestamp>[-k]`` directory; an existing one is never reused."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stem = started.strftime("%Y%m%dT%H%M%SZ")
+    for attempt in range(1, 10_000):
+        candidate = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise RuntimeError(f"could not create a new run directory under {parent} for {stem}.")
+
+
+def run_benchmark(name: str, *, quick: bool = False, out: Path = Path("runs"), device: str = "cpu") -> Path:
+    """Run benchmark ``name`` and write ``out/bench-<name>/<UTC timestamp>/result.json`` and ``result.md``.
+
+    The directory is created only once the measurement finished (a failed run writes nothing) and is never an
+    existing one (a second run in the same second gets a ``-2`` suffix). Both files are written atomically.
+    Returns the path of ``result.md``. An unknown ``name`` raises ValueError listing the benchmarks.
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"Unknown benchmark {name!r}; available benchmarks: {', '.join(sorted(BENCHMARKS))}.")
+    benchmark = BENCHMARKS[name]
+    started = _dt.datetime.now(_dt.timezone.utc)
+    result = benchmark.run(quick=quick, device=device)
+    result = {**result, "started_utc": started.isoformat(timespec="seconds")}
+    directory = _new_run_directory(Path(out) / f"bench-{name}", started)
+    atomic_write_json(directory / "result.json", result)
+    markdown_path = directory / "result.md"
+    atomic_write_text(markdown_path, render_markdown(name, result, benchmark.render))
+    return markdown_path

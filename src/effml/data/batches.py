@@ -1,0 +1,126 @@
+"""Language-model batches from a 1-D token array: random training windows and fixed evaluation windows.
+
+Training (:class:`WindowBatches`): the global batch at ``step`` is ``batch_size`` windows whose start offsets are
+drawn by ``numpy.random.default_rng([seed, step])`` — a counter-based derivation, so ``batch(step)`` is a pure
+function of ``(seed, step)`` and a run resumed at step ``s`` sees exactly the batches an uninterrupted run would
+have seen. Under data parallelism, rank ``r`` of ``world_size`` takes the **contiguous** rows
+``[r * B/W, (r + 1) * B/W)`` of that global batch, so the ranks' shares are disjoint and their concatenation in
+rank order is the ``world_size=1`` batch.
+
+Evaluation (:func:`eval_windows`): non-overlapping windows ``tokens[i*T : i*T + T + 1]`` in order; a cap takes
+evenly spaced windows across the whole array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["WindowBatches", "eval_windows", "eval_window_starts"]
+
+
+def _check_tokens(tokens: np.ndarray, seq_len: int, caller: str) -> np.ndarray:
+    array = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{caller} needs a 1-D integer token array, got shape {array.shape} dtype {array.dtype}.")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"{caller}: seq_len must be a positive int, got {seq_len!r}.")
+    if len(array) < seq_len + 1:
+        raise ValueError(f"{caller}: a window of seq_len={seq_len} needs {seq_len + 1} tokens (inputs plus one "
+                         f"target), but the array has {len(array)}; use a shorter seq_len or more data.")
+    return array
+
+
+def _check_positive_int(value: int, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}.")
+
+
+def _windows_to_tensors(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather ``tokens[s : s + seq_len + 1]`` for each start → (inputs, targets), each int64 ``(len(starts), T)``."""
+    windows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+    inputs = np.ascontiguousarray(windows[:, :-1])
+    targets = np.ascontiguousarray(windows[:, 1:])
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+class WindowBatches:
+    """Random contiguous windows from a 1-D token array; ``batch(step)`` is a pure function of (seed, step, rank).
+
+    Args:
+        tokens: 1-D integer array of shape ``(N,)`` (a ``np.memmap`` works; only the windows are read).
+        batch_size: global batch size ``B`` (windows per step summed over all ranks).
+        seq_len: window length ``T``; each window reads ``T + 1`` tokens.
+        seed: non-negative int; different seeds give independent batch streams.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+        self.tokens = _check_tokens(tokens, seq_len, "WindowBatches")
+        _check_positive_int(batch_size, "WindowBatches batch_size")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"WindowBatches seed must be a non-negative int, got {seed!r}.")
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.n_starts = len(self.tokens) - seq_len  # valid starts: 0 .. N - T - 1
+
+    def global_starts(self, step: int) -> np.ndarray:
+        """Start offsets of the global batch at ``step``: int64 array of shape ``(batch_size,)``."""
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}.")
+        rng = np.random.default_rng([self.seed, int(step)])
+        return rng.integers(0, self.n_starts, size=self.batch_size, dtype=np.int64)
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the global batch at ``step``.
+
+        Returns:
+            inputs, targets: int64 tensors of shape ``(batch_size // world_size, seq_len)`` with
+            ``targets[:, t] == inputs[:, t + 1]`` and the last target the token after the window.
+        """
+        _check_positive_int(world_size, "world_size")
+        if self.batch_size % world_size:
+            raise ValueError(f"Global batch_size {self.batch_size} does not divide by world_size {world_size}; "
+                             "choose a batch_size that is a multiple of the number of processes.")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}.")
+        per_rank = self.batch_size // world_size
+        starts = self.global_starts(step)[rank * per_rank:(rank + 1) * per_rank]
+        return _windows_to_tensors(self.tokens, starts, self.seq_len)
+
+    def __repr__(self) -> str:
+        return (f"WindowBatches(n_tokens={len(self.tokens)}, batch_size={self.batch_size}, seq_len={self.seq_len}, "
+                f"seed={self.seed})")
+
+
+def eval_window_starts(n_tokens: int, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+    """Start offsets (increasing, multiples of ``seq_len``) of the evaluation windows over ``n_tokens`` tokens.
+
+    All ``(n_tokens - 1) // seq_len`` non-overlapping windows, or, with ``max_windows`` smaller than that,
+    ``max_windows`` of them evenly spaced across the array (window ``i`` of ``m`` is the ``floor((2i+1) n / 2m)``-th).
+    """
+    n_windows = (n_tokens - 1) // seq_len
+    if max_windows is not None:
+        _check_positive_int(max_windows, "max_windows")
+    if max_windows is None or max_windows >= n_windows:
+        indices = np.arange(n_windows, dtype=np.int64)
+    else:
+        indices = (2 * np.arange(max_windows, dtype=np.int64) + 1) * n_windows // (2 * max_windows)
+    return indices * seq_len
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_windows: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed, non-overlapping windows in order, for held-out loss.
+
+    Yields ``(inputs, targets)`` int64 tensors of shape ``(b, seq_len)`` with ``b = batch_size`` except possibly
+    the last batch. Window ``k`` covers inputs ``tokens[s_k : s_k + T]`` with ``s_k`` from
+    :func:`eval_window_starts`; the final ``< T`` leftover tokens are not scored.
+    """
+    array = _check_tokens(tokens, seq_len, "eval_windows")
+    _check_positive_int(batch_size, "eval_windows batch_size")
+    starts = eval_window_starts(len(array), seq_len, max_windows)  # validated now, not at first next()
+    return (_windows_to_tensors(array, starts[first:first + batch_size], seq_len)
+            for first in range(0, len(starts), batch_size))

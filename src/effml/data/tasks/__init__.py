@@ -1,0 +1,9 @@
+"""Synthetic tasks: deterministic generators from a seed with their own evaluation (see :mod:`.base`)."""
+
+from effml.data.tasks.base import (TASKS, Task, TaskBatch, TokenTask, build_task, derive_seed, evaluation_batches,
+                                   register_task)
+from effml.data.tasks.copying import Copying
+from effml.data.tasks.recall import MQAR
+
+__all__ = ["TASKS", "Task", "TaskBatch", "TokenTask", "build_task", "register_task", "derive_seed",
+           "evaluation_batches", "Copying", "MQAR"]

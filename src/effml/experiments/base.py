@@ -1,0 +1,112 @@
+"""What a recipe is: presets, arms, one (arm, seed) run, derived quantities, claims and plots — all as data.
+
+A recipe subclasses `Experiment` and registers itself with `@register`. The runner (`effml.experiments.runner`) does
+the rest the same way for every recipe: resolve the preset and overrides, run each arm for each seed through
+`run_arm`, collect the measurements into the results document, compute derived per-seed quantities, and let the
+report decide each claim.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from effml.train.distributed import World
+
+__all__ = ["Arm", "ArmRun", "RunContext", "Experiment", "EXPERIMENTS", "register", "get_experiment", "PRESETS"]
+
+PRESETS = ("smoke", "cpu", "full")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration compared in a recipe (the method, a baseline, one model size, ...)."""
+
+    name: str
+    label: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """Where and how one (arm, seed) run happens."""
+
+    run_dir: Path
+    seed: int
+    device: str
+    world: World
+    resume: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class ArmRun:
+    """What one (arm, seed) run measured."""
+
+    params: int
+    metrics: dict[str, float]
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)
+
+
+class Experiment(ABC):
+    """A paper's claim reproduced side by side with its baseline. Subclasses set the class attributes below."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    presets: ClassVar[dict[str, Callable[[], Any]]]  # preset name → config factory (a validated dataclass)
+
+    def preset(self, name: str) -> Any:
+        """The config of preset ``name`` (clear error listing the presets otherwise)."""
+        if name not in self.presets:
+            raise ValueError(f"Recipe {self.name!r} has no preset {name!r}; choose one of {', '.join(self.presets)}.")
+        return self.presets[name]()
+
+    @property
+    def config_class(self) -> type:
+        return type(self.preset(next(iter(self.presets))))
+
+    def seeds(self, config: Any) -> list[int]:
+        """Seeds to run: ``config.seed, config.seed + 1, ...`` (``config.seeds`` of them)."""
+        return [config.seed + i for i in range(config.seeds)]
+
+    @abstractmethod
+    def arms(self, config: Any) -> list[Arm]:
+        """The arms compared, in the order they are run and reported."""
+
+    @abstractmethod
+    def run_arm(self, config: Any, arm: Arm, context: RunContext) -> ArmRun:
+        """Train/evaluate one arm for one seed (resuming from ``context.run_dir`` when ``context.resume``)."""
+
+    def derive(self, config: Any, results: dict[str, Any]) -> dict[str, Any]:
+        """Per-seed quantities computed from several arms (results["derived"]); none by default."""
+        return {}
+
+    @abstractmethod
+    def claims(self, config: Any) -> list[Any]:
+        """The paper's claims as `effml.report` claim objects."""
+
+    def plots(self, config: Any) -> list[Any]:
+        """Plot specs (`effml.report` plot objects)."""
+        return []
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register(cls: type[Experiment]) -> type[Experiment]:
+    """Class decorator: make a recipe available to `effml list` / `effml run`."""
+    EXPERIMENTS[cls.name] = cls()
+    return cls
+
+
+def get_experiment(name: str) -> Experiment:
+    """The registered recipe ``name``; an unknown name lists every recipe."""
+    import effml.experiments  # noqa: F401  (registers the built-in recipes)
+
+    if name not in EXPERIMENTS:
+        listing = "\n".join(f"  {n:<16} {e.description}" for n, e in sorted(EXPERIMENTS.items()))
+        raise ValueError(f"Unknown recipe {name!r}. The recipes are:\n{listing}\n(`effml list` shows their presets.)")
+    return EXPERIMENTS[name]

@@ -1,0 +1,229 @@
+"""Runs a recipe: arms × seeds → the results document → report, in ``runs/NAME/<timestamp>/``.
+
+Layout of a run directory::
+
+    runs/lm-scaling/20261122-060000/
+      config.json          recipe, preset, resolved config, seeds, device (written first; --resume reads it)
+      results.json         the results document (effml.report), rewritten after every finished (arm, seed)
+      report.md, *.png     the report, re-rendered at the same moments
+      <arm>/seed-<n>/      metrics.jsonl and checkpoints/ of one run
+
+An existing directory is never reused for a new run. ``--resume RUN_DIR`` first verifies everything it will read
+(config, results, each unfinished run's checkpoint) and only then writes, so a bad resume changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effml.config import apply_overrides, config_from_dict, config_to_dict
+from effml.experiments.base import PRESETS, Experiment, RunContext, get_experiment
+from effml.io import atomic_write_json, atomic_write_text
+from effml.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from effml.train.distributed import World, barrier, init_distributed
+from effml.train.loop import TrainingInterrupted
+
+__all__ = ["run_experiment", "RunError", "new_run_dir", "environment"]
+
+
+class RunError(RuntimeError):
+    """A run cannot start or resume; the message says why and what to do."""
+
+
+def environment(device: str, world: World) -> dict[str, Any]:
+    """The facts a reader needs to interpret timings and reproduce the run."""
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "world_size": world.world_size,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def new_run_dir(out: Path, name: str) -> Path:
+    """A fresh ``out/name/<UTC timestamp>`` directory (suffixed -2, -3, ... rather than reuse an existing one)."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = out / name / stamp
+    candidate, suffix = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = base.with_name(f"{stamp}-{suffix}")
+
+
+def _broadcast_path(path: Path | None, world: World) -> Path:
+    if not world.distributed:
+        assert path is not None
+        return path
+    import torch.distributed as dist
+
+    box = [str(path) if path is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def _seed_key(seed: int) -> str:
+    return str(seed)
+
+
+def _run_subdir(run_dir: Path, arm: str, seed: int) -> Path:
+    return run_dir / arm / f"seed-{seed}"
+
+
+def _load_for_resume(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Read and check config.json and results.json of a run directory; raise RunError without writing anything."""
+    if not run_dir.is_dir():
+        raise RunError(f"--resume {run_dir}: no such directory. Pass a run directory such as runs/lm-scaling/<time>.")
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise RunError(f"--resume {run_dir}: {config_file.name} is missing, so this is not an effml run directory "
+                       f"(or it was started by an incompatible version). Start a new run instead.")
+    try:
+        saved = json.loads(config_file.read_text())
+        results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else None
+    except json.JSONDecodeError as error:
+        raise RunError(f"--resume {run_dir}: config.json or results.json is corrupted ({error}); "
+                       f"nothing was changed. Start a new run instead.") from error
+    return saved, results
+
+
+def _verify_checkpoints(experiment: Experiment, config: Any, run_dir: Path, results: dict[str, Any]) -> None:
+    """Every unfinished run that has checkpoints must have a loadable latest one (raises before anything is written)."""
+    for arm in experiment.arms(config):
+        for seed in experiment.seeds(config):
+            done = results["arms"].get(arm.name, {}).get("runs", {}).get(_seed_key(seed), {})
+            if done.get("status") == "complete":
+                continue
+            checkpoints = _run_subdir(run_dir, arm.name, seed) / "checkpoints"
+            if not checkpoints.exists():
+                continue
+            try:
+                if latest_checkpoint(checkpoints) is not None:
+                    load_checkpoint(checkpoints)
+                elif any(checkpoints.iterdir()):
+                    raise CheckpointError(
+                        f"{checkpoints} holds files but no LATEST pointer: its first checkpoint was never completed."
+                    )
+            except CheckpointError as error:
+                raise RunError(f"--resume {run_dir}: arm {arm.name!r}, seed {seed}: {error}") from error
+
+
+def _empty_results(experiment: Experiment, preset: str, config: Any, device: str, world: World) -> dict[str, Any]:
+    return {
+        "recipe": experiment.name,
+        "description": experiment.description,
+        "preset": preset,
+        "status": "partial",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(device, world),
+        "config": config_to_dict(config),
+        "arms": {arm.name: {"label": arm.label, "params": None, "info": dict(arm.info), "runs": {}}
+                 for arm in experiment.arms(config)},
+        "derived": {},
+        "claims": [claim.to_dict() for claim in experiment.claims(config)],
+        "plots": [plot.to_dict() for plot in experiment.plots(config)],
+    }
+
+
+def _save(experiment: Experiment, config: Any, results: dict[str, Any], run_dir: Path, *, status: str,
+          render: bool) -> None:
+    """Write results.json; with ``render``, also report.md and the plots (kept for the end: matplotlib is slow)."""
+    from effml.report import write_report
+
+    results["status"] = status
+    results["derived"] = experiment.derive(config, results)
+    if render:
+        write_report(run_dir, results)
+    else:
+        atomic_write_json(run_dir / "results.json", results)
+
+
+def run_experiment(
+    name: str,
+    *,
+    preset: str = "cpu",
+    overrides: Sequence[str] = (),
+    seeds: int | None = None,
+    device: str = "cpu",
+    out: str | Path = "runs",
+    resume: str | Path | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Run (or resume) recipe ``name`` and return its run directory. Rank 0 alone writes files."""
+    experiment = get_experiment(name)
+    world = init_distributed(device)
+    if world.distributed and device.startswith("cuda"):
+        device = f"cuda:{world.local_rank}"
+
+    if resume is not None:
+        run_dir = Path(resume)
+        saved, results = _load_for_resume(run_dir)
+        if saved.get("recipe") != name:
+            raise RunError(f"--resume {run_dir} is a run of {saved.get('recipe')!r}, not {name!r}: "
+                           f"use `effml run {saved.get('recipe')} --resume {run_dir}`.")
+        preset = saved["preset"]
+        config = config_from_dict(experiment.config_class, saved["config"])
+        if results is None:
+            results = _empty_results(experiment, preset, config, device, world)
+        _verify_checkpoints(experiment, config, run_dir, results)
+    else:
+        if preset not in PRESETS or preset not in experiment.presets:
+            raise RunError(f"Unknown preset {preset!r} for {name}; choose one of {', '.join(experiment.presets)}.")
+        config = apply_overrides(experiment.preset(preset), overrides)
+        if seeds is not None:
+            config = apply_overrides(config, [f"seeds={seeds}"])
+        run_dir = _broadcast_path(new_run_dir(Path(out), name) if world.is_main else None, world)
+        results = _empty_results(experiment, preset, config, device, world)
+        if world.is_main:
+            atomic_write_text(run_dir / "config.json", json.dumps(
+                {"recipe": name, "preset": preset, "overrides": list(overrides), "device": device,
+                 "config": config_to_dict(config)}, indent=2))
+
+    if world.is_main and not quiet:
+        print(f"effml: {name} ({preset}) → {run_dir}", file=sys.stderr)
+    arms = experiment.arms(config)
+    for arm in arms:
+        for seed in experiment.seeds(config):
+            arm_entry = results["arms"][arm.name]
+            if arm_entry["runs"].get(_seed_key(seed), {}).get("status") == "complete":
+                continue
+            subdir = _run_subdir(run_dir, arm.name, seed)
+            context = RunContext(run_dir=subdir, seed=seed, device=device, world=world,
+                                 resume=(subdir / "checkpoints" / "LATEST").exists(), quiet=quiet)
+            if world.is_main:
+                subdir.mkdir(parents=True, exist_ok=True)
+            barrier()
+            try:
+                outcome = experiment.run_arm(config, arm, context)
+            except TrainingInterrupted:
+                if world.is_main:
+                    _save(experiment, config, results, run_dir, status="partial", render=True)
+                raise
+            arm_entry["params"] = outcome.params
+            arm_entry["runs"][_seed_key(seed)] = {"status": "complete", "metrics": outcome.metrics,
+                                                  "curves": outcome.curves}
+            if world.is_main:
+                _save(experiment, config, results, run_dir, status="partial", render=False)
+    if world.is_main:
+        _save(experiment, config, results, run_dir, status="complete", render=True)
+    barrier()
+    return run_dir

@@ -1,0 +1,18 @@
+"""Layers and models: norms, rotary attention with a KV cache, MLPs, pluggable residuals, and the decoder LM."""
+
+from __future__ import annotations
+
+from effml.nn.attention import CausalSelfAttention, KVCache
+from effml.nn.block import TransformerBlock
+from effml.nn.mlp import MLPS, GeluMLP, SwiGLUMLP, build_mlp
+from effml.nn.norm import RMSNorm
+from effml.nn.residual import (RESIDUALS, PlainResidual, Residual, StreamHistory, build_residual,
+                               register_residual)
+from effml.nn.rotary import RotaryEmbedding, apply_rotary
+from effml.nn.transformer import TransformerConfig, TransformerLM
+
+__all__ = [
+    "CausalSelfAttention", "KVCache", "TransformerBlock", "MLPS", "GeluMLP", "SwiGLUMLP", "build_mlp", "RMSNorm",
+    "RESIDUALS", "PlainResidual", "Residual", "StreamHistory", "build_residual", "register_residual",
+    "RotaryEmbedding", "apply_rotary", "TransformerConfig", "TransformerLM",
+]

@@ -1,0 +1,87 @@
+"""Process-group set-up for data-parallel training under ``torchrun``.
+
+``torchrun --nproc_per_node=N -m effml run ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` reads them
+and joins a process group (gloo on the CPU, NCCL on CUDA). Without them everything runs as a world of one, and every
+helper here is a no-op, so single-process code needs no special cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["World", "init_distributed", "current_world", "all_reduce_sum", "all_reduce_max", "barrier", "main_first"]
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands in the data-parallel world."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str) -> World:
+    """Join the process group that torchrun describes in the environment (idempotent); a world of one otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return World(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def current_world() -> World:
+    """The world of an already initialised process group, or a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (identity in a world of one) and return it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum of ``tensor`` over all ranks, in place (identity in a world of one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a world of one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks (e.g. so that only rank 0 builds a cache)."""
+    if not world.is_main:
+        barrier()
+    yield
+    if world.is_main:
+        barrier()

@@ -1,0 +1,402 @@
+"""The one training loop every effml recipe uses.
+
+A run is described by four things: a loss function ``(model, batch, step) -> (loss, metrics)``, a batch source
+``index -> batch`` (a pure function of the micro-batch index, so a resumed run sees exactly the batches an uninterrupted
+one would), an optimizer with a schedule that is a function of the global step, and callbacks called at step
+boundaries that may change the model and the optimizer (growth, loss-mix schedules, ...).
+
+The loop adds what every recipe needs and none should rewrite: gradient accumulation and clipping, periodic
+evaluation, metrics to JSONL, atomic checkpoints with exact resume, a clean stop on SIGINT/SIGTERM (checkpoint, then
+`TrainingInterrupted`), a stop on a non-finite loss (`NonFiniteLoss`, the last good checkpoint kept), DDP across
+``torchrun`` processes, bf16 autocast on CUDA, and a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from effml.config import check_positive
+from effml.io import atomic_write_text
+from effml.optim import WarmupCosine, build_adamw
+from effml.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from effml.train.distributed import World, all_reduce_sum, current_world
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "TrainResult",
+    "Callback",
+    "TrainingInterrupted",
+    "NonFiniteLoss",
+    "LossFn",
+    "to_device",
+]
+
+LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, Any]]]
+BatchFn = Callable[[int], Any]
+EvalFn = Callable[[nn.Module, int], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every recipe."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 0  # 0: checkpoint only at the end and on interruption
+    log_every: int = 10
+    keep_checkpoints: int = 1
+
+    def __post_init__(self) -> None:
+        owner = "train"
+        check_positive(owner, "steps", self.steps)
+        check_positive(owner, "lr", self.lr)
+        check_positive(owner, "warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"train.warmup_steps = {self.warmup_steps} exceeds train.steps = {self.steps}.")
+        for name in ("weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
+            check_positive(owner, name, getattr(self, name), allow_zero=True)
+        for name in ("grad_accum", "log_every", "keep_checkpoints"):
+            check_positive(owner, name, getattr(self, name))
+        for name in ("beta1", "beta2", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"train.{name} = {value} is out of range: it must lie in [0, 1].")
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written at ``step`` and the run can be resumed."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"; checkpoint at {checkpoint}" if checkpoint else ""
+        super().__init__(f"training interrupted at step {step}{where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept untouched."""
+
+
+class Callback:
+    """Hooks at step boundaries. Any hook may replace ``trainer.model`` / ``trainer.optimizer`` (see Trainer.set_model).
+
+    ``state_dict``/``load_state_dict`` are saved in checkpoints; ``load_state_dict`` runs *before* the model weights are
+    loaded, so a callback that grew the model can grow it again to the checkpoint's shape first.
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a finished run measured."""
+
+    final_metrics: dict[str, float]
+    curves: dict[str, list[list[float]]]
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def median_step_time(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else float("nan")
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside a (nested) tuple/list/dict/dataclass batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch)})
+    return batch
+
+
+def _scalar(value: Any) -> float:
+    return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop polls between steps (main thread only; a no-op elsewhere)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Runs the loop for one (arm, seed): see the module docstring.
+
+    Args:
+        model: the model to train (plain module; the trainer wraps it in DDP when the world has several ranks).
+        loss_fn: ``(model, batch, step) -> (scalar loss, {name: value})``; called with the (possibly DDP) model.
+        batches: ``micro_batch_index -> batch``; index = step · grad_accum + micro. Must be deterministic.
+        config: optimisation settings.
+        evaluate: ``(model, step) -> {name: value}`` run in eval mode without gradients, every ``eval_every`` steps
+            and at the end; it must reduce across ranks itself if it shards work.
+        optimizer: defaults to AdamW with weight-decay groups from ``config``.
+        schedule: step → learning-rate multiplier; defaults to warmup + cosine from ``config``.
+        callbacks: step-boundary hooks.
+        run_dir: where checkpoints/ and metrics.jsonl go (rank 0 writes); None keeps nothing on disk.
+        device: "cpu", "cuda", "cuda:1", ...; bf16 autocast is used on CUDA when ``bf16`` is true.
+        resume: continue from ``run_dir/checkpoints`` when a checkpoint exists there.
+        quiet: no progress bar.
+        description: shown on the progress bar.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: BatchFn,
+        config: TrainConfig,
+        *,
+        evaluate: EvalFn | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        schedule: Callable[[int], float] | None = None,
+        callbacks: Sequence[Callback] = (),
+        run_dir: str | Path | None = None,
+        device: str = "cpu",
+        bf16: bool = True,
+        resume: bool = False,
+        quiet: bool = False,
+        description: str = "train",
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.world: World = current_world()
+        self.loss_fn, self.batches, self.evaluate_fn = loss_fn, batches, evaluate
+        self.schedule = schedule or WarmupCosine(config.steps, config.warmup_steps, config.min_lr_ratio)
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.autocast_dtype = torch.bfloat16 if (bf16 and self.device.type == "cuda") else None
+        self.resume, self.quiet, self.description = resume, quiet, description
+        self.step = 0
+        self.model: nn.Module = model
+        self.train_model: nn.Module = model
+        self.set_model(model, optimizer or build_adamw(
+            model.to(self.device), config.lr, config.weight_decay, (config.beta1, config.beta2)))
+
+    # -- model and optimizer replacement (growth callbacks use this) -------------------------------------------------
+    def set_model(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Install a (new) model and optimizer; wraps the model in DDP when training on several ranks."""
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        if self.world.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        else:
+            self.train_model = self.model
+
+    # -- files ---------------------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / "checkpoints" if self.run_dir is not None else None
+
+    @property
+    def metrics_path(self) -> Path | None:
+        return self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
+        if self.metrics_path is not None and self.world.is_main:
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _read_log(self) -> list[dict[str, Any]]:
+        if self.metrics_path is None or not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def save(self) -> Path | None:
+        """Checkpoint the current state (rank 0 writes; other ranks return None)."""
+        if self.checkpoint_dir is None or not self.world.is_main:
+            return None
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        extra = {
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "step_times": self._step_times,
+        }
+        checkpoint = Checkpoint(step=self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                                rng=rng, extra=extra)
+        return save_checkpoint(self.checkpoint_dir, checkpoint, keep_last=self.config.keep_checkpoints)
+
+    def _restore(self) -> None:
+        if self.checkpoint_dir is None or latest_checkpoint(self.checkpoint_dir) is None:
+            return
+        checkpoint = load_checkpoint(self.checkpoint_dir, map_location=self.device)
+        for callback, state in zip(self.callbacks, checkpoint.extra.get("callbacks", [])):
+            callback.load_state_dict(state, self)
+        self.model.load_state_dict(checkpoint.model)
+        if checkpoint.optimizer is not None:
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+        torch.set_rng_state(checkpoint.rng["torch"])
+        if "cuda" in checkpoint.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint.rng["cuda"], self.device)
+        self.step = checkpoint.step
+        self._step_times = list(checkpoint.extra.get("step_times", []))
+        # Forget what was logged after the checkpoint: the resumed run logs those steps again.
+        self._records = [r for r in self._read_log() if r["step"] < self.step]
+        if self.world.is_main and self.metrics_path is not None:
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self._records))
+
+    # -- the loop ------------------------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _train_step(self, step: int) -> tuple[float, dict[str, float]]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, mean metrics)."""
+        accum = self.config.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros((), device=self.device)
+        summed: dict[str, float] = {}
+        for micro in range(accum):
+            batch = to_device(self.batches(step * accum + micro), self.device)
+            sync = contextlib.nullcontext()
+            if self.world.distributed and micro < accum - 1:
+                sync = self.train_model.no_sync()  # type: ignore[operator]
+            with sync:
+                with self._autocast():
+                    loss, metrics = self.loss_fn(self.train_model, batch, step)
+                (loss / accum).backward()
+            total_loss += loss.detach().float()
+            for name, value in metrics.items():
+                summed[name] = summed.get(name, 0.0) + _scalar(value) / accum
+        mean_loss = total_loss / accum
+        if self.config.grad_clip > 0:
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            summed["grad_norm"] = _scalar(grad_norm)
+        return _scalar(mean_loss), summed
+
+    def _evaluate(self) -> dict[str, float]:
+        if self.evaluate_fn is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            metrics = {k: _scalar(v) for k, v in self.evaluate_fn(self.model, self.step).items()}
+        self.model.train(was_training)
+        return metrics
+
+    def fit(self) -> TrainResult:
+        """Train to ``config.steps`` (from the last checkpoint when resuming) and return what was measured."""
+        from tqdm.auto import tqdm
+
+        self._step_times: list[float] = []
+        self._records: list[dict[str, Any]] = []
+        if self.resume:
+            self._restore()
+        elif self.metrics_path is not None and self.world.is_main:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.metrics_path, "")
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        cfg = self.config
+        self.model.train()
+        progress = tqdm(total=cfg.steps, initial=self.step, desc=self.description, leave=False,
+                        disable=self.quiet or not self.world.is_main, dynamic_ncols=True)
+        last_eval: dict[str, float] = {}
+        with _StopSignals() as stop:
+            while self.step < cfg.steps:
+                step = self.step
+                for callback in self.callbacks:
+                    callback.on_step_start(self, step)
+                multiplier = self.schedule(step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * multiplier
+                started = time.perf_counter()
+                local_loss, metrics = self._train_step(step)
+                # One collective per step: the mean loss over ranks (for logging) and whether any rank saw a stop signal.
+                shared = all_reduce_sum(torch.tensor([local_loss, 1.0 if stop.requested else 0.0], dtype=torch.float64))
+                loss, interrupted = float(shared[0]) / self.world.world_size, bool(shared[1] > 0)
+                if not math.isfinite(loss):
+                    last = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+                    raise NonFiniteLoss(
+                        f"the training loss became {loss} at step {step} ({self.description}). The run stopped; "
+                        + (f"the last good checkpoint ({last}) is kept. " if last else "no checkpoint was written. ")
+                        + "Lower the learning rate (--set train.lr=...), keep gradient clipping on "
+                          "(train.grad_clip), or check the data for invalid tokens."
+                    )
+                self.optimizer.step()
+                self._step_times.append(time.perf_counter() - started)
+                self.step = step + 1
+                metrics.update(train_loss=loss, lr=self.optimizer.param_groups[0]["lr"])
+                for callback in self.callbacks:
+                    callback.on_step_end(self, step, metrics)
+                if step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log({"step": step, **metrics, "step_time_s": self._step_times[-1]})
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
+                    last_eval = self._evaluate()
+                    self._log({"step": self.step, **last_eval})
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
+                    self.save()
+                progress.update(1)
+                if interrupted and self.step < cfg.steps:
+                    progress.close()
+                    raise TrainingInterrupted(self.step, self.save())
+        progress.close()
+        if not last_eval:  # resumed from a checkpoint written at the very end
+            last_eval = self._evaluate()
+        return TrainResult(final_metrics=last_eval, curves=self.curves(), step_times=list(self._step_times))
+
+    def curves(self) -> dict[str, list[list[float]]]:
+        """Every logged metric as a [[step, value], ...] curve (what metrics.jsonl holds)."""
+        curves: dict[str, list[list[float]]] = {}
+        for record in self._records:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    curves.setdefault(name, []).append([record["step"], value])
+        return curves

@@ -1,0 +1,139 @@
+"""The `effml` command end to end: list, run (smoke preset), report, resume, and every user error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from effml.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main
+
+SMOKE = ["run", "lm-scaling", "--preset", "smoke", "--quiet"]
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` with its SHA-256 (to prove a failed command changed nothing)."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert main([*SMOKE, "--out", str(out)]) == 0
+    (run_dir,) = (out / "lm-scaling").iterdir()
+    return run_dir
+
+
+def test_list_names_every_recipe_with_its_presets(capsys) -> None:
+    assert main(["list"]) == 0
+    printed = capsys.readouterr().out
+    assert "lm-scaling" in printed and "smoke, cpu, full" in printed and "lm " in printed
+
+
+def test_smoke_run_writes_a_complete_report_with_computed_verdicts(smoke_run: Path) -> None:
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert results["status"] == "complete"
+    assert set(results["arms"]) == {"d32-l1", "d64-l2"}
+    for arm in results["arms"].values():
+        assert set(arm["runs"]) == {"0", "1"} and arm["params"] > 0
+        for run in arm["runs"].values():
+            assert run["metrics"]["test_bpb"] > 0 and run["curves"]["train_loss"]
+    assert set(results["derived"]["power-law"]["runs"]) == {"0", "1"}
+    report = (smoke_run / "report.md").read_text()
+    for claim in ("loss falls with size", "power-law exponent"):
+        assert claim in report
+    assert any(v in report for v in ("holds", "fails", "inconclusive"))
+    assert list(smoke_run.glob("*.png"))
+    assert json.loads((smoke_run / "config.json").read_text())["preset"] == "smoke"
+
+
+def test_report_re_renders_the_same_report(smoke_run: Path, capsys) -> None:
+    before = (smoke_run / "report.md").read_text()
+    assert main(["report", str(smoke_run)]) == 0
+    assert (smoke_run / "report.md").read_text() == before
+    assert "loss falls with size" in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_run_changes_no_result(smoke_run: Path, tmp_path) -> None:
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert main(["run", "lm-scaling", "--quiet", "--resume", str(smoke_run)]) == 0
+    assert json.loads((smoke_run / "results.json").read_text())["arms"] == results["arms"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["run", "no-such-recipe"], "Unknown recipe 'no-such-recipe'.*lm-scaling"),
+        ([*SMOKE, "--set", "train.lrr=1"], r"unknown key.*train\.lr"),
+        ([*SMOKE, "--set", "train.steps=many"], r"train\.steps.*int"),
+        ([*SMOKE, "--set", "train.steps=0"], r"steps = 0 .*> 0"),
+        ([*SMOKE, "--set", "sizes=64,32x2"], "WIDTHxDEPTH"),
+        ([*SMOKE, "--seeds", "0"], "at least 1"),
+        (["run", "lm-scaling", "--preset", "huge"], "preset 'huge'.*smoke"),
+        (["run", "lm-scaling", "--device", "cuda"], "CUDA is not available"),
+        (["bench", "no-such-bench"], "no-such-bench"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message_and_write_nothing(arguments, expected, tmp_path, capsys) -> None:
+    import re
+
+    out = tmp_path / "runs"
+    assert main([*arguments, "--out", str(out)]) == EXIT_USER_ERROR
+    message = capsys.readouterr().err
+    assert re.search(expected, message, re.S), message
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_resume_rejects_missing_foreign_and_corrupted_targets_without_changing_anything(smoke_run, tmp_path,
+                                                                                       capsys) -> None:
+    assert main(["run", "lm-scaling", "--resume", str(tmp_path / "absent")]) == EXIT_USER_ERROR
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["run", "lm-scaling", "--resume", str(tmp_path / "empty")]) == EXIT_USER_ERROR
+    assert "not an effml run directory" in capsys.readouterr().err
+
+    # An unfinished run whose checkpoint was damaged: the resume refuses, and no file changes.
+    damaged = tmp_path / "damaged"
+    subprocess.run(["cp", "-r", str(smoke_run), str(damaged)], check=True)
+    results = json.loads((damaged / "results.json").read_text())
+    del results["arms"]["d64-l2"]["runs"]["1"]
+    (damaged / "results.json").write_text(json.dumps(results))
+    weights = next((damaged / "d64-l2" / "seed-1" / "checkpoints").glob("step-*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    before = snapshot(damaged)
+    assert main(["run", "lm-scaling", "--resume", str(damaged)]) == EXIT_USER_ERROR
+    assert "corrupted" in capsys.readouterr().err
+    assert snapshot(damaged) == before
+
+
+def test_sigterm_checkpoints_and_resume_completes_the_run(tmp_path) -> None:
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "effml", *SMOKE, "--out", str(out), "--set", "train.steps=400",
+               "--set", "train.checkpoint_every=5"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    deadline = time.monotonic() + 120
+    while not list(out.glob("lm-scaling/*/d32-l1/seed-0/checkpoints/LATEST")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    (run_dir,) = (out / "lm-scaling").iterdir()
+    assert f"--resume {run_dir}" in stderr
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "partial"
+
+    assert main(["run", "lm-scaling", "--quiet", "--resume", str(run_dir)]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete"
+    steps = [s for s, _ in results["arms"]["d32-l1"]["runs"]["0"]["curves"]["train_loss"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 399

@@ -1,0 +1,40 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) reproduce the single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from effml.cli import main
+
+ARGS = ["run", "lm-scaling", "--preset", "smoke", "--quiet", "--seeds", "1", "--set", "sizes=32x1,64x1"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path) -> None:
+    single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
+    assert main([*ARGS, "--out", str(single_out)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effml",
+         *ARGS, "--out", str(ddp_out)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    run_dirs = list((ddp_out / "lm-scaling").iterdir())
+    assert len(run_dirs) == 1  # rank 1 created no directory of its own
+    single = json.loads(next((single_out / "lm-scaling").iterdir()).joinpath("results.json").read_text())
+    ddp = json.loads(run_dirs[0].joinpath("results.json").read_text())
+    assert ddp["environment"]["world_size"] == 2 and ddp["status"] == "complete"
+    for arm in single["arms"]:
+        one, two = single["arms"][arm]["runs"]["0"], ddp["arms"][arm]["runs"]["0"]
+        # Each rank takes half of the same global batch, and DDP averages gradients: the same optimisation, up to
+        # floating-point summation order.
+        for (step_a, loss_a), (step_b, loss_b) in zip(one["curves"]["train_loss"], two["curves"]["train_loss"]):
+            assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4)
+        assert two["metrics"]["test_bpb"] == pytest.approx(one["metrics"]["test_bpb"], rel=1e-4)

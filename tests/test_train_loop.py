@@ -1,0 +1,146 @@
+"""The training loop: exact resume, interruption, non-finite loss, accumulation, schedules, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from effml.nn import TransformerConfig, TransformerLM
+from effml.optim import WarmupCosine
+from effml.train import (
+    Callback,
+    CheckpointError,
+    NonFiniteLoss,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    latest_checkpoint,
+    load_checkpoint,
+)
+from effml.train.lm import causal_lm_loss
+
+VOCAB, SEQ = 32, 16
+
+
+def tiny_model(seed: int = 0, dropout: float = 0.1) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=SEQ,
+                                           dropout=dropout))
+
+
+def batches(batch_size: int = 4):
+    def batch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(1000 + index)
+        tokens = torch.randint(0, VOCAB, (batch_size, SEQ + 1), generator=generator)
+        return tokens[:, :-1], tokens[:, 1:]
+    return batch
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(steps=12, lr=3e-3, warmup_steps=2, checkpoint_every=4, eval_every=6, log_every=1)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
+    loss, _ = causal_lm_loss(model, batches(8)(10**6), step)
+    return {"valid_loss": float(loss)}
+
+
+class InterruptAt(Callback):
+    """Sends this process SIGINT after a given step, as a user's Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path) -> None:
+    straight = Trainer(tiny_model(), causal_lm_loss, batches(), config(), evaluate=evaluate,
+                       run_dir=tmp_path / "straight", quiet=True)
+    reference = straight.fit()
+
+    interrupted = Trainer(tiny_model(), causal_lm_loss, batches(), config(), evaluate=evaluate,
+                          run_dir=tmp_path / "split", quiet=True, callbacks=[InterruptAt(6)])
+    with pytest.raises(TrainingInterrupted) as stop:
+        interrupted.fit()
+    # The signal is honoured at the next step boundary: the run stops early and checkpoints where it stopped.
+    assert 7 <= stop.value.step < 12 and stop.value.checkpoint.name == f"step-{stop.value.step:08d}"
+
+    # A fresh process would build the model from scratch (another seed, even): the checkpoint must win.
+    resumed = Trainer(tiny_model(seed=123), causal_lm_loss, batches(), config(), evaluate=evaluate,
+                      run_dir=tmp_path / "split", quiet=True, resume=True)
+    result = resumed.fit()
+    assert result.curves["train_loss"] == reference.curves["train_loss"]
+    assert result.curves["valid_loss"] == reference.curves["valid_loss"]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train_loss" in r] == list(range(12))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
+    def poisoned(model, batch, step):
+        loss, metrics = causal_lm_loss(model, batch, step)
+        return (loss * float("nan") if step == 9 else loss), metrics
+
+    trainer = Trainer(tiny_model(), poisoned, batches(), config(), run_dir=tmp_path, quiet=True)
+    with pytest.raises(NonFiniteLoss, match="step 9.*step-00000008"):
+        trainer.fit()
+    checkpoint = load_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint.step == 8
+    assert all(torch.isfinite(t).all() for t in checkpoint.model.values())
+
+
+def test_gradient_accumulation_matches_one_large_batch() -> None:
+    full = Trainer(tiny_model(dropout=0.0), causal_lm_loss, batches(8), config(steps=4), quiet=True)
+    half = batches(4)
+
+    def split(index: int):  # micro-batches 2s and 2s+1 are the two halves of large batch s
+        inputs, targets = batches(8)(index // 2)
+        rows = slice(0, 4) if index % 2 == 0 else slice(4, 8)
+        return inputs[rows], targets[rows]
+
+    accumulated = Trainer(tiny_model(dropout=0.0), causal_lm_loss, split, config(steps=4, grad_accum=2), quiet=True)
+    del half
+    full.fit(), accumulated.fit()
+    for a, b in zip(full.model.parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_warmup_cosine_schedule_endpoints() -> None:
+    schedule = WarmupCosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosine(total_steps=5, warmup_steps=6)
+
+
+def test_checkpoint_round_trip_keeps_tied_weights_and_detects_corruption(tmp_path) -> None:
+    trainer = Trainer(tiny_model(), causal_lm_loss, batches(), config(steps=4), run_dir=tmp_path, quiet=True)
+    trainer.fit()
+    checkpoint = load_checkpoint(tmp_path / "checkpoints")
+    model = tiny_model(seed=5)
+    model.load_state_dict(checkpoint.model)
+    for a, b in zip(trainer.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    tied = [n for n, p in model.named_parameters()]
+    assert len(tied) == len(list(model.parameters()))  # shared tensors stay shared after loading
+    assert checkpoint.optimizer["state"]  # Adam moments were saved
+
+    weights = latest_checkpoint(tmp_path / "checkpoints") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors.*corrupted"):
+        load_checkpoint(tmp_path / "checkpoints")
