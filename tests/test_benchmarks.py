@@ -203,3 +203,23 @@ def test_verdict_needs_both_estimates_on_the_same_side(value, rounds, better, ex
     result = {"n": {"top": value, "bottom": 1.0}}
     entry = ratio_entry(result, ("n", "top"), ("n", "bottom"), better=better, per_round=rounds)
     assert verdict(entry, 1.0) == expected
+
+
+def test_a_missing_peer_is_skipped_with_an_install_note_but_effml_errors_propagate() -> None:
+    from effml.benchmarks import lm
+
+    def builder(name: str) -> str:
+        if name != lm.EFFML:
+            raise ImportError(f"No module named {name!r}")
+        return "built"
+
+    skipped: dict[str, str] = {}
+    built = lm._available((lm.EFFML, lm.XT, lm.HF), builder, skipped, lm.PEER_PACKAGES)
+    assert built == {lm.EFFML: "built"} and set(skipped) == {lm.XT, lm.HF}
+    assert "pip install effml[bench]" in skipped[lm.XT] and "x-transformers" in skipped[lm.XT]
+
+    def broken_effml(name: str) -> str:
+        raise ImportError("effml itself is broken")
+
+    with pytest.raises(ImportError, match="effml itself"):
+        lm._available((lm.EFFML,), broken_effml, {}, lm.PEER_PACKAGES)

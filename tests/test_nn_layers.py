@@ -32,16 +32,33 @@ def _rotate_pairs_reference(x: torch.Tensor, positions: torch.Tensor, base: floa
 # ------------------------------------------------------------------------------------------------ RMSNorm
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_rms_norm_matches_its_formula(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(norm_module, "_HAS_FUSED_RMS_NORM", fused and hasattr(F, "rms_norm"))
+@pytest.mark.parametrize("path", ["hand_backward", "fused", "formula"])
+def test_rms_norm_matches_its_formula(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(norm_module, "_HAS_FUSED_RMS_NORM", path == "fused" and hasattr(F, "rms_norm"))
     torch.manual_seed(0)
     norm = RMSNorm(16, eps=1e-5).double()
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(3, 5, 16, dtype=torch.float64) * 3.0
+    with torch.set_grad_enabled(path == "hand_backward"):
+        got = norm(x.requires_grad_(path == "hand_backward"))
     expected = x / torch.sqrt((x * x).sum(-1, keepdim=True) / 16 + 1e-5) * norm.weight
-    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rms_norm_hand_written_backward_is_exact() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: norm_module._RMSNormFunction.apply(a, w, 1e-3), (x, weight))
+    norm = RMSNorm(6, eps=1e-3).double()
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    upstream = torch.randn(2, 3, 6, dtype=torch.float64)
+    got = torch.autograd.grad(norm(x), (x, norm.weight), upstream)
+    expected = torch.autograd.grad(norm_module.rms_norm_reference(x, weight, 1e-3), (x, weight), upstream)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_rms_norm_is_scale_invariant_and_unit_rms() -> None:

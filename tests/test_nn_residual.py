@@ -9,8 +9,15 @@ import torch
 from torch import Tensor
 
 import effml.nn.transformer as transformer_module
-from effml.nn import (RESIDUALS, PlainResidual, Residual, TransformerConfig, TransformerLM, build_residual,
-                      register_residual)
+from effml.nn import (
+    RESIDUALS,
+    PlainResidual,
+    Residual,
+    TransformerConfig,
+    TransformerLM,
+    build_residual,
+    register_residual,
+)
 
 
 @pytest.fixture
@@ -93,7 +100,7 @@ def test_history_holds_the_previous_stream_states_most_recent_first(scratch_regi
         wanted = deep if layer_index % 2 == 0 else shallow
         expected = [inputs[j] for j in range(i - 1, max(i - 1 - wanted, -1), -1)]
         assert len(history) == min(wanted, i)
-        assert all(got is want for got, want in zip(history, expected))
+        assert all(got is want for got, want in zip(history, expected, strict=True))
 
 
 def test_plain_model_keeps_no_history(monkeypatch: pytest.MonkeyPatch) -> None:

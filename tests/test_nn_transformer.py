@@ -3,7 +3,6 @@ KV cache, each checked against an independent computation."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -208,7 +207,7 @@ def test_grow_stacking_style_appends_a_copy_of_the_last_block() -> None:
     originals = list(model.blocks)
     new_block = model.grow(insert_at=2, copy_from=1)
     assert list(model.blocks) == originals + [new_block]
-    assert all(torch.equal(a, b) for a, b in zip(new_block.parameters(), originals[1].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(new_block.parameters(), originals[1].parameters(), strict=True))
 
 
 @pytest.mark.parametrize(("insert_at", "copy_from"), [(2, 1), (3, 2), (0, 0)])

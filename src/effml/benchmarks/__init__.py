@@ -71,7 +71,9 @@ def render_markdown(name: str, result: dict[str, Any], render: Callable[[dict[st
                     for key, value in machine.items()]
     config_rows = [[key, value] for key, value in result.get("config", {}).items()]
     quick = " (--quick: tiny shapes, checks that it runs; not a measurement to quote)" if result.get("quick") else ""
-    return (f"# Benchmark `{name}`{quick}\n\n## Machine\n\n{markdown_table(['', ''], machine_rows)}\n\n"
+    if "started_utc" in result:
+        machine_rows.append(["run started (UTC)", result["started_utc"]])
+    return (f"# Benchmark `{name}`{quick}\n\n## Machine\n\n{markdown_table(['property', 'value'], machine_rows)}\n\n"
             f"## Config\n\n{markdown_table(['setting', 'value'], config_rows)}\n\n{render(result)}")
 
 

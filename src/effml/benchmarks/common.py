@@ -21,10 +21,10 @@ Peak memory (``peak_memory``), what the number means:
   mark cannot be reset (then a step that stays below an earlier peak of the process reads as a smaller delta; the
   result says which method was used).
 
-Matmul peak (``matmul_workload``, ``measure_matmul_peak``): the FLOP/s of one large square float32 matmul (2·n³ FLOPs),
-median of repeats, with the torch threads of this process — the denominator of model FLOPs utilisation (MFU). On a
-shared machine the peak drifts with the neighbours' load, so benchmarks time the matmul interleaved with the model
-step it is compared with.
+Matmul peak (``matmul_workload``, ``measure_matmul_peak``): the FLOP/s of one large square float32 matmul
+(2·n³ FLOPs), median of repeats, with the torch threads of this process — the denominator of model FLOPs
+utilisation (MFU). On a shared machine the peak drifts with the neighbours' load, so benchmarks time the matmul
+interleaved with the model step it is compared with.
 """
 
 from __future__ import annotations

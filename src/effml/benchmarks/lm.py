@@ -86,7 +86,7 @@ class LMBenchConfig:
     new_tokens: int = 128
     gen_batch_sizes: tuple[int, ...] = (1, 16)
     gen_warmup: int = 1
-    gen_repeats: int = 6
+    gen_repeats: int = 10
     matmul_size: int = 2048
     seed: int = 0
 
@@ -208,9 +208,10 @@ def generate_factory(contender: str, shape: dict[str, int], batch_size: int, pro
         attention_mask = torch.ones_like(prompt)
 
         def run_generation() -> Tensor:
-            with torch.inference_mode(), _quiet_transformers():  # as effml.decode.generate runs
+            # inference_mode as in effml.decode.generate; no EOS token is configured, so all new_tokens are produced
+            with torch.inference_mode(), _quiet_transformers():
                 return model.generate(prompt, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+                                      do_sample=False, use_cache=True)
     return run_generation
 
 
@@ -256,16 +257,18 @@ def _measure_training(config: LMBenchConfig, device: str, result: dict[str, Any]
     matmul, _ = matmul_workload(device, size=config.matmul_size)
     timings = time_interleaved({**steps, MATMUL: matmul}, repeats=config.train_repeats, warmup=config.train_warmup,
                                device=device)
-    result["matmul"] = matmul_peak_summary(timings.pop(MATMUL), config.matmul_size)
+    peak = matmul_peak_summary(timings.pop(MATMUL), config.matmul_size)
     tokens_per_step = config.batch_size * config.context
     train = {}
     for name, timing in timings.items():
         train[name] = {"params": steps[name].params, _WORK: tokens_per_step,
                        "tokens_per_s": tokens_per_step / timing.median, **timing.as_dict()}
     result["train"] = train
-    effml_model = steps[EFFML].model
-    result["effml_flops_per_token"] = effml_model.flops_per_token(config.context)
-    del steps, effml_model
+    flops_per_token = steps[EFFML].model.flops_per_token(config.context)
+    result["mfu"] = {"flops_per_token": flops_per_token, "tokens_per_s": train[EFFML]["tokens_per_s"],
+                     "achieved_flops_per_s": flops_per_token * train[EFFML]["tokens_per_s"],
+                     "matmul_peak_flops_per_s": peak["flops_per_s"], "matmul": peak}
+    del steps
     factories = {name: ("effml.benchmarks.lm:train_step_factory", {"contender": name, **kwargs}) for name in train}
     result["memory"] = peak_memory(factories, device=device, steps=config.memory_steps)
 
@@ -354,11 +357,6 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     }
     _measure_training(config, device, result, skipped)
     _measure_generation(config, device, result, skipped)
-    peak = result.pop("matmul")
-    achieved = result["effml_flops_per_token"] * result["train"][EFFML]["tokens_per_s"]
-    result["mfu"] = {"flops_per_token": result.pop("effml_flops_per_token"),
-                     "tokens_per_s": result["train"][EFFML]["tokens_per_s"], "achieved_flops_per_s": achieved,
-                     "matmul_peak_flops_per_s": peak["flops_per_s"], "matmul": peak}
     _add_ratios(config, device, result)
     result["skipped"] = skipped
     return result
@@ -372,7 +370,7 @@ _REFERENCE = "1.00× (ref)"
 
 
 def _ratio_cell(result: dict[str, Any], name: str) -> str:
-    """``value×``, followed for timed ratios by the per-round median and range: ``1.05× (rounds: 1.07× [0.98–1.12])``."""
+    """``value×``, then for timed ratios the per-round median and range: ``1.05× (rounds: 1.07× [0.98–1.12])``."""
     entry = result["ratios"].get(name)
     if entry is None:
         return "–"
@@ -424,8 +422,8 @@ def render(result: dict[str, Any]) -> str:
                                   format_rate(mfu["matmul_peak_flops_per_s"]) + "FLOP/s",
                                   f"{result['ratios']['mfu']['value']:.1%} (rounds: "
                                   f"{result['ratios']['mfu']['per_round']['median']:.1%})"]]),
-                 "FLOPs/token: `TransformerLM.flops_per_token` (6·N + 12·L·d·T, PaLM appendix B; attention is counted "
-                 "as if not causal, as is conventional)."]
+                 "FLOPs/token: `TransformerLM.flops_per_token` (6·N + 12·L·d·T, PaLM appendix B; attention is "
+                 "counted as if not causal, as is conventional)."]
 
     target_rows = []
     for target in result["targets"]:

@@ -6,8 +6,7 @@ from effml.nn.attention import CausalSelfAttention, KVCache
 from effml.nn.block import TransformerBlock
 from effml.nn.mlp import MLPS, GeluMLP, SwiGLUMLP, build_mlp
 from effml.nn.norm import RMSNorm
-from effml.nn.residual import (RESIDUALS, PlainResidual, Residual, StreamHistory, build_residual,
-                               register_residual)
+from effml.nn.residual import RESIDUALS, PlainResidual, Residual, StreamHistory, build_residual, register_residual
 from effml.nn.rotary import RotaryEmbedding, apply_rotary
 from effml.nn.transformer import TransformerConfig, TransformerLM
 

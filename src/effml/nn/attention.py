@@ -93,8 +93,8 @@ class CausalSelfAttention(nn.Module):
         dropout: dropout probability on the attention weights, applied in training mode only.
 
     ``forward(x, rotation, cache=None, cache_slot=0)``: x (B, T, D); rotation (T, 1, Dh/2) complex rotary factors
-    for the absolute positions of the T tokens (``RotaryEmbedding``); returns (B, T, D). With a cache, the tokens are the T positions after
-    ``cache.length`` and their keys/values are stored in ``cache`` slot ``cache_slot``.
+    for the absolute positions of the T tokens (``RotaryEmbedding``); returns (B, T, D). With a cache, the tokens
+    are the T positions after ``cache.length`` and their keys/values are stored in ``cache`` slot ``cache_slot``.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
