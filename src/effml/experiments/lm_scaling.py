@@ -41,7 +41,7 @@ class LMScalingConfig:
     """Settings of the lm-scaling recipe (override any with --set key=value)."""
 
     sizes: tuple[str, ...] = ("48x2", "96x3", "192x4")  # WIDTHxDEPTH, smallest first
-    head_dim: int = 32
+    head_dim: int = 16
     mlp: str = "gelu"
     corpus: str = "stdlib-code"
     tokenizer: str = "byte"

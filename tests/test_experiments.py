@@ -1,0 +1,27 @@
+"""Every registered recipe: each preset builds a valid config, and its arms, claims and plots are well formed."""
+
+from __future__ import annotations
+
+import pytest
+
+from effml.experiments import EXPERIMENTS, get_experiment
+from effml.experiments.base import PRESETS
+
+RECIPE_PRESETS = [(name, preset) for name, experiment in sorted(EXPERIMENTS.items())
+                  for preset in experiment.presets]
+
+
+def test_every_recipe_offers_the_three_presets() -> None:
+    for name, experiment in EXPERIMENTS.items():
+        assert tuple(experiment.presets) == PRESETS, name
+
+
+@pytest.mark.parametrize(("name", "preset"), RECIPE_PRESETS)
+def test_preset_config_is_valid_and_names_unique_arms(name: str, preset: str) -> None:
+    experiment = get_experiment(name)
+    config = experiment.preset(preset)
+    arms = experiment.arms(config)
+    assert len(arms) >= 2 and len({arm.name for arm in arms}) == len(arms)
+    assert len(experiment.seeds(config)) >= (1 if preset == "smoke" else 2)
+    claim_names = [claim.name for claim in experiment.claims(config)]
+    assert claim_names and len(set(claim_names)) == len(claim_names)
