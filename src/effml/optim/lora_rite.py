@@ -94,11 +94,6 @@ def find_lora_pairs(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> tup
     return pairs, others
 
 
-def _bias_corrected_decay(beta: float, step: int) -> float:
-    """Adafactor's β̂_t = β(1 − β^{t−1}) / (1 − β^t) for the 1-based step t (0 at t = 1)."""
-    return beta * (1.0 - beta ** (step - 1)) / (1.0 - beta ** step)
-
-
 def _symmetric(x: torch.Tensor) -> torch.Tensor:
     return (x + x.transpose(-1, -2)) / 2
 
@@ -197,111 +192,137 @@ class LoRARite(torch.optim.Optimizer):
     # -- the update ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every pair (and AdamW parameter). ``closure`` re-evaluates the loss with gradients."""
+        """One update of every pair (and AdamW parameter). ``closure`` re-evaluates the loss with gradients.
+
+        Pairs with the same shapes (in the same group) are processed together as one batch of small matrices, so the
+        cost in kernel launches grows with the number of distinct adapter shapes, not with the number of adapters.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        prepared = []  # per pair, everything taken at the current point before any factor moves
-        squared_norm = None
-        for group in self.param_groups:
-            if group["kind"] != "lora":
-                continue
-            for i in range(0, len(group["params"]), 2):
-                a_param, b_param = group["params"][i], group["params"][i + 1]
+        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        lora_groups = [group for group in self.param_groups if group["kind"] == "lora"]
+        for index, group in enumerate(lora_groups):
+            params = group["params"]
+            for a_param, b_param in zip(params[0::2], params[1::2]):
                 if a_param.grad is None and b_param.grad is None:
                     continue
-                pair = self._prepare_pair(group, a_param, b_param)
-                prepared.append((group, pair))
-                for factor in pair:
-                    total = factor["unmagnified"].square().sum()
-                    squared_norm = total if squared_norm is None else squared_norm + total
+                key = (index, tuple(a_param.shape), tuple(b_param.shape), a_param.dtype, a_param.device)
+                buckets.setdefault(key, []).append((a_param, b_param))
+        prepared = []  # per bucket, everything taken at the current point before any factor moves
+        squared_norm = None
+        for (index, *_), pairs in buckets.items():
+            factors = self._prepare(lora_groups[index], pairs)
+            prepared.append((lora_groups[index], factors))
+            for factor in factors:
+                total = factor["unmagnified"].square().sum()
+                squared_norm = total if squared_norm is None else squared_norm + total
         clip = None
-        if prepared and prepared[0][0]["clip_unmagnified_grad_norm"] > 0:
+        if prepared and lora_groups[0]["clip_unmagnified_grad_norm"] > 0:
             norm = squared_norm.sqrt()
-            limit = prepared[0][0]["clip_unmagnified_grad_norm"]
+            limit = lora_groups[0]["clip_unmagnified_grad_norm"]
             clip = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
-        for group, pair in prepared:
-            for factor in pair:
-                self._update_factor(group, factor, clip)
+        for group, factors in prepared:
+            for factor in factors:
+                self._update(group, factor, clip)
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 self._adamw(group)
         return loss
 
-    def _prepare_pair(self, group: dict[str, Any], a_param: torch.Tensor, b_param: torch.Tensor) -> list[dict]:
-        """Both factors as (rows × r) matrices, their QR, and each one's unmagnified gradient (steps 1–3).
+    def _prepare(self, group: dict[str, Any], pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
+        """Steps 1–3 for k pairs of equal shapes: both factors as (k, rows, r), their QR, the unmagnified gradients
+        (k, rows, r) and the basis changes P (k, r, r).
 
         In the paper's notation the left factor is lora_B (out × r) and the right one lora_Aᵀ (in × r).
         """
-        left, right = b_param, a_param
-        matrices = [self._work(left), self._work(right).T]
-        grads = [self._work_grad(left), self._work_grad(right).T]
-        bases, inverses = [], []
-        for matrix in matrices:
-            basis, magnitude = torch.linalg.qr(matrix)  # rows×r, r×r
-            bases.append(basis)
-            inverses.append(torch.linalg.pinv(magnitude))
+        sides = [([b for _, b in pairs], False), ([a for a, _ in pairs], True)]
+        matrices, grads = [], []
+        for params, transposed in sides:
+            matrix = torch.stack([self._work(p) for p in params])
+            grad = torch.stack([self._work_grad(p) for p in params])
+            matrices.append(matrix.transpose(1, 2) if transposed else matrix)
+            grads.append(grad.transpose(1, 2) if transposed else grad)
+        bases, magnitudes = zip(*(torch.linalg.qr(matrix) for matrix in matrices))  # (k, rows, r), (k, r, r)
+        inverses = [torch.linalg.pinv(magnitude) for magnitude in magnitudes]
         factors = []
-        for index, (param, transposed) in enumerate(((left, False), (right, True))):
+        for index, (params, transposed) in enumerate(sides):
             partner = 1 - index
-            state = self.state[param]
-            if not state:
-                rows, rank = matrices[index].shape
-                state["step"] = torch.zeros((), dtype=torch.float64)
-                state["first_moment"] = torch.zeros_like(matrices[index])
-                state["second_moment"] = matrices[index].new_zeros(rank, rank)
-                state["escaped_mass"] = torch.zeros((), dtype=matrices[index].dtype)
-                state["basis"] = torch.zeros_like(matrices[index])  # this factor's U at the previous step
+            for param, matrix in zip(params, matrices[index]):
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float64)
+                    state["first_moment"] = torch.zeros_like(matrix)
+                    state["second_moment"] = matrix.new_zeros(matrix.shape[1], matrix.shape[1])
+                    state["escaped_mass"] = torch.zeros((), dtype=matrix.dtype)
+                    state["basis"] = torch.zeros_like(matrix)  # this factor's U at its previous step
             unmagnified = grads[index] @ inverses[partner]
             skip = group["skip_unmagnified_grad_rms"]
-            if skip > 0 and unmagnified.square().mean().sqrt() > skip:
-                unmagnified = torch.zeros_like(unmagnified)
-            factors.append({"param": param, "transposed": transposed, "matrix": matrices[index],
-                            "unmagnified": unmagnified, "inverse_other": inverses[partner],
-                            "basis_other": bases[partner], "basis_self": bases[index]})
-        # P for a factor compares the *other* factor's basis now and at the previous step.
+            if skip > 0:
+                too_large = unmagnified.square().mean(dim=(1, 2)).sqrt() > skip
+                unmagnified = torch.where(too_large[:, None, None], torch.zeros_like(unmagnified), unmagnified)
+            factors.append({"params": params, "transposed": transposed, "matrix": matrices[index],
+                            "unmagnified": unmagnified, "inverse_other": inverses[partner]})
+        # P for a factor compares the *other* factor's basis now with the one it had at the previous step.
+        previous = [torch.stack([self.state[p]["basis"] for p in params]) for params, _ in sides]
         for index, factor in enumerate(factors):
-            previous_other = self.state[factors[1 - index]["param"]]["basis"]
-            factor["projection"] = factor["basis_other"].T @ previous_other
-        for factor in factors:
-            self.state[factor["param"]]["basis"] = factor["basis_self"]
+            factor["projection"] = bases[1 - index].transpose(1, 2) @ previous[1 - index]
+        for (params, _), basis in zip(sides, bases):
+            for param, item in zip(params, basis.clone().unbind()):
+                self.state[param]["basis"] = item
         return factors
 
-    def _update_factor(self, group: dict[str, Any], factor: dict[str, Any], clip: torch.Tensor | None) -> None:
-        """Steps 4–8 for one factor."""
-        state = self.state[factor["param"]]
-        state["step"] += 1
-        step = int(state["step"].item())
+    def _update(self, group: dict[str, Any], factor: dict[str, Any], clip: torch.Tensor | None) -> None:
+        """Steps 4–8 for one side (k factors of equal shape, all tensors batched along the first dimension)."""
+        params = factor["params"]
+        states = [self.state[p] for p in params]
+        for state in states:
+            state["step"] += 1
+        steps = torch.stack([state["step"] for state in states])  # (k,) float64: pairs may have started apart
         beta1, beta2 = group["betas"]
-        decay1, decay2 = _bias_corrected_decay(beta1, step), _bias_corrected_decay(beta2, step)
+        dtype = factor["matrix"].dtype
+
+        def decay(beta: float) -> torch.Tensor:  # Adafactor's bias-corrected decay per pair, shaped (k, 1, 1)
+            return (beta * (1.0 - beta ** (steps - 1)) / (1.0 - beta ** steps)).to(dtype)[:, None, None]
+
+        decay1, decay2 = decay(beta1), decay(beta2)
         grad = factor["unmagnified"] if clip is None else factor["unmagnified"] * clip
         projection = factor["projection"]
-        old_second = state["second_moment"]
-        transported = _symmetric(projection @ old_second @ projection.T)
-        second = _symmetric(decay2 * transported + (1.0 - decay2) * (grad.T @ grad) / grad.shape[0])
-        escaped = torch.zeros_like(state["escaped_mass"])
+        old_second = torch.stack([state["second_moment"] for state in states])
+        transported = _symmetric(projection @ old_second @ projection.transpose(1, 2))
+        second = _symmetric(decay2 * transported + (1.0 - decay2) * (grad.transpose(1, 2) @ grad) / grad.shape[1])
+        escaped = torch.stack([state["escaped_mass"] for state in states])
         if group["escaped_mass"]:
-            eigen_drop = (torch.linalg.eigvalsh(old_second) - torch.linalg.eigvalsh(transported)).max()
-            trace_drop = old_second.trace() - transported.trace()
+            eigen_drop = (torch.linalg.eigvalsh(old_second) - torch.linalg.eigvalsh(transported)).amax(dim=-1)
+            trace_drop = (old_second.diagonal(dim1=1, dim2=2) - transported.diagonal(dim1=1, dim2=2)).sum(dim=-1)
             lost = torch.clamp(torch.minimum(eigen_drop, trace_drop), min=0.0)
-            escaped = decay2 * (state["escaped_mass"] + lost)
+            escaped = decay2[:, 0, 0] * (escaped + lost)
+        else:
+            escaped = torch.zeros_like(escaped)
         eigenvalues, eigenvectors = torch.linalg.eigh(second)
         eigenvalues = eigenvalues.clamp(min=0.0)  # V̄ is PSD; rounding can leave tiny negative eigenvalues
-        inverse_root = (eigenvectors * (1.0 / ((eigenvalues + escaped).sqrt() + group["eps"]))) @ eigenvectors.T
-        preconditioned = grad @ _symmetric(inverse_root)
-        first = decay1 * (state["first_moment"] @ projection.T) + (1.0 - decay1) * preconditioned
+        scale = 1.0 / ((eigenvalues + escaped[:, None]).sqrt() + group["eps"])
+        inverse_root = _symmetric((eigenvectors * scale[:, None, :]) @ eigenvectors.transpose(1, 2))
+        preconditioned = grad @ inverse_root
+        old_first = torch.stack([state["first_moment"] for state in states])
+        first = decay1 * (old_first @ projection.transpose(1, 2)) + (1.0 - decay1) * preconditioned
         direction = first
         cap = group["update_rms_cap"]
         if cap > 0:
-            direction = direction / torch.clamp(direction.square().mean().sqrt() / cap, min=1.0)
-        update = direction @ factor["inverse_other"].T
+            rms = direction.square().mean(dim=(1, 2)).sqrt()
+            direction = direction / torch.clamp(rms / cap, min=1.0)[:, None, None]
+        update = direction @ factor["inverse_other"].transpose(1, 2)
         if group["weight_decay"] > 0:
             update = update + group["weight_decay"] * factor["matrix"]
-        state["second_moment"], state["first_moment"], state["escaped_mass"] = second, first, escaped
-        param = factor["param"]
-        update = update.T if factor["transposed"] else update
-        param.add_(update.to(param.dtype), alpha=-group["lr"])
+        for state, new_second, new_first, new_escaped in zip(states, second.unbind(), first.unbind(),
+                                                             escaped.unbind()):
+            state["second_moment"], state["first_moment"] = new_second.clone(), new_first.clone()
+            state["escaped_mass"] = new_escaped.clone()
+        if factor["transposed"]:
+            update = update.transpose(1, 2)
+        updates = [u.to(p.dtype) for u, p in zip(update.unbind(), params)]
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     @staticmethod
     def _work(param: torch.Tensor) -> torch.Tensor:
