@@ -68,7 +68,7 @@ def test_equivalent_factorizations_give_the_same_trajectory_and_adams_do_not(esc
     make = _rite(escaped_mass=escaped_mass)
     rite = _trajectory(lora_a, lora_b, target, make, steps)
     rite_equivalent = _trajectory(*equivalent, target, make, steps)
-    assert _relative_gap(rite, rite_equivalent) < 1e-9
+    assert _relative_gap(rite, rite_equivalent) < 1e-11  # measured: ~7e-14 (cond(R) = 1e3)
     assert float(0.5 * (rite[-1] - target).square().sum()) < 0.5 * float(target.square().sum())  # it does optimise
     adam_gap = _relative_gap(_trajectory(lora_a, lora_b, target, _adam, steps),
                              _trajectory(*equivalent, target, _adam, steps))
@@ -81,7 +81,7 @@ def test_scalar_rescaling_of_the_factors_changes_nothing(scale: float) -> None:
     steps = 60
     rite = _trajectory(lora_a, lora_b, target, _rite(), steps)
     rescaled = _trajectory(lora_a * scale, lora_b / scale, target, _rite(), steps)
-    assert _relative_gap(rite, rescaled) < 1e-9
+    assert _relative_gap(rite, rescaled) < 1e-11  # measured: ~3e-15 (scale 100)
     adam_gap = _relative_gap(_trajectory(lora_a, lora_b, target, _adam, steps),
                              _trajectory(lora_a * scale, lora_b / scale, target, _adam, steps))
     assert adam_gap > 0.1
@@ -159,7 +159,6 @@ def test_state_dict_round_trip_mid_run_continues_identically() -> None:
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     resumed = [nn.Parameter(t.clone()) for t in saved["params"]]
-    optimizer_resumed = make(*[nn.Parameter(torch.zeros_like(t)) for t in (lora_a, lora_b, bias)])
     optimizer_resumed = make(*resumed)
     optimizer_resumed.load_state_dict(saved["optimizer"])
     run(*resumed, optimizer_resumed, 15)
