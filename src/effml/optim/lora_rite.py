@@ -41,9 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LoRARite", "find_lora_pairs", "LoraPair"]
-
-LoraPair = tuple[str, str]  # (name of lora_A, name of lora_B)
+__all__ = ["LoRARite", "find_lora_pairs"]
 
 _LORA_A = re.compile(r"(^|\.)lora_(embedding_)?A(\.|$)")
 
