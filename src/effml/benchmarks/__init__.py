@@ -57,9 +57,23 @@ def _render_lm(result: dict[str, Any]) -> str:
     return lm.render(result)
 
 
+def _run_lora_rite(quick: bool = False, device: str = "cpu") -> dict:
+    from effml.benchmarks import lora_rite
+
+    return lora_rite.run(quick=quick, device=device)
+
+
+def _render_lora_rite(result: dict[str, Any]) -> str:
+    from effml.benchmarks import lora_rite
+
+    return lora_rite.render(result)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "lm": Benchmark("lm", "effml's TransformerLM vs x-transformers and HF GPT-2: training tokens/s, step memory, "
                     "KV-cache generation tokens/s, MFU", _run_lm, _render_lm),
+    "lora-rite": Benchmark("lora-rite", "LoRA-RITE's optimizer step vs Adam and LoRA+ (PEFT): step time and state "
+                           "memory at several ranks and widths", _run_lora_rite, _render_lora_rite),
 }
 
 

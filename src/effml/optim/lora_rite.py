@@ -1,0 +1,354 @@
+"""LoRA-RITE: a transformation-invariant adaptive optimizer for LoRA factors.
+
+Paper: Jui-Nan Yen, Si Si, Zhao Meng, Felix Yu, Sai Surya Duvvuri, Inderjit S. Dhillon, Cho-Jui Hsieh, Sanjiv Kumar,
+"LoRA Done RITE: Robust Invariant Transformation Equilibration for LoRA Optimization", ICLR 2025, arXiv 2410.20625.
+
+A LoRA update ``ΔW = Z = A Bᵀ`` (A: m×r, B: n×r) can be written with any factorization ``(A R, B R⁻ᵀ)``, R invertible
+r×r. Adam and its relatives are not invariant to that choice (not even to a scalar R = s·I), so the trajectory of Z
+depends on how the factors happen to be scaled. LoRA-RITE preconditions on the low-rank side with an r×r matrix,
+expressed in the orthonormal basis of the *other* factor, and its update of Z is the same for every equivalent
+factorization. For the factor A (the rule for B swaps the roles), at step t (§4 of the paper, Algorithm 1):
+
+1. basis and magnitude of the other factor: ``B_t = U_B R_B`` (thin QR as in the authors' code; ``R_B⁻¹`` via the
+   pseudo-inverse, so a zero factor such as PEFT's initial lora_B gives a zero unmagnified gradient);
+2. unmagnified gradient ``Ḡ_t = ∇_A L · R_B⁻¹`` (= ∇_Z L · U_B, m×r: it no longer depends on B's magnitude);
+3. basis change ``P_t = U_{B,t}ᵀ U_{B,t−1}`` (r×r; zero at the first step);
+4. second moment transported to the new basis ``V̄_t = β̂₂ P_t V̄_{t−1} P_tᵀ + (1 − β̂₂) Ḡ_tᵀ Ḡ_t / m``;
+5. escaped mass ``ρ_t = β̂₂ (ρ_{t−1} + e_t)`` with
+   ``e_t = max(0, min(max_i[λ_i(V̄_{t−1}) − λ_i(P V̄_{t−1} Pᵀ)], tr V̄_{t−1} − tr P V̄_{t−1} Pᵀ))``:
+   second-moment mass lost because the basis rotated out of the old span (eigenvalues in ascending order);
+6. preconditioned step ``S̄_t = Ḡ_t (V̄_t + ρ_t I)^{−1/2}`` (eigh; eigenvalues w ↦ 1 / (√(max(w, 0) + ρ) + ε));
+7. first moment transported likewise ``M̄_t = β̂₁ M̄_{t−1} P_tᵀ + (1 − β̂₁) S̄_t``;
+8. update ``A ← A − η (M̄_t R_B⁻ᵀ + λ A)`` (λ: decoupled weight decay; λ > 0 breaks invariance, default 0).
+
+β̂ is Adafactor's bias-corrected decay ``β̂_t = β (1 − β^{t−1}) / (1 − β^t)`` (Shazeer & Stern, arXiv 1804.04235,
+§7.1), as in the authors' code, so no separate bias correction is applied. As in that code, the unmagnified
+gradients of all pairs are clipped together to a global norm, and a factor's unmagnified gradient is zeroed when its
+RMS exceeds a threshold (both are invariant, because Ḡ only rotates across equivalent factorizations). Both factors
+of a pair are updated from the gradients and decompositions taken at the same point.
+
+Layout: PEFT's. A pair is ``(lora_A.weight: r×in, lora_B.weight: out×r)`` with ``ΔW = lora_B · lora_A``; in the
+paper's notation ``A = lora_B`` (m = out) and ``B = lora_Aᵀ`` (n = in). Parameters that are not LoRA factors (biases,
+heads) can be trained by AdamW inside the same optimizer (param groups with ``kind="adamw"``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LoRARite", "find_lora_pairs"]
+
+_LORA_A = re.compile(r"(^|\.)lora_(embedding_)?A(\.|$)")
+
+
+def _partner_name(name_a: str) -> str:
+    return _LORA_A.sub(lambda m: f"{m.group(1)}lora_{m.group(2) or ''}B{m.group(3)}", name_a, count=1)
+
+
+def find_lora_pairs(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pair LoRA factors by parameter name, never by position.
+
+    A parameter whose name has a ``lora_A`` component (PEFT: ``...q_proj.lora_A.default.weight``; embeddings:
+    ``lora_embedding_A``) is paired with the parameter of the same name with ``lora_B`` in its place. Only parameters
+    with ``requires_grad`` are considered.
+
+    Returns ``(pairs, others)``: the (lora_A name, lora_B name) pairs in model order, and the remaining trainable
+    names. Raises ValueError naming every unpaired or mis-shaped factor (lora_A must be r×in and lora_B out×r with the
+    same r).
+    """
+    trainable = {name: p for name, p in named_parameters if p.requires_grad}
+    pairs: list[tuple[str, str]] = []
+    paired: set[str] = set()
+    problems: list[str] = []
+    for name, param in trainable.items():
+        if not _LORA_A.search(name):
+            continue
+        partner = _partner_name(name)
+        if partner not in trainable:
+            problems.append(f"{name} has no trainable partner {partner}")
+            continue
+        other = trainable[partner]
+        if param.ndim != 2 or other.ndim != 2 or param.shape[0] != other.shape[1]:
+            problems.append(f"{name} {tuple(param.shape)} and {partner} {tuple(other.shape)} are not a LoRA pair "
+                            "(expected lora_A r×in and lora_B out×r with the same rank r)")
+            continue
+        pairs.append((name, partner))
+        paired.update((name, partner))
+    for name in trainable:
+        if re.search(r"(^|\.)lora_(embedding_)?B(\.|$)", name) and name not in paired and not any(
+                name in problem for problem in problems):
+            problems.append(f"{name} has no trainable lora_A partner")
+    if problems:
+        raise ValueError("LoRA-RITE pairs LoRA factors by parameter name, and some factors cannot be paired: "
+                         + "; ".join(problems) + ". Make sure both factors of every adapter are trainable and named "
+                         "PEFT-style (…lora_A… / …lora_B…), or pass the pairs yourself as a param group "
+                         "{'params': [lora_A, lora_B, ...]}.")
+    others = [name for name in trainable if name not in paired]
+    return pairs, others
+
+
+def _symmetric(x: torch.Tensor) -> torch.Tensor:
+    return (x + x.transpose(-1, -2)) / 2
+
+
+class LoRARite(torch.optim.Optimizer):
+    """LoRA-RITE (arXiv 2410.20625, §4) for PEFT-layout LoRA pairs, with AdamW for any other parameters.
+
+    Args:
+        params: param groups. A group of ``kind="lora"`` (the default) holds pairs in order
+            ``[lora_A_1, lora_B_1, lora_A_2, lora_B_2, ...]`` (lora_A: r×in, lora_B: out×r, ΔW = lora_B · lora_A);
+            a group of ``kind="adamw"`` holds ordinary parameters trained by AdamW. A plain list is one LoRA group.
+            Prefer ``LoRARite.from_model``, which pairs factors by name.
+        lr: learning rate η.
+        betas: (β₁, β₂) of the first moment and the r×r second moment (bias-corrected decays, see module docstring).
+        eps: ε added to the square roots of the preconditioner's eigenvalues (paper's code: 1e-6).
+        weight_decay: decoupled weight decay λ (update ``−η λ X``); 0 keeps the method invariant.
+        clip_unmagnified_grad_norm: clip all unmagnified gradients together to this global norm (0: off; the value
+            of the first LoRA group applies to all of them).
+        skip_unmagnified_grad_rms: zero a factor's unmagnified gradient whose RMS exceeds this (0: off).
+        escaped_mass: add the accumulated escaped mass ρ to the preconditioner (the paper's Algorithm 1; the authors'
+            PyTorch code has it off by default).
+        update_rms_cap: cap the RMS of M̄ before it is mapped back by R⁻ᵀ (0: off; the code's ``update_capping``).
+        adamw_eps: ε of the AdamW groups.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, clip_unmagnified_grad_norm: float = 1.0,
+                 skip_unmagnified_grad_rms: float = 1.0, escaped_mass: bool = True, update_rms_cap: float = 0.0,
+                 adamw_eps: float = 1e-8) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"LoRARite: lr must be ≥ 0, got {lr!r}.")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"LoRARite: betas must be two numbers in [0, 1), got {betas!r}.")
+        for name, value in (("eps", eps), ("weight_decay", weight_decay), ("adamw_eps", adamw_eps),
+                            ("clip_unmagnified_grad_norm", clip_unmagnified_grad_norm),
+                            ("skip_unmagnified_grad_rms", skip_unmagnified_grad_rms),
+                            ("update_rms_cap", update_rms_cap)):
+            if not value >= 0.0:
+                raise ValueError(f"LoRARite: {name} must be ≥ 0 (0 turns it off where that applies), got {value!r}.")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kind="lora",
+                        clip_unmagnified_grad_norm=clip_unmagnified_grad_norm,
+                        skip_unmagnified_grad_rms=skip_unmagnified_grad_rms, escaped_mass=bool(escaped_mass),
+                        update_rms_cap=update_rms_cap, adamw_eps=adamw_eps)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["kind"] not in ("lora", "adamw"):
+            raise ValueError(f"LoRARite: param group kind must be 'lora' or 'adamw', got {group['kind']!r}.")
+        if group["kind"] != "lora":
+            return
+        params, names = group["params"], group.get("names")
+        label = (lambda i: names[i]) if names else (lambda i: f"parameter {i} of the group")
+        if len(params) % 2:
+            raise ValueError(f"LoRARite: a 'lora' param group holds pairs [lora_A, lora_B, ...], but it has "
+                             f"{len(params)} parameters; pass both factors of every adapter (or use from_model).")
+        for i in range(0, len(params), 2):
+            a, b = params[i], params[i + 1]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(f"LoRARite: {label(i)} {tuple(a.shape)} and {label(i + 1)} {tuple(b.shape)} are not "
+                                 "a LoRA pair: expected lora_A r×in then lora_B out×r with the same rank r.")
+
+    @classmethod
+    def from_model(cls, model: nn.Module, lr: float = 1e-3, other: str = "adamw", other_lr: float | None = None,
+                   other_weight_decay: float = 0.0, **options: Any) -> LoRARite:
+        """LoRA-RITE over the LoRA pairs of ``model``, found by name (see ``find_lora_pairs``).
+
+        Args:
+            model: e.g. a PEFT ``PeftModel`` (``lora_A``/``lora_B`` adapters, any adapter name).
+            lr: learning rate of the LoRA pairs.
+            other: what to do with trainable parameters that are not LoRA factors (biases, heads): ``"adamw"``
+                trains them with AdamW inside this optimizer, ``"error"`` refuses them.
+            other_lr: AdamW learning rate for them (default: ``lr``).
+            other_weight_decay: AdamW's decoupled weight decay for them.
+            **options: the constructor's other arguments (betas, eps, weight_decay, ...).
+        """
+        if other not in ("adamw", "error"):
+            raise ValueError(f"LoRARite.from_model: other must be 'adamw' or 'error', got {other!r}.")
+        named = dict(model.named_parameters())
+        pairs, others = find_lora_pairs(named.items())
+        if not pairs:
+            raise ValueError("LoRARite.from_model: the model has no trainable LoRA factors (no parameter named "
+                             "…lora_A…/…lora_B…). Wrap it with peft.get_peft_model(model, LoraConfig(...)) first.")
+        if others and other == "error":
+            raise ValueError(f"LoRARite.from_model: trainable parameters that are not LoRA factors: "
+                             f"{', '.join(others)}. Freeze them, or pass other='adamw' to train them with AdamW "
+                             "inside this optimizer.")
+        groups: list[dict[str, Any]] = [{"params": [named[n] for pair in pairs for n in pair],
+                                         "names": [n for pair in pairs for n in pair], "kind": "lora"}]
+        if others:
+            groups.append({"params": [named[n] for n in others], "names": others, "kind": "adamw",
+                           "lr": lr if other_lr is None else other_lr, "weight_decay": other_weight_decay})
+        return cls(groups, lr=lr, **options)
+
+    # -- the update ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every pair (and AdamW parameter). ``closure`` re-evaluates the loss with gradients.
+
+        Pairs with the same shapes (in the same group) are processed together as one batch of small matrices, so the
+        cost in kernel launches grows with the number of distinct adapter shapes, not with the number of adapters.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        lora_groups = [group for group in self.param_groups if group["kind"] == "lora"]
+        for index, group in enumerate(lora_groups):
+            params = group["params"]
+            for a_param, b_param in zip(params[0::2], params[1::2]):
+                if a_param.grad is None and b_param.grad is None:
+                    continue
+                key = (index, tuple(a_param.shape), tuple(b_param.shape), a_param.dtype, a_param.device)
+                buckets.setdefault(key, []).append((a_param, b_param))
+        prepared = []  # per bucket, everything taken at the current point before any factor moves
+        squared_norm = None
+        for (index, *_), pairs in buckets.items():
+            factors = self._prepare(lora_groups[index], pairs)
+            prepared.append((lora_groups[index], factors))
+            for factor in factors:
+                total = factor["unmagnified"].square().sum()
+                squared_norm = total if squared_norm is None else squared_norm + total
+        clip = None
+        if prepared and lora_groups[0]["clip_unmagnified_grad_norm"] > 0:
+            norm = squared_norm.sqrt()
+            limit = lora_groups[0]["clip_unmagnified_grad_norm"]
+            clip = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
+        for group, factors in prepared:
+            for factor in factors:
+                self._update(group, factor, clip)
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                self._adamw(group)
+        return loss
+
+    def _prepare(self, group: dict[str, Any], pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
+        """Steps 1–3 for k pairs of equal shapes: both factors as (k, rows, r), their QR, the unmagnified gradients
+        (k, rows, r) and the basis changes P (k, r, r).
+
+        In the paper's notation the left factor is lora_B (out × r) and the right one lora_Aᵀ (in × r).
+        """
+        sides = [([b for _, b in pairs], False), ([a for a, _ in pairs], True)]
+        matrices, grads = [], []
+        for params, transposed in sides:
+            matrix = torch.stack([self._work(p) for p in params])
+            grad = torch.stack([self._work_grad(p) for p in params])
+            matrices.append(matrix.transpose(1, 2) if transposed else matrix)
+            grads.append(grad.transpose(1, 2) if transposed else grad)
+        bases, magnitudes = zip(*(torch.linalg.qr(matrix) for matrix in matrices))  # (k, rows, r), (k, r, r)
+        inverses = [torch.linalg.pinv(magnitude) for magnitude in magnitudes]
+        factors = []
+        for index, (params, transposed) in enumerate(sides):
+            partner = 1 - index
+            for param, matrix in zip(params, matrices[index]):
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float64)
+                    state["first_moment"] = torch.zeros_like(matrix)
+                    state["second_moment"] = matrix.new_zeros(matrix.shape[1], matrix.shape[1])
+                    state["escaped_mass"] = torch.zeros((), dtype=matrix.dtype)
+                    state["basis"] = torch.zeros_like(matrix)  # this factor's U at its previous step
+            unmagnified = grads[index] @ inverses[partner]
+            skip = group["skip_unmagnified_grad_rms"]
+            if skip > 0:
+                too_large = unmagnified.square().mean(dim=(1, 2)).sqrt() > skip
+                unmagnified = torch.where(too_large[:, None, None], torch.zeros_like(unmagnified), unmagnified)
+            factors.append({"params": params, "transposed": transposed, "matrix": matrices[index],
+                            "unmagnified": unmagnified, "inverse_other": inverses[partner]})
+        # P for a factor compares the *other* factor's basis now with the one it had at the previous step.
+        previous = [torch.stack([self.state[p]["basis"] for p in params]) for params, _ in sides]
+        for index, factor in enumerate(factors):
+            factor["projection"] = bases[1 - index].transpose(1, 2) @ previous[1 - index]
+        for (params, _), basis in zip(sides, bases):
+            for param, item in zip(params, basis.clone().unbind()):
+                self.state[param]["basis"] = item
+        return factors
+
+    def _update(self, group: dict[str, Any], factor: dict[str, Any], clip: torch.Tensor | None) -> None:
+        """Steps 4–8 for one side (k factors of equal shape, all tensors batched along the first dimension)."""
+        params = factor["params"]
+        states = [self.state[p] for p in params]
+        for state in states:
+            state["step"] += 1
+        steps = torch.stack([state["step"] for state in states])  # (k,) float64: pairs may have started apart
+        beta1, beta2 = group["betas"]
+        dtype = factor["matrix"].dtype
+
+        def decay(beta: float) -> torch.Tensor:  # Adafactor's bias-corrected decay per pair, shaped (k, 1, 1)
+            return (beta * (1.0 - beta ** (steps - 1)) / (1.0 - beta ** steps)).to(dtype)[:, None, None]
+
+        decay1, decay2 = decay(beta1), decay(beta2)
+        grad = factor["unmagnified"] if clip is None else factor["unmagnified"] * clip
+        projection = factor["projection"]
+        old_second = torch.stack([state["second_moment"] for state in states])
+        transported = _symmetric(projection @ old_second @ projection.transpose(1, 2))
+        second = _symmetric(decay2 * transported + (1.0 - decay2) * (grad.transpose(1, 2) @ grad) / grad.shape[1])
+        escaped = torch.stack([state["escaped_mass"] for state in states])
+        if group["escaped_mass"]:
+            eigen_drop = (torch.linalg.eigvalsh(old_second) - torch.linalg.eigvalsh(transported)).amax(dim=-1)
+            trace_drop = (old_second.diagonal(dim1=1, dim2=2) - transported.diagonal(dim1=1, dim2=2)).sum(dim=-1)
+            lost = torch.clamp(torch.minimum(eigen_drop, trace_drop), min=0.0)
+            escaped = decay2[:, 0, 0] * (escaped + lost)
+        else:
+            escaped = torch.zeros_like(escaped)
+        eigenvalues, eigenvectors = torch.linalg.eigh(second)
+        eigenvalues = eigenvalues.clamp(min=0.0)  # V̄ is PSD; rounding can leave tiny negative eigenvalues
+        scale = 1.0 / ((eigenvalues + escaped[:, None]).sqrt() + group["eps"])
+        inverse_root = _symmetric((eigenvectors * scale[:, None, :]) @ eigenvectors.transpose(1, 2))
+        preconditioned = grad @ inverse_root
+        old_first = torch.stack([state["first_moment"] for state in states])
+        first = decay1 * (old_first @ projection.transpose(1, 2)) + (1.0 - decay1) * preconditioned
+        direction = first
+        cap = group["update_rms_cap"]
+        if cap > 0:
+            rms = direction.square().mean(dim=(1, 2)).sqrt()
+            direction = direction / torch.clamp(rms / cap, min=1.0)[:, None, None]
+        update = direction @ factor["inverse_other"].transpose(1, 2)
+        if group["weight_decay"] > 0:
+            update = update + group["weight_decay"] * factor["matrix"]
+        for state, new_second, new_first, new_escaped in zip(states, second.unbind(), first.unbind(),
+                                                             escaped.unbind()):
+            state["second_moment"], state["first_moment"] = new_second.clone(), new_first.clone()
+            state["escaped_mass"] = new_escaped.clone()
+        if factor["transposed"]:
+            update = update.transpose(1, 2)
+        updates = [u.to(p.dtype) for u, p in zip(update.unbind(), params)]
+        torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    @staticmethod
+    def _work(param: torch.Tensor) -> torch.Tensor:
+        """The factor in the precision the r×r algebra runs in (float64 stays float64, else float32)."""
+        return param.detach() if param.dtype == torch.float64 else param.detach().float()
+
+    def _work_grad(self, param: torch.Tensor) -> torch.Tensor:
+        if param.grad is None:
+            return torch.zeros_like(self._work(param))
+        return param.grad if param.grad.dtype == torch.float64 else param.grad.float()
+
+    def _adamw(self, group: dict[str, Any]) -> None:
+        """AdamW (Loshchilov & Hutter, arXiv 1711.05101) with bias correction for the non-LoRA parameters."""
+        beta1, beta2 = group["betas"]
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float64)
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+            state["step"] += 1
+            step = int(state["step"].item())
+            grad = param.grad
+            if group["weight_decay"] > 0:
+                param.mul_(1.0 - group["lr"] * group["weight_decay"])
+            state["exp_avg"].lerp_(grad, 1.0 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            denominator = (state["exp_avg_sq"] / (1.0 - beta2 ** step)).sqrt_().add_(group["adamw_eps"])
+            param.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1.0 - beta1 ** step))

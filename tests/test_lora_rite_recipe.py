@@ -1,0 +1,159 @@
+"""The lora-rite recipe end to end (smoke preset through the CLI), its derived quantities, config errors, the adapter
+checkpoint wrapper, and the `bench lora-rite --quick` benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from effml.benchmarks import run_benchmark
+from effml.cli import EXIT_USER_ERROR, main
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["run", "lora-rite", "--preset", "smoke", "--quiet", "--out", str(out)]) == 0
+    (run_dir,) = (out / "lora-rite").iterdir()
+    return run_dir
+
+
+def test_smoke_run_reports_every_claim_with_a_computed_verdict(smoke_run: Path) -> None:
+    results = json.loads((smoke_run / "results.json").read_text())
+    arms = results["arms"]
+    assert set(arms) == {"adam-lr0.001", "rite-lr0.001", "adam-lr0.001-imbalanced", "rite-lr0.001-imbalanced",
+                         "loraplus-lr0.001"}
+    for name, arm in arms.items():
+        for seed in ("0", "1"):
+            metrics = arm["runs"][seed]["metrics"]
+            assert math.isfinite(metrics["test_loss"]) and metrics["step_time_s"] > 0, name
+    derived = results["derived"]
+    for seed in ("0", "1"):  # derived numbers are what the arms measured
+        for method in ("adam", "rite"):
+            balanced = arms[f"{method}-lr0.001"]["runs"][seed]["metrics"]["test_loss"]
+            imbalanced = arms[f"{method}-lr0.001-imbalanced"]["runs"][seed]["metrics"]["test_loss"]
+            shift = derived[f"{method}-imbalance-shift"]["runs"][seed]["metrics"]["abs_shift"]
+            assert shift == pytest.approx(abs(imbalanced - balanced))
+            tuned = derived[f"{method}-tuned"]["runs"][seed]["metrics"]
+            assert tuned["best_lr"] == 0.001 and tuned["test_loss"] == balanced
+        ratio = derived["rite-vs-adam-step-time"]["runs"][seed]["metrics"]["step_time_ratio"]
+        assert ratio == pytest.approx(arms["rite-lr0.001"]["runs"][seed]["metrics"]["step_time_s"]
+                                      / arms["adam-lr0.001"]["runs"][seed]["metrics"]["step_time_s"])
+    from effml.report import evaluate_claims
+
+    report = (smoke_run / "report.md").read_text()
+    evaluated = evaluate_claims(results)
+    assert [c.name for c in evaluated] == ["RITE unchanged by imbalanced init", "Adam changed by imbalanced init",
+                                           "tuned RITE beats tuned Adam", "RITE step time ≤ 1.5× Adam"]
+    for claim in evaluated:  # the report's table row of each claim shows the verdict computed from the results
+        (row,) = [line for line in report.splitlines() if line.startswith(f"| `{claim.name}`")]
+        assert f"**{claim.verdict}**" in row
+
+
+def test_imbalanced_init_moves_adam_but_not_lora_rite(smoke_run: Path) -> None:
+    """The invariance itself, measured on the smoke run: RITE's shift is at rounding level, Adam's is not."""
+    derived = json.loads((smoke_run / "results.json").read_text())["derived"]
+    for seed in ("0", "1"):
+        rite = derived["rite-imbalance-shift"]["runs"][seed]["metrics"]["abs_shift"]
+        adam = derived["adam-imbalance-shift"]["runs"][seed]["metrics"]["abs_shift"]
+        assert rite < 1e-4 and adam > 100 * rite
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_clip=1.0", "grad_clip=0"),
+    ("methods=adam,loraplus", "adam and rite are both needed"),
+    ("imbalance=0.5", "imbalance must be > 1"),
+    ("model=gpt2", "model"),
+])
+def test_bad_settings_exit_2_with_a_message(override: str, message: str, tmp_path, capsys) -> None:
+    assert main(["run", "lora-rite", "--preset", "smoke", "--quiet", "--out", str(tmp_path), "--set",
+                 override]) == EXIT_USER_ERROR
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "lora-rite").exists()
+
+
+def test_adapter_checkpoint_holds_only_trainable_parameters_and_restores_them() -> None:
+    import peft
+
+    from effml.experiments.lora_rite import AdapterLM
+    from effml.nn import TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    base = TransformerLM(TransformerConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=1, max_seq_len=8))
+    model = AdapterLM(peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["qkv_proj"])))
+    state = model.state_dict()
+    assert state and all("lora_" in name for name in state)
+    tokens = torch.randint(0, 16, (2, 8))
+    before = model(tokens)
+    with torch.no_grad():
+        for param in model.trainable().values():
+            param.add_(1.0)
+    assert not torch.equal(model(tokens), before)
+    model.load_state_dict(state)
+    assert torch.equal(model(tokens), before)
+    with pytest.raises(RuntimeError, match="does not match"):
+        model.load_state_dict({"nope": torch.zeros(1)})
+
+
+def test_quick_benchmark_reports_consistent_ratios(tmp_path) -> None:
+    result_md = run_benchmark("lora-rite", quick=True, out=tmp_path)
+    result = json.loads((result_md.parent / "result.json").read_text())
+    assert set(result["shapes"]) == {"d64-r4", "d64-r8"}
+    factors = 2 * result["config"]["layers"]
+    for key, numbers in result["shapes"].items():
+        rank, params = int(key.split("-r")[1]), numbers["adam"]["adapter_params"]
+        # AdamW: two moments per parameter (float32) and a float32 step per tensor.
+        assert numbers["adam"]["state_bytes"] == 2 * params * 4 + factors * 4
+        # LoRA-RITE: first moment and previous basis per factor (Adam's two moments' worth), plus per factor an r×r
+        # second moment, the escaped mass (float32) and a float64 step.
+        assert numbers["lora-rite"]["state_bytes"] == 2 * params * 4 + factors * (rank * rank * 4 + 4 + 8)
+    for name, entry in result["ratios"].items():
+        top = result
+        for part in entry["numerator"]:
+            top = top[part]
+        bottom = result
+        for part in entry["denominator"]:
+            bottom = bottom[part]
+        assert math.isclose(entry["value"], top / bottom, rel_tol=1e-12), name
+    assert "## Ratios" in result_md.read_text()
+
+
+def test_trainer_resume_with_lora_rite_continues_exactly(tmp_path) -> None:
+    """Adapters + LoRA-RITE through the trainer's checkpoints (safetensors + JSON): 2 steps, resume, 2 more steps
+    gives the same adapters as 4 uninterrupted steps."""
+    import peft
+
+    from effml.experiments.lora_rite import AdapterLM
+    from effml.nn import TransformerConfig, TransformerLM
+    from effml.optim import LoRARite
+    from effml.train import TrainConfig, Trainer
+    from effml.train.lm import causal_lm_loss
+
+    def batches(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, 16, (4, 9), generator=torch.Generator().manual_seed(index))
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def train(steps: int, run_dir: Path, resume: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        base = TransformerLM(TransformerConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=1, max_seq_len=8))
+        peft_model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["qkv_proj", "up_proj"]))
+        model = AdapterLM(peft_model)
+        config = TrainConfig(steps=steps, lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=0.0,
+                             checkpoint_every=2, log_every=1)
+        # A constant schedule, so that a 2-step run is the first half of the 4-step one.
+        Trainer(model, causal_lm_loss, batches, config, optimizer=LoRARite.from_model(peft_model, lr=1e-2),
+                schedule=lambda step: 1.0, run_dir=run_dir, resume=resume, quiet=True).fit()
+        return model.state_dict()
+
+    straight = train(4, tmp_path / "straight", resume=False)
+    train(2, tmp_path / "split", resume=False)
+    resumed = train(4, tmp_path / "split", resume=True)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name

@@ -1,0 +1,265 @@
+"""LoRA-RITE (effml.optim.LoRARite): transformation invariance, the update rule against an explicit formula,
+exact resume through state_dict, AdamW for the other parameters, and pairing by name."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from effml.optim import LoRARite, find_lora_pairs
+
+M, N, RANK = 30, 20, 4
+
+
+def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random target Z* (M×N) and a random start: lora_A (RANK×N), lora_B (M×RANK), float64."""
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randn(M, N, generator=generator, dtype=torch.float64)
+    lora_a = torch.randn(RANK, N, generator=generator, dtype=torch.float64) / N ** 0.5
+    lora_b = torch.randn(M, RANK, generator=generator, dtype=torch.float64) / M ** 0.5
+    return target, lora_a, lora_b
+
+
+def _trajectory(lora_a: torch.Tensor, lora_b: torch.Tensor, target: torch.Tensor, make_optimizer, steps: int):
+    """Z_t = lora_B · lora_A after each of ``steps`` updates on ½‖Z − Z*‖²."""
+    a, b = nn.Parameter(lora_a.clone()), nn.Parameter(lora_b.clone())
+    optimizer = make_optimizer([a, b])
+    products = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (0.5 * (b @ a - target).square().sum()).backward()
+        optimizer.step()
+        products.append((b @ a).detach().clone())
+    return torch.stack(products)
+
+
+def _relative_gap(first: torch.Tensor, second: torch.Tensor) -> float:
+    return float(((first - second).norm(dim=(1, 2)) / first.norm(dim=(1, 2))).max())
+
+
+def _badly_conditioned(seed: int = 1, condition: float = 1e3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(RANK, RANK, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(RANK, RANK, generator=generator, dtype=torch.float64))
+    singular = torch.logspace(0, torch.log10(torch.tensor(condition)).item(), RANK, dtype=torch.float64)
+    return left @ torch.diag(singular) @ right
+
+
+def _rite(**options):
+    return lambda params: LoRARite(params, lr=0.02, **options)
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=0.02)
+
+
+def test_equivalent_factorizations_give_the_same_trajectory_and_adams_do_not() -> None:
+    target, lora_a, lora_b = _problem()
+    r = _badly_conditioned()
+    # (lora_B R, R⁻¹ lora_A) is the same ΔW; in the paper's notation (A R, B R⁻ᵀ) with A = lora_B, B = lora_Aᵀ.
+    equivalent = (torch.linalg.solve(r, lora_a), lora_b @ r)
+    assert torch.allclose(equivalent[1] @ equivalent[0], lora_b @ lora_a, atol=1e-12)
+    steps = 60
+    make = _rite()  # escaped mass on (the default): the basis rotates every step here
+    rite = _trajectory(lora_a, lora_b, target, make, steps)
+    rite_equivalent = _trajectory(*equivalent, target, make, steps)
+    assert _relative_gap(rite, rite_equivalent) < 1e-11  # measured: ~7e-14 (cond(R) = 1e3)
+    assert float(0.5 * (rite[-1] - target).square().sum()) < 0.5 * float(target.square().sum())  # it does optimise
+    adam_gap = _relative_gap(_trajectory(lora_a, lora_b, target, _adam, steps),
+                             _trajectory(*equivalent, target, _adam, steps))
+    assert adam_gap > 0.1
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1e2])
+def test_scalar_rescaling_of_the_factors_changes_nothing(scale: float) -> None:
+    target, lora_a, lora_b = _problem(seed=3)
+    steps = 60
+    rite = _trajectory(lora_a, lora_b, target, _rite(), steps)
+    rescaled = _trajectory(lora_a * scale, lora_b / scale, target, _rite(), steps)
+    assert _relative_gap(rite, rescaled) < 1e-11  # measured: ~3e-15 (scale 100)
+    adam_gap = _relative_gap(_trajectory(lora_a, lora_b, target, _adam, steps),
+                             _trajectory(lora_a * scale, lora_b / scale, target, _adam, steps))
+    assert adam_gap > 0.1
+
+
+def _inverse_sqrt(matrix: torch.Tensor, eps: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(1.0 / (values.clamp(min=0).sqrt() + eps)) @ vectors.T
+
+
+def test_two_steps_match_the_papers_formulas_written_out() -> None:
+    """Steps 1–8 of §4 written out for both factors, with the basis change and escaped mass of step two."""
+    target, lora_a, lora_b = _problem(seed=5)
+    lr, (beta1, beta2), eps = 0.05, (0.9, 0.99), 1e-6
+    a, b = nn.Parameter(lora_a.clone()), nn.Parameter(lora_b.clone())
+    optimizer = LoRARite([a, b], lr=lr, betas=(beta1, beta2), eps=eps, clip_unmagnified_grad_norm=0.0,
+                         skip_unmagnified_grad_rms=0.0, escaped_mass=True)
+    # Reference state per factor, in the paper's notation: X_A = lora_B (M×r), X_B = lora_Aᵀ (N×r).
+    factors = {"A": lora_b.clone(), "B": lora_a.T.clone()}
+    previous_basis = {"A": torch.zeros(M, RANK, dtype=torch.float64), "B": torch.zeros(N, RANK, dtype=torch.float64)}
+    first = {k: torch.zeros_like(v) for k, v in factors.items()}
+    second = {k: torch.zeros(RANK, RANK, dtype=torch.float64) for k in factors}
+    escaped = {k: 0.0 for k in factors}
+    for t in (1, 2):
+        optimizer.zero_grad()
+        (0.5 * (b @ a - target).square().sum()).backward()
+        optimizer.step()
+        grad_z = factors["A"] @ factors["B"].T - target  # ∇_Z L, M×N
+        grads = {"A": grad_z @ factors["B"], "B": grad_z.T @ factors["A"]}
+        qr = {k: torch.linalg.qr(v) for k, v in factors.items()}
+        new = {}
+        for me, other in (("A", "B"), ("B", "A")):
+            basis_other, magnitude_other = qr[other]
+            unmagnified = grads[me] @ torch.linalg.inv(magnitude_other)
+            projection = basis_other.T @ previous_basis[other]
+            d1 = beta1 * (1 - beta1 ** (t - 1)) / (1 - beta1 ** t)
+            d2 = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2 ** t)
+            moved = projection @ second[me] @ projection.T
+            lost = max(0.0, min(float((torch.linalg.eigvalsh(second[me]) - torch.linalg.eigvalsh(moved)).max()),
+                                float(second[me].trace() - moved.trace())))
+            escaped[me] = d2 * (escaped[me] + lost)
+            second[me] = d2 * moved + (1 - d2) * unmagnified.T @ unmagnified / unmagnified.shape[0]
+            step_dir = unmagnified @ _inverse_sqrt(second[me] + escaped[me] * torch.eye(RANK, dtype=torch.float64),
+                                                   eps)
+            first[me] = d1 * first[me] @ projection.T + (1 - d1) * step_dir
+            new[me] = factors[me] - lr * first[me] @ torch.linalg.inv(magnitude_other).T
+        if t == 2:
+            assert escaped["A"] > 0 and escaped["B"] > 0  # the bases rotated, so some mass escaped
+        previous_basis = {k: qr[k][0] for k in factors}
+        factors = new
+        assert torch.allclose(b.detach(), factors["A"], rtol=0, atol=1e-10)
+        assert torch.allclose(a.detach(), factors["B"].T, rtol=0, atol=1e-10)
+
+
+def test_state_dict_round_trip_mid_run_continues_identically() -> None:
+    target, lora_a, lora_b = _problem(seed=7)
+    bias = torch.zeros(M, dtype=torch.float64)
+
+    def make(a, b, c):
+        return LoRARite([{"params": [a, b]}, {"params": [c], "kind": "adamw", "weight_decay": 0.01}], lr=0.02)
+
+    def run(a, b, c, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            (0.5 * (b @ a + c[:, None] - target).square().sum()).backward()
+            optimizer.step()
+
+    params = [nn.Parameter(t.clone()) for t in (lora_a, lora_b, bias)]
+    optimizer = make(*params)
+    run(*params, optimizer, 10)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict()}, buffer)
+    run(*params, optimizer, 15)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = [nn.Parameter(t.clone()) for t in saved["params"]]
+    optimizer_resumed = make(*resumed)
+    optimizer_resumed.load_state_dict(saved["optimizer"])
+    run(*resumed, optimizer_resumed, 15)
+    for original, again in zip(params, resumed):
+        assert torch.equal(original, again)
+
+
+def test_adamw_groups_match_torch_adamw_and_closure_returns_the_loss() -> None:
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    reference = nn.Parameter(weight.detach().clone())
+    data = torch.randn(8, 3, dtype=torch.float64)
+    ours = LoRARite([{"params": [weight], "kind": "adamw", "weight_decay": 0.1}], lr=0.01, betas=(0.9, 0.99))
+    theirs = torch.optim.AdamW([reference], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    for _ in range(5):
+        for param, optimizer in ((weight, ours), (reference, theirs)):
+            def closure(param=param, optimizer=optimizer):
+                optimizer.zero_grad()
+                loss = (data @ param.T).sin().sum()
+                loss.backward()
+                return loss
+            loss = optimizer.step(closure)
+        assert torch.is_tensor(loss)
+    assert torch.allclose(weight, reference, rtol=0, atol=1e-12)
+    ours.zero_grad()
+    assert weight.grad is None
+
+
+# -- pairing by name ---------------------------------------------------------------------------------------------------
+class _Adapter(nn.Module):
+    """A minimal PEFT-named LoRA linear layer: base (frozen), lora_A.default (r×in), lora_B.default (out×r)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(d_in, d_out)
+        self.base_layer.requires_grad_(False)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(d_in, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, d_out, bias=False)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_from_model_pairs_peft_adapters_by_name_and_trains_the_rest_with_adamw() -> None:
+    peft = pytest.importorskip("peft")
+    model = nn.Sequential()
+    model.add_module("up", nn.Linear(6, 10))
+    model.add_module("down", nn.Linear(10, 4))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["up", "down"], modules_to_save=None))
+    head = model.base_model.model.down.base_layer.bias
+    head.requires_grad_(True)  # a trainable non-LoRA parameter
+    optimizer = LoRARite.from_model(model, lr=1e-2)
+    lora, adamw = optimizer.param_groups
+    assert lora["kind"] == "lora" and adamw["kind"] == "adamw"
+    assert [n.split(".")[-4:] for n in lora["names"]] == [
+        ["up", "lora_A", "default", "weight"], ["up", "lora_B", "default", "weight"],
+        ["down", "lora_A", "default", "weight"], ["down", "lora_B", "default", "weight"]]
+    assert adamw["params"][0] is head
+    loss = model(torch.randn(3, 6)).square().mean()
+    loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    # lora_B starts at zero, so lora_A's unmagnified gradient is zero on the first step: only B and the bias move.
+    assert changed == {n for n in before if "lora_B" in n or n.endswith("bias")}
+    with pytest.raises(ValueError, match=r"not LoRA factors: .*down\.base_layer\.bias.*other='adamw'"):
+        LoRARite.from_model(model, lr=1e-2, other="error")
+
+
+def test_pairing_is_by_name_not_position() -> None:
+    # Parameters listed as all B's then all A's, in opposite layer order: names still pair them correctly.
+    shapes = {"l1.lora_A.x.weight": (2, 5), "l1.lora_B.x.weight": (7, 2),
+              "l2.lora_A.x.weight": (3, 7), "l2.lora_B.x.weight": (4, 3)}
+    order = ["l2.lora_B.x.weight", "l1.lora_B.x.weight", "l2.lora_A.x.weight", "l1.lora_A.x.weight", "head.bias"]
+    named = [(n, nn.Parameter(torch.zeros(shapes.get(n, (4,))))) for n in order]
+    pairs, others = find_lora_pairs(named)
+    assert sorted(pairs) == [("l1.lora_A.x.weight", "l1.lora_B.x.weight"),
+                             ("l2.lora_A.x.weight", "l2.lora_B.x.weight")]
+    assert others == ["head.bias"]
+
+
+@pytest.mark.parametrize("names_shapes, message", [
+    ({"l1.lora_A.w": (2, 5)}, r"l1\.lora_A\.w has no trainable partner l1\.lora_B\.w"),
+    ({"l1.lora_B.w": (5, 2)}, r"l1\.lora_B\.w has no trainable lora_A partner"),
+    ({"l1.lora_A.w": (2, 5), "l1.lora_B.w": (5, 3)}, r"l1\.lora_A\.w \(2, 5\) and l1\.lora_B\.w \(5, 3\) are not"),
+])
+def test_unpaired_or_mis_shaped_factors_are_named(names_shapes, message) -> None:
+    named = [(n, nn.Parameter(torch.zeros(s))) for n, s in names_shapes.items()]
+    with pytest.raises(ValueError, match=message):
+        find_lora_pairs(named)
+
+
+def test_bad_groups_and_options_are_refused_clearly() -> None:
+    a, b = nn.Parameter(torch.zeros(2, 5)), nn.Parameter(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="not a LoRA pair"):
+        LoRARite([a, b])
+    with pytest.raises(ValueError, match="holds pairs"):
+        LoRARite([a])
+    with pytest.raises(ValueError, match="betas"):
+        LoRARite([a, nn.Parameter(torch.zeros(5, 2))], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="no trainable LoRA factors"):
+        LoRARite.from_model(nn.Linear(3, 3))
+    frozen = copy.deepcopy(nn.Linear(3, 3)).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable LoRA factors"):
+        LoRARite.from_model(frozen)
