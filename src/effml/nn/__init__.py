@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from effml.nn.attention import CausalSelfAttention, KVCache
 from effml.nn.block import TransformerBlock
+from effml.nn.linear_attention import LinearTransformer, LinearTransformerConfig
 from effml.nn.mlp import MLPS, GeluMLP, SwiGLUMLP, build_mlp
 from effml.nn.norm import RMSNorm
 from effml.nn.residual import RESIDUALS, PlainResidual, Residual, StreamHistory, build_residual, register_residual
@@ -14,4 +15,5 @@ __all__ = [
     "CausalSelfAttention", "KVCache", "TransformerBlock", "MLPS", "GeluMLP", "SwiGLUMLP", "build_mlp", "RMSNorm",
     "RESIDUALS", "PlainResidual", "Residual", "StreamHistory", "build_residual", "register_residual",
     "RotaryEmbedding", "apply_rotary", "TransformerConfig", "TransformerLM",
+    "LinearTransformer", "LinearTransformerConfig",
 ]
