@@ -54,10 +54,11 @@ class LoopedDepthConfig:
     target_nmse: float = 0.1  # the fixed error whose required depth claim (1) fits against ln κ
     probe_kappa: float = 10.0  # the κ at which claims (2) and (3) are tested
     shift_scales: tuple[float, ...] = (1.1, 1.25, 1.5)  # test-time Σ → s·Σ; claim (2) uses the first
+    threads: int = 1  # torch intra-op threads while training (tiny models: 1 is fastest on CPU)
     seeds: int = 3
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=600, lr=3e-3, warmup_steps=50, weight_decay=0.0, eval_every=0, checkpoint_every=0, log_every=20))
+        steps=500, lr=3e-3, warmup_steps=50, weight_decay=0.0, eval_every=0, checkpoint_every=0, log_every=20))
 
     def __post_init__(self) -> None:
         owner = "looped-depth"
@@ -75,7 +76,7 @@ class LoopedDepthConfig:
             raise ConfigError(f"{owner}.shift_scales = {self.shift_scales!r}: give one or more positive factors ≠ 1 "
                               "(Σ is multiplied by each at test time).")
         check_choice(owner, "attention", self.attention, ("unrestricted", "restricted"))
-        for name in ("d", "n_context", "batch_size", "eval_prompts", "seeds", "target_nmse"):
+        for name in ("d", "n_context", "batch_size", "eval_prompts", "seeds", "target_nmse", "threads"):
             check_positive(owner, name, getattr(self, name))
         for name in ("init_scale", "init_std"):
             check_positive(owner, name, getattr(self, name), allow_zero=True)
@@ -173,6 +174,12 @@ class LoopedDepth(Experiment):
         return InContextRegression(d=config.d, n_context=config.n_context, covariance="diverse", kappa=kappa)
 
     def run_arm(self, config: LoopedDepthConfig, arm: Arm, context: RunContext) -> ArmRun:
+        from effml.train.icl import intra_op_threads
+
+        with intra_op_threads(config.threads):
+            return self._run_arm(config, arm, context)
+
+    def _run_arm(self, config: LoopedDepthConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.data.tasks.base import derive_seed
         from effml.nn.linear_attention import LinearTransformer, LinearTransformerConfig
         from effml.train.icl import PromptBatches, predict_readouts, query_mse_loss

@@ -7,6 +7,8 @@ predictions ``(B,)`` (``effml.nn.LinearTransformer``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,7 +18,22 @@ from effml.data.tasks.base import derive_seed
 from effml.data.tasks.regression import InContextRegression, RegressionBatch
 from effml.nn.linear_attention import prompt_matrix
 
-__all__ = ["PromptBatches", "query_mse_loss", "predict_readouts"]
+__all__ = ["PromptBatches", "query_mse_loss", "predict_readouts", "intra_op_threads"]
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` and restore the previous setting afterwards.
+
+    The looped-transformer models are tiny (a few hundred parameters, (d+1)×(n+1) matrices): one CPU thread runs
+    a training step several times faster than two, which spend more time synchronising than computing.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class PromptBatches:
