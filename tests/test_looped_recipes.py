@@ -29,11 +29,13 @@ def smoke(recipe: str, out: Path) -> dict:
 
 def test_looped_depth_smoke_end_to_end(tmp_path: Path) -> None:
     results = smoke("looped-depth", tmp_path)
-    assert set(results["arms"]) == {"multi-L1-k1", "multi-L2-k1", "looped-L2-k1",
-                                    "multi-L1-k10", "multi-L2-k10", "looped-L2-k10"}
+    assert set(results["arms"]) == {f"{family}-L{depth}-k{kappa}" for kappa in (1, 10) for family, depth in
+                                    (("multi", 1), ("multi", 2), ("looped", 2), ("softmax", 1), ("softmax", 2))}
     for name, arm in results["arms"].items():
-        looped = name.startswith("looped")
-        assert arm["params"] == (1 if looped or name.startswith("multi-L1") else 2) * 2 * 4 ** 2  # d=3: P, Q 4×4
+        if name.startswith("softmax"):  # one shared block whatever the number of loops
+            assert arm["params"] == results["arms"]["softmax-L1-k1"]["params"] > 2 * 2 * 4 ** 2
+        else:
+            assert arm["params"] == (2 if name.startswith("multi-L2") else 1) * 2 * 4 ** 2  # d=3: P, Q are 4×4
         for run in arm["runs"].values():
             metrics = run["metrics"]
             depth = arm["info"]["depth"]
@@ -42,7 +44,7 @@ def test_looped_depth_smoke_end_to_end(tmp_path: Path) -> None:
             assert ("readout_rise" in metrics) == (depth > 1)
             assert [p[0] for p in run["curves"]["readout_nmse"]] == list(range(1, depth + 1))
     derived = results["derived"]
-    for family in ("multi", "looped"):
+    for family in ("multi", "looped", "softmax"):
         for run in derived[f"depth-fit-{family}"]["runs"].values():
             assert {"depth_needed@k1", "depth_needed@k10", "slope_per_ln_kappa"} <= set(run["metrics"])
     ratio = derived["shift-robustness"]["runs"]["0"]["metrics"]["multi_over_looped"]
@@ -61,7 +63,9 @@ def test_looped_gd_smoke_end_to_end(tmp_path: Path) -> None:
             # the restricted model differs from explicit GD only through u, which training keeps small
             assert 0 <= metrics["gd_mismatch"] < 0.05 and metrics["u_ratio"] > 0 and metrics["precond_error"] > 0
             assert metrics["nmse_loops@2"] == metrics["nmse"]
-            assert [p[0] for p in run["curves"]["nmse_vs_loops"]] == [1, 2, 4] and metrics["ood_w2"] > 0
+            for prefix in ("", "rotated_", "rescaled_"):
+                assert [p[0] for p in run["curves"][f"{prefix}nmse_vs_loops"]] == [1, 2, 4]
+            assert metrics["rotated_w2"] > 0 and metrics["rescaled_w2"] > 0
 
 
 def test_depth_needed_interpolates_in_log_depth() -> None:
@@ -73,8 +77,9 @@ def test_depth_needed_interpolates_in_log_depth() -> None:
     assert depth_needed([1, 2, 4, 8], [0.8, 0.4, 0.9, 0.025], 0.1)[0] == pytest.approx(2 ** 2.5)
     # never reached: extrapolate the last segment (0.4 → 0.2 per doubling reaches 0.1 one doubling later)
     assert depth_needed([1, 2, 4], [0.8, 0.4, 0.2], 0.1) == (pytest.approx(8.0), True)
-    depth, extrapolated = depth_needed([1, 2], [0.5, 0.6], 0.1)
-    assert math.isinf(depth) and extrapolated
+    for errors in ([0.5, 0.6], [1.0526, 1.0518]):  # rising, or so flat that it would take > 2^10 × more depth
+        depth, extrapolated = depth_needed([1, 2], errors, 0.1)
+        assert math.isinf(depth) and extrapolated
 
 
 @pytest.mark.parametrize(("arguments", "expected"), [

@@ -143,3 +143,28 @@ def test_bad_shapes_and_configs_are_refused() -> None:
         LinearTransformerConfig(n_layers=0)
     with pytest.raises(ValueError, match="prompt_matrix expects"):
         prompt_matrix(torch.zeros(2, 5, 3), torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+def test_softmax_prompt_transformer_loops_one_block_with_input_injection() -> None:
+    from effml.nn import PromptTransformer, TransformerConfig
+
+    torch.manual_seed(0)
+    batch = prompts(3, 10)
+    z = prompt_matrix(batch.xs, batch.ys, batch.query).float()
+    model = PromptTransformer(3, TransformerConfig(d_model=16, n_heads=2, n_layers=1, n_loops=3, input_injection=True,
+                                                   max_seq_len=11))
+    readouts = model(z, readouts=True)
+    assert readouts.shape == (3, 6) and torch.allclose(readouts[-1], model(z))
+    assert model(z, n_loops=5, readouts=True)[:3].allclose(readouts)  # later loops do not change earlier read-outs
+    assert len(model.blocks) == 1 and model.depth == 3
+    # the prediction at the query depends on the in-context examples, and on nothing after the query (causal)
+    changed = z.clone()
+    changed[:, -1, 0] += 1.0
+    assert not torch.allclose(model(changed), model(z))
+    without_injection = PromptTransformer(3, TransformerConfig(d_model=16, n_heads=2, n_layers=1, n_loops=3,
+                                                               max_seq_len=11))
+    without_injection.load_state_dict(model.state_dict())
+    assert torch.allclose(without_injection(z, n_loops=1), model(z, n_loops=1))
+    assert not torch.allclose(without_injection(z), model(z))
+    with pytest.raises(ValueError, match="max_seq_len=11"):
+        model(torch.zeros(2, 4, 12))

@@ -6,7 +6,10 @@ Learning with Task Diversity" (arXiv 2410.21698) with linear-attention models (`
 
 Arms, for every κ in ``kappas`` and depth L in ``depths``: ``multi-L{L}-k{κ}`` (L distinct LSA layers) and
 ``looped-L{L}-k{κ}`` (one LSA layer applied L times); at L = 1 the two are the same model, so only ``multi-L1-k{κ}``
-is trained and serves both families. Every arm is trained on fresh prompts each step (squared error on the query).
+is trained and serves both families. With ``families`` including ``"softmax"`` (smoke and full presets; too slow for
+the cpu preset), ``softmax-L{L}-k{κ}`` is effml's softmax transformer block looped L times with input injection
+(``effml.nn.PromptTransformer``), reported beside the others but not part of the claims. Every arm is trained on
+fresh prompts each step (squared error on the query).
 
 Measured per arm (normalised MSE ``nmse = Σ(ŷ−y)²/Σy²`` on held-out prompts): ``nmse``; ``nmse@k`` read out after
 every layer application k; ``shift_nmse@i`` on the test distribution with Σ rescaled by ``shift_scales[i]`` and its
@@ -35,7 +38,10 @@ from effml.config import ConfigError, check_choice, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.train import TrainConfig, Trainer
 
-__all__ = ["LoopedDepthConfig", "LoopedDepth", "depth_needed"]
+__all__ = ["LoopedDepthConfig", "LoopedDepth", "depth_needed", "FAMILIES"]
+
+#: multi-layer LSA, looped LSA, and the looped softmax transformer with input injection (effml.nn.PromptTransformer)
+FAMILIES = ("multi", "looped", "softmax")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class LoopedDepthConfig:
     kappas: tuple[float, ...] = (1.0, 10.0, 100.0)
     depths: tuple[int, ...] = (1, 2, 4, 8)
     attention: str = "unrestricted"
+    families: tuple[str, ...] = ("multi", "looped")  # add "softmax" for the looped softmax transformer (slow on CPU)
+    softmax_width: int = 32
+    softmax_heads: int = 2
     init_scale: float = 0.1
     init_std: float = 0.0
     batch_size: int = 64
@@ -76,7 +85,16 @@ class LoopedDepthConfig:
             raise ConfigError(f"{owner}.shift_scales = {self.shift_scales!r}: give one or more positive factors ≠ 1 "
                               "(Σ is multiplied by each at test time).")
         check_choice(owner, "attention", self.attention, ("unrestricted", "restricted"))
-        for name in ("d", "n_context", "batch_size", "eval_prompts", "seeds", "target_nmse", "threads"):
+        if not {"multi", "looped"} <= set(self.families):
+            raise ConfigError(f"{owner}.families = {self.families!r}: the claims compare 'multi' and 'looped', so "
+                              "both are needed; 'softmax' may be added.")
+        for family in self.families:
+            check_choice(owner, "families", family, FAMILIES)
+        if self.softmax_width % self.softmax_heads or (self.softmax_width // self.softmax_heads) % 2:
+            raise ConfigError(f"{owner}: softmax_width={self.softmax_width} must split into softmax_heads="
+                              f"{self.softmax_heads} heads of even size (rotary attention).")
+        for name in ("d", "n_context", "batch_size", "eval_prompts", "seeds", "target_nmse", "threads",
+                     "softmax_width", "softmax_heads"):
             check_positive(owner, name, getattr(self, name))
         for name in ("init_scale", "init_std"):
             check_positive(owner, name, getattr(self, name), allow_zero=True)
@@ -88,7 +106,7 @@ class LoopedDepthConfig:
 
 def _smoke() -> LoopedDepthConfig:
     return LoopedDepthConfig(d=3, n_context=12, kappas=(1.0, 10.0), depths=(1, 2), probe_kappa=10.0, batch_size=16,
-                             eval_prompts=64, shift_scales=(1.25,), seeds=2,
+                             eval_prompts=64, shift_scales=(1.25,), seeds=2, families=FAMILIES, softmax_width=16,
                              train=TrainConfig(steps=8, lr=3e-3, warmup_steps=2, weight_decay=0.0, log_every=2))
 
 
@@ -98,7 +116,8 @@ def _cpu() -> LoopedDepthConfig:
 
 def _full() -> LoopedDepthConfig:
     return LoopedDepthConfig(d=10, n_context=80, kappas=(1.0, 10.0, 100.0, 1000.0), depths=(1, 2, 4, 8, 16),
-                             batch_size=256, eval_prompts=16384, seeds=5,
+                             batch_size=256, eval_prompts=16384, seeds=5, families=FAMILIES, softmax_width=64,
+                             softmax_heads=4,
                              train=TrainConfig(steps=20_000, lr=1e-3, warmup_steps=500, weight_decay=0.0,
                                                log_every=100))
 
@@ -108,8 +127,12 @@ def _kappa_tag(kappa: float) -> str:
 
 
 def arm_name(family: str, depth: int, kappa: float) -> str:
-    """``multi-L4-k10`` / ``looped-L4-k10``; depth 1 is always ``multi-L1-k…`` (the two families coincide)."""
-    return f"{'multi' if depth == 1 else family}-L{depth}-k{_kappa_tag(kappa)}"
+    """``multi-L4-k10`` / ``looped-L4-k10`` / ``softmax-L4-k10``; at depth 1 the multi-layer and looped LSA models
+    coincide, so both are ``multi-L1-k…``."""
+    return f"{'multi' if depth == 1 and family == 'looped' else family}-L{depth}-k{_kappa_tag(kappa)}"
+
+
+_MAX_EXTRAPOLATED_DOUBLINGS = 10  # beyond 2^10 × the deepest trained model, call the depth needed infinite
 
 
 def depth_needed(depths: list[int], errors: list[float], target: float) -> tuple[float, bool]:
@@ -117,7 +140,8 @@ def depth_needed(depths: list[int], errors: list[float], target: float) -> tuple
 
     Uses the running best error (a deeper model can do what a shallower one does), interpolates ln(error) linearly
     in log₂(depth) between the last depth above the target and the first at or below it, and extrapolates from the
-    last two depths when none reaches it (a flat or rising tail gives ``inf``).
+    last two depths when none reaches it (a flat or rising tail, or more than 10 doublings beyond the deepest model,
+    gives ``inf``).
     """
     best = []
     for error in errors:
@@ -132,9 +156,10 @@ def depth_needed(depths: list[int], errors: list[float], target: float) -> tuple
             fraction = (log_errors[j - 1] - log_target) / (log_errors[j - 1] - log_errors[j])
             return 2 ** (logs[j - 1] + fraction * (logs[j] - logs[j - 1])), False
     slope = (log_errors[-1] - log_errors[-2]) / (logs[-1] - logs[-2])
-    if slope >= 0:
+    log_depth = logs[-1] + (log_target - log_errors[-1]) / slope if slope < 0 else math.inf
+    if log_depth > logs[-1] + _MAX_EXTRAPOLATED_DOUBLINGS:
         return math.inf, True
-    return 2 ** (logs[-1] + (log_target - log_errors[-1]) / slope), True
+    return 2 ** log_depth, True
 
 
 def _line_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -154,17 +179,17 @@ class LoopedDepth(Experiment):
 
     def arms(self, config: LoopedDepthConfig) -> list[Arm]:
         arms = []
+        labels = {"multi": "multi-layer LSA ", "looped": "looped LSA ×", "softmax": "looped softmax ×"}
         for kappa in config.kappas:
-            for family in ("multi", "looped"):
+            for family in config.families:
                 for depth in config.depths:
                     if family == "looped" and depth == 1:
                         continue
-                    looped = family == "looped"
+                    looped = family != "multi"
+                    label = "1 LSA layer" if family != "softmax" and depth == 1 else labels[family] + str(depth)
                     arms.append(Arm(
-                        name=arm_name(family, depth, kappa),
-                        label=f"{'1 layer' if depth == 1 else ('looped ×' if looped else 'multi-layer ') + str(depth)}"
-                              f", κ={_kappa_tag(kappa)}",
-                        info={"family": "shared" if depth == 1 else family, "depth": depth, "kappa": kappa,
+                        name=arm_name(family, depth, kappa), label=f"{label}, κ={_kappa_tag(kappa)}",
+                        info={"family": family, "depth": depth, "kappa": kappa,
                               "n_layers": 1 if looped else depth, "n_loops": depth if looped else 1}))
         return arms
 
@@ -181,14 +206,19 @@ class LoopedDepth(Experiment):
 
     def _run_arm(self, config: LoopedDepthConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.data.tasks.base import derive_seed
-        from effml.nn.linear_attention import LinearTransformer, LinearTransformerConfig
+        from effml.nn import LinearTransformer, LinearTransformerConfig, PromptTransformer, TransformerConfig
         from effml.train.icl import PromptBatches, predict_readouts, query_mse_loss
 
         task = self.task(config, arm.info["kappa"])
         torch.manual_seed(context.seed)
-        model = LinearTransformer(LinearTransformerConfig(
-            d=config.d, n_layers=arm.info["n_layers"], n_loops=arm.info["n_loops"], attention=config.attention,
-            init_scale=config.init_scale, init_std=config.init_std))
+        if arm.info["family"] == "softmax":
+            model = PromptTransformer(config.d, TransformerConfig(
+                d_model=config.softmax_width, n_heads=config.softmax_heads, n_layers=1, n_loops=arm.info["n_loops"],
+                input_injection=True, max_seq_len=config.n_context + 1))
+        else:
+            model = LinearTransformer(LinearTransformerConfig(
+                d=config.d, n_layers=arm.info["n_layers"], n_loops=arm.info["n_loops"], attention=config.attention,
+                init_scale=config.init_scale, init_std=config.init_std))
         eval_seed = derive_seed(context.seed, 1_000_003)  # held-out prompts: a stream training never draws from
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -234,7 +264,7 @@ class LoopedDepth(Experiment):
                 return None
             return run["metrics"].get(metric)
 
-        for family in ("multi", "looped"):
+        for family in config.families:
             fits: dict[str, Any] = {}
             for seed in self.seeds(config):
                 needed, extrapolated = [], 0
@@ -313,17 +343,17 @@ class LoopedDepth(Experiment):
         plots: list[Any] = [
             MetricPlot(name=f"nmse_vs_depth_k{_kappa_tag(k)}", x="depth", y="nmse", logx=True, logy=True,
                        title=f"Test nmse vs depth, κ={_kappa_tag(k)} (multi-layer and looped)",
-                       arms=[arm_name(f, L, k) for f in ("multi", "looped") for L in config.depths
-                             if f == "multi" or L > 1])
+                       arms=[arm_name(f, L, k) for f in config.families for L in config.depths
+                             if f != "looped" or L > 1])
             for k in config.kappas]
-        probe_arms = [arm_name("multi", 1, kappa)] + [arm_name(f, L, kappa) for f in ("multi", "looped")
-                                                      for L in config.depths[1:]]
+        probe_arms = [arm_name(f, L, kappa) for f in config.families for L in config.depths
+                      if f != "looped" or L > 1]
         plots += [
             CurvePlot(name="nmse_vs_shift", curve="shift_nmse", arms=probe_arms, logy=True, ylabel="test nmse",
                       xlabel="W2 distance of the test distribution (Σ rescaled)",
                       title=f"Error under covariance rescaling, κ={kappa:g}"),
             CurvePlot(name="readouts", curve="readout_nmse", ylabel="nmse of the read-out", logy=True,
-                      arms=[arm_name("multi", deepest, kappa), arm_name("looped", deepest, kappa)],
+                      arms=[arm_name(f, deepest, kappa) for f in config.families],
                       xlabel="read-out after layer application k", title=f"Per-layer / per-loop read-outs, κ={kappa:g}"),
             CurvePlot(name="train_loss", curve="train_nmse", ylabel="train nmse", logy=True, arms=probe_arms,
                       title=f"Training nmse, κ={kappa:g}"),

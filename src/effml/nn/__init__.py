@@ -7,6 +7,7 @@ from effml.nn.block import TransformerBlock
 from effml.nn.linear_attention import LinearTransformer, LinearTransformerConfig
 from effml.nn.mlp import MLPS, GeluMLP, SwiGLUMLP, build_mlp
 from effml.nn.norm import RMSNorm
+from effml.nn.prompt_transformer import PromptTransformer
 from effml.nn.residual import RESIDUALS, PlainResidual, Residual, StreamHistory, build_residual, register_residual
 from effml.nn.rotary import RotaryEmbedding, apply_rotary
 from effml.nn.transformer import TransformerConfig, TransformerLM
@@ -15,5 +16,5 @@ __all__ = [
     "CausalSelfAttention", "KVCache", "TransformerBlock", "MLPS", "GeluMLP", "SwiGLUMLP", "build_mlp", "RMSNorm",
     "RESIDUALS", "PlainResidual", "Residual", "StreamHistory", "build_residual", "register_residual",
     "RotaryEmbedding", "apply_rotary", "TransformerConfig", "TransformerLM",
-    "LinearTransformer", "LinearTransformerConfig",
+    "LinearTransformer", "LinearTransformerConfig", "PromptTransformer",
 ]
