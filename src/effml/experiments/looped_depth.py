@@ -243,7 +243,7 @@ class LoopedDepth(Experiment):
         for index, scale in enumerate(config.shift_scales):
             shifted = task.shifted(scale=scale)
             shift_nmse = shifted.evaluate(predict, config.eval_prompts, test_seed)["nmse"]
-            w2 = task.shift_size(shifted, n=512, seed=test_seed)
+            w2 = task.shift_size(shifted, n=2048, seed=0)  # same prompts for every seed: one x per shift
             metrics[f"shift_nmse@{index + 1}"] = shift_nmse
             metrics[f"shift_w2@{index + 1}"] = w2
             shift_curve.append([w2, shift_nmse])

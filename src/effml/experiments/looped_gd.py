@@ -58,7 +58,7 @@ class LoopedGDConfig:
     seeds: int = 3
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1000, lr=1e-2, warmup_steps=50, weight_decay=0.0, eval_every=0, checkpoint_every=0, log_every=20))
+        steps=1500, lr=3e-2, warmup_steps=50, weight_decay=0.0, eval_every=0, checkpoint_every=0, log_every=20))
 
     def __post_init__(self) -> None:
         owner = "looped-gd"
@@ -154,7 +154,9 @@ class LoopedGD(Experiment):
                           evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,
                           quiet=context.quiet, description=f"{self.name} {arm.name} seed {context.seed}")
         result = trainer.fit()
-        model.eval()
+        # Evaluate in float64: run with many loops the error falls to float32 rounding level, where rounding noise
+        # would hide whether more loops still help.
+        model.eval().double()
         test_seed = derive_seed(context.seed, 2_000_003)
         preconditioner = layer.preconditioner.detach().double().cpu()
         sigma = task.covariances(1, 0)[0]
@@ -168,7 +170,7 @@ class LoopedGD(Experiment):
         @torch.no_grad()
         def mismatch(batch) -> torch.Tensor:
             batch = batch.to(context.device)
-            model_prediction = model(prompt_matrix(batch.xs, batch.ys, batch.query)).double().cpu()
+            model_prediction = model(prompt_matrix(batch.xs, batch.ys, batch.query).double()).cpu()
             gd_prediction = preconditioned_gd(batch.xs.double().cpu(), batch.ys.double().cpu(),
                                               batch.query.double().cpu(), preconditioner, config.loops)[-1]
             return torch.stack([model_prediction, gd_prediction])
@@ -179,8 +181,8 @@ class LoopedGD(Experiment):
         metrics["rescaled_w2"] = task.shift_size(rescaled, n=1, seed=0)
         curves = dict(result.curves)
         for prefix, distribution in (("", task), ("rotated_", rotated), ("rescaled_", rescaled)):
-            measured = distribution.evaluate(predict_readouts(model, context.device, n_loops=config.test_loops[-1]),
-                                             config.eval_prompts, test_seed)
+            predict = predict_readouts(model, context.device, torch.float64, n_loops=config.test_loops[-1])
+            measured = distribution.evaluate(predict, config.eval_prompts, test_seed)
             per_loop = [measured[f"nmse@{k}"] for k in config.test_loops]
             metrics.update({f"{prefix}nmse_loops@{k}": v for k, v in zip(config.test_loops, per_loop)})
             metrics[f"{prefix}nmse"] = measured[f"nmse@{config.loops}"]  # as trained: `loops` loops

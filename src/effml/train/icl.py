@@ -54,12 +54,15 @@ def query_mse_loss(model: nn.Module, batch: RegressionBatch, step: int) -> tuple
     return loss, {"train_nmse": loss.detach() / batch.target.pow(2).mean()}
 
 
-def predict_readouts(model: nn.Module, device: torch.device | str = "cpu", **forward_options: Any):
-    """A ``predict`` function for ``InContextRegression.evaluate`` that returns every read-out ``(K, B)``."""
+def predict_readouts(model: nn.Module, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                     **forward_options: Any):
+    """A ``predict`` function for ``InContextRegression.evaluate`` that returns every read-out ``(K, B)``; the prompt
+    matrix is cast to ``dtype`` when given (a model converted with ``.double()`` is evaluated in float64)."""
 
     @torch.no_grad()
     def predict(batch: RegressionBatch) -> torch.Tensor:
         batch = batch.to(device)
-        return model(prompt_matrix(batch.xs, batch.ys, batch.query), readouts=True, **forward_options)
+        z = prompt_matrix(batch.xs, batch.ys, batch.query)
+        return model(z if dtype is None else z.to(dtype), readouts=True, **forward_options)
 
     return predict
