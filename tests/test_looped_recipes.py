@@ -55,13 +55,14 @@ def test_looped_depth_smoke_end_to_end(tmp_path: Path) -> None:
 
 def test_looped_gd_smoke_end_to_end(tmp_path: Path) -> None:
     results = smoke("looped-gd", tmp_path)
-    assert set(results["arms"]) == {"n8", "n32"}
-    for arm in results["arms"].values():
-        assert arm["params"] == 3 * 3 + 3  # A (d×d) and u (d)
+    assert set(results["arms"]) == {"n8", "n32", "full-n8", "full-n32"}
+    for name, arm in results["arms"].items():
+        assert arm["params"] == (2 * 4 * 4 if name.startswith("full") else 3 * 3 + 3)  # P, Q or A (d×d) and u (d)
         for run in arm["runs"].values():
             metrics = run["metrics"]
-            # the restricted model differs from explicit GD only through u, which training keeps small
-            assert 0 <= metrics["gd_mismatch"] < 0.05 and metrics["u_ratio"] > 0 and metrics["precond_error"] > 0
+            assert metrics["gd_mismatch"] >= 0 and metrics["u_ratio"] > 0 and metrics["precond_error"] > 0
+            if not name.startswith("full"):  # the restricted model differs from explicit GD only through u
+                assert metrics["gd_mismatch"] < 0.05
             assert metrics["nmse_loops@2"] == metrics["nmse"]
             for prefix in ("", "rotated_", "rescaled_"):
                 assert [p[0] for p in run["curves"][f"{prefix}nmse_vs_loops"]] == [1, 2, 4]
@@ -88,6 +89,7 @@ def test_depth_needed_interpolates_in_log_depth() -> None:
     (["looped-depth", "--set", "kappas=10"], "at least two distinct condition numbers"),
     (["looped-gd", "--set", "test_loops=1,4"], "contain the training loops=2"),
     (["looped-gd", "--set", "init_std=0"], "claim \\(1a\\) would test nothing"),
+    (["looped-gd", "--set", "attentions=unrestricted"], "include 'restricted'"),
 ])
 def test_bad_recipe_settings_exit_2_and_write_nothing(arguments, expected, tmp_path: Path, capsys) -> None:
     import re

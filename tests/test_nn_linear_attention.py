@@ -8,8 +8,8 @@ import torch
 
 from effml.data.tasks import InContextRegression
 from effml.nn import LinearTransformer, LinearTransformerConfig
-from effml.nn.linear_attention import (LinearSelfAttention, RestrictedLinearSelfAttention, lsa_update,
-                                       preconditioned_gd, prompt_matrix, read_prediction)
+from effml.nn.linear_attention import (LinearSelfAttention, RestrictedLinearSelfAttention, gd_parameters,
+                                       lsa_update, preconditioned_gd, prompt_matrix, read_prediction)
 
 
 def prompts(d: int, n: int, batch: int = 6, seed: int = 0):
@@ -168,3 +168,26 @@ def test_softmax_prompt_transformer_loops_one_block_with_input_injection() -> No
     assert not torch.allclose(without_injection(z), model(z))
     with pytest.raises(ValueError, match="max_seq_len=11"):
         model(torch.zeros(2, 4, 12))
+
+
+def test_gd_reading_of_a_layer_recovers_a_and_u_and_predicts_like_gd() -> None:
+    generator = torch.Generator().manual_seed(5)
+    restricted = RestrictedLinearSelfAttention(3).double()
+    with torch.no_grad():
+        restricted.preconditioner.copy_(torch.randn(3, 3, generator=generator, dtype=torch.float64))
+    a, u = gd_parameters(*restricted.matrices())
+    assert torch.equal(a, restricted.preconditioner) and torch.equal(u, restricted.u)
+    # an unrestricted layer in the structured form with corner c: P[d+1, d+1] = c, Q₁₁ = −Aᵀ/c
+    preconditioner = 0.2 * torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    model = LinearTransformer(LinearTransformerConfig(d=3, n_loops=3, init_std=0.0)).double()
+    layer = model.layers[0]
+    with torch.no_grad():
+        layer.p_matrix.zero_()
+        layer.p_matrix[3, 3] = 2.5
+        layer.q_matrix.zero_()
+        layer.q_matrix[:3, :3] = -preconditioner.T / 2.5
+    read_a, read_u = gd_parameters(*layer.matrices())
+    assert torch.allclose(read_a, preconditioner, atol=1e-15) and not read_u.any()
+    batch = prompts(3, 8)
+    gd = preconditioned_gd(batch.xs, batch.ys, batch.query, read_a.detach(), 3)
+    assert torch.allclose(model(prompt_matrix(batch.xs, batch.ys, batch.query), readouts=True), gd, atol=1e-12)

@@ -8,7 +8,10 @@ times on in-context regression with one fixed covariance Σ* (eigenvalues evenly
 ``loops`` steps of ``w ← w − A Xᵀ(Xw − y)/n`` from 0, and the paper shows that the global optimum has ``u = 0`` and
 ``A ≈ Σ*⁻¹`` up to a factor ``1 ± c`` with ``c → 0`` as the number of in-context examples n grows.
 
-Arms: one per n in ``n_contexts``. Measured per arm: ``nmse`` on held-out prompts; ``u_ratio = ‖u‖/‖u_init‖``;
+Arms: ``n{n}`` per n in ``n_contexts``; with ``"unrestricted"`` in ``attentions`` also ``full-n{n}``, the same looped
+layer with full trainable P and Q (started at the GD form plus noise), whose GD reading ``A = −(P[d+1,d+1]·Q₁₁)ᵀ``,
+``u = P[d+1,:d]/P[d+1,d+1]`` (``effml.nn.linear_attention.gd_parameters``) is measured the same way: it tests
+whether training without the structure still finds preconditioned GD. Measured per arm: ``nmse`` on held-out prompts; ``u_ratio = ‖u‖/‖u_init‖``;
 ``precond_error = ‖A Σ* − I‖_F / √d``; ``gd_mismatch = Σ(ŷ_model − ŷ_GD)² / Σ y²`` against explicit ``loops``-step
 preconditioned GD with the learned ``A`` (``effml.nn.linear_attention.preconditioned_gd``); the error when the
 trained model is run with ``test_loops`` loops in distribution (``nmse_loops@k``), on Σ* rotated by ``ood_rotation``
@@ -19,7 +22,8 @@ over test loop counts ≥ ``loops`` (≤ 0 iff more loops never hurt).
 Claims: (1a) u goes to 0 (u_ratio ≤ 0.1 at the largest n); (1b) precond_error falls as n grows; (2) the model's
 predictions match explicit preconditioned GD with its learned A (gd_mismatch ≤ 0.01 at the largest n); (3) run with
 more loops than it was trained with, the model keeps lowering its in-distribution error (loops_rise ≤ 0), and also
-on the rotated and on the rescaled Σ* (rotated_loops_rise ≤ 0, rescaled_loops_rise ≤ 0).
+on the rotated and on the rescaled Σ* (rotated_loops_rise ≤ 0, rescaled_loops_rise ≤ 0); (2') the unrestricted
+layer also matches preconditioned GD with its GD reading (gd_mismatch ≤ 0.01 at the largest n).
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ class LoopedGDConfig:
     test_loops: tuple[int, ...] = (1, 2, 4, 8, 16)  # loops the trained model is run with at test time
     ood_rotation: float = 0.5  # out-of-distribution tests: Σ* rotated by this angle (radians) ...
     ood_scale: float = 1.5  # ... and Σ* rescaled by this factor
-    init_scale: float = 0.1  # A starts at init_scale · I
-    init_std: float = 0.1  # u starts at N(0, init_std²)
+    attentions: tuple[str, ...] = ("restricted", "unrestricted")  # LSA parameterisations trained (claims: restricted)
+    init_scale: float = 0.1  # the layer starts as GD with A = init_scale · I ...
+    init_std: float = 0.1  # ... plus N(0, init_std²) noise on u (restricted) or on every entry of P, Q (unrestricted)
     batch_size: int = 64
     eval_prompts: int = 4096
     threads: int = 1
@@ -76,6 +81,12 @@ class LoopedGDConfig:
             check_positive(owner, name, getattr(self, name))
         for name in ("init_scale", "init_std"):
             check_positive(owner, name, getattr(self, name), allow_zero=True)
+        if "restricted" not in self.attentions or not set(self.attentions) <= {"restricted", "unrestricted"}:
+            raise ConfigError(f"{owner}.attentions = {self.attentions!r}: the claims are about the restricted layer, "
+                              "so include 'restricted'; 'unrestricted' may be added.")
+        if self.init_scale == 0:
+            raise ConfigError(f"{owner}.init_scale = 0 makes the layer's GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ undefined at "
+                              "the start; use a positive init_scale.")
         if self.init_std == 0:
             raise ConfigError(f"{owner}.init_std = 0 starts u at its optimum 0, so claim (1a) would test nothing; "
                               "use a positive init_std.")
@@ -117,8 +128,10 @@ class LoopedGD(Experiment):
     presets = {"smoke": _smoke, "cpu": _cpu, "full": _full}
 
     def arms(self, config: LoopedGDConfig) -> list[Arm]:
-        return [Arm(name=f"n{n}", label=f"n={n} in-context examples, {config.loops} loops",
-                    info={"n_context": n, "loops": config.loops}) for n in config.n_contexts]
+        return [Arm(name=f"{'' if attention == 'restricted' else 'full-'}n{n}",
+                    label=f"{attention} LSA, n={n} in-context examples, {config.loops} loops",
+                    info={"n_context": n, "loops": config.loops, "attention": attention})
+                for attention in config.attentions for n in config.n_contexts]
 
     def task(self, config: LoopedGDConfig, n_context: int):
         from effml.data.tasks.regression import InContextRegression
@@ -134,17 +147,21 @@ class LoopedGD(Experiment):
 
     def _run_arm(self, config: LoopedGDConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.data.tasks.base import derive_seed
-        from effml.nn.linear_attention import (LinearTransformer, LinearTransformerConfig, preconditioned_gd,
-                                               prompt_matrix)
+        from effml.nn.linear_attention import (LinearTransformer, LinearTransformerConfig, gd_parameters,
+                                               preconditioned_gd, prompt_matrix)
         from effml.train.icl import PromptBatches, predict_readouts, query_mse_loss
 
         task = self.task(config, arm.info["n_context"])
         torch.manual_seed(context.seed)
         model = LinearTransformer(LinearTransformerConfig(
-            d=config.d, n_layers=1, n_loops=config.loops, attention="restricted", init_scale=config.init_scale,
-            init_std=config.init_std))
+            d=config.d, n_layers=1, n_loops=config.loops, attention=arm.info["attention"],
+            init_scale=config.init_scale, init_std=config.init_std))
         layer = model.layers[0]
-        u_init = float(layer.u.detach().norm())
+
+        def gd_reading() -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(t.detach().double().cpu() for t in gd_parameters(*layer.matrices()))
+
+        u_init = float(gd_reading()[1].norm())
         eval_seed = derive_seed(context.seed, 1_000_003)
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -158,11 +175,11 @@ class LoopedGD(Experiment):
         # would hide whether more loops still help.
         model.eval().double()
         test_seed = derive_seed(context.seed, 2_000_003)
-        preconditioner = layer.preconditioner.detach().double().cpu()
+        preconditioner, u = gd_reading()
         sigma = task.covariances(1, 0)[0]
         metrics: dict[str, float] = dict(result.final_metrics)
         metrics.update(
-            u_ratio=float(layer.u.detach().norm()) / u_init,
+            u_ratio=float(u.norm()) / u_init,
             precond_error=float(torch.linalg.matrix_norm(preconditioner @ sigma - torch.eye(config.d))) / math.sqrt(
                 config.d),
             step_time_s=result.median_step_time)
@@ -209,7 +226,7 @@ class LoopedGD(Experiment):
         from effml.report import Monotone, Threshold
 
         largest = f"n{config.n_contexts[-1]}"
-        arms = [arm.name for arm in self.arms(config)]
+        arms = [f"n{n}" for n in config.n_contexts]
         beyond = config.test_loops[-1]
         return [
             Threshold(name="u goes to 0",
@@ -233,14 +250,21 @@ class LoopedGD(Experiment):
             Threshold(name="more loops keep lowering the loss on a rescaled covariance",
                       statement=f"The same on Σ* rescaled by {config.ood_scale:g} ({largest}).",
                       metric="rescaled_loops_rise", arm=largest, better="lower", threshold=0.0),
-        ]
+        ] + ([
+            Threshold(name="unrestricted layer also learns preconditioned GD",
+                      statement=f"With full trainable P and Q, the trained layer's predictions equal {config.loops}-step "
+                                f"preconditioned GD with its GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ: Σ(ŷ_model − ŷ_GD)²/Σy² "
+                                f"≤ 0.01 (full-{largest}).",
+                      metric="gd_mismatch", arm=f"full-{largest}", better="lower", threshold=0.01),
+        ] if "unrestricted" in config.attentions else [])
 
     def plots(self, config: LoopedGDConfig) -> list[Any]:
         from effml.report import CurvePlot, MetricPlot
 
         return [
             MetricPlot(name="precond_error_vs_n", x="n_context", y="precond_error", logx=True, logy=True,
-                       title="‖AΣ* − I‖_F/√d of the learned preconditioner vs n"),
+                       arms=[f"n{n}" for n in config.n_contexts],
+                       title="‖AΣ* − I‖_F/√d of the learned preconditioner vs n (restricted)"),
             CurvePlot(name="nmse_vs_loops", curve="nmse_vs_loops", ylabel="test nmse", logy=True,
                       xlabel="loops at test time", title=f"In distribution, trained with {config.loops} loops"),
             CurvePlot(name="rotated_nmse_vs_loops", curve="rotated_nmse_vs_loops", ylabel="test nmse", logy=True,

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["prompt_matrix", "read_prediction", "lsa_update", "LinearSelfAttention", "RestrictedLinearSelfAttention",
-           "LSA_KINDS", "LinearTransformerConfig", "LinearTransformer", "preconditioned_gd"]
+           "LSA_KINDS", "LinearTransformerConfig", "LinearTransformer", "preconditioned_gd", "gd_parameters"]
 
 
 def prompt_matrix(xs: Tensor, ys: Tensor, query: Tensor) -> Tensor:
@@ -213,3 +213,14 @@ def preconditioned_gd(xs: Tensor, ys: Tensor, query: Tensor, preconditioner: Ten
         weights = weights - (preconditioner @ gradient.unsqueeze(-1)).squeeze(-1)
         predictions.append((weights * query).sum(-1))
     return torch.stack(predictions)
+
+
+def gd_parameters(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """The preconditioner ``A`` ``(d, d)`` and row ``u`` ``(d,)`` that an LSA layer ``(P, Q)`` implements on the label
+    row when its other blocks are zero: ``A = −(P[d+1, d+1] · Q[:d, :d])ᵀ``, ``u = P[d+1, :d] / P[d+1, d+1]``
+    (1-based). For a restricted layer these are exactly its ``A`` and ``u``; for an unrestricted one they are the
+    GD reading of its weights, whose faithfulness is measured by comparing predictions with :func:`preconditioned_gd`.
+    """
+    d = p.shape[0] - 1
+    corner = p[d, d]
+    return -(corner * q[:d, :d]).T, p[d, :d] / corner
