@@ -111,3 +111,11 @@ def test_every_claim_is_decided_from_data_not_written() -> None:
             empty = {"arms": {}, "derived": {}}
             assert claim_from_dict(claim.to_dict()).evaluate(empty).verdict == "inconclusive"
             assert claim.evaluate(empty).verdict in VERDICTS
+
+
+def test_huge_finite_errors_of_a_diverged_model_still_summarise() -> None:
+    from effml.report import mean_interval
+
+    summary = mean_interval([1e200, 3e200, 2e200])
+    assert summary.mean == pytest.approx(2e200) and summary.std == pytest.approx(1e200)
+    assert mean_interval([2.0, 2.0]).std == 0.0
