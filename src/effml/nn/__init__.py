@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from effml.nn.attention import CausalSelfAttention, KVCache
 from effml.nn.block import TransformerBlock
+from effml.nn.linear_attention import LinearTransformer, LinearTransformerConfig
 from effml.nn.mlp import MLPS, GeluMLP, SwiGLUMLP, build_mlp
 from effml.nn.norm import RMSNorm
+from effml.nn.prompt_transformer import PromptTransformer
 from effml.nn.residual import RESIDUALS, PlainResidual, Residual, StreamHistory, build_residual, register_residual
 from effml.nn.rotary import RotaryEmbedding, apply_rotary
 from effml.nn.transformer import TransformerConfig, TransformerLM
@@ -14,4 +16,5 @@ __all__ = [
     "CausalSelfAttention", "KVCache", "TransformerBlock", "MLPS", "GeluMLP", "SwiGLUMLP", "build_mlp", "RMSNorm",
     "RESIDUALS", "PlainResidual", "Residual", "StreamHistory", "build_residual", "register_residual",
     "RotaryEmbedding", "apply_rotary", "TransformerConfig", "TransformerLM",
+    "LinearTransformer", "LinearTransformerConfig", "PromptTransformer",
 ]

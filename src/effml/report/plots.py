@@ -122,10 +122,13 @@ class CurvePlot(Plot):
     ylabel: str
     arms: list[str] | None = None
     logy: bool = False
+    xlabel: str = "step"  # a curve's x need not be the training step (e.g. loops at test time, shift size)
 
     def __post_init__(self) -> None:
         self._check_common()
         owner = f"CurvePlot {self.name!r}"
+        if not isinstance(self.xlabel, str):
+            raise ValueError(f"{owner}: xlabel must be a string, got {self.xlabel!r}.")
         check_name(owner, "curve", self.curve)
         if not isinstance(self.ylabel, str):
             raise ValueError(f"{owner}: ylabel must be a string, got {self.ylabel!r}.")
@@ -186,7 +189,7 @@ class CurvePlot(Plot):
         else:
             _note_no_data(axes)
         axes.set_title(self.title)
-        axes.set_xlabel("step")
+        axes.set_xlabel(self.xlabel)
         axes.set_ylabel(self.ylabel)
         axes.grid(True, alpha=0.3)
         return _figure_png(figure)

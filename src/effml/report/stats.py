@@ -156,7 +156,10 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     mean = math.fsum(floats) / n
     if n == 1:
         return Interval(mean, math.nan, 1, -math.inf, math.inf, confidence)
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in floats) / (n - 1))
+    # Deviations are scaled by the largest one before squaring, so that values beyond ~1e154 (a diverged model's
+    # error) do not overflow.
+    spread = max(abs(v - mean) for v in floats)
+    std = spread * math.sqrt(math.fsum(((v - mean) / spread) ** 2 for v in floats) / (n - 1)) if spread else 0.0
     half = t_critical(confidence, n - 1) * std / math.sqrt(n)
     return Interval(mean, std, n, mean - half, mean + half, confidence)
 

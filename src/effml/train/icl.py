@@ -1,0 +1,68 @@
+"""In-context regression objective and batches shared by the looped-transformer recipes (``looped-depth``,
+``looped-gd``): fresh synthetic prompts every step, squared error on the query prediction.
+
+The model maps a :class:`effml.data.tasks.regression.RegressionBatch`'s prompt matrix ``(B, d+1, n+1)`` to query
+predictions ``(B,)`` (``effml.nn.LinearTransformer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from effml.data.tasks.base import derive_seed
+from effml.data.tasks.regression import InContextRegression, RegressionBatch
+from effml.nn.linear_attention import prompt_matrix
+
+__all__ = ["PromptBatches", "query_mse_loss", "predict_readouts", "intra_op_threads"]
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` and restore the previous setting afterwards.
+
+    The looped-transformer models are tiny (a few hundred parameters, (d+1)×(n+1) matrices): one CPU thread runs
+    a training step several times faster than two, which spend more time synchronising than computing.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class PromptBatches:
+    """``index -> RegressionBatch``: micro-batch ``index`` holds ``batch_size`` fresh prompts drawn from the seed
+    ``derive_seed(seed, index)``, so a resumed run sees exactly the prompts an uninterrupted one would."""
+
+    def __init__(self, task: InContextRegression, batch_size: int, seed: int) -> None:
+        self.task, self.batch_size, self.seed = task, batch_size, seed
+
+    def __call__(self, index: int) -> RegressionBatch:
+        return self.task.sample(self.batch_size, derive_seed(self.seed, index))
+
+
+def query_mse_loss(model: nn.Module, batch: RegressionBatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean squared error of the query prediction; also reports it normalised by the mean squared target (nmse)."""
+    predictions = model(prompt_matrix(batch.xs, batch.ys, batch.query))
+    loss = ((predictions - batch.target) ** 2).mean()
+    return loss, {"train_nmse": loss.detach() / batch.target.pow(2).mean()}
+
+
+def predict_readouts(model: nn.Module, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                     **forward_options: Any):
+    """A ``predict`` function for ``InContextRegression.evaluate`` that returns every read-out ``(K, B)``; the prompt
+    matrix is cast to ``dtype`` when given (a model converted with ``.double()`` is evaluated in float64)."""
+
+    @torch.no_grad()
+    def predict(batch: RegressionBatch) -> torch.Tensor:
+        batch = batch.to(device)
+        z = prompt_matrix(batch.xs, batch.ys, batch.query)
+        return model(z if dtype is None else z.to(dtype), readouts=True, **forward_options)
+
+    return predict
