@@ -74,14 +74,20 @@ class LaurelRecipe(Experiment):
 
     def arms(self, config: Any) -> list[Arm]:
         depth = config.n_layers
-        arms = [Arm(name=f"baseline-{depth}L", label=f"baseline, {depth} layers",
-                    info={"n_layers": depth, "variant": None}),
-                Arm(name=f"baseline-{depth + 1}L", label=f"baseline, {depth + 1} layers (one more layer)",
-                    info={"n_layers": depth + 1, "variant": None})]
-        for variant in config.variants:
-            arms.append(Arm(name=variant, label=f"LAuReL-{variant.upper()}, {depth} layers",
-                            info={"n_layers": depth, "variant": variant}))
-        return arms
+        base = Arm(name=f"baseline-{depth}L", label=f"baseline, {depth} layers", info={"n_layers": depth,
+                                                                                      "variant": None})
+        deeper = Arm(name=f"baseline-{depth + 1}L", label=f"baseline, {depth + 1} layers (one more layer)",
+                     info={"n_layers": depth + 1, "variant": None})
+        variants = [Arm(name=v, label=f"LAuReL-{v.upper()}, {depth} layers", info={"n_layers": depth, "variant": v})
+                    for v in config.variants]
+        # RW and RW+LR run right after the baseline, so that an interrupted run has decided claims 1 and 3 first.
+        first = [arm for arm in variants if arm.name in ("rw", "rw+lr")]
+        return [base, *first, deeper, *[arm for arm in variants if arm not in first]]
+
+    @staticmethod
+    def _baselines(config: Any) -> tuple[str, str]:
+        """Names of the L-layer and the (L+1)-layer baseline arms."""
+        return f"baseline-{config.n_layers}L", f"baseline-{config.n_layers + 1}L"
 
     def build_model(self, config: Any, n_layers: int, variant: str | None) -> torch.nn.Module:
         raise NotImplementedError
@@ -102,7 +108,7 @@ class LaurelRecipe(Experiment):
     def derive(self, config: Any, results: dict[str, Any]) -> dict[str, Any]:
         """The best LAuReL arm (best mean quality over complete seeds) against the extra layer, per seed."""
         arms = results["arms"]
-        base, deeper = (arm.name for arm in self.arms(config)[:2])
+        base, deeper = self._baselines(config)
 
         def complete(name: str) -> dict[str, dict[str, float]]:
             runs = arms.get(name, {}).get("runs", {})
@@ -134,7 +140,7 @@ class LaurelRecipe(Experiment):
     def claims(self, config: Any) -> list[Any]:
         from effml.report import Compare, Threshold
 
-        base = self.arms(config)[0].name
+        base, _ = self._baselines(config)
         quality = "held-out loss" if self.metric.endswith("loss") else "test accuracy"
         return [
             Compare(name="1a RW beats the baseline",
@@ -168,7 +174,7 @@ class LaurelLMConfig:
     byte-level code; LAuReL wraps both residual connections (attention, MLP) of every block.
     """
 
-    d_model: int = 96
+    d_model: int = 64
     n_layers: int = 3
     head_dim: int = 32
     mlp: str = "gelu"
@@ -186,8 +192,8 @@ class LaurelLMConfig:
     eval_windows: int = 256
     seeds: int = 3
     seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, lr=3e-3, warmup_steps=40,
-                                                                   eval_every=200, checkpoint_every=200,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=3e-3, warmup_steps=30,
+                                                                   eval_every=150, checkpoint_every=150,
                                                                    log_every=20))
 
     def __post_init__(self) -> None:
