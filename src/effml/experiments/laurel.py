@@ -72,24 +72,33 @@ class LaurelRecipe(Experiment):
     metric: ClassVar[str]
     better: ClassVar[str]
 
+    unit: ClassVar[str] = "L"  # arm-name suffix of the depth: L layers (LM) or B residual blocks (ResNet)
+    unit_name: ClassVar[str] = "layers"
+
+    def depth(self, config: Any) -> int:
+        """L: the number of layers (residual units) of the base model."""
+        return config.n_layers
+
     def arms(self, config: Any) -> list[Arm]:
-        depth = config.n_layers
-        base = Arm(name=f"baseline-{depth}L", label=f"baseline, {depth} layers", info={"n_layers": depth,
-                                                                                      "variant": None})
-        deeper = Arm(name=f"baseline-{depth + 1}L", label=f"baseline, {depth + 1} layers (one more layer)",
-                     info={"n_layers": depth + 1, "variant": None})
-        variants = [Arm(name=v, label=f"LAuReL-{v.upper()}, {depth} layers", info={"n_layers": depth, "variant": v})
+        depth, unit = self.depth(config), self.unit_name
+        base_name, deeper_name = self._baselines(config)
+        base = Arm(name=base_name, label=f"baseline, {depth} {unit}", info={"extra_layer": False, "variant": None})
+        deeper = Arm(name=deeper_name, label=f"baseline, {depth + 1} {unit} (one more)",
+                     info={"extra_layer": True, "variant": None})
+        variants = [Arm(name=v, label=f"LAuReL-{v.upper()}, {depth} {unit}", info={"extra_layer": False,
+                                                                                    "variant": v})
                     for v in config.variants]
         # RW and RW+LR run right after the baseline, so that an interrupted run has decided claims 1 and 3 first.
         first = [arm for arm in variants if arm.name in ("rw", "rw+lr")]
         return [base, *first, deeper, *[arm for arm in variants if arm not in first]]
 
-    @staticmethod
-    def _baselines(config: Any) -> tuple[str, str]:
+    def _baselines(self, config: Any) -> tuple[str, str]:
         """Names of the L-layer and the (L+1)-layer baseline arms."""
-        return f"baseline-{config.n_layers}L", f"baseline-{config.n_layers + 1}L"
+        depth = self.depth(config)
+        return f"baseline-{depth}{self.unit}", f"baseline-{depth + 1}{self.unit}"
 
-    def build_model(self, config: Any, n_layers: int, variant: str | None) -> torch.nn.Module:
+    def build_model(self, config: Any, extra_layer: bool, variant: str | None) -> torch.nn.Module:
+        """The base model (one more layer with ``extra_layer``) with plain residuals, or with LAuReL ``variant``."""
         raise NotImplementedError
 
     def laurel_options(self, config: Any, variant: str) -> dict[str, Any]:
@@ -101,7 +110,7 @@ class LaurelRecipe(Experiment):
         """``extra_params`` and ``extra_params_pct`` of ``model`` over the L-layer baseline (built to be counted, with
         the random state saved and restored so that counting changes nothing else)."""
         with torch.random.fork_rng(devices=[]):
-            baseline = sum(p.numel() for p in self.build_model(config, config.n_layers, None).parameters())
+            baseline = sum(p.numel() for p in self.build_model(config, False, None).parameters())
         extra = sum(p.numel() for p in model.parameters()) - baseline
         return {"extra_params": float(extra), "extra_params_pct": 100.0 * extra / baseline}
 
@@ -144,7 +153,7 @@ class LaurelRecipe(Experiment):
         quality = "held-out loss" if self.metric.endswith("loss") else "test accuracy"
         return [
             Compare(name="1a RW beats the baseline",
-                    statement=f"LAuReL-RW improves {quality} over the {config.n_layers}-layer baseline.",
+                    statement=f"LAuReL-RW improves {quality} over the baseline ({self.depth(config)} {self.unit_name}).",
                     metric=self.metric, arm="rw", baseline=base, better=self.better),
             Threshold(name="1b RW adds under 0.01% parameters",
                       statement="LAuReL-RW adds under 0.01 % parameters to the baseline.",
@@ -240,18 +249,19 @@ class LaurelLM(LaurelRecipe):
     metric = "test_loss"
     better = "lower"
 
-    def build_model(self, config: LaurelLMConfig, n_layers: int, variant: str | None) -> torch.nn.Module:
+    def build_model(self, config: LaurelLMConfig, extra_layer: bool, variant: str | None) -> torch.nn.Module:
         from effml.nn import TransformerConfig, TransformerLM
 
         residual = {"residual": "laurel", "residual_options": self.laurel_options(config, variant)} if variant else {}
-        return TransformerLM(TransformerConfig(vocab_size=256, d_model=config.d_model, n_layers=n_layers,
+        return TransformerLM(TransformerConfig(vocab_size=256, d_model=config.d_model,
+                                               n_layers=config.n_layers + int(extra_layer),
                                                n_heads=config.d_model // config.head_dim, max_seq_len=config.seq_len,
                                                mlp=config.mlp, **residual))
 
     def run_arm(self, config: LaurelLMConfig, arm: Arm, context: RunContext) -> ArmRun:
         corpus = load_byte_corpus(config.corpus, config.max_bytes, context.world)
         torch.manual_seed(context.seed)
-        model = self.build_model(config, arm.info["n_layers"], arm.info["variant"])
+        model = self.build_model(config, arm.info["extra_layer"], arm.info["variant"])
         metrics, curves = train_lm(model, corpus, seq_len=config.seq_len, batch_size=config.batch_size,
                                    eval_windows=config.eval_windows, train=config.train, context=context,
                                    description=f"{self.name} {arm.name} seed {context.seed}")
@@ -267,4 +277,174 @@ class LaurelLM(LaurelRecipe):
             CurvePlot(name="valid_loss", curve="valid_loss", title="Validation loss during training",
                       ylabel="nats per byte"),
             CurvePlot(name="train_loss", curve="train_loss", title="Training loss", ylabel="nats per byte"),
+        ]
+
+
+# ------------------------------------------------------------------------------------------------ vision
+
+
+@dataclass(frozen=True)
+class LaurelVisionConfig:
+    """Settings of the `laurel-vision` recipe (override any with --set key=value).
+
+    The base model is a ResNet (``effml.nn.resnet``) with ``blocks`` residual blocks per stage (on Fashion-MNIST a
+    3×3 stem of stride ``stem_stride``, so 28×28 images become 14×14 feature maps at the default 2); the "one more layer"
+    arm adds one block to stage ``extra_block_stage`` (default the second-to-last: the paper's +4.37 % ResNet-50 arm
+    matches one more bottleneck in its third of four stages). LAuReL replaces every block's residual connection.
+
+    ``dataset``: "fashion-mnist" (IDX files, see ``effml.data.images``; ``data_dir`` or ``$EFFML_FASHION_MNIST``
+    overrides the Debian location) or "imagenet" (``data_dir`` with train/ and val/ class folders; needs Pillow).
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    widths: tuple[int, ...] = (16, 32, 64)
+    blocks: tuple[int, ...] = (2, 2, 2)
+    block: str = "basic"
+    stem_stride: int = 2
+    extra_block_stage: int = -2
+    variants: tuple[str, ...] = ("rw", "lr", "rw+lr", "rw+lr+pa")
+    rank: int = 4
+    k: int = 2
+    bound: str = "softmax"
+    per_channel: bool = False
+    lr_init: str = "xavier"
+    pa_map: str = "identity"
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    flip: bool = False
+    seeds: int = 3
+    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=3e-3, warmup_steps=20,
+                                                                   weight_decay=0.05, eval_every=0,
+                                                                   checkpoint_every=150, log_every=20))
+
+    def __post_init__(self) -> None:
+        owner = "laurel-vision"
+        check_choice(owner, "dataset", self.dataset, ("fashion-mnist", "imagenet"))
+        check_choice(owner, "block", self.block, ("basic", "bottleneck"))
+        check_choice(owner, "bound", self.bound, ("softmax", "sigmoid", "none"))
+        check_choice(owner, "lr_init", self.lr_init, ("orthogonal", "xavier"))
+        check_choice(owner, "pa_map", self.pa_map, ("identity", "low-rank"))
+        if len(self.widths) != len(self.blocks) or not self.widths:
+            raise ConfigError(f"laurel-vision: widths {self.widths} and blocks {self.blocks} need one entry per stage.")
+        for value in (*self.widths, *self.blocks):
+            check_positive(owner, "widths/blocks entries", value)
+        if not -len(self.blocks) <= self.extra_block_stage < len(self.blocks):
+            raise ConfigError(f"laurel-vision: extra_block_stage {self.extra_block_stage} is not a stage index for "
+                              f"{len(self.blocks)} stages (use 0..{len(self.blocks) - 1} or a negative index).")
+        for name in ("rank", "k", "batch_size", "eval_batch_size", "seeds", "stem_stride"):
+            check_positive(owner, name, getattr(self, name))
+        if self.rank > min(self.widths):
+            raise ConfigError(f"laurel-vision: rank {self.rank} exceeds the narrowest stage width {min(self.widths)}; "
+                              "choose a smaller rank.")
+        if self.dataset == "imagenet" and not self.data_dir:
+            raise ConfigError("laurel-vision: dataset 'imagenet' needs data_dir (a directory with train/ and val/ "
+                              "class folders): --set data_dir=/path/to/imagenet.")
+        _check_variants(owner, self.variants)
+
+
+def _vision_smoke() -> LaurelVisionConfig:
+    return LaurelVisionConfig(widths=(4, 8), blocks=(1, 1), rank=2, batch_size=16, eval_batch_size=64, seeds=2,
+                              variants=("rw", "rw+lr"),
+                              train=TrainConfig(steps=3, lr=3e-3, warmup_steps=1, eval_every=3, checkpoint_every=3,
+                                                log_every=1))
+
+
+def _vision_cpu() -> LaurelVisionConfig:
+    return LaurelVisionConfig()
+
+
+def _vision_full() -> LaurelVisionConfig:
+    return LaurelVisionConfig(dataset="imagenet", widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3), block="bottleneck",
+                              rank=16, k=3, batch_size=256, eval_batch_size=250, flip=True, seeds=5,
+                              train=TrainConfig(steps=450_000, lr=1e-3, warmup_steps=5000, weight_decay=0.05,
+                                                eval_every=10_000, checkpoint_every=5000, log_every=100))
+
+
+@register
+class LaurelVision(LaurelRecipe):
+    name = "laurel-vision"
+    description = ("LAuReL (arXiv 2411.07501) on a ResNet, Fashion-MNIST (ImageNet ResNet-50 in `full`): "
+                   "RW/LR/PA vs the baseline and vs one more block (test accuracy, extra params, step time)")
+    presets = {"smoke": _vision_smoke, "cpu": _vision_cpu, "full": _vision_full}
+    metric = "test_accuracy"
+    better = "higher"
+    unit = "B"
+    unit_name = "blocks"
+
+    def depth(self, config: LaurelVisionConfig) -> int:
+        return sum(config.blocks)
+
+    def build_model(self, config: LaurelVisionConfig, extra_layer: bool, variant: str | None) -> torch.nn.Module:
+        from effml.nn.resnet import ResNet, ResNetConfig
+
+        blocks = list(config.blocks)
+        if extra_layer:
+            blocks[config.extra_block_stage] += 1
+        residual = ({"residual": "laurel", "residual_options": {**self.laurel_options(config, variant),
+                                                                 "channel_dim": 1}} if variant else {})
+        imagenet = config.dataset == "imagenet"
+        return ResNet(ResNetConfig(in_channels=3 if imagenet else 1, num_classes=1000 if imagenet else 10,
+                                   widths=tuple(config.widths), blocks=tuple(blocks), block=config.block,
+                                   stem="imagenet" if imagenet else "small", stem_stride=config.stem_stride,
+                                   **residual))
+
+    def _data(self, config: LaurelVisionConfig, seed: int) -> tuple[Any, Any, Any]:
+        """(training batch source, valid batches factory or None, test batches factory)."""
+        from pathlib import Path
+
+        from effml.data.images import (ImageBatches, ImageFolderBatches, ImageFolderSplit, eval_image_batches,
+                                       load_fashion_mnist)
+
+        if config.dataset == "imagenet":
+            train = ImageFolderSplit(Path(config.data_dir) / "train")
+            val = ImageFolderSplit(Path(config.data_dir) / "val")
+
+            def val_batches():
+                for start in range(0, len(val), config.eval_batch_size):
+                    yield val.batch(range(start, min(start + config.eval_batch_size, len(val))))
+
+            return ImageFolderBatches(train, config.batch_size, seed), None, val_batches
+        splits = load_fashion_mnist(config.data_dir)
+        source = ImageBatches(splits.train_images, splits.train_labels, config.batch_size, seed, flip=config.flip)
+        return (source,
+                lambda: eval_image_batches(splits.valid_images, splits.valid_labels, config.eval_batch_size),
+                lambda: eval_image_batches(splits.test_images, splits.test_labels, config.eval_batch_size))
+
+    def run_arm(self, config: LaurelVisionConfig, arm: Arm, context: RunContext) -> ArmRun:
+        from effml.train import Trainer
+        from effml.train.classify import classification_loss, classification_metrics
+
+        source, valid, test = self._data(config, context.seed)
+        torch.manual_seed(context.seed)
+        model = self.build_model(config, arm.info["extra_layer"], arm.info["variant"])
+        world = context.world
+
+        def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
+            measured = classification_metrics(model, (valid or test)(), context.device)
+            return {"valid_loss": measured["loss"], "valid_accuracy": measured["accuracy"]}
+
+        trainer = Trainer(model, classification_loss, lambda index: source.batch(index, world.rank, world.world_size),
+                          config.train, evaluate=evaluate, run_dir=context.run_dir, device=context.device,
+                          resume=context.resume, quiet=context.quiet,
+                          description=f"{self.name} {arm.name} seed {context.seed}")
+        result = trainer.fit()
+        measured = classification_metrics(model, test(), context.device)
+        metrics = dict(result.final_metrics)
+        metrics.update(test_loss=measured["loss"], test_accuracy=measured["accuracy"],
+                       step_time_s=result.median_step_time,
+                       images_per_s=config.batch_size * config.train.grad_accum / result.median_step_time)
+        metrics.update(self.extra_parameters(config, model))
+        return ArmRun(params=sum(p.numel() for p in model.parameters()), metrics=metrics, curves=result.curves)
+
+    def plots(self, config: LaurelVisionConfig) -> list[Any]:
+        from effml.report import CurvePlot, MetricPlot
+
+        return [
+            MetricPlot(name="accuracy_vs_params", x="params", y="test_accuracy",
+                       title="Test accuracy vs parameters (LAuReL arms sit at the baseline's size)"),
+            CurvePlot(name="valid_accuracy", curve="valid_accuracy", title="Validation accuracy during training",
+                      ylabel="% correct"),
+            CurvePlot(name="train_loss", curve="train_loss", title="Training loss", ylabel="nats"),
         ]
