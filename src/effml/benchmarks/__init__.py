@@ -57,9 +57,23 @@ def _render_lm(result: dict[str, Any]) -> str:
     return lm.render(result)
 
 
+def _run_laurel(quick: bool = False, device: str = "cpu") -> dict:
+    from effml.benchmarks import laurel
+
+    return laurel.run(quick=quick, device=device)
+
+
+def _render_laurel(result: dict[str, Any]) -> str:
+    from effml.benchmarks import laurel
+
+    return laurel.render(result)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "lm": Benchmark("lm", "effml's TransformerLM vs x-transformers and HF GPT-2: training tokens/s, step memory, "
                     "KV-cache generation tokens/s, MFU", _run_lm, _render_lm),
+    "laurel": Benchmark("laurel", "LAuReL variants vs the plain residual: forward+backward time and peak memory at "
+                        "several widths", _run_laurel, _render_laurel),
 }
 
 

@@ -298,6 +298,7 @@ class LaurelVisionConfig:
 
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
+    valid_size: int = 5000  # training images held out for validation (Fashion-MNIST)
     widths: tuple[int, ...] = (16, 32, 64)
     blocks: tuple[int, ...] = (2, 2, 2)
     block: str = "basic"
@@ -346,6 +347,7 @@ class LaurelVisionConfig:
 
 def _vision_smoke() -> LaurelVisionConfig:
     return LaurelVisionConfig(widths=(4, 8), blocks=(1, 1), rank=2, batch_size=16, eval_batch_size=64, seeds=2,
+                              valid_size=100,
                               variants=("rw", "rw+lr"),
                               train=TrainConfig(steps=3, lr=3e-3, warmup_steps=1, eval_every=3, checkpoint_every=3,
                                                 log_every=1))
@@ -406,7 +408,7 @@ class LaurelVision(LaurelRecipe):
                     yield val.batch(range(start, min(start + config.eval_batch_size, len(val))))
 
             return ImageFolderBatches(train, config.batch_size, seed), None, val_batches
-        splits = load_fashion_mnist(config.data_dir)
+        splits = load_fashion_mnist(config.data_dir, valid_size=config.valid_size)
         source = ImageBatches(splits.train_images, splits.train_labels, config.batch_size, seed, flip=config.flip)
         return (source,
                 lambda: eval_image_batches(splits.valid_images, splits.valid_labels, config.eval_batch_size),
