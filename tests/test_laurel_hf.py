@@ -1,4 +1,4 @@
-"""apply_laurel on Hugging Face models built offline from tiny configs: exact equivalence at conversion, training, errors."""
+"""apply_laurel on Hugging Face models built offline from tiny configs: exactness at conversion, training, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `laurel` and `laurel-vision` recipes end to end (smoke presets through the CLI), their data, and `bench laurel`."""
+"""`laurel` and `laurel-vision` end to end (smoke presets through the CLI), their data, and `bench laurel`."""
 
 from __future__ import annotations
 

@@ -120,7 +120,8 @@ def eval_image_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
 
 class ImageFolderSplit:
     """``root/<class>/<file>`` images (ImageNet layout), decoded with Pillow, resized (shorter side ``resize``) and
-    centre-cropped to ``size``; ``batch(indices)`` → (float (b, 3, size, size) normalised per channel, labels (b,))."""
+    centre-cropped to ``size``; ``batch(indices)`` → (float (b, 3, size, size) normalised per channel,
+    labels (b,))."""
 
     _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -151,7 +152,8 @@ class ImageFolderSplit:
         with Image.open(path) as image:
             image = image.convert("RGB")
             scale = self.resize / min(image.size)
-            image = image.resize((max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))))
+            width, height = (max(self.size, round(side * scale)) for side in image.size)
+            image = image.resize((width, height))
             left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
             image = image.crop((left, top, left + self.size, top + self.size))
             pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)

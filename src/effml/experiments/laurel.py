@@ -153,7 +153,8 @@ class LaurelRecipe(Experiment):
         quality = "held-out loss" if self.metric.endswith("loss") else "test accuracy"
         return [
             Compare(name="1a RW beats the baseline",
-                    statement=f"LAuReL-RW improves {quality} over the baseline ({self.depth(config)} {self.unit_name}).",
+                    statement=f"LAuReL-RW improves {quality} over the baseline "
+                              f"({self.depth(config)} {self.unit_name}).",
                     metric=self.metric, arm="rw", baseline=base, better=self.better),
             Threshold(name="1b RW adds under 0.01% parameters",
                       statement="LAuReL-RW adds under 0.01 % parameters to the baseline.",
@@ -288,9 +289,9 @@ class LaurelVisionConfig:
     """Settings of the `laurel-vision` recipe (override any with --set key=value).
 
     The base model is a ResNet (``effml.nn.resnet``) with ``blocks`` residual blocks per stage (on Fashion-MNIST a
-    3×3 stem of stride ``stem_stride``, so 28×28 images become 14×14 feature maps at the default 2); the "one more layer"
-    arm adds one block to stage ``extra_block_stage`` (default the second-to-last: the paper's +4.37 % ResNet-50 arm
-    matches one more bottleneck in its third of four stages). LAuReL replaces every block's residual connection.
+    3×3 stem of stride ``stem_stride``, so 28×28 images become 14×14 feature maps at the default 2); the "one more
+    layer" arm adds one block to stage ``extra_block_stage`` (default the second-to-last: the paper's +4.37 %
+    ResNet-50 arm matches one more bottleneck in its third of four stages). LAuReL replaces every block's residual connection.
 
     ``dataset``: "fashion-mnist" (IDX files, see ``effml.data.images``; ``data_dir`` or ``$EFFML_FASHION_MNIST``
     overrides the Debian location) or "imagenet" (``data_dir`` with train/ and val/ class folders; needs Pillow).

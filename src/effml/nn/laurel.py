@@ -20,16 +20,17 @@ a set of parts chosen by name (``"rw+lr"``); ``LaurelResidual`` composes them as
 Choices and readings of the paper (documented where it is not explicit):
 
 * RW bound: the paper requires α, β to stay bounded, "normalised with softmax or sigmoid". ``bound="softmax"`` gives
-  (α, β) = s·softmax(a, b) = s·(σ(a−b), σ(b−a)); ``bound="sigmoid"`` gives α = s·σ(a), β = s·σ(b); ``"none"`` uses
-  α = a, β = b. With the scale s = 2 and logits 0 (the default) every bounded RW starts *exactly* as the plain residual
-  (α = β = 1). ``per_channel=True`` learns D-vectors α, β (2D parameters) instead of 2 scalars.
+  (α, β) = s·softmax(a, b) = s·(σ(a−b), σ(b−a)); ``bound="sigmoid"`` gives α = s·σ(a), β = s·σ(b);
+  ``"none"`` uses α = a, β = b. With the scale s = 2 and logits 0 (the default) every bounded RW starts *exactly*
+  as the plain residual (α = β = 1). ``per_channel=True`` learns D-vectors α, β (2D parameters) instead of 2
+  scalars.
 * LR: the paper writes the term as B·A·x with A ∈ R^{r×D} (here: ``down``, D→r) and B ∈ R^{D×r} (``up``, r→D).
   Following its LoRA-style recipe the up-projection starts at zero, so LR starts as the plain residual; the
   down-projection is "column-orthogonal" (entry (i, j) of the D×r matrix is 1/√(rD) when i mod r = j, else 0; the
   paper's choice for LLMs) or Xavier-uniform (its choice for ResNets). 2rD parameters.
-* PA: the paper sums γ_j·h(x_{i−j}) over the last k activations. Here the current state x_i is already carried by the
-  identity (and LR) term, so PA sums over the k states *before* it, x_{i−1} … x_{i−k} (the residual's ``history``,
-  newest first; fewer at the bottom of the stack) — so a model keeps exactly k earlier activations. h is the identity
+* PA: the paper sums γ_j·h(x_{i−j}) over the last k activations. Here the current state x_i is already carried by
+  the identity (and LR) term, so PA sums over the k states *before* it, x_{i−1} … x_{i−k} (the residual's
+  ``history``, newest first; fewer at the bottom of the stack) — so a model keeps exactly k earlier activations. h is the identity
   (k parameters γ, initialised to 0: the block starts as the plain residual) or one shared low-rank map B'·A'
   (2rD + k parameters; γ starts at 1 and B' at 0, so again the block starts as the plain residual and both factors
   receive gradient once B' has moved).
@@ -63,7 +64,8 @@ _PA_MAPS = ("identity", "low-rank")
 def parse_variant(variant: str) -> tuple[str, ...]:
     """``"lr+rw"`` → ``("rw", "lr")``: the variant's parts in canonical order; ValueError for anything else."""
     if not isinstance(variant, str) or not variant.strip():
-        raise ValueError(f"LAuReL variant must be a non-empty string such as 'rw', 'lr' or 'rw+lr+pa', got {variant!r}.")
+        raise ValueError("LAuReL variant must be a non-empty string such as 'rw', 'lr' or 'rw+lr+pa', "
+                         f"got {variant!r}.")
     parts = [part.strip().lower() for part in variant.split("+")]
     unknown = [part for part in parts if part not in LAUREL_PARTS]
     if unknown or len(set(parts)) != len(parts):
@@ -144,7 +146,8 @@ class ResidualWeights(nn.Module):
     """RW: the learned, bounded weights (α, β) of the branch and of the stream.
 
     Parameters ``alpha_logit``, ``beta_logit`` of shape (1,) (2 parameters) or (D,) with ``per_channel`` (2D);
-    both start at 0 (or 1 with ``bound="none"``) so that (α, β) = (scale/2, scale/2) — (1, 1) at the default scale 2.
+    both start at 0, so that (α, β) = (scale/2, scale/2) — (1, 1) at the default scale 2 — or, with
+    ``bound="none"``, at 1 (α = β = 1).
     ``forward()`` returns (α, β), each of the parameters' shape.
     """
 
@@ -168,7 +171,8 @@ class ResidualWeights(nn.Module):
 class LowRankTerm(nn.Module):
     """LR: the low-rank linear map x ↦ B·A·x applied along the channel axis (2rD parameters).
 
-    ``down`` (D, r) is A (D→r) and ``up`` (r, D) is B (r→D), used in row-vector form (x·down)·up. ``up`` starts at 0;
+    ``down`` (D, r) is A (D→r) and ``up`` (r, D) is B (r→D), used in row-vector form (x·down)·up. ``up`` starts
+    at 0;
     ``down`` is column-orthogonal (entry (i, j) = 1/√(rD) if i mod r = j) or Xavier-uniform.
     ``forward(x)``: x (..., D, ...) with D on ``channel_dim`` → the same shape.
     """

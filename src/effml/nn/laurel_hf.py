@@ -90,7 +90,8 @@ def _gpt2_width(layer: nn.Module) -> int:
 
 
 def _adapters() -> dict[type, tuple[str, Callable[..., Tensor], Callable[[nn.Module], int]]]:
-    """Decoder-layer class → (family name, LAuReL forward, width getter). Imported lazily: transformers is optional."""
+    """Decoder-layer class → (family name, LAuReL forward, width getter); imported lazily (transformers is an
+    optional dependency)."""
     try:
         from transformers.models.gpt2.modeling_gpt2 import GPT2Block
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -120,7 +121,8 @@ def apply_laurel(model: nn.Module, variant: str = "rw+lr", **options: Any) -> nn
     Args:
         model: e.g. ``LlamaForCausalLM``, ``LlamaModel``, ``GPT2LMHeadModel``, ``GPT2Model``.
         variant, **options: as ``effml.nn.laurel.LaurelResidual`` ("rw", "lr", "rw+lr", "rw+lr+pa", ...; rank,
-            bound, per_channel, k, pa_map, lr_init, scale). ``channel_dim`` is fixed to -1 (hidden states are (B, T, D)).
+            bound, per_channel, k, pa_map, lr_init, scale). ``channel_dim`` is fixed to -1 (hidden states are
+            (B, T, D)).
 
     Returns:
         ``model`` itself. The new parameters (``...laurel_attn.*``, ``...laurel_mlp.*``) are created in the dtype and on
