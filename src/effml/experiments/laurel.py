@@ -291,7 +291,8 @@ class LaurelVisionConfig:
     The base model is a ResNet (``effml.nn.resnet``) with ``blocks`` residual blocks per stage (on Fashion-MNIST a
     3×3 stem of stride ``stem_stride``, so 28×28 images become 14×14 feature maps at the default 2); the "one more
     layer" arm adds one block to stage ``extra_block_stage`` (default the second-to-last: the paper's +4.37 %
-    ResNet-50 arm matches one more bottleneck in its third of four stages). LAuReL replaces every block's residual connection.
+    ResNet-50 arm matches one more bottleneck in its third of four stages). LAuReL replaces every block's residual
+    connection.
 
     ``dataset``: "fashion-mnist" (IDX files, see ``effml.data.images``; ``data_dir`` or ``$EFFML_FASHION_MNIST``
     overrides the Debian location) or "imagenet" (``data_dir`` with train/ and val/ class folders; needs Pillow).
