@@ -31,9 +31,9 @@ Choices and readings of the paper (documented where it is not explicit):
 * PA: the paper sums γ_j·h(x_{i−j}) over the last k activations. Here the current state x_i is already carried by
   the identity (and LR) term, so PA sums over the k states *before* it, x_{i−1} … x_{i−k} (the residual's
   ``history``, newest first; fewer at the bottom of the stack) — so a model keeps exactly k earlier activations.
-  h is the identity (k parameters γ, initialised to 0: the block starts as the plain residual) or one shared low-rank map B'·A'
-  (2rD + k parameters; γ starts at 1 and B' at 0, so again the block starts as the plain residual and both factors
-  receive gradient once B' has moved).
+  h is the identity (k parameters γ, initialised to 0: the block starts as the plain residual) or one shared
+  low-rank map B'·A' (2rD + k parameters; γ starts at 1 and B' at 0, so again the block starts as the plain residual
+  and both factors receive gradient once B' has moved).
 
 Tensors may carry their channels on any axis (``channel_dim``: -1 for transformers' (B, T, D), 1 for convolutions'
 (B, C, H, W)); every learned map acts on that axis only. ``LaurelResidual`` is registered in the residual registry as
