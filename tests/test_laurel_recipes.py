@@ -148,4 +148,7 @@ def test_bench_laurel_quick(tmp_path) -> None:
         assert section["time"][name]["params"] - section["time"]["plain"]["params"] == 2 * 2 * laurel_parameter_count(
             32, name, rank=4, k=2)
     assert result["targets"]["time_rw+lr_d32"]["verdict"] in {"met", "not met", "inconclusive"}
+    peer = result["peer"]["widths"]["32"]
+    assert result["ratios"]["lr_time_effml_vs_gemma3n_d32"]["value"] == pytest.approx(
+        peer["effml"]["median_s"] / peer["gemma3n"]["median_s"])
     assert "time ÷ plain" in path.read_text()

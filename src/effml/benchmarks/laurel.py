@@ -7,8 +7,13 @@ variant (around both sub-layers of every block) — with the same shape, and mea
    interleaved round-robin (``effml.benchmarks.common.time_interleaved``).
 2. Peak memory of that pass (one fresh subprocess per contender, ``effml.benchmarks.common.peak_memory``).
 
-Every ratio is variant ÷ plain at the same width (lower is leaner), computed from the absolute numbers stored beside
-it, with the round-by-round ratios for the timings. The paper reports 1–2 % latency overhead for RW+LR on a 4B LLM;
+3. Peer: the low-rank augmentation alone against the LAuReL block of Hugging Face's Gemma 3n
+   (``Gemma3nTextLaurelBlock``: x + RMSNorm(W_up·W_down·x)), forward + backward on a (B, T, d) stream at the same
+   rank: effml's ``LaurelResidual(variant="lr")(x, f)`` against ``block(x) + f``. Gemma's block also normalises the
+   low-rank term (one RMSNorm more), so this compares two readings of LR, not identical computations.
+
+Every ratio is variant ÷ plain (or effml ÷ Gemma 3n) at the same width (lower is leaner), computed from the absolute
+numbers stored beside it, with the round-by-round ratios for the timings. The paper reports 1–2 % latency overhead for RW+LR on a 4B LLM;
 the target here is RW+LR time ≤ 1.05 × plain at every width, evaluated from the measurement (``verdict``).
 """
 
@@ -22,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effml.benchmarks.common import (format_bytes, machine_info, markdown_table, paired_rate_ratios, peak_memory,
-                                     ratio_entry, time_interleaved, verdict)
+from effml.benchmarks.common import (format_bytes, machine_info, markdown_table, missing_peer_note,
+                                     package_version, paired_rate_ratios, peak_memory, ratio_entry, time_interleaved,
+                                     verdict)
 
-__all__ = ["LaurelBenchConfig", "DEFAULT", "QUICK", "PassStep", "pass_step_factory", "run", "render", "TARGET"]
+__all__ = ["LaurelBenchConfig", "DEFAULT", "QUICK", "PassStep", "pass_step_factory", "LowRankPass", "run", "render",
+           "TARGET"]
 
 PLAIN = "plain"
 TARGET = 1.05  # RW+LR forward+backward time at most 5 % above the plain residual's
@@ -105,6 +112,57 @@ def pass_step_factory(**kwargs: Any) -> PassStep:
     return PassStep(**kwargs)
 
 
+class LowRankPass:
+    """Forward + backward of one low-rank residual augmentation on a random (B, T, d) stream x and branch output f:
+    ``"effml"`` = ``LaurelResidual(d, variant="lr", rank)(x, f)``; ``"gemma3n"`` = ``Gemma3nTextLaurelBlock(x) + f``
+    (its up-projection randomised too, so neither side multiplies by zeros)."""
+
+    def __init__(self, contender: str, width: int, rank: int, batch_size: int, context: int, device: str,
+                 seed: int) -> None:
+        torch.manual_seed(seed)
+        if contender == "effml":
+            from effml.nn.laurel import LaurelResidual
+
+            residual = LaurelResidual(width, variant="lr", rank=rank)
+            self.module, self._apply = residual, lambda x, f: residual(x, f)
+        else:
+            from transformers.models.gemma3n.configuration_gemma3n import Gemma3nTextConfig
+            from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextLaurelBlock
+
+            block = Gemma3nTextLaurelBlock(Gemma3nTextConfig(hidden_size=width, laurel_rank=rank))
+            self.module, self._apply = block, lambda x, f: block(x) + f
+        with torch.no_grad():
+            for parameter in self.module.parameters():
+                if parameter.ndim == 2:
+                    parameter.normal_(0.0, 0.02)
+        self.module.to(device)
+        self.x = torch.randn(batch_size, context, width, device=device, requires_grad=True)
+        self.f = torch.randn(batch_size, context, width, device=device, requires_grad=True)
+
+    def __call__(self) -> Tensor:
+        self.module.zero_grad(set_to_none=True)
+        self.x.grad = self.f.grad = None
+        out = self._apply(self.x, self.f)
+        out.square().mean().backward()
+        return out.detach()
+
+
+def _measure_peer(config: LaurelBenchConfig, device: str, result: dict[str, Any]) -> None:
+    """Time effml's LR residual against Gemma 3n's LAuReL block at every width (skipped with a note if missing)."""
+    try:
+        import transformers.models.gemma3n.modeling_gemma3n  # noqa: F401
+    except ImportError as error:
+        result["peer"] = {"skipped": missing_peer_note("transformers", error)}
+        return
+    peer: dict[str, Any] = {"transformers": package_version("transformers"), "widths": {}}
+    result["peer"] = peer
+    for width in config.widths:
+        passes = {name: LowRankPass(name, width, config.rank, config.batch_size, config.context, device, config.seed)
+                  for name in ("effml", "gemma3n")}
+        timings = time_interleaved(passes, repeats=config.repeats, warmup=config.warmup, device=device)
+        peer["widths"][str(width)] = {name: timings[name].as_dict() for name in passes}
+
+
 def _kwargs(config: LaurelBenchConfig, variant: str, width: int, device: str) -> dict[str, Any]:
     return {"variant": variant, "width": width, "n_layers": config.n_layers, "vocab_size": config.vocab_size,
             "context": config.context, "batch_size": config.batch_size, "rank": config.rank, "k": config.k,
@@ -131,6 +189,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
         for name in contenders:
             factories[f"{width}/{name}"] = ("effml.benchmarks.laurel:pass_step_factory",
                                             _kwargs(config, name, width, device))
+    _measure_peer(config, device, result)
     memory = peak_memory(factories, device=device, steps=config.memory_steps)
     for key, numbers in memory.items():
         width, name = key.split("/", 1)
@@ -149,6 +208,11 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
         if "rw+lr" in config.variants:
             entry = ratios[f"time_rw+lr_d{width}"]
             targets[f"time_rw+lr_d{width}"] = {"target": f"≤ {TARGET}", "verdict": verdict(entry, TARGET)}
+    for width, numbers in result["peer"].get("widths", {}).items():
+        ratios[f"lr_time_effml_vs_gemma3n_d{width}"] = ratio_entry(
+            result, ("peer", "widths", width, "effml", "median_s"), ("peer", "widths", width, "gemma3n", "median_s"),
+            better="lower",
+            per_round=paired_rate_ratios(numbers["gemma3n"]["samples_s"], numbers["effml"]["samples_s"]))
     result["ratios"], result["targets"] = ratios, targets
     return result
 
@@ -174,6 +238,20 @@ def render(result: dict[str, Any]) -> str:
         sections.append(f"## d_model = {width}\n\n" + markdown_table(
             ["residual", "params", "extra params", "median fwd+bwd (ms)", "peak memory", "time ÷ plain",
              "memory ÷ plain"], rows))
+    peer = result.get("peer", {})
+    if "skipped" in peer:
+        sections.append(f"## Peer: Gemma 3n LAuReL block\n\n{peer['skipped']}")
+    elif peer.get("widths"):
+        rows = []
+        for width, numbers in peer["widths"].items():
+            entry = result["ratios"][f"lr_time_effml_vs_gemma3n_d{width}"]
+            rows.append([width, f"{numbers['effml']['median_s'] * 1e3:.3f}",
+                         f"{numbers['gemma3n']['median_s'] * 1e3:.3f}",
+                         f"{entry['value']:.3f}× (rounds: {entry['per_round']['median']:.3f}×)"])
+        sections.append("## Peer: low-rank term, effml `LaurelResidual(variant='lr')` vs Gemma 3n "
+                        f"`Gemma3nTextLaurelBlock` (transformers {peer.get('transformers')})\n\n" + markdown_table(
+                            ["d_model", "effml fwd+bwd (ms)", "gemma3n fwd+bwd (ms)", "effml ÷ gemma3n"], rows)
+                        + "\n\nGemma 3n's block also RMS-normalises the low-rank term (more work per call).")
     target_rows = [[name, spec["target"], spec["verdict"]] for name, spec in result.get("targets", {}).items()]
     if target_rows:
         sections.append("## Targets\n\n" + markdown_table(["ratio", "target", "verdict"], target_rows))
