@@ -13,8 +13,9 @@ variant (around both sub-layers of every block) — with the same shape, and mea
    low-rank term (one RMSNorm more), so this compares two readings of LR, not identical computations.
 
 Every ratio is variant ÷ plain (or effml ÷ Gemma 3n) at the same width (lower is leaner), computed from the absolute
-numbers stored beside it, with the round-by-round ratios for the timings. The paper reports 1–2 % latency overhead for RW+LR on a 4B LLM;
-the target here is RW+LR time ≤ 1.05 × plain at every width, evaluated from the measurement (``verdict``).
+numbers stored beside it, with the round-by-round ratios for the timings. The paper reports 1–2 % latency overhead
+for RW+LR on a 4B LLM; the target here is RW+LR time ≤ 1.05 × plain at every width, evaluated from the measurement
+(``verdict``).
 """
 
 from __future__ import annotations
