@@ -22,7 +22,8 @@ def llama() -> torch.nn.Module:
 
 def gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -96,3 +97,8 @@ def test_unsupported_architecture_and_double_conversion_fail_clearly() -> None:
         apply_laurel(model)
     with pytest.raises(ValueError, match="unknown parts"):
         apply_laurel(llama(), variant="rw+foo")
+    checkpointed = apply_laurel(llama().train(), variant="rw+lr+pa", rank=4)
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        checkpointed(input_ids=padded_batch()[0])

@@ -44,9 +44,15 @@ class _SharedHistory:
         self.history = StreamHistory(self.size)
 
 
-def _connect(residual: LaurelResidual, x: Tensor, fx: Tensor, shared: _SharedHistory | None) -> Tensor:
+def _connect(layer: nn.Module, residual: LaurelResidual, x: Tensor, fx: Tensor) -> Tensor:
+    shared: _SharedHistory | None = layer._laurel_shared
     if shared is None:
         return residual(x, fx)
+    if layer.training and getattr(layer, "gradient_checkpointing", False):
+        # a recomputed layer would read the history as it is after the whole forward, not as it was: wrong gradients
+        raise ValueError("LAuReL-PA keeps a history of earlier layers' states, which gradient checkpointing cannot "
+                         "replay; disable it (model.activation_checkpointing_disable(), formerly gradient_checkpointing_disable()) "
+                         "or use a variant without 'pa'.")
     out = residual(x, fx, shared.history.recent(residual.history_size))
     shared.history.push(x)
     return out
@@ -59,9 +65,9 @@ def _llama_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = 
     attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
                                  position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
                                  position_embeddings=position_embeddings, **kwargs)
-    hidden_states = _connect(self.laurel_attn, hidden_states, attn_out, self._laurel_shared)
+    hidden_states = _connect(self, self.laurel_attn, hidden_states, attn_out)
     mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
-    return _connect(self.laurel_mlp, hidden_states, mlp_out, self._laurel_shared)
+    return _connect(self, self.laurel_mlp, hidden_states, mlp_out)
 
 
 def _gpt2_forward(self, hidden_states: Tensor, past_key_values: Any = None, attention_mask: Tensor | None = None,
@@ -73,9 +79,9 @@ def _gpt2_forward(self, hidden_states: Tensor, past_key_values: Any = None, atte
                          "cannot be used with it.")
     attn_out, _ = self.attn(self.ln_1(hidden_states), past_key_values=past_key_values,
                             attention_mask=attention_mask, use_cache=use_cache, **kwargs)
-    hidden_states = _connect(self.laurel_attn, hidden_states, attn_out, self._laurel_shared)
+    hidden_states = _connect(self, self.laurel_attn, hidden_states, attn_out)
     mlp_out = self.mlp(self.ln_2(hidden_states))
-    return _connect(self.laurel_mlp, hidden_states, mlp_out, self._laurel_shared)
+    return _connect(self, self.laurel_mlp, hidden_states, mlp_out)
 
 
 def _llama_width(layer: nn.Module) -> int:
