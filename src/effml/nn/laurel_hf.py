@@ -99,10 +99,14 @@ def _adapters() -> dict[type, tuple[str, Callable[..., Tensor], Callable[[nn.Mod
     """Decoder-layer class → (family name, LAuReL forward, width getter); imported lazily (transformers is an
     optional dependency)."""
     try:
+        import transformers
         from transformers.models.gpt2.modeling_gpt2 import GPT2Block
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("apply_laurel needs the transformers package: pip install 'transformers>=5'.") from error
+        raise ImportError("apply_laurel needs the transformers package: pip install 'effml[hf]'.") from error
+    if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover - depends on the environment
+        raise ImportError(f"apply_laurel follows the decoder-layer signatures of transformers 5.x, but "
+                          f"{transformers.__version__} is installed: pip install 'transformers>=5'.")
     return {LlamaDecoderLayer: ("llama", _llama_forward, _llama_width),
             GPT2Block: ("gpt2", _gpt2_forward, _gpt2_width)}
 
