@@ -51,16 +51,16 @@ class LaurelBenchConfig:
             memory. seed: weights and batch.
     """
 
-    widths: tuple[int, ...] = (128, 256, 512)
+    widths: tuple[int, ...] = (64, 128, 256)
     n_layers: int = 4
     vocab_size: int = 256
-    context: int = 256
+    context: int = 128
     batch_size: int = 8
     variants: tuple[str, ...] = ("rw", "lr", "rw+lr", "rw+lr+pa")
     rank: int = 16
     k: int = 3
     warmup: int = 2
-    repeats: int = 12
+    repeats: int = 10
     memory_steps: int = 2
     seed: int = 0
 
