@@ -9,6 +9,7 @@ Peers are dev/bench extras (``pip install effml[bench]``); a missing one is skip
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,36 +46,27 @@ class Benchmark:
     render: Callable[[dict[str, Any]], str] = _default_render
 
 
-def _run_lm(quick: bool = False, device: str = "cpu") -> dict:
-    from effml.benchmarks import lm
+def _lazy_benchmark(name: str, module: str, description: str) -> Benchmark:
+    """A benchmark whose ``run``/``render`` live in ``effml.benchmarks.<module>``, imported only when used (so
+    ``effml list`` does not import the peers)."""
 
-    return lm.run(quick=quick, device=device)
+    def run(quick: bool = False, device: str = "cpu") -> dict:
+        return importlib.import_module(f"effml.benchmarks.{module}").run(quick=quick, device=device)
 
+    def render(result: dict[str, Any]) -> str:
+        return importlib.import_module(f"effml.benchmarks.{module}").render(result)
 
-def _render_lm(result: dict[str, Any]) -> str:
-    from effml.benchmarks import lm
-
-    return lm.render(result)
-
-
-def _run_lora_rite(quick: bool = False, device: str = "cpu") -> dict:
-    from effml.benchmarks import lora_rite
-
-    return lora_rite.run(quick=quick, device=device)
+    return Benchmark(name, description, run, render)
 
 
-def _render_lora_rite(result: dict[str, Any]) -> str:
-    from effml.benchmarks import lora_rite
-
-    return lora_rite.render(result)
-
-
-BENCHMARKS: dict[str, Benchmark] = {
-    "lm": Benchmark("lm", "effml's TransformerLM vs x-transformers and HF GPT-2: training tokens/s, step memory, "
-                    "KV-cache generation tokens/s, MFU", _run_lm, _render_lm),
-    "lora-rite": Benchmark("lora-rite", "LoRA-RITE's optimizer step vs Adam and LoRA+ (PEFT): step time and state "
-                           "memory at several ranks and widths", _run_lora_rite, _render_lora_rite),
-}
+BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
+    _lazy_benchmark("lm", "lm", "effml's TransformerLM vs x-transformers and HF GPT-2: training tokens/s, step "
+                    "memory, KV-cache generation tokens/s, MFU"),
+    _lazy_benchmark("lora-rite", "lora_rite", "LoRA-RITE's optimizer step vs Adam and LoRA+ (PEFT): step time and "
+                    "state memory at several ranks and widths"),
+    _lazy_benchmark("laurel", "laurel", "LAuReL variants vs the plain residual: forward+backward time and peak "
+                    "memory at several widths"),
+)}
 
 
 def render_markdown(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> str:

@@ -19,9 +19,8 @@ import torch
 
 from effml.config import ConfigError, check_choice, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
-from effml.train import TrainConfig, Trainer
-from effml.train.distributed import World, main_first
-from effml.train.lm import causal_lm_loss, heldout_nats_per_token
+from effml.experiments.lm_training import load_byte_corpus, train_lm
+from effml.train import TrainConfig
 
 __all__ = ["LMScalingConfig", "LMScaling", "parse_size"]
 
@@ -106,46 +105,19 @@ class LMScaling(Experiment):
                             info={"d_model": width, "n_layers": depth, "n_heads": width // config.head_dim}))
         return arms
 
-    def _corpus(self, config: LMScalingConfig, world: World):
-        from effml.data import ByteTokenizer, load_corpus
-
-        with main_first(world):  # rank 0 builds the token cache; the others then read it
-            return load_corpus(config.corpus, ByteTokenizer(), max_bytes=config.max_bytes)
-
     def run_arm(self, config: LMScalingConfig, arm: Arm, context: RunContext) -> ArmRun:
-        from effml.data import WindowBatches
         from effml.nn import TransformerConfig, TransformerLM
 
-        corpus = self._corpus(config, context.world)
+        corpus = load_byte_corpus(config.corpus, config.max_bytes, context.world)
         torch.manual_seed(context.seed)
         model = TransformerLM(TransformerConfig(
             vocab_size=256, d_model=arm.info["d_model"], n_layers=arm.info["n_layers"], n_heads=arm.info["n_heads"],
             max_seq_len=config.seq_len, mlp=config.mlp))
-        source = WindowBatches(corpus.train, config.batch_size, config.seq_len, seed=context.seed)
-        world = context.world
-
-        def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-            nats = heldout_nats_per_token(model, corpus.valid, config.seq_len, config.batch_size,
-                                          config.eval_windows, world, context.device)
-            return {"valid_loss": nats, "valid_bpb": corpus.bits_per_byte("valid", nats)}
-
-        trainer = Trainer(
-            model, causal_lm_loss, lambda index: source.batch(index, world.rank, world.world_size), config.train,
-            evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,
-            quiet=context.quiet, description=f"{self.name} {arm.name} seed {context.seed}")
-        result = trainer.fit()
-        model.eval()
-        test_nats = heldout_nats_per_token(model, corpus.test, config.seq_len, config.batch_size, None, world,
-                                           context.device)
-        metrics = dict(result.final_metrics)
-        metrics.update(
-            test_loss=test_nats,
-            test_bpb=corpus.bits_per_byte("test", test_nats),
-            step_time_s=result.median_step_time,
-            tokens_per_s=config.batch_size * config.seq_len * config.train.grad_accum / result.median_step_time,
-            non_embedding_params=float(model.num_parameters(exclude_embeddings=True)),
-        )
-        return ArmRun(params=model.num_parameters(), metrics=metrics, curves=result.curves)
+        metrics, curves = train_lm(model, corpus, seq_len=config.seq_len, batch_size=config.batch_size,
+                                   eval_windows=config.eval_windows, train=config.train, context=context,
+                                   description=f"{self.name} {arm.name} seed {context.seed}")
+        metrics["non_embedding_params"] = float(model.num_parameters(exclude_embeddings=True))
+        return ArmRun(params=model.num_parameters(), metrics=metrics, curves=curves)
 
     def derive(self, config: LMScalingConfig, results: dict[str, Any]) -> dict[str, Any]:
         """Per seed, fit test_bpb ≈ a · N^(-alpha) over the sizes (N = non-embedding parameters)."""

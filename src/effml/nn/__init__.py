@@ -5,6 +5,7 @@ from __future__ import annotations
 from effml.nn.attention import CausalSelfAttention, KVCache
 from effml.nn.block import TransformerBlock
 from effml.nn.linear_attention import LinearTransformer, LinearTransformerConfig
+from effml.nn.laurel import LaurelBlock, LaurelConfig, LaurelResidual, laurel_parameter_count
 from effml.nn.mlp import MLPS, GeluMLP, SwiGLUMLP, build_mlp
 from effml.nn.norm import RMSNorm
 from effml.nn.prompt_transformer import PromptTransformer
@@ -15,6 +16,7 @@ from effml.nn.transformer import TransformerConfig, TransformerLM
 __all__ = [
     "CausalSelfAttention", "KVCache", "TransformerBlock", "MLPS", "GeluMLP", "SwiGLUMLP", "build_mlp", "RMSNorm",
     "RESIDUALS", "PlainResidual", "Residual", "StreamHistory", "build_residual", "register_residual",
+    "LaurelBlock", "LaurelConfig", "LaurelResidual", "laurel_parameter_count",
     "RotaryEmbedding", "apply_rotary", "TransformerConfig", "TransformerLM",
     "LinearTransformer", "LinearTransformerConfig", "PromptTransformer",
 ]

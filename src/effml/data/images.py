@@ -1,0 +1,175 @@
+"""Image-classification data without torchvision: Fashion-MNIST from IDX files, ImageNet-style class folders, batches.
+
+Fashion-MNIST (Xiao, Rasul, Vollgraf, arXiv 1708.07747) is read from the four gzip'd IDX files Debian's
+``dataset-fashion-mnist`` package installs under ``/usr/share/datasets/fashion-mnist`` (no download). Another
+directory holding the same four files can be given as an argument or through ``$EFFML_FASHION_MNIST``.
+IDX layout: a big-endian header (magic, then one 4-byte size per dimension: 16 bytes for images (N, 28, 28),
+8 bytes for labels (N,)), then unsigned bytes.
+
+``ImageBatches`` is a pure function of the step index (a random sample of examples seeded by (seed, step)), as the
+trainer's exact resume and DDP sharding need. ``ImageFolderSplit`` reads ``root/<class>/<image>`` folders
+(ImageNet's layout) with Pillow, resized and centre-cropped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "ImageSplits", "read_idx", "load_fashion_mnist",
+           "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches", "DataUnavailableError"]
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+                       "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
+_IDX_TYPES = {0x08: np.uint8}
+
+
+class DataUnavailableError(FileNotFoundError):
+    """A data set is not on this machine; the message says how to get it."""
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """An (optionally gzip'd) IDX file of unsigned bytes as an array of the shape its header states."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number {data[:4].hex()}).")
+    n_dims = data[3]
+    header = 4 + 4 * n_dims
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(n_dims))
+    values = np.frombuffer(data, dtype=np.uint8, offset=header)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: the header promises shape {shape} but {values.size} values follow.")
+    return values.reshape(shape)
+
+
+@dataclass(frozen=True)
+class ImageSplits:
+    """uint8 images (N, H, W) and int64 labels (N,) of each split; ``valid`` is carved from the end of train."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    valid_images: np.ndarray
+    valid_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+
+
+def load_fashion_mnist(root: str | os.PathLike[str] | None = None, valid_size: int = 5000) -> ImageSplits:
+    """Fashion-MNIST from ``root`` (default ``$EFFML_FASHION_MNIST`` or ``/usr/share/datasets/fashion-mnist``).
+
+    The last ``valid_size`` training images become the validation split. Raises ``DataUnavailableError`` naming
+    the Debian package and the override when a file is missing.
+    """
+    directory = Path(root or os.environ.get("EFFML_FASHION_MNIST") or FASHION_MNIST_DIR)
+    missing = [name for name in FASHION_MNIST_FILES.values() if not (directory / name).is_file()]
+    if missing:
+        raise DataUnavailableError(
+            f"Fashion-MNIST is not in {directory} (missing {', '.join(missing)}). Install it with "
+            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files land in /usr/share/datasets/fashion-mnist), "
+            "or point $EFFML_FASHION_MNIST (or the recipe's data_dir) to a directory holding the four IDX .gz files.")
+    arrays = {key: read_idx(directory / name) for key, name in FASHION_MNIST_FILES.items()}
+    train_images, train_labels = arrays["train_images"], arrays["train_labels"].astype(np.int64)
+    if not 0 <= valid_size < len(train_images):
+        raise ValueError(f"valid_size {valid_size} must be in [0, {len(train_images)}) for {directory}.")
+    cut = len(train_images) - valid_size
+    labels = np.concatenate([train_labels, arrays["test_labels"]])
+    return ImageSplits(train_images[:cut], train_labels[:cut], train_images[cut:], train_labels[cut:],
+                       arrays["test_images"], arrays["test_labels"].astype(np.int64), int(labels.max()) + 1)
+
+
+def _to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 (N, H, W) → float (N, 1, H, W) in [-1, 1]."""
+    return torch.from_numpy(images.astype(np.float32)).unsqueeze(1).div_(127.5).sub_(1.0)
+
+
+class ImageBatches:
+    """Training batches as a pure function of the step: ``batch(step, rank, world_size)`` → (images (b, 1, H, W)
+    float, labels (b,) int64), b = batch_size / world_size, drawn without replacement within the step from
+    ``np.random.default_rng((seed, step))``; with ``flip``, each image is mirrored horizontally with probability ½."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, flip: bool = False) -> None:
+        if batch_size > len(images):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training images.")
+        self.images, self.labels, self.batch_size, self.seed, self.flip = images, labels, batch_size, seed, flip
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        rng = np.random.default_rng((self.seed, step))
+        chosen = rng.choice(len(self.images), self.batch_size, replace=False)[rank::world_size]
+        images = self.images[chosen]
+        if self.flip:
+            mirror = rng.random(self.batch_size)[rank::world_size] < 0.5
+            images = np.where(mirror[:, None, None], images[:, :, ::-1], images)
+        return _to_tensor(images), torch.from_numpy(self.labels[chosen])
+
+
+def eval_image_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
+    """Consecutive (images, labels) batches over a whole split, in order."""
+    for start in range(0, len(images), batch_size):
+        yield _to_tensor(images[start:start + batch_size]), torch.from_numpy(labels[start:start + batch_size])
+
+
+class ImageFolderSplit:
+    """``root/<class>/<file>`` images (ImageNet layout), decoded with Pillow, resized (shorter side ``resize``) and
+    centre-cropped to ``size``; ``batch(indices)`` → (float (b, 3, size, size) normalised per channel,
+    labels (b,))."""
+
+    _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def __init__(self, root: str | os.PathLike[str], size: int = 224, resize: int = 256) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataUnavailableError(f"No image folder at {root}. The ImageNet preset needs the ILSVRC-2012 images "
+                                       "laid out as <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG; "
+                                       "set the recipe's data_dir to that directory.")
+        try:
+            from PIL import Image  # noqa: F401
+        except ImportError as error:
+            raise DataUnavailableError("Reading image folders needs Pillow: pip install pillow.") from error
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.files = [(path, label) for label, name in enumerate(self.classes)
+                      for path in sorted((root / name).iterdir()) if path.is_file()]
+        if not self.files:
+            raise DataUnavailableError(f"{root} has no <class>/<image> files.")
+        self.size, self.resize = size, resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, path: Path) -> Tensor:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = self.resize / min(image.size)
+            width, height = (max(self.size, round(side * scale)) for side in image.size)
+            image = image.resize((width, height))
+            left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (pixels - self._MEAN) / self._STD
+
+    def batch(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+        images = torch.stack([self._load(self.files[i][0]) for i in indices])
+        return images, torch.tensor([self.files[i][1] for i in indices], dtype=torch.int64)
+
+
+class ImageFolderBatches:
+    """Training batches of an ``ImageFolderSplit`` as a pure function of the step (like ``ImageBatches``)."""
+
+    def __init__(self, split: ImageFolderSplit, batch_size: int, seed: int) -> None:
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        rng = np.random.default_rng((self.seed, step))
+        return self.split.batch(rng.choice(len(self.split), self.batch_size, replace=False)[rank::world_size])

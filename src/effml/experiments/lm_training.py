@@ -1,0 +1,57 @@
+"""Training one decoder LM on a byte-level corpus and measuring it: the part every LM recipe shares.
+
+``load_byte_corpus`` reads (and caches) the corpus once per process with rank 0 first; ``train_lm`` trains a given
+model with the trunk's ``Trainer`` on random windows, evaluates held-out loss during training, and returns the final
+metrics every LM recipe reports (valid/test nats per token and bits per byte, median step time, tokens/s).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from effml.experiments.base import RunContext
+from effml.train import TrainConfig, Trainer
+from effml.train.distributed import World, main_first
+from effml.train.lm import causal_lm_loss, heldout_nats_per_token
+
+__all__ = ["load_byte_corpus", "train_lm"]
+
+
+def load_byte_corpus(name: str, max_bytes: int | None, world: World) -> Any:
+    """The ``CorpusSplits`` of corpus ``name`` under the byte tokenizer (rank 0 builds the token cache first)."""
+    from effml.data import ByteTokenizer, load_corpus
+
+    with main_first(world):
+        return load_corpus(name, ByteTokenizer(), max_bytes=max_bytes)
+
+
+def train_lm(model: torch.nn.Module, corpus: Any, *, seq_len: int, batch_size: int, eval_windows: int,
+             train: TrainConfig, context: RunContext, description: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train ``model`` (token ids (B, T) → logits (B, T, V)) on ``corpus.train`` windows and measure it.
+
+    Returns ``(metrics, curves)``: the trainer's final metrics plus ``test_loss`` (nats/token over the whole test
+    split), ``test_bpb``, ``step_time_s`` (median seconds per optimizer step) and ``tokens_per_s``; ``curves`` as
+    recorded by the trainer (train loss, valid loss/bpb every ``train.eval_every`` steps).
+    """
+    from effml.data import WindowBatches
+
+    source = WindowBatches(corpus.train, batch_size, seq_len, seed=context.seed)
+    world = context.world
+
+    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
+        nats = heldout_nats_per_token(model, corpus.valid, seq_len, batch_size, eval_windows, world, context.device)
+        return {"valid_loss": nats, "valid_bpb": corpus.bits_per_byte("valid", nats)}
+
+    trainer = Trainer(model, causal_lm_loss, lambda index: source.batch(index, world.rank, world.world_size), train,
+                      evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,
+                      quiet=context.quiet, description=description)
+    result = trainer.fit()
+    model.eval()
+    test_nats = heldout_nats_per_token(model, corpus.test, seq_len, batch_size, None, world, context.device)
+    metrics = dict(result.final_metrics)
+    metrics.update(test_loss=test_nats, test_bpb=corpus.bits_per_byte("test", test_nats),
+                   step_time_s=result.median_step_time,
+                   tokens_per_s=batch_size * seq_len * train.grad_accum / result.median_step_time)
+    return metrics, result.curves

@@ -1,0 +1,168 @@
+"""LAuReL residuals (effml.nn.laurel): exact special cases, the paper's formulas, parameter counts, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from effml.nn import TransformerConfig, TransformerLM
+from effml.nn.laurel import LaurelBlock, LaurelResidual, laurel_parameter_count, parse_variant
+
+VARIANTS = ["rw", "lr", "pa", "rw+lr", "rw+pa", "lr+pa", "rw+lr+pa"]
+
+
+def lm(residual: str, **options) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(TransformerConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=16,
+                                           residual=residual, residual_options=options))
+
+
+def randomise(module: nn.Module) -> None:
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.3)
+
+
+@pytest.mark.parametrize(("variant", "options"), [
+    *[(variant, {}) for variant in VARIANTS],
+    ("rw+lr+pa", {"bound": "sigmoid", "per_channel": True}),
+    ("rw+lr+pa", {"bound": "none", "lr_init": "xavier", "pa_map": "low-rank"}),
+])
+def test_every_variant_starts_as_the_plain_residual_exactly(variant, options) -> None:
+    plain = lm("plain")
+    laurel = lm("laurel", variant=variant, rank=4, k=2, **options)
+    missing, unexpected = laurel.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".attn_residual." in m or ".mlp_residual." in m for m in missing)
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(plain(idx), laurel(idx))
+
+
+def test_residual_weights_one_and_one_is_the_plain_residual() -> None:
+    residual = LaurelResidual(8, variant="rw", bound="none")
+    x, fx = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    alpha, beta = residual.weights()
+    assert alpha.item() == 1.0 and beta.item() == 1.0
+    assert torch.equal(residual(x, fx), x + fx)
+
+
+def test_rw_lr_pa_matches_the_explicit_formula() -> None:
+    d, r, k = 12, 3, 2
+    residual = LaurelResidual(d, variant="rw+lr+pa", rank=r, k=k, pa_map="low-rank", per_channel=True)
+    randomise(residual)
+    x, fx = torch.randn(2, 4, d), torch.randn(2, 4, d)
+    history = [torch.randn(2, 4, d) for _ in range(4)]
+    a, b = residual.weights.alpha_logit, residual.weights.beta_logit
+    alpha = 2 * torch.exp(a) / (torch.exp(a) + torch.exp(b))  # scale 2 × softmax over the pair
+    beta = 2 * torch.exp(b) / (torch.exp(a) + torch.exp(b))
+    A, B = residual.low_rank.down, residual.low_rank.up  # noqa: N806 (the paper's names)
+    A2, B2 = residual.previous.map.down, residual.previous.map.up  # noqa: N806
+    gamma = residual.previous.gamma
+    pa = sum(gamma[j] * (history[j] @ A2 @ B2) for j in range(k))  # only the k most recent earlier states
+    expected = alpha * fx + beta * (x + x @ A @ B + pa)
+    torch.testing.assert_close(residual(x, fx, history), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_bound_keeps_the_weights_bounded() -> None:
+    residual = LaurelResidual(4, variant="rw", bound="softmax", per_channel=True)
+    with torch.no_grad():
+        residual.weights.alpha_logit.copy_(torch.tensor([1e4, -1e4, 3.0, 0.0]))
+    alpha, beta = residual.weights()
+    torch.testing.assert_close(alpha + beta, torch.full((4,), 2.0))
+    assert bool(((alpha >= 0) & (alpha <= 2) & (beta >= 0) & (beta <= 2)).all())
+
+
+def test_pa_reads_only_the_k_most_recent_states() -> None:
+    residual = LaurelResidual(6, variant="pa", k=2)
+    randomise(residual)
+    x, fx = torch.randn(1, 3, 6), torch.randn(1, 3, 6)
+    history = [torch.randn(1, 3, 6) for _ in range(4)]
+    changed_old = history[:2] + [torch.randn(1, 3, 6) * 100, torch.randn(1, 3, 6)]
+    changed_recent = [history[0] + 1.0] + history[1:]
+    assert torch.equal(residual(x, fx, history), residual(x, fx, changed_old))
+    assert not torch.allclose(residual(x, fx, history), residual(x, fx, changed_recent))
+
+
+def test_a_pa_model_keeps_exactly_k_previous_activations() -> None:
+    k = 2
+    model = lm("laurel", variant="rw+lr+pa", rank=4, k=k)
+    seen: list[int] = []
+    for block in model.blocks:
+        for residual in (block.attn_residual, block.mlp_residual):
+            residual.register_forward_pre_hook(lambda module, args: seen.append(len(args[2])))
+    model(torch.randint(0, 64, (1, 8)))
+    # sub-layer i sees min(i, k) earlier states: never more than k are kept
+    assert seen == [min(i, k) for i in range(2 * len(model.blocks))]
+
+
+@pytest.mark.parametrize(("variant", "options", "formula"), [
+    ("rw", {}, lambda d, r, k: 2),
+    ("rw", {"per_channel": True}, lambda d, r, k: 2 * d),
+    ("lr", {}, lambda d, r, k: 2 * r * d),
+    ("pa", {}, lambda d, r, k: k),
+    ("pa", {"pa_map": "low-rank"}, lambda d, r, k: 2 * r * d + k),
+    ("rw+lr", {}, lambda d, r, k: 2 + 2 * r * d),
+    ("rw+lr+pa", {"per_channel": True}, lambda d, r, k: 2 * d + 2 * r * d + k),
+])
+def test_parameter_counts_match_the_papers_formulas(variant, options, formula) -> None:
+    d, r, k = 48, 5, 3
+    residual = LaurelResidual(d, variant=variant, rank=r, k=k, **options)
+    count = sum(p.numel() for p in residual.parameters())
+    assert count == formula(d, r, k) == laurel_parameter_count(d, variant, rank=r, k=k, **options)
+    n_layers = 3  # a model adds one residual per sub-layer (attention, MLP)
+    extra = lm("laurel", variant=variant, rank=r, k=k, **options).num_parameters() - lm("plain").num_parameters()
+    assert extra == 2 * n_layers * laurel_parameter_count(32, variant, rank=r, k=k, **options)
+
+
+def test_gradients_reach_every_laurel_parameter() -> None:
+    model = lm("laurel", variant="rw+lr+pa", rank=4, k=2, pa_map="low-rank", per_channel=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    idx = torch.randint(0, 64, (2, 16))
+    for _ in range(2):  # after one step the zero-initialised up-projections have moved, so every factor gets gradient
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+        optimizer.step()
+    laurel = {name: p for name, p in model.named_parameters() if "_residual." in name}
+    assert len(laurel) == 3 * 2 * 7  # 3 blocks × 2 residuals × (α, β, down, up, γ, PA down, PA up)
+    for name, parameter in laurel.items():
+        if name.startswith("blocks.0.attn_residual.previous."):  # the first sub-layer has no earlier state to combine
+            assert parameter.grad is None, name
+            continue
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_laurel_block_wraps_a_conv_branch_on_the_channel_axis() -> None:
+    channels = 6
+    branch = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())
+    block = LaurelBlock(branch, channels, variant="rw+lr", rank=2, per_channel=True, channel_dim=1)
+    randomise(block.residual)
+    x = torch.randn(2, channels, 5, 5)
+    alpha, beta = (w.view(1, channels, 1, 1) for w in block.residual.weights())
+    low_rank = torch.einsum("bchw,cr,rd->bdhw", x, block.residual.low_rank.down, block.residual.low_rank.up)
+    torch.testing.assert_close(block(x), alpha * branch(x) + beta * (x + low_rank), rtol=1e-5, atol=1e-5)
+
+
+def test_column_orthogonal_init() -> None:
+    d, r = 12, 4
+    down = LaurelResidual(d, variant="lr", rank=r).low_rank.down
+    gram = down.T @ down
+    torch.testing.assert_close(gram, torch.eye(r) * (d / r) / (r * d))  # orthogonal columns, each of norm 1/r
+    assert torch.count_nonzero(down) == d
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"variant": "rw+xx"}, "unknown parts"),
+    ({"variant": "rw+rw"}, "repeated"),
+    ({"variant": "lr", "rank": 100}, "rank must be in"),
+    ({"bound": "tanh"}, "bound='tanh'"),
+    ({"k": 0}, "k must be a positive int"),
+])
+def test_bad_options_fail_with_a_clear_message(options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LaurelResidual(32, **options)
+
+
+def test_unknown_option_is_reported_by_the_model_config() -> None:
+    with pytest.raises(ValueError, match="does not accept"):
+        TransformerConfig(d_model=32, n_heads=2, residual="laurel", residual_options={"rnk": 4})
+    assert parse_variant("pa+RW") == ("rw", "pa")

@@ -1,0 +1,154 @@
+"""`laurel` and `laurel-vision` end to end (smoke presets through the CLI), their data, and `bench laurel`."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from effml.benchmarks import run_benchmark
+from effml.cli import EXIT_USER_ERROR, main
+from effml.data.images import FASHION_MNIST_FILES, DataUnavailableError, load_fashion_mnist, read_idx
+from effml.experiments import get_experiment
+from effml.nn.laurel import laurel_parameter_count
+from effml.nn.resnet import ResNet, ResNetConfig
+from effml.report import evaluate_claims
+
+CLAIMS = {"1a RW beats the baseline", "1b RW adds under 0.01% parameters",
+          "2a best variant recovers 60% of the extra layer's gain", "2b with at most 1/2.6 of its extra parameters",
+          "3 RW+LR step-time overhead at most 5%"}
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_fashion_mnist(tmp_path_factory) -> Path:
+    """Four IDX files like Fashion-MNIST's: 300 training and 100 test images of 28×28 whose class is their mean
+    brightness band, so a model can learn something."""
+    directory = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 300), ("test", 100)):
+        labels = rng.integers(0, 10, count)
+        images = np.clip(labels[:, None, None] * 25 + rng.integers(0, 30, (count, 28, 28)), 0, 255)
+        write_idx(directory / FASHION_MNIST_FILES[f"{split}_images"], images)
+        write_idx(directory / FASHION_MNIST_FILES[f"{split}_labels"], labels)
+    return directory
+
+
+def results_of(out: Path, recipe: str) -> dict:
+    (run_dir,) = (out / recipe).iterdir()
+    assert (run_dir / "report.md").is_file()
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def check_claims_and_accounting(results: dict, metric: str) -> None:
+    assert results["status"] == "complete"
+    verdicts = {outcome.name: outcome.verdict for outcome in evaluate_claims(results)}
+    assert set(verdicts) == CLAIMS and set(verdicts.values()) <= {"holds", "fails", "inconclusive"}
+    arms = results["arms"]
+    for arm in arms.values():
+        for run in arm["runs"].values():
+            assert np.isfinite(run["metrics"][metric]) and run["metrics"]["step_time_s"] > 0
+    base = next(name for name in arms if name.startswith("baseline"))
+    for name, arm in arms.items():  # extra params = this arm's parameter count minus the baseline's
+        for run in arm["runs"].values():
+            assert run["metrics"]["extra_params"] == arm["params"] - arms[base]["params"]
+    best = results["derived"]["best-laurel"]
+    assert best["variant"] in arms and set(best["runs"]) == {"0", "1"}
+    for seed, run in best["runs"].items():
+        deeper = next(n for n in arms if n.startswith("baseline") and n != base)
+        gain_layer = run["metrics"]["gain_of_extra_layer"]
+        gain_best = run["metrics"]["gain_of_best"]
+        assert run["metrics"]["gain_margin"] == pytest.approx(gain_best - 0.6 * gain_layer)
+        sign = -1 if metric.endswith("loss") else 1
+        assert gain_layer == pytest.approx(sign * (arms[deeper]["runs"][seed]["metrics"][metric]
+                                                   - arms[base]["runs"][seed]["metrics"][metric]))
+
+
+def test_laurel_smoke_preset_end_to_end(tmp_path) -> None:
+    assert main(["run", "laurel", "--preset", "smoke", "--quiet", "--out", str(tmp_path)]) == 0
+    results = results_of(tmp_path, "laurel")
+    assert list(results["arms"]) == ["baseline-1L", "rw", "rw+lr", "baseline-2L"]
+    check_claims_and_accounting(results, "test_loss")
+    config = get_experiment("laurel").preset("smoke")
+    rw_extra = results["arms"]["rw"]["runs"]["0"]["metrics"]["extra_params"]
+    assert rw_extra == 2 * config.n_layers * laurel_parameter_count(config.d_model, "rw")  # 2 residuals per block
+
+
+def test_laurel_vision_smoke_preset_on_tiny_idx_files(tmp_path, tiny_fashion_mnist) -> None:
+    argv = ["run", "laurel-vision", "--preset", "smoke", "--quiet", "--out", str(tmp_path),
+            "--set", f"data_dir={tiny_fashion_mnist}"]
+    assert main(argv) == 0
+    results = results_of(tmp_path, "laurel-vision")
+    assert list(results["arms"]) == ["baseline-2B", "rw", "rw+lr", "baseline-3B"]
+    check_claims_and_accounting(results, "test_accuracy")
+    for arm in results["arms"].values():
+        assert all(0 <= run["metrics"]["test_accuracy"] <= 100 for run in arm["runs"].values())
+
+
+def test_missing_fashion_mnist_names_the_debian_package(tmp_path, capsys) -> None:
+    with pytest.raises(DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+    argv = ["run", "laurel-vision", "--preset", "smoke", "--quiet", "--out", str(tmp_path / "runs"),
+            "--set", f"data_dir={tmp_path}"]
+    assert main(argv) == EXIT_USER_ERROR
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_idx_reader_round_trips_and_splits(tiny_fashion_mnist) -> None:
+    images = read_idx(tiny_fashion_mnist / FASHION_MNIST_FILES["train_images"])
+    assert images.shape == (300, 28, 28) and images.dtype == np.uint8
+    splits = load_fashion_mnist(tiny_fashion_mnist, valid_size=50)
+    assert len(splits.train_images) == 250 and len(splits.valid_images) == 50 and len(splits.test_labels) == 100
+    assert np.array_equal(splits.valid_images, images[250:])
+
+
+def test_imagenet_preset_without_data_dir_fails_clearly(tmp_path, capsys) -> None:
+    argv = ["run", "laurel-vision", "--preset", "full", "--quiet", "--out", str(tmp_path)]
+    assert main(argv) == EXIT_USER_ERROR
+    assert "data_dir" in capsys.readouterr().err
+
+
+def test_resnet_laurel_starts_as_the_plain_resnet_and_pa_stays_within_a_stage() -> None:
+    options = {"variant": "rw+lr+pa", "rank": 2, "k": 2, "channel_dim": 1}
+    torch.manual_seed(0)
+    plain = ResNet(ResNetConfig(in_channels=1, widths=(4, 8), blocks=(3, 2))).eval()
+    laurel = ResNet(ResNetConfig(in_channels=1, widths=(4, 8), blocks=(3, 2), residual="laurel",
+                                 residual_options=options)).eval()
+    laurel.load_state_dict(plain.state_dict(), strict=False)
+    images = torch.randn(2, 1, 12, 12)
+    assert torch.equal(plain(images), laurel(images))
+    seen = []
+    for stage in laurel.stages:
+        for block in stage:
+            block.residual.register_forward_pre_hook(lambda module, args: seen.append(len(args[2])))
+    laurel(images)
+    assert seen == [0, 1, 2, 0, 1]  # history restarts where the resolution changes
+
+
+def test_bench_laurel_quick(tmp_path) -> None:
+    path = run_benchmark("laurel", quick=True, out=tmp_path)
+    result = json.loads((path.parent / "result.json").read_text())
+    section = result["widths"]["32"]
+    assert set(section["time"]) == {"plain", "rw", "lr", "rw+lr", "rw+lr+pa"}
+    for name in ("rw", "lr", "rw+lr", "rw+lr+pa"):
+        entry = result["ratios"][f"time_{name}_d32"]
+        assert entry["value"] == pytest.approx(section["time"][name]["median_s"] / section["time"]["plain"]["median_s"])
+        memory = result["ratios"][f"memory_{name}_d32"]
+        assert memory["value"] == pytest.approx(section["memory"][name]["peak_bytes"]
+                                                / section["memory"]["plain"]["peak_bytes"])
+        assert section["time"][name]["params"] - section["time"]["plain"]["params"] == 2 * 2 * laurel_parameter_count(
+            32, name, rank=4, k=2)
+    assert result["targets"]["time_rw+lr_d32"]["verdict"] in {"met", "not met", "inconclusive"}
+    peer = result["peer"]["widths"]["32"]
+    assert result["ratios"]["lr_time_effml_vs_gemma3n_d32"]["value"] == pytest.approx(
+        peer["effml"]["median_s"] / peer["gemma3n"]["median_s"])
+    assert "time ÷ plain" in path.read_text()
