@@ -12,6 +12,7 @@ spread over seeds.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from effml.train import TrainConfig, Trainer
 from effml.train.distributed import World, main_first
 from effml.train.lm import causal_lm_loss, heldout_nats_per_token
 
-__all__ = ["LMScalingConfig", "LMScaling", "parse_size"]
+__all__ = ["LMScalingConfig", "LMScaling", "parse_size", "load_byte_corpus", "heldout_evaluator"]
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -92,6 +93,25 @@ def _full() -> LMScalingConfig:
                                              checkpoint_every=1000, log_every=50))
 
 
+def load_byte_corpus(name: str, max_bytes: int | None, world: World):
+    """The corpus ``name`` as byte tokens (`effml.data.CorpusSplits`); rank 0 builds the token cache first."""
+    from effml.data import ByteTokenizer, load_corpus
+
+    with main_first(world):  # rank 0 builds the token cache; the others then read it
+        return load_corpus(name, ByteTokenizer(), max_bytes=max_bytes)
+
+
+def heldout_evaluator(corpus: Any, seq_len: int, batch_size: int, eval_windows: int | None, world: World,
+                      device: str) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+    """A Trainer ``evaluate`` function: held-out ``valid_loss`` (nats/token) and ``valid_bpb`` on ``eval_windows``
+    windows of the corpus's validation split."""
+    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
+        nats = heldout_nats_per_token(model, corpus.valid, seq_len, batch_size, eval_windows, world, device)
+        return {"valid_loss": nats, "valid_bpb": corpus.bits_per_byte("valid", nats)}
+
+    return evaluate
+
+
 @register
 class LMScaling(Experiment):
     name = "lm-scaling"
@@ -106,17 +126,11 @@ class LMScaling(Experiment):
                             info={"d_model": width, "n_layers": depth, "n_heads": width // config.head_dim}))
         return arms
 
-    def _corpus(self, config: LMScalingConfig, world: World):
-        from effml.data import ByteTokenizer, load_corpus
-
-        with main_first(world):  # rank 0 builds the token cache; the others then read it
-            return load_corpus(config.corpus, ByteTokenizer(), max_bytes=config.max_bytes)
-
     def run_arm(self, config: LMScalingConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.data import WindowBatches
         from effml.nn import TransformerConfig, TransformerLM
 
-        corpus = self._corpus(config, context.world)
+        corpus = load_byte_corpus(config.corpus, config.max_bytes, context.world)
         torch.manual_seed(context.seed)
         model = TransformerLM(TransformerConfig(
             vocab_size=256, d_model=arm.info["d_model"], n_layers=arm.info["n_layers"], n_heads=arm.info["n_heads"],
@@ -124,11 +138,8 @@ class LMScaling(Experiment):
         source = WindowBatches(corpus.train, config.batch_size, config.seq_len, seed=context.seed)
         world = context.world
 
-        def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-            nats = heldout_nats_per_token(model, corpus.valid, config.seq_len, config.batch_size,
-                                          config.eval_windows, world, context.device)
-            return {"valid_loss": nats, "valid_bpb": corpus.bits_per_byte("valid", nats)}
-
+        evaluate = heldout_evaluator(corpus, config.seq_len, config.batch_size, config.eval_windows, world,
+                                     context.device)
         trainer = Trainer(
             model, causal_lm_loss, lambda index: source.batch(index, world.rank, world.world_size), config.train,
             evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,

@@ -3,7 +3,9 @@
 from effml.data.tasks.base import (TASKS, Task, TaskBatch, TokenTask, build_task, derive_seed, evaluation_batches,
                                    register_task)
 from effml.data.tasks.copying import Copying
+from effml.data.tasks.primitives import Arithmetic, InductionCopying, PrimitiveTask, VariableAssignment
 from effml.data.tasks.recall import MQAR
 
 __all__ = ["TASKS", "Task", "TaskBatch", "TokenTask", "build_task", "register_task", "derive_seed",
-           "evaluation_batches", "Copying", "MQAR"]
+           "evaluation_batches", "Copying", "MQAR",
+           "PrimitiveTask", "InductionCopying", "VariableAssignment", "Arithmetic"]
