@@ -62,7 +62,7 @@ def primitive_tasks(shots: int) -> dict[str, Any]:
 class MidasConfig:
     """Settings of the midas recipe (override any with --set key=value)."""
 
-    d_model: int = 128
+    d_model: int = 96
     head_dim: int = 32
     block_size: int = 2  # b: layers per block
     n_stages: int = 4  # k: the target depth is k · b
@@ -74,18 +74,18 @@ class MidasConfig:
     max_bytes: int | None = None
     seq_len: int = 128
     batch_size: int = 16
-    eval_windows: int = 64  # held-out windows per evaluation during training
-    test_windows: int | None = None  # test-split windows for the final test loss (None: the whole split)
+    eval_windows: int = 32  # held-out windows per evaluation during training
+    test_windows: int | None = 256  # test-split windows for the final test loss (None: the whole split)
     shots: int = 3  # solved examples before each primitive's query
-    task_examples: int = 256  # evaluation examples per primitive
-    finetune_steps: int = 150  # multi-task fine-tune on the primitives (0: few-shot only)
-    finetune_batch: int = 32
+    task_examples: int = 200  # evaluation examples per primitive
+    finetune_steps: int = 80  # multi-task fine-tune on the primitives (0: few-shot only)
+    finetune_batch: int = 16
     finetune_lr: float = 1e-3
     primitive_margin: float = 0.02  # claim 2 holds when MIDAS is at most this much accuracy below the baseline
     speedup_threshold: float = 0.25  # claim 1: the compute saving that counts
     seeds: int = 3
     seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, lr=3e-3, warmup_steps=20, eval_every=20,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=3e-3, warmup_steps=15, eval_every=15,
                                                                    checkpoint_every=100, log_every=10))
 
     def __post_init__(self) -> None:
@@ -144,7 +144,7 @@ def _cpu() -> MidasConfig:
 
 def _full() -> MidasConfig:
     return MidasConfig(d_model=512, head_dim=64, block_size=4, n_stages=6, seq_len=512, batch_size=64,
-                       eval_windows=512, task_examples=1000, finetune_steps=500, finetune_batch=64,
+                       eval_windows=512, test_windows=None, task_examples=1000, finetune_steps=500, finetune_batch=64,
                        train=TrainConfig(steps=20_000, lr=1e-3, warmup_steps=500, eval_every=250,
                                          checkpoint_every=1000, log_every=50))
 
