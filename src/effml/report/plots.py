@@ -391,7 +391,7 @@ class HeatmapPlot(Plot):
 
         drawn = [(arm, m) for arm in _selected_arms(results, self.arms)
                  if (m := self.mean_matrix(results, arm)) is not None]
-        figure = Figure(figsize=(2.2 + 2.6 * max(1, len(drawn)), 3.2), dpi=100, layout="constrained")
+        figure = Figure(figsize=(2.2 + 2.6 * max(1, len(drawn)), 3.8), dpi=100, layout="constrained")
         if not drawn:
             _note_no_data(figure.add_subplot())
             return _figure_png(figure)
@@ -399,7 +399,7 @@ class HeatmapPlot(Plot):
         image = None
         for ax, (arm, matrix) in zip(axes, drawn):
             image = ax.imshow(matrix, vmin=self.vmin, vmax=self.vmax, cmap="viridis")
-            ax.set_title(_arm_label(results, arm), fontsize="small")
+            ax.set_title(_arm_label(results, arm).replace(" (", "\n("), fontsize="x-small")  # long labels: 2 lines
             ax.set_xlabel("layer")
             ax.set_ylabel("layer")
         figure.colorbar(image, ax=list(axes), label=self.label or self.matrix)
