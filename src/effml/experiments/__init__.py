@@ -6,6 +6,7 @@ from effml.experiments import (  # noqa: F401  (importing a recipe module regist
     looped_depth,
     looped_gd,
     lora_rite,
+    midas,
 )
 from effml.experiments.base import EXPERIMENTS, Arm, ArmRun, Experiment, RunContext, get_experiment, register
 

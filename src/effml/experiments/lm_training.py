@@ -7,6 +7,7 @@ metrics every LM recipe reports (valid/test nats per token and bits per byte, me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from effml.train import TrainConfig, Trainer
 from effml.train.distributed import World, main_first
 from effml.train.lm import causal_lm_loss, heldout_nats_per_token
 
-__all__ = ["load_byte_corpus", "train_lm"]
+__all__ = ["load_byte_corpus", "heldout_evaluator", "train_lm"]
 
 
 def load_byte_corpus(name: str, max_bytes: int | None, world: World) -> Any:
@@ -25,6 +26,18 @@ def load_byte_corpus(name: str, max_bytes: int | None, world: World) -> Any:
 
     with main_first(world):
         return load_corpus(name, ByteTokenizer(), max_bytes=max_bytes)
+
+
+def heldout_evaluator(corpus: Any, seq_len: int, batch_size: int, eval_windows: int | None, world: World,
+                      device: str) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+    """A Trainer ``evaluate`` function: held-out ``valid_loss`` (nats/token) and ``valid_bpb`` on ``eval_windows``
+    windows of the corpus's validation split (all of it when None)."""
+
+    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
+        nats = heldout_nats_per_token(model, corpus.valid, seq_len, batch_size, eval_windows, world, device)
+        return {"valid_loss": nats, "valid_bpb": corpus.bits_per_byte("valid", nats)}
+
+    return evaluate
 
 
 def train_lm(model: torch.nn.Module, corpus: Any, *, seq_len: int, batch_size: int, eval_windows: int,
@@ -40,10 +53,7 @@ def train_lm(model: torch.nn.Module, corpus: Any, *, seq_len: int, batch_size: i
     source = WindowBatches(corpus.train, batch_size, seq_len, seed=context.seed)
     world = context.world
 
-    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-        nats = heldout_nats_per_token(model, corpus.valid, seq_len, batch_size, eval_windows, world, context.device)
-        return {"valid_loss": nats, "valid_bpb": corpus.bits_per_byte("valid", nats)}
-
+    evaluate = heldout_evaluator(corpus, seq_len, batch_size, eval_windows, world, context.device)
     trainer = Trainer(model, causal_lm_loss, lambda index: source.batch(index, world.rank, world.world_size), train,
                       evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,
                       quiet=context.quiet, description=description)

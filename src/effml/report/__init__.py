@@ -29,7 +29,7 @@ from effml.report.claims import (
     claim_from_dict,
     evaluate_claims,
 )
-from effml.report.plots import CurvePlot, MetricPlot, Plot, plot_from_dict
+from effml.report.plots import CurvePlot, HeatmapPlot, MetricPlot, Plot, plot_from_dict
 from effml.report.render import load_results, render_report, write_report
 from effml.report.stats import Interval, fit_power_law, mean_interval, t_critical
 
@@ -45,6 +45,7 @@ __all__ = [
     "Plot",
     "CurvePlot",
     "MetricPlot",
+    "HeatmapPlot",
     "plot_from_dict",
     "render_report",
     "write_report",

@@ -6,6 +6,8 @@
 * ``MetricPlot`` — one point per arm: x from the arm's ``params``, an ``info`` key or a final metric's mean, y the
   mean over complete seeds of a final metric with std error bars; ``fit="power_law"`` overlays y = a·x^(−α)
   fitted on the arm means.
+* ``HeatmapPlot`` — per arm, the mean over complete seeds of a square matrix a run stores in its curves (e.g. the
+  layer-by-layer weight similarity of a grown model).
 
 ``plot.render_png(results)`` returns PNG bytes (the caller writes them); ``plot.caption(results)`` is a line of text
 for the report (what was not measured, the fitted exponent). Neither raises on a partial results document.
@@ -23,7 +25,7 @@ from effml.report._spec import Spec, check_choice, check_name, check_name_list, 
 from effml.report.claims import complete_metric_values
 from effml.report.stats import fit_power_law, format_number, mean_interval
 
-__all__ = ["Plot", "CurvePlot", "MetricPlot", "plot_from_dict"]
+__all__ = ["Plot", "CurvePlot", "MetricPlot", "HeatmapPlot", "plot_from_dict"]
 
 _FILE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CURVE_STATUSES = ("complete", "partial")
@@ -79,6 +81,16 @@ def _note_no_data(axes: Any) -> None:
     axes.text(0.5, 0.5, "no measurements yet", ha="center", va="center", transform=axes.transAxes, color="gray")
 
 
+def _finite_points(raw: Any) -> list[tuple[float, float]]:
+    """The well-formed, finite ``[x, y]`` pairs of a stored curve."""
+    return [
+        (float(p[0]), float(p[1]))
+        for p in (raw if isinstance(raw, list) else [])
+        if isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p)
+        and math.isfinite(p[0]) and math.isfinite(p[1])
+    ]
+
+
 class Plot(Spec):
     """Base of all plot specs; each has a ``name`` (the PNG's file stem) and a ``title``."""
 
@@ -112,7 +124,11 @@ class Plot(Spec):
 
 @dataclass
 class CurvePlot(Plot):
-    """Mean of curve ``curve`` over seeds for each arm (all arms, or ``arms`` in that order), with a min–max band."""
+    """Mean of curve ``curve`` over seeds for each arm (all arms, or ``arms`` in that order), with a min–max band.
+
+    The x axis is the step, or, with ``x_curve``, the mean over seeds of another curve logged at the same steps
+    (e.g. cumulative training FLOPs), labelled ``xlabel``.
+    """
 
     kind: ClassVar[str] = "curve"
 
@@ -122,7 +138,9 @@ class CurvePlot(Plot):
     ylabel: str
     arms: list[str] | None = None
     logy: bool = False
+    x_curve: str | None = None  # plot against another recorded curve (e.g. cumulative FLOPs) instead of the step
     xlabel: str = "step"  # a curve's x need not be the training step (e.g. loops at test time, shift size)
+    logx: bool = False
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -134,25 +152,27 @@ class CurvePlot(Plot):
             raise ValueError(f"{owner}: ylabel must be a string, got {self.ylabel!r}.")
         if self.arms is not None:
             self.arms = check_name_list(owner, "arms (None for all arms)", self.arms, minimum=1)
-        if not isinstance(self.logy, bool):
-            raise ValueError(f"{owner}: logy must be True or False, got {self.logy!r}.")
+        for flag in ("logx", "logy"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{owner}: {flag} must be True or False, got {getattr(self, flag)!r}.")
+        if self.x_curve is not None:
+            check_name(owner, "x_curve", self.x_curve)
 
-    def _arm_curves(self, results: dict[str, Any], arm: str) -> tuple[list[list[tuple[float, float]]], bool]:
-        """The arm's curves (finite points only) from complete and partial runs, and whether any run was partial."""
+    def _arm_curves(self, results: dict[str, Any], arm: str) -> tuple[list[list[tuple[float, float, float]]], bool]:
+        """The arm's curves as (step, x, y) points (finite only) from complete and partial runs, and whether any run
+        was partial."""
         runs = _arm_data(results, arm).get("runs")
-        curves: list[list[tuple[float, float]]] = []
+        curves: list[list[tuple[float, float, float]]] = []
         any_partial = False
         for run in runs.values() if isinstance(runs, dict) else []:
             if not isinstance(run, dict) or run.get("status") not in _CURVE_STATUSES:
                 continue
             run_curves = run.get("curves")
             raw = run_curves.get(self.curve) if isinstance(run_curves, dict) else None
-            points = [
-                (float(p[0]), float(p[1]))
-                for p in (raw if isinstance(raw, list) else [])
-                if isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p)
-                and math.isfinite(p[0]) and math.isfinite(p[1])
-            ]
+            points = [(step, step, value) for step, value in _finite_points(raw)]
+            if self.x_curve is not None:  # x from the other curve at the same step; steps it lacks are dropped
+                x_at = dict(_finite_points(run_curves.get(self.x_curve) if isinstance(run_curves, dict) else None))
+                points = [(step, x_at[step], value) for step, _, value in points if step in x_at]
             if points:
                 curves.append(points)
                 any_partial = any_partial or run.get("status") == "partial"
@@ -162,7 +182,7 @@ class CurvePlot(Plot):
         return [arm for arm in _selected_arms(results, self.arms) if not self._arm_curves(results, arm)[0]]
 
     def render_png(self, results: dict[str, Any]) -> bytes:
-        """Mean line and min–max band per arm against step."""
+        """Mean line and min–max band per arm against step (or the mean of ``x_curve``)."""
         figure, axes = _new_figure()
         drawn = 0
         for arm in _selected_arms(results, self.arms):
@@ -170,15 +190,18 @@ class CurvePlot(Plot):
             if not curves:
                 continue
             by_step: dict[float, list[float]] = {}
+            x_by_step: dict[float, list[float]] = {}
             for curve in curves:
-                for step, value in curve:
+                for step, x_value, value in curve:
                     by_step.setdefault(step, []).append(value)
+                    x_by_step.setdefault(step, []).append(x_value)
             steps = sorted(by_step)
+            xs = [math.fsum(x_by_step[s]) / len(x_by_step[s]) for s in steps]
             means = [math.fsum(by_step[s]) / len(by_step[s]) for s in steps]
             label = f"{_arm_label(results, arm)} (n={len(curves)}{', incl. partial' if any_partial else ''})"
-            (line,) = axes.plot(steps, means, label=label)
+            (line,) = axes.plot(xs, means, label=label)
             axes.fill_between(
-                steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                xs, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                 color=line.get_color(), alpha=0.2, linewidth=0,
             )
             drawn += 1
@@ -186,6 +209,8 @@ class CurvePlot(Plot):
             axes.legend(fontsize="small")
             if self.logy:
                 _log_scale(axes, "y")
+            if self.logx:
+                _log_scale(axes, "x")
         else:
             _note_no_data(axes)
         axes.set_title(self.title)
@@ -314,11 +339,95 @@ class MetricPlot(Plot):
         return " ".join(parts)
 
 
-_PLOT_KINDS: dict[str, type[Spec]] = {cls.kind: cls for cls in (CurvePlot, MetricPlot)}
+@dataclass
+class HeatmapPlot(Plot):
+    """One heatmap per arm of a square matrix each run stores in its curves under ``matrix`` (as a list of rows,
+    e.g. layer-by-layer weight similarity), averaged over the complete runs of the arm; one shared colour scale
+    from ``vmin`` to ``vmax``."""
+
+    kind: ClassVar[str] = "heatmap"
+
+    name: str
+    matrix: str
+    title: str
+    arms: list[str] | None = None
+    vmin: float = -1.0
+    vmax: float = 1.0
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        owner = f"HeatmapPlot {self.name!r}"
+        check_name(owner, "matrix", self.matrix)
+        if self.arms is not None:
+            self.arms = check_name_list(owner, "arms (None for all arms)", self.arms, minimum=1)
+        for bound in ("vmin", "vmax"):
+            value = getattr(self, bound)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{owner}: {bound} must be a finite number, got {value!r}.")
+        if not self.vmin < self.vmax:
+            raise ValueError(f"{owner}: vmin={self.vmin} must be below vmax={self.vmax}.")
+
+    def mean_matrix(self, results: dict[str, Any], arm: str) -> list[list[float]] | None:
+        """The element-wise mean of the arm's complete runs' matrices (same shape, finite), or None."""
+        runs = _arm_data(results, arm).get("runs")
+        matrices = []
+        for run in runs.values() if isinstance(runs, dict) else []:
+            if not isinstance(run, dict) or run.get("status") != "complete" or not isinstance(run.get("curves"), dict):
+                continue
+            rows = run["curves"].get(self.matrix)
+            if (isinstance(rows, list) and rows and all(isinstance(r, list) and len(r) == len(rows) for r in rows)
+                    and all(isinstance(v, (int, float)) and math.isfinite(v) for r in rows for v in r)):
+                matrices.append(rows)
+        shapes = {len(m) for m in matrices}
+        if not matrices or len(shapes) != 1:
+            return None
+        size = shapes.pop()
+        return [[math.fsum(m[i][j] for m in matrices) / len(matrices) for j in range(size)] for i in range(size)]
+
+    def render_png(self, results: dict[str, Any]) -> bytes:
+        """A row of heatmaps, one per arm with a measured matrix, and a shared colour bar."""
+        from matplotlib.figure import Figure
+
+        drawn = [(arm, m) for arm in _selected_arms(results, self.arms)
+                 if (m := self.mean_matrix(results, arm)) is not None]
+        figure = Figure(figsize=(2.2 + 2.6 * max(1, len(drawn)), 3.8), dpi=100, layout="constrained")
+        if not drawn:
+            _note_no_data(figure.add_subplot())
+            return _figure_png(figure)
+        axes = figure.subplots(1, len(drawn), squeeze=False)[0]
+        image = None
+        for ax, (arm, matrix) in zip(axes, drawn):
+            image = ax.imshow(matrix, vmin=self.vmin, vmax=self.vmax, cmap="viridis")
+            ax.set_title(_arm_label(results, arm).replace(" (", "\n("), fontsize="x-small")  # long labels: 2 lines
+            ax.set_xlabel("layer")
+            ax.set_ylabel("layer")
+        figure.colorbar(image, ax=list(axes), label=self.label or self.matrix)
+        figure.suptitle(self.title)
+        return _figure_png(figure)
+
+    def caption(self, results: dict[str, Any]) -> str:
+        """The mean off-diagonal entry per arm, and which arms have no matrix."""
+        parts, missing = [], []
+        for arm in _selected_arms(results, self.arms):
+            matrix = self.mean_matrix(results, arm)
+            if matrix is None:
+                missing.append(arm)
+            elif len(matrix) > 1:
+                n = len(matrix)
+                off = math.fsum(matrix[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+                parts.append(f"{arm} {format_number(off, 3)}")
+        text = f"Mean off-diagonal {self.matrix}: {', '.join(parts)}." if parts else ""
+        if missing:
+            text += f" Not measured: {', '.join(missing)}."
+        return text.strip()
+
+
+_PLOT_KINDS: dict[str, type[Spec]] = {cls.kind: cls for cls in (CurvePlot, MetricPlot, HeatmapPlot)}
 
 
 def plot_from_dict(data: dict[str, Any]) -> Plot:
-    """Rebuild a plot spec from ``plot.to_dict()``, dispatching on its ``kind`` (curve, metric)."""
+    """Rebuild a plot spec from ``plot.to_dict()``, dispatching on its ``kind`` (curve, metric, heatmap)."""
     plot = spec_from_dict(data, _PLOT_KINDS, "plot")
     assert isinstance(plot, Plot)
     return plot

@@ -1,0 +1,374 @@
+"""`midas`: gradual stacking and MIDAS against full-depth training of the same byte-level LM.
+
+Saunshi, Karp, Krishnan, Miryoosefi, Reddi, Kumar, "On the Inductive Bias of Stacking Towards Improving Reasoning"
+(MIDAS; NeurIPS 2024, arXiv 2409.19044). The target model has ``k · b`` layers. Arms, all on the standard library's
+code (byte tokens), with the same warmup + cosine learning-rate shape over each arm's own budget and ≥ 3 seeds:
+
+* ``baseline`` — all ``k · b`` layers from the first step, ``T`` steps;
+* ``stacking`` — gradual stacking (copy the last block on top), ``k`` Prop-α stages over ``T`` steps;
+* ``midas`` — MIDAS (duplicate the middle block in place), the same stages over ``T`` steps;
+* ``midas-reduced`` — MIDAS over ``reduced_budget · T`` steps.
+
+Measured per run: held-out loss against cumulative training FLOPs (``TransformerLM.flops_per_token`` of the model
+as it is at each step, so a growing model's cost grows with it) and cumulative wall-clock seconds of training steps;
+the test loss; the layer-by-layer cosine similarity of weight matrices and the model's ``loop_similarity`` (mean
+similarity of distinct blocks: 1 for a looped model); and the exact-match accuracy on the reasoning primitives
+(induction copying, variable assignment at depths 0/1/2, arithmetic; `effml.data.tasks.primitives`) few-shot and
+after a short multi-task fine-tune.
+
+Derived per seed: the compute (FLOPs, seconds) at which each arm's held-out loss first reaches the baseline's final
+held-out loss (linear interpolation between evaluations; NaN when it never does), as a saving relative to the
+baseline's own compute to reach it. "MIDAS" in claim 1 is the cheaper of its two budgets, per seed.
+
+Claims: (1) MIDAS reaches the baseline's final held-out loss with ≥ 25 % less compute, in FLOPs and in wall-clock;
+(2) MIDAS is at least as good as the baseline on every primitive after fine-tuning (non-inferiority margin of
+``primitive_margin`` accuracy); (3) MIDAS's blocks are more alike than stacking's (higher loop similarity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effml.config import ConfigError, check_choice, check_positive, check_range
+from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
+from effml.experiments.lm_training import heldout_evaluator, load_byte_corpus
+from effml.train import Callback, TrainConfig, Trainer
+from effml.train.growth import OPTIMIZER_STATE_MODES, GrowthCallback, layer_similarity, loop_similarity
+from effml.train.lm import causal_lm_loss, heldout_nats_per_token
+
+__all__ = ["MidasConfig", "MidasRecipe", "ComputeMeter", "primitive_tasks", "answer_loss", "compute_to_reach"]
+
+BASELINE = "baseline"
+
+
+def primitive_tasks(shots: int) -> dict[str, Any]:
+    """The reasoning primitives by short name, each with ``shots`` solved examples before the query."""
+    from effml.data.tasks import Arithmetic, InductionCopying, VariableAssignment
+
+    return {"induction": InductionCopying(shots=shots),
+            **{f"assign-d{d}": VariableAssignment(depth=d, shots=shots) for d in (0, 1, 2)},
+            "arithmetic": Arithmetic(shots=shots)}
+
+
+@dataclass(frozen=True)
+class MidasConfig:
+    """Settings of the midas recipe (override any with --set key=value)."""
+
+    d_model: int = 96
+    head_dim: int = 32
+    block_size: int = 2  # b: layers per block
+    n_stages: int = 4  # k: the target depth is k · b
+    alpha: float = 1.0  # Prop-α stage schedule
+    optimizer_state: str = "copy"  # AdamW state of new layers: "copy" from their source or "reset"
+    reduced_budget: float = 0.7  # steps of the midas-reduced arm, as a fraction of train.steps
+    mlp: str = "gelu"
+    corpus: str = "stdlib-code"
+    max_bytes: int | None = None
+    seq_len: int = 128
+    batch_size: int = 16
+    eval_windows: int = 32  # held-out windows per evaluation during training
+    test_windows: int | None = 256  # test-split windows for the final test loss (None: the whole split)
+    shots: int = 3  # solved examples before each primitive's query
+    task_examples: int = 200  # evaluation examples per primitive
+    finetune_steps: int = 80  # multi-task fine-tune on the primitives (0: few-shot only)
+    finetune_batch: int = 16
+    finetune_lr: float = 1e-3
+    primitive_margin: float = 0.02  # claim 2 holds when MIDAS is at most this much accuracy below the baseline
+    speedup_threshold: float = 0.25  # claim 1: the compute saving that counts
+    seeds: int = 3
+    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=3e-3, warmup_steps=15, eval_every=15,
+                                                                   checkpoint_every=100, log_every=10))
+
+    def __post_init__(self) -> None:
+        owner = "midas"
+        for name in ("d_model", "head_dim", "block_size", "n_stages", "seq_len", "batch_size", "eval_windows",
+                     "shots", "task_examples", "finetune_batch", "seeds"):
+            check_positive(owner, name, getattr(self, name))
+        check_positive(owner, "finetune_steps", self.finetune_steps, allow_zero=True)
+        check_positive(owner, "finetune_lr", self.finetune_lr)
+        if self.d_model % self.head_dim:
+            raise ConfigError(f"midas.d_model = {self.d_model} is not a multiple of head_dim = {self.head_dim}; "
+                              "pick a width divisible by it or change head_dim.")
+        if self.n_stages < 2:
+            raise ConfigError(f"midas.n_stages = {self.n_stages}: growth needs at least 2 stages (the model grows "
+                              "between stages); use n_stages ≥ 2.")
+        check_range(owner, "alpha", self.alpha, 0.0, 10.0)
+        check_choice(owner, "optimizer_state", self.optimizer_state, OPTIMIZER_STATE_MODES)
+        check_choice(owner, "mlp", self.mlp, ("gelu", "swiglu"))
+        if not 0.0 < self.reduced_budget < 1.0:
+            raise ConfigError(f"midas.reduced_budget = {self.reduced_budget} must lie strictly between 0 and 1 (a "
+                              "fraction of train.steps, e.g. 0.7).")
+        if self.reduced_steps < max(self.n_stages, self.train.warmup_steps):
+            raise ConfigError(f"midas: the reduced budget ({self.reduced_budget} × {self.train.steps} = "
+                              f"{self.reduced_steps} steps) is shorter than n_stages={self.n_stages} or "
+                              f"train.warmup_steps={self.train.warmup_steps}; raise train.steps or reduced_budget.")
+        check_range(owner, "primitive_margin", self.primitive_margin, 0.0, 1.0)
+        check_range(owner, "speedup_threshold", self.speedup_threshold, 0.0, 1.0)
+        for name in ("max_bytes", "test_windows"):
+            if getattr(self, name) is not None:
+                check_positive(owner, name, getattr(self, name))
+        longest = max(task.seq_len for task in primitive_tasks(self.shots).values())
+        if longest > self.seq_len:
+            raise ConfigError(f"midas: with shots={self.shots} a primitive's prompt has {longest} tokens, more than "
+                              f"seq_len={self.seq_len}; lower shots or raise seq_len.")
+
+    @property
+    def n_layers(self) -> int:
+        """Target depth k · b."""
+        return self.n_stages * self.block_size
+
+    @property
+    def reduced_steps(self) -> int:
+        return round(self.reduced_budget * self.train.steps)
+
+
+def _smoke() -> MidasConfig:
+    return MidasConfig(d_model=32, block_size=1, n_stages=2, max_bytes=300_000, seq_len=80, batch_size=8,
+                       eval_windows=8, test_windows=16, shots=1, task_examples=16, finetune_steps=4, finetune_batch=8, seeds=2,
+                       train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, eval_every=3, checkpoint_every=6,
+                                         log_every=2))
+
+
+def _cpu() -> MidasConfig:
+    return MidasConfig()
+
+
+def _full() -> MidasConfig:
+    return MidasConfig(d_model=512, head_dim=64, block_size=4, n_stages=6, seq_len=512, batch_size=64,
+                       eval_windows=512, test_windows=None, task_examples=1000, finetune_steps=500, finetune_batch=64,
+                       train=TrainConfig(steps=20_000, lr=1e-3, warmup_steps=500, eval_every=250,
+                                         checkpoint_every=1000, log_every=50))
+
+
+class ComputeMeter(Callback):
+    """Cumulative training FLOPs and wall-clock seconds of the steps so far (saved in checkpoints).
+
+    FLOPs per step = ``model.flops_per_token(seq_len) · tokens_per_step`` with the model as it is during that step;
+    seconds run from the start of a step (before any growth callback placed after this one) to its end.
+    """
+
+    def __init__(self, seq_len: int, tokens_per_step: int) -> None:
+        self.seq_len, self.tokens_per_step = seq_len, tokens_per_step
+        self.flops = 0.0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        self._started = time.perf_counter()
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self.flops += trainer.model.flops_per_token(self.seq_len) * self.tokens_per_step
+        self.seconds += time.perf_counter() - self._started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flops": self.flops, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
+        self.flops, self.seconds = float(state["flops"]), float(state["seconds"])
+
+
+def answer_loss(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean cross-entropy over the answer positions of a `TaskBatch` (``loss_mask``); model: (B, T) → (B, T, V)."""
+    logits = model(batch.inputs)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none")
+    mask = batch.loss_mask.flatten().float()
+    return (losses * mask).sum() / mask.sum().clamp_min(1.0), {}
+
+
+def compute_to_reach(losses: list[list[float]], compute: list[list[float]], target: float) -> float:
+    """The compute at which a loss curve first reaches ``target``: linear interpolation between the two
+    evaluations around the crossing; the first evaluation's compute if it is already there; NaN if never.
+
+    Args:
+        losses: ``[[step, loss], ...]``; compute: ``[[step, cumulative compute], ...]`` at (at least) those steps.
+    """
+    spent = {step: value for step, value in compute}
+    points = [(spent[step], loss) for step, loss in losses if step in spent]
+    for index, (cost, loss) in enumerate(points):
+        if loss <= target:
+            if index == 0:
+                return cost
+            previous_cost, previous_loss = points[index - 1]
+            return previous_cost + (cost - previous_cost) * (previous_loss - target) / (previous_loss - loss)
+    return math.nan
+
+
+@register
+class MidasRecipe(Experiment):
+    name = "midas"
+    description = "MIDAS / gradual stacking vs full-depth training: loss vs compute, reasoning primitives, loopiness"
+    presets = {"smoke": _smoke, "cpu": _cpu, "full": _full}
+
+    def arms(self, config: MidasConfig) -> list[Arm]:
+        shared = {"n_layers": config.n_layers, "block_size": config.block_size, "n_stages": config.n_stages}
+        stages = f"{config.n_stages} stages of {config.block_size}-layer blocks, Prop-{config.alpha:g}"
+        return [
+            Arm(BASELINE, f"baseline ({config.n_layers} layers throughout)",
+                {**shared, "operator": None, "steps": config.train.steps}),
+            Arm("stacking", f"gradual stacking ({stages})", {**shared, "operator": "stacking",
+                                                               "steps": config.train.steps}),
+            Arm("midas", f"MIDAS ({stages})", {**shared, "operator": "midas", "steps": config.train.steps}),
+            Arm("midas-reduced", f"MIDAS, {config.reduced_budget:g} of the budget",
+                {**shared, "operator": "midas", "steps": config.reduced_steps}),
+        ]
+
+    def run_arm(self, config: MidasConfig, arm: Arm, context: RunContext) -> ArmRun:
+        from effml.data import WindowBatches
+        from effml.nn import TransformerConfig, TransformerLM
+
+        world = context.world
+        corpus = load_byte_corpus(config.corpus, config.max_bytes, world)
+        operator = arm.info["operator"]
+        train_config = dataclasses.replace(config.train, steps=arm.info["steps"])
+        torch.manual_seed(context.seed)
+        model = TransformerLM(TransformerConfig(
+            vocab_size=256, d_model=config.d_model, n_heads=config.d_model // config.head_dim,
+            n_layers=config.block_size if operator else config.n_layers, max_seq_len=config.seq_len, mlp=config.mlp))
+        tokens_per_step = config.batch_size * config.seq_len * train_config.grad_accum
+        meter = ComputeMeter(config.seq_len, tokens_per_step)
+        callbacks: list[Callback] = [meter]  # first, so its step time includes the growth
+        if operator:
+            callbacks.append(GrowthCallback(operator, config.n_stages, config.block_size, config.alpha,
+                                            train_config.steps, optimizer_state=config.optimizer_state))
+        heldout = heldout_evaluator(corpus, config.seq_len, config.batch_size, config.eval_windows, world,
+                                    context.device)
+
+        def evaluate(model: nn.Module, step: int) -> dict[str, float]:
+            return {**heldout(model, step), "flops": meter.flops, "train_seconds": meter.seconds}
+
+        source = WindowBatches(corpus.train, config.batch_size, config.seq_len, seed=context.seed)
+        trainer = Trainer(
+            model, causal_lm_loss, lambda index: source.batch(index, world.rank, world.world_size), train_config,
+            evaluate=evaluate, callbacks=callbacks, run_dir=context.run_dir, device=context.device,
+            resume=context.resume, quiet=context.quiet, description=f"{self.name} {arm.name} seed {context.seed}")
+        result = trainer.fit()
+        model = trainer.model
+        model.eval()
+        test_nats = heldout_nats_per_token(model, corpus.test, config.seq_len, config.batch_size,
+                                           config.test_windows, world, context.device)
+        similarity = layer_similarity(model)
+        metrics = dict(result.final_metrics)
+        metrics.update(
+            test_loss=test_nats, test_bpb=corpus.bits_per_byte("test", test_nats),
+            total_flops=meter.flops, total_train_seconds=meter.seconds,
+            loop_similarity=loop_similarity(model, config.block_size),
+            n_layers=float(len(model.blocks)),
+        )
+        metrics.update(self._primitives(config, model, context))
+        curves = dict(result.curves)
+        curves["layer_similarity"] = similarity.tolist()
+        return ArmRun(params=model.num_parameters(), metrics=metrics, curves=curves)
+
+    def _primitives(self, config: MidasConfig, model: nn.Module, context: RunContext) -> dict[str, float]:
+        """Exact-match accuracy on every primitive few-shot, then after a multi-task fine-tune (changes ``model``)."""
+        tasks = primitive_tasks(config.shots)
+        names = list(tasks)
+        eval_seed = 1_000_003 + context.seed  # hashed per batch by TokenTask.evaluate: disjoint from training seeds
+
+        def accuracies(prefix: str) -> dict[str, float]:
+            model.eval()
+            with torch.no_grad():
+                return {f"{prefix}_{name}": task.evaluate(lambda x: model(x.to(context.device)).argmax(-1),
+                                                          config.task_examples, eval_seed)["sequence_accuracy"]
+                        for name, task in tasks.items()}
+
+        metrics = accuracies("fewshot")
+        if config.finetune_steps == 0:
+            return metrics
+
+        def batch(index: int) -> Any:  # the primitives in turn, each batch from its own seed
+            return tasks[names[index % len(names)]].sample(config.finetune_batch, context.seed * 1_000_000 + index)
+
+        finetune = TrainConfig(steps=config.finetune_steps, lr=config.finetune_lr,
+                               warmup_steps=min(10, config.finetune_steps), weight_decay=0.0, log_every=10)
+        torch.manual_seed(context.seed)
+        Trainer(model, answer_loss, batch, finetune, device=context.device, quiet=True,
+                description=f"{self.name} fine-tune").fit()
+        metrics.update(accuracies("finetuned"))
+        return metrics
+
+    def derive(self, config: MidasConfig, results: dict[str, Any]) -> dict[str, Any]:
+        """Per seed and arm: the FLOPs and seconds to reach the baseline's final held-out loss, as savings."""
+        arms = results["arms"]
+        growth_arms = [arm.name for arm in self.arms(config) if arm.name != BASELINE]
+        derived: dict[str, Any] = {name: {"label": f"{name}: compute saving to reach the baseline's final loss",
+                                          "runs": {}} for name in growth_arms}
+        derived["midas-best"] = {"label": "MIDAS (cheaper of its budgets): compute saving to reach the baseline's "
+                                          "final loss", "runs": {}}
+        for seed in map(str, self.seeds(config)):
+            base = arms.get(BASELINE, {}).get("runs", {}).get(seed)
+            if base is None or base.get("status") != "complete":
+                continue
+            target = base["metrics"]["valid_loss"]
+            base_cost = {kind: compute_to_reach(base["curves"]["valid_loss"], base["curves"][kind], target)
+                         for kind in ("flops", "train_seconds")}
+            for name in growth_arms:
+                run = arms.get(name, {}).get("runs", {}).get(seed)
+                if run is None or run.get("status") != "complete":
+                    continue
+                savings = {}
+                for kind, metric in (("flops", "flops_saving"), ("train_seconds", "time_saving")):
+                    cost = compute_to_reach(run["curves"]["valid_loss"], run["curves"][kind], target)
+                    savings[metric] = 1.0 - cost / base_cost[kind]
+                savings["reached"] = float(math.isfinite(savings["flops_saving"]))
+                derived[name]["runs"][seed] = {"status": "complete", "metrics": savings}
+            midas = [derived[n]["runs"][seed]["metrics"] for n in ("midas", "midas-reduced")
+                     if seed in derived[n]["runs"]]
+            if len(midas) == 2:
+                best = {metric: max((m[metric] for m in midas if math.isfinite(m[metric])), default=math.nan)
+                        for metric in ("flops_saving", "time_saving")}
+                derived["midas-best"]["runs"][seed] = {"status": "complete", "metrics": best}
+        return derived
+
+    def claims(self, config: MidasConfig) -> list[Any]:
+        from effml.report import Compare, Threshold
+
+        saving = f"{config.speedup_threshold * 100:g}%"
+        claims: list[Any] = [
+            Threshold(name="MIDAS saves FLOPs",
+                      statement=f"MIDAS reaches the baseline's final held-out loss with at least {saving} fewer "
+                                "training FLOPs (saving = 1 − FLOPs to reach / baseline's FLOPs to reach).",
+                      metric="flops_saving", arm="midas-best", better="higher", threshold=config.speedup_threshold),
+            Threshold(name="MIDAS saves wall-clock",
+                      statement=f"MIDAS reaches the baseline's final held-out loss with at least {saving} less "
+                                "training wall-clock time.",
+                      metric="time_saving", arm="midas-best", better="higher", threshold=config.speedup_threshold),
+        ]
+        for name in primitive_tasks(config.shots):
+            claims.append(Compare(
+                name=f"MIDAS ≥ baseline on {name}",
+                statement=f"After fine-tuning, MIDAS's exact-match accuracy on {name} is at least the baseline's "
+                          f"(non-inferiority margin {config.primitive_margin:g}).",
+                metric=f"finetuned_{name}", arm="midas", baseline=BASELINE, better="higher",
+                margin=-config.primitive_margin))
+        claims.append(Compare(
+            name="MIDAS is more loop-like than stacking",
+            statement="The blocks of the MIDAS-trained model are more alike than those of the stacking-trained one "
+                      "(loop similarity: mean cosine similarity of distinct blocks' weights, 1 for a looped model).",
+            metric="loop_similarity", arm="midas", baseline="stacking", better="higher"))
+        return claims
+
+    def plots(self, config: MidasConfig) -> list[Any]:
+        from effml.report import CurvePlot, HeatmapPlot, MetricPlot
+
+        return [
+            CurvePlot(name="loss_vs_flops", curve="valid_loss", x_curve="flops", xlabel="cumulative training FLOPs",
+                      title="Held-out loss against training FLOPs", ylabel="nats per byte"),
+            CurvePlot(name="loss_vs_seconds", curve="valid_loss", x_curve="train_seconds",
+                      xlabel="cumulative training seconds", title="Held-out loss against wall-clock",
+                      ylabel="nats per byte"),
+            CurvePlot(name="train_loss", curve="train_loss", title="Training loss", ylabel="nats per byte"),
+            HeatmapPlot(name="layer_similarity", matrix="layer_similarity", label="cosine similarity",
+                        title="Cosine similarity of layers' weight matrices (mean over seeds)"),
+            MetricPlot(name="loop_similarity", x="total_flops", y="loop_similarity",
+                       title="Loop similarity of the final model vs training FLOPs"),
+        ]

@@ -1,0 +1,254 @@
+"""Gradual stacking / MIDAS growth: Prop-α stages, layer order, exact copies, optimizer state, HF Llama, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from effml.nn import TransformerConfig, TransformerLM
+from effml.optim import WarmupCosine, build_adamw
+from effml.train import Callback, TrainConfig, Trainer, TrainingInterrupted
+from effml.train.growth import (GrowthCallback, Midas, Stacking, build_growth_operator, grow_model, layer_similarity,
+                                loop_similarity, prop_alpha_stages, rebuild_optimizer, stage_starts)
+from effml.train.lm import causal_lm_loss
+
+VOCAB, SEQ = 32, 16
+
+
+def tiny_model(n_layers: int, seed: int = 0) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=2,
+                                           max_seq_len=SEQ))
+
+
+# ------------------------------------------------------------------------------------------------ Prop-α
+
+
+def test_prop_alpha_stage_lengths_follow_the_formula_and_sum_to_the_budget() -> None:
+    assert prop_alpha_stages(100, 4, 1.0) == [10, 20, 30, 40]  # T·i/10 exactly
+    assert prop_alpha_stages(30, 4, 2.0) == [1, 4, 9, 16]  # T·i²/30 exactly
+    assert prop_alpha_stages(12, 3, 0.0) == [4, 4, 4]
+    for total, stages, alpha in [(301, 4, 1.0), (997, 6, 2.0), (17, 5, 0.5), (5, 5, 3.0)]:
+        lengths = prop_alpha_stages(total, stages, alpha)
+        assert sum(lengths) == total and min(lengths) >= 1
+        norm = sum(j ** alpha for j in range(1, stages + 1))
+        shares = [total * i ** alpha / norm for i in range(1, stages + 1)]
+        if min(shares) >= 1:
+            assert all(abs(length - share) < 1 for length, share in zip(lengths, shares))
+    assert stage_starts([10, 20, 30, 40]) == [0, 10, 30, 60]
+
+
+@pytest.mark.parametrize("args", [(3, 4, 1.0), (100, 0, 1.0), (100, 4, -1.0), (100, 4, math.nan)])
+def test_prop_alpha_rejects_bad_settings(args) -> None:
+    with pytest.raises(ValueError):
+        prop_alpha_stages(*args)
+
+
+# ------------------------------------------------------------------------------------------------ layer order
+
+
+def _tag_layers(model: TransformerLM, first_tag: int) -> None:
+    """Give every layer a distinct tag (written into its final-MLP weight) standing for 'trained since'."""
+    with torch.no_grad():
+        for index, block in enumerate(model.blocks):
+            block.mlp_norm.weight.fill_(first_tag + index)
+
+
+def _tags(model: TransformerLM) -> list[int]:
+    return [int(block.mlp_norm.weight[0]) for block in model.blocks]
+
+
+@pytest.mark.parametrize("operator, expected", [
+    # b = 2 layers per block; tags name the layers before each growth (the model is re-tagged in between).
+    ("stacking", [[0, 1, 0, 1], [10, 11, 12, 13, 12, 13], [20, 21, 22, 23, 24, 25, 24, 25]]),
+    ("midas", [[0, 1, 0, 1], [10, 11, 10, 11, 12, 13], [20, 21, 22, 23, 22, 23, 24, 25]]),
+])
+def test_growth_operators_put_the_copied_block_where_promised(operator: str, expected: list[list[int]]) -> None:
+    model = tiny_model(2)
+    for stage, order in enumerate(expected):
+        _tag_layers(model, 10 * stage)
+        grow_model(model, build_growth_operator(operator), block_size=2)
+        assert _tags(model) == order
+        assert model.config.n_layers == len(model.blocks) == 2 * (stage + 2)
+
+
+def test_midas_duplicates_block_ceil_half_and_stacking_the_last() -> None:
+    assert [Midas().source_block(i) for i in range(1, 8)] == [0, 0, 1, 1, 2, 2, 3]
+    assert [Stacking().source_block(i) for i in range(1, 5)] == [0, 1, 2, 3]
+    assert Midas().moves(6, 2) == [(4, 2), (5, 3)]  # block 1 (layers 2, 3) copied to layers 4, 5
+    with pytest.raises(ValueError, match="whole number of blocks"):
+        Midas().moves(5, 2)
+    with pytest.raises(ValueError, match="Unknown growth operator"):
+        build_growth_operator("middle")
+
+
+def test_copied_layers_are_exact_and_independent() -> None:
+    model = tiny_model(2)
+    sources = grow_model(model, Midas(), block_size=1)  # layers [A, A', B]
+    assert len(sources) == sum(1 for _ in model.blocks[1].parameters())
+    for (name, copy), original in zip(model.blocks[1].named_parameters(), model.blocks[0].parameters()):
+        assert torch.equal(copy, original) and copy.data_ptr() != original.data_ptr(), name
+        assert sources[copy] is original
+    with torch.no_grad():
+        model.blocks[1].attn.qkv_proj.weight.add_(1.0)
+    assert not torch.equal(model.blocks[1].attn.qkv_proj.weight, model.blocks[0].attn.qkv_proj.weight)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer state
+
+
+@pytest.mark.parametrize("mode", ["copy", "reset"])
+def test_optimizer_state_of_new_layers_is_copied_or_reset(mode: str) -> None:
+    model = tiny_model(1)
+    optimizer = build_adamw(model, 1e-3, 0.1)
+    inputs = torch.randint(0, VOCAB, (2, SEQ + 1))
+    causal_lm_loss(model, (inputs[:, :-1], inputs[:, 1:]), 0)[0].backward()
+    optimizer.step()
+    old_params = list(model.parameters())
+    sources = grow_model(model, Stacking(), block_size=1)
+    new = rebuild_optimizer(optimizer, build_adamw(model, 1e-3, 0.1), sources, mode)
+    for param in old_params:  # untouched parameters keep their very state
+        assert new.state[param] is optimizer.state[param]
+    for copy, source in sources.items():
+        if mode == "reset":
+            assert copy not in new.state
+        else:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(new.state[copy][key], optimizer.state[source][key])
+                assert new.state[copy][key] is not optimizer.state[source][key]
+    assert sum(len(g["params"]) for g in new.param_groups) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+
+
+def test_growth_works_on_a_hugging_face_llama_and_keeps_its_kv_cache_right() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    grow_model(model, Midas(), block_size=1)  # [L0, L0', L1]
+    layers = model.model.layers
+    assert model.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+    for copy, original in zip(layers[1].parameters(), layers[0].parameters()):
+        assert torch.equal(copy, original) and copy.data_ptr() != original.data_ptr()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        prefix = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ in the trainer
+
+
+def batches(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, VOCAB, (4, SEQ + 1), generator=torch.Generator().manual_seed(1000 + index))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class DepthLog(Callback):
+    def __init__(self) -> None:
+        self.depths: list[int] = []
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self.depths.append(len(trainer.model.blocks))
+
+
+class InterruptAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def growth_trainer(run_dir, seed: int = 0, extra=()) -> Trainer:
+    # 3 stages of 1 layer over 12 steps, Prop-1: stage lengths 2, 4, 6 (growth before steps 2 and 6).
+    config = TrainConfig(steps=12, lr=3e-3, warmup_steps=2, checkpoint_every=0, eval_every=0, log_every=1)
+    growth = GrowthCallback("midas", n_stages=3, block_size=1, alpha=1.0, total_steps=12)
+    return Trainer(tiny_model(1, seed), causal_lm_loss, batches, config, callbacks=[growth, *extra],
+                   run_dir=run_dir, quiet=True)
+
+
+def test_the_trainer_grows_at_the_stage_boundaries_and_the_lr_schedule_continues() -> None:
+    depth = DepthLog()
+    trainer = growth_trainer(None, extra=[depth])
+    result = trainer.fit()
+    assert depth.depths == [1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3]
+    schedule = WarmupCosine(12, 2, 0.1)
+    assert [lr for _, lr in result.curves["lr"]] == pytest.approx([3e-3 * schedule(s) for s in range(12)])
+    assert all(math.isfinite(loss) for _, loss in result.curves["train_loss"])
+
+
+@pytest.mark.parametrize("interrupt_after", [2, 4])  # checkpoints mid-stage (step 4) or at the boundary (step 6)
+def test_resume_mid_stage_and_across_a_boundary_is_bit_identical(tmp_path, interrupt_after: int) -> None:
+    straight = growth_trainer(tmp_path / "straight")
+    reference = straight.fit()
+
+    split = growth_trainer(tmp_path / "split", extra=[InterruptAt(interrupt_after)])
+    with pytest.raises(TrainingInterrupted) as stop:
+        split.fit()
+    assert stop.value.step == interrupt_after + 2  # the signal is honoured after the next step
+    assert len(split.model.blocks) == 2  # stage 2; at step 6 the checkpoint precedes the growth into stage 3
+
+    resumed = growth_trainer(tmp_path / "split", seed=123)
+    resumed.resume = True
+    result = resumed.fit()
+    assert result.curves["train_loss"] == reference.curves["train_loss"]
+    assert len(resumed.model.blocks) == 3
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    state_a, state_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key]["exp_avg_sq"], state_b[key]["exp_avg_sq"])
+    logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train_loss" in r] == list(range(12))
+
+
+def test_resume_refuses_a_checkpoint_of_another_growth_schedule(tmp_path) -> None:
+    growth_trainer(tmp_path).fit()
+    other = Trainer(tiny_model(1), causal_lm_loss, batches, TrainConfig(steps=12, lr=3e-3, warmup_steps=2),
+                    callbacks=[GrowthCallback("stacking", 3, 1, 1.0, 12)], run_dir=tmp_path, quiet=True, resume=True)
+    with pytest.raises(ValueError, match="midas run"):
+        other.fit()
+
+
+def test_growth_callback_rejects_a_model_of_the_wrong_depth(tmp_path) -> None:
+    trainer = Trainer(tiny_model(2), causal_lm_loss, batches, TrainConfig(steps=4, lr=1e-3, warmup_steps=0),
+                      callbacks=[GrowthCallback("midas", 2, 1, 1.0, 4)], quiet=True)
+    with pytest.raises(ValueError, match="block_size layers"):
+        trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------------ similarity
+
+
+def test_layer_and_loop_similarity() -> None:
+    model = tiny_model(1)
+    grow_model(model, Midas(), 1)
+    grow_model(model, Midas(), 1)
+    assert loop_similarity(model, 1) == pytest.approx(1.0)  # three identical layers: a looped model
+    independent = tiny_model(4, seed=1)
+    similarity = layer_similarity(independent)
+    assert similarity.shape == (4, 4)
+    torch.testing.assert_close(similarity, similarity.T)
+    torch.testing.assert_close(similarity.diagonal(), torch.ones(4))
+    a, b = ([p.detach().flatten() for p in block.parameters() if p.ndim >= 2] for block in independent.blocks[:2])
+    a, b = torch.cat(a), torch.cat(b)
+    assert similarity[0, 1].item() == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-6)
+    blocks = [torch.cat([p.detach().flatten() for layer in independent.blocks[i:i + 2]
+                         for p in layer.parameters() if p.ndim >= 2]) for i in (0, 2)]
+    expected = float(blocks[0] @ blocks[1] / (blocks[0].norm() * blocks[1].norm()))
+    assert loop_similarity(independent, 2) == pytest.approx(expected, abs=1e-6)
+    assert abs(expected) < 0.2  # independently initialised blocks are far from looped
