@@ -8,10 +8,12 @@ from effml.nn.mlp import MLPS, GeluMLP, SwiGLUMLP, build_mlp
 from effml.nn.norm import RMSNorm
 from effml.nn.residual import RESIDUALS, PlainResidual, Residual, StreamHistory, build_residual, register_residual
 from effml.nn.rotary import RotaryEmbedding, apply_rotary
+from effml.nn.ssm import SSM_MIXERS, Mamba1Mixer, Mamba2Mixer, SSMCache, build_mixer
 from effml.nn.transformer import TransformerConfig, TransformerLM
 
 __all__ = [
     "CausalSelfAttention", "KVCache", "TransformerBlock", "MLPS", "GeluMLP", "SwiGLUMLP", "build_mlp", "RMSNorm",
     "RESIDUALS", "PlainResidual", "Residual", "StreamHistory", "build_residual", "register_residual",
     "RotaryEmbedding", "apply_rotary", "TransformerConfig", "TransformerLM",
+    "SSM_MIXERS", "Mamba1Mixer", "Mamba2Mixer", "SSMCache", "build_mixer",
 ]
