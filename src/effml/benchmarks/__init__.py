@@ -37,12 +37,14 @@ class Benchmark:
         run: ``run(quick: bool, device: str) -> dict``, a JSON-serialisable result with at least ``machine`` and
             ``config`` (rendered first in the markdown) and, by convention, ``ratios``.
         render: result -> the markdown body after the machine/config header (tables of numbers and ratios).
+        write_files: optional ``(result, directory)`` hook writing extra files (plots) into the run directory.
     """
 
     name: str
     description: str
     run: Callable[..., dict]
     render: Callable[[dict[str, Any]], str] = _default_render
+    write_files: Callable[[dict[str, Any], Path], None] | None = None
 
 
 def _run_lm(quick: bool = False, device: str = "cpu") -> dict:
@@ -57,9 +59,29 @@ def _render_lm(result: dict[str, Any]) -> str:
     return lm.render(result)
 
 
+def _run_ssm(quick: bool = False, device: str = "cpu") -> dict:
+    from effml.benchmarks import ssm
+
+    return ssm.run(quick=quick, device=device)
+
+
+def _render_ssm(result: dict[str, Any]) -> str:
+    from effml.benchmarks import ssm
+
+    return ssm.render(result)
+
+
+def _write_ssm_files(result: dict[str, Any], directory: Path) -> None:
+    from effml.benchmarks import ssm
+
+    ssm.write_files(result, directory)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "lm": Benchmark("lm", "effml's TransformerLM vs x-transformers and HF GPT-2: training tokens/s, step memory, "
                     "KV-cache generation tokens/s, MFU", _run_lm, _render_lm),
+    "ssm": Benchmark("ssm", "effml's Mamba vs mambapy: training tokens/s; LM step time vs context, SSM vs attention",
+                     _run_ssm, _render_ssm, _write_ssm_files),
 }
 
 
@@ -108,4 +130,6 @@ def run_benchmark(name: str, *, quick: bool = False, out: Path = Path("runs"), d
     atomic_write_json(directory / "result.json", result)
     markdown_path = directory / "result.md"
     atomic_write_text(markdown_path, render_markdown(name, result, benchmark.render))
+    if benchmark.write_files is not None:
+        benchmark.write_files(result, directory)
     return markdown_path

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_step", "ssd_scan", "ssd_scan_reference",
@@ -106,26 +107,27 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
                    state: Tensor | None = None, chunk_size: int = 32) -> tuple[Tensor, Tensor]:
     """The Mamba-1 recurrence by chunks (see the module docstring); same arguments and results as
     ``selective_scan_reference`` plus ``chunk_size``, the longest chunk tried (halved while a chunk's total decay
-    exceeds what the dtype can scale by)."""
+    exceeds what the dtype can scale by). Internally time is the last dimension, (b, c, n, t), because cumulative
+    sums along the last dimension are several times faster on the CPU than along a middle one."""
     batch, steps, channels = x.shape
-    log_decay = dt.unsqueeze(-1) * A                                    # (b, t, c, n), ≤ 0
-    inputs = (dt * x).unsqueeze(-1) * B.unsqueeze(2)                   # (b, t, c, n)
+    dt_t = dt.transpose(1, 2).unsqueeze(2)                                   # (b, c, 1, t)
+    log_decay = dt_t * A.unsqueeze(-1)                                       # (b, c, n, t), ≤ 0
+    inputs = (dt_t * x.transpose(1, 2).unsqueeze(2)) * B.transpose(1, 2).unsqueeze(1)   # (b, c, n, t)
     limit = _exponent_limit(log_decay.dtype)
     size = max(1, min(chunk_size, steps))
     while True:
         padded = -steps % size
-        cumulative = _pad_time(log_decay, padded).unflatten(1, (-1, size)).cumsum(2)   # (b, K, Q, c, n)
-        if size == 1 or float(cumulative[:, :, -1].detach().min()) >= -limit:
+        cumulative = F.pad(log_decay, (0, padded)).unflatten(-1, (-1, size)).cumsum(-1)    # (b, c, n, K, Q)
+        if size == 1 or float(cumulative[..., -1].detach().min()) >= -limit:
             break
         size = max(1, size // 2)
-    chunk_inputs = _pad_time(inputs, padded).unflatten(1, (-1, size))
-    local = torch.exp(cumulative) * torch.cumsum(torch.exp(-cumulative) * chunk_inputs, dim=2)
+    chunk_inputs = F.pad(inputs, (0, padded)).unflatten(-1, (-1, size))
+    local = torch.exp(cumulative) * torch.cumsum(torch.exp(-cumulative) * chunk_inputs, dim=-1)
     if state is None:
         state = x.new_zeros(batch, channels, A.shape[1])
-    entering, state = _carry_states(cumulative[:, :, -1], local[:, :, -1], state)
-    states = local + torch.exp(cumulative) * entering.unsqueeze(2)      # (b, K, Q, c, n)
-    y = torch.einsum("bkqcn,bkqn->bkqc", states, _pad_time(C, padded).unflatten(1, (-1, size)))
-    y = y.flatten(1, 2)[:, :steps]
+    entering, state = _carry_states(cumulative[..., -1].movedim(-1, 1), local[..., -1].movedim(-1, 1), state)
+    states = local + torch.exp(cumulative) * entering.movedim(1, -1).unsqueeze(-1)        # (b, c, n, K, Q)
+    y = torch.einsum("bcnt,btn->btc", states.flatten(-2)[..., :steps], C)
     if D is not None:
         y = y + D * x
     return y, state
