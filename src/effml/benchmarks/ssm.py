@@ -207,9 +207,10 @@ def _add_ratios(result: dict[str, Any], device: str) -> None:
                           "value": None if entry is None else entry["value"], "status": status}]
 
 
-def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
-    """Run the ``ssm`` benchmark (``QUICK`` shapes when ``quick``); returns the JSON-ready result."""
-    config = QUICK if quick else DEFAULT
+def run(quick: bool = False, device: str = "cpu", config: SSMBenchConfig | None = None) -> dict[str, Any]:
+    """Run the ``ssm`` benchmark (``QUICK`` shapes when ``quick``, else ``config`` or ``DEFAULT``); returns the
+    JSON-ready result."""
+    config = QUICK if quick else (config or DEFAULT)
     skipped: dict[str, str] = {}
     result: dict[str, Any] = {
         "benchmark": "ssm", "quick": quick, "machine": machine_info(device, peers=("mambapy",)),
@@ -241,7 +242,8 @@ def render(result: dict[str, Any]) -> str:
     for name, numbers in result["train"].items():
         ratio = {EFFML1: "train_ratio_mamba1_vs_mambapy", EFFML2: "train_ratio_mamba2_vs_mambapy"}.get(name)
         rows.append([name, f"{numbers['params']:,}", f"{numbers['median_s'] * 1e3:.1f}",
-                     f"{numbers['tokens_per_s']:,.0f}", "1.00× (ref)" if ratio is None else _ratio_text(ratios.get(ratio))])
+                     f"{numbers['tokens_per_s']:,.0f}",
+                     "1.00× (ref)" if ratio is None else _ratio_text(ratios.get(ratio))])
     sections = ["## Training step of a Mamba stack (forward + MSE + backward + AdamW)",
                 markdown_table(["model", "params", "median step (ms)", "tokens/s", "tokens/s ÷ mambapy's"], rows),
                 "effml-mamba2 is a different layer (scalar decay per head, SSD scan), shown for reference."]

@@ -96,7 +96,8 @@ class MimeticConfig:
                               "'mimetic' (the claims compare them).")
         for name in ("copy_lengths", "mqar_pairs"):
             values = getattr(self, name)
-            if not values or any(not isinstance(v, int) or v < 1 for v in values) or list(values) != sorted(set(values)):
+            if not values or any(not isinstance(v, int) or v < 1 for v in values) \
+                    or list(values) != sorted(set(values)):
                 raise ConfigError(f"mimetic.{name} = {values!r} must be distinct positive ints in increasing order.")
         if max(self.mqar_pairs) > self.mqar_keys:
             raise ConfigError(f"mimetic: mqar_pairs up to {max(self.mqar_pairs)} need as many distinct keys, but "
@@ -212,7 +213,8 @@ class Mimetic(Experiment):
                         continue
                     solved = [length for length, run in zip(config.lengths(task), measured)
                               if run["metrics"]["token_accuracy"] >= config.solve_accuracy]
-                    runs[str(seed)] = {"status": "complete", "metrics": {"largest_solved": float(max(solved, default=0))}}
+                    runs[str(seed)] = {"status": "complete",
+                                       "metrics": {"largest_solved": float(max(solved, default=0))}}
                 derived[f"{task}-largest-solved-{init}"] = {
                     "label": f"{task}: largest length with accuracy ≥ {config.solve_accuracy:.0%}, {init} init",
                     "runs": runs}

@@ -208,7 +208,8 @@ class Mamba1Mixer(_SelectiveMixer):
 
     def ssm_inputs(self, u: Tensor, cache: SSMCache | None = None,
                    cache_slot: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """From the block input u (b, t, d_model): the scan's x, Δ (b, t, E), B, C (b, t, N) and the gate z (b, t, E)."""
+        """From the block input u (b, t, d_model): the scan's x, Δ (b, t, E), B, C (b, t, N) and the gate z
+        (b, t, E)."""
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x = F.silu(_causal_conv(self.conv1d, x, cache, cache_slot))
         low_rank, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

@@ -108,7 +108,8 @@ class TransformerConfig:
         except ValueError as error:
             raise ValueError(f"{owner}.residual: {error}") from None
         if not isinstance(self.mixer_options, dict):
-            raise ValueError(f"{owner}.mixer_options must be a dict of constructor options, got {self.mixer_options!r}.")
+            raise ValueError(f"{owner}.mixer_options must be a dict of constructor options, "
+                             f"got {self.mixer_options!r}.")
         if self.mixer != "attention":
             try:
                 check_mixer_options(self.mixer, self.mixer_options)
@@ -237,7 +238,8 @@ class TransformerLM(nn.Module):
         if self.config.mixer != "attention":
             if not isinstance(cache, SSMCache) or cache.n_slots != self.config.n_loops * len(self.blocks) \
                     or cache.batch_size != batch:
-                raise ValueError(f"an SSM-mixer model needs the SSMCache of new_cache(batch_size={batch}), got {cache!r}.")
+                raise ValueError(f"an SSM-mixer model needs the SSMCache of new_cache(batch_size={batch}), "
+                                 f"got {cache!r}.")
             return
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache from TransformerLM.new_cache, got {type(cache).__name__}.")
@@ -272,14 +274,17 @@ class TransformerLM(nn.Module):
         where N_applied = n_loops · (parameters of the blocks) + final-norm parameters + vocab_size · d_model counts
         every weight once per time it multiplies a token's activations: shared blocks once per loop, and the LM head
         (a d_model × vocab_size matmul, tied or not), but not the embedding lookup, which costs no multiply-adds.
-        The second term is the q·kᵀ and attention·v products (2 matmuls × 2 FLOPs × 3 for forward + backward).
+        The second term is the q·kᵀ and attention·v products (2 matmuls × 2 FLOPs × 3 for forward + backward); SSM
+        mixers have no such term (their scan's elementwise O(E·N) work per token is not counted).
         """
         _require_positive_int("flops_per_token", "seq_len", seq_len)
         config = self.config
         block_params = sum(p.numel() for p in self.blocks.parameters())
         norm_params = sum(p.numel() for p in self.final_norm.parameters())
         applied = config.n_loops * block_params + norm_params + config.vocab_size * config.d_model
-        attention = 12 * len(self.blocks) * config.n_loops * config.d_model * seq_len if config.mixer == "attention" else 0
+        attention = 12 * len(self.blocks) * config.n_loops * config.d_model * seq_len
+        if config.mixer != "attention":  # SSM mixers: their matmuls are in the parameter term, no q·kᵀ products
+            attention = 0
         return float(6 * applied + attention)
 
     # ------------------------------------------------------------------ growth (stacking, MIDAS)
