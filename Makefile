@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	$(BIN)/effml bench lm
+	$(BIN)/effml bench ssm
 
 clean:
 	rm -rf $(VENV) .pytest_cache
