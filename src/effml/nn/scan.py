@@ -14,7 +14,7 @@ Chunked evaluation (both variants): split the T steps into chunks of Q. With the
 h_t = Σ_{s ≤ t} exp(ℓ_t − ℓ_s) u_s (u_s = Δ_s B_s x_s), and the true state adds exp(ℓ_t) · H, where H is the state
 carried in from the previous chunk; H is passed from chunk to chunk (a loop over T/Q chunks, never over time steps).
 
-* Mamba-1 (decay differs per (c, n)): h_t = exp(ℓ_t) · cumsum_s(exp(−ℓ_s) u_s), an O(T·C·N) pass with no Q×Q matrix.
+* Mamba-1 (decay differs per (c, n)): h_t = exp(ℓ_t) · (cumsum_s(exp(−ℓ_s) u_s) + H), O(T·C·N), no Q×Q matrix.
   exp(−ℓ_s) grows with the decay accumulated inside a chunk, so the chunk length is halved (per call) until every
   chunk's total decay stays within exp(±limit) for the dtype — the result is exact for any Δ and A, only the number of
   chunks changes.
@@ -122,11 +122,14 @@ def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
             break
         size = max(1, size // 2)
     chunk_inputs = F.pad(inputs, (0, padded)).unflatten(-1, (-1, size))
-    local = torch.exp(cumulative) * torch.cumsum(torch.exp(-cumulative) * chunk_inputs, dim=-1)
+    # h_t = exp(ℓ_t) · (Σ_{s≤t} u_s / exp(ℓ_s) + H): one exp and one division (exp(ℓ) ≥ e^-limit, no underflow)
+    growth = torch.exp(cumulative)                                                          # (b, c, n, K, Q)
+    sums = torch.cumsum(chunk_inputs / growth, dim=-1)
     if state is None:
         state = x.new_zeros(batch, channels, A.shape[1])
-    entering, state = _carry_states(cumulative[..., -1].movedim(-1, 1), local[..., -1].movedim(-1, 1), state)
-    states = local + torch.exp(cumulative) * entering.movedim(1, -1).unsqueeze(-1)        # (b, c, n, K, Q)
+    chunk_ends = (growth[..., -1] * sums[..., -1]).movedim(-1, 1)                           # (b, K, c, n)
+    entering, state = _carry_states(cumulative[..., -1].movedim(-1, 1), chunk_ends, state)
+    states = growth * (sums + entering.movedim(1, -1).unsqueeze(-1))                        # (b, c, n, K, Q)
     y = torch.einsum("bcnt,btn->btc", states.flatten(-2)[..., :steps], C)
     if D is not None:
         y = y + D * x
