@@ -29,6 +29,9 @@ test: setup
 
 bench: setup
 	$(BIN)/effml bench lm
+	$(BIN)/effml bench ssm
+	$(BIN)/effml bench laurel
+	$(BIN)/effml bench lora-rite
 
 clean:
 	rm -rf $(VENV) .pytest_cache

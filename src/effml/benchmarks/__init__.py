@@ -38,17 +38,19 @@ class Benchmark:
         run: ``run(quick: bool, device: str) -> dict``, a JSON-serialisable result with at least ``machine`` and
             ``config`` (rendered first in the markdown) and, by convention, ``ratios``.
         render: result -> the markdown body after the machine/config header (tables of numbers and ratios).
+        write_files: optional ``(result, directory)`` hook writing extra files (plots) into the run directory.
     """
 
     name: str
     description: str
     run: Callable[..., dict]
     render: Callable[[dict[str, Any]], str] = _default_render
+    write_files: Callable[[dict[str, Any], Path], None] | None = None
 
 
 def _lazy_benchmark(name: str, module: str, description: str) -> Benchmark:
-    """A benchmark whose ``run``/``render`` live in ``effml.benchmarks.<module>``, imported only when used (so
-    ``effml list`` does not import the peers)."""
+    """A benchmark whose ``run``, ``render`` and optional ``write_files`` live in ``effml.benchmarks.<module>``,
+    imported only when used (so ``effml list`` does not import the peers)."""
 
     def run(quick: bool = False, device: str = "cpu") -> dict:
         return importlib.import_module(f"effml.benchmarks.{module}").run(quick=quick, device=device)
@@ -56,7 +58,12 @@ def _lazy_benchmark(name: str, module: str, description: str) -> Benchmark:
     def render(result: dict[str, Any]) -> str:
         return importlib.import_module(f"effml.benchmarks.{module}").render(result)
 
-    return Benchmark(name, description, run, render)
+    def write_files(result: dict[str, Any], directory: Path) -> None:
+        extra = getattr(importlib.import_module(f"effml.benchmarks.{module}"), "write_files", None)
+        if extra is not None:
+            extra(result, directory)
+
+    return Benchmark(name, description, run, render, write_files)
 
 
 BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
@@ -66,6 +73,8 @@ BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
                     "state memory at several ranks and widths"),
     _lazy_benchmark("laurel", "laurel", "LAuReL variants vs the plain residual: forward+backward time and peak "
                     "memory at several widths"),
+    _lazy_benchmark("ssm", "ssm", "effml's Mamba vs mambapy: training tokens/s; LM step time vs context, SSM vs "
+                    "attention"),
 )}
 
 
@@ -114,4 +123,6 @@ def run_benchmark(name: str, *, quick: bool = False, out: Path = Path("runs"), d
     atomic_write_json(directory / "result.json", result)
     markdown_path = directory / "result.md"
     atomic_write_text(markdown_path, render_markdown(name, result, benchmark.render))
+    if benchmark.write_files is not None:
+        benchmark.write_files(result, directory)
     return markdown_path

@@ -7,6 +7,7 @@ from effml.experiments import (  # noqa: F401  (importing a recipe module regist
     looped_gd,
     lora_rite,
     midas,
+    mimetic,
 )
 from effml.experiments.base import EXPERIMENTS, Arm, ArmRun, Experiment, RunContext, get_experiment, register
 

@@ -11,6 +11,7 @@ from effml.nn.norm import RMSNorm
 from effml.nn.prompt_transformer import PromptTransformer
 from effml.nn.residual import RESIDUALS, PlainResidual, Residual, StreamHistory, build_residual, register_residual
 from effml.nn.rotary import RotaryEmbedding, apply_rotary
+from effml.nn.ssm import SSM_MIXERS, Mamba1Mixer, Mamba2Mixer, SSMCache, build_mixer
 from effml.nn.transformer import TransformerConfig, TransformerLM
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "LaurelBlock", "LaurelConfig", "LaurelResidual", "laurel_parameter_count",
     "RotaryEmbedding", "apply_rotary", "TransformerConfig", "TransformerLM",
     "LinearTransformer", "LinearTransformerConfig", "PromptTransformer",
+    "SSM_MIXERS", "Mamba1Mixer", "Mamba2Mixer", "SSMCache", "build_mixer",
 ]

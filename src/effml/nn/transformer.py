@@ -29,6 +29,7 @@ from effml.nn.mlp import MLPS, mlp_hidden_size
 from effml.nn.norm import RMSNorm
 from effml.nn.residual import StreamHistory, check_residual_options
 from effml.nn.rotary import RotaryEmbedding
+from effml.nn.ssm import SSMCache, check_mixer_options
 
 __all__ = ["TransformerConfig", "TransformerLM"]
 
@@ -59,6 +60,8 @@ class TransformerConfig:
             n_loops == 1).
         tie_embeddings: the LM head reuses the token-embedding matrix.
         rope_base: rotary frequency base. norm_eps: RMSNorm epsilon. init_std: std of the normal initialisation.
+        mixer, mixer_options: the token mixer of every block: "attention" (default), or a selective SSM ("mamba1" |
+            "mamba2", ``effml.nn.ssm``) with its constructor options; n_heads then only matters to attention.
     """
 
     vocab_size: int = 256
@@ -77,6 +80,8 @@ class TransformerConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    mixer: str = "attention"
+    mixer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -102,6 +107,14 @@ class TransformerConfig:
             check_residual_options(self.residual, self.residual_options)
         except ValueError as error:
             raise ValueError(f"{owner}.residual: {error}") from None
+        if not isinstance(self.mixer_options, dict):
+            raise ValueError(f"{owner}.mixer_options must be a dict of constructor options, "
+                             f"got {self.mixer_options!r}.")
+        if self.mixer != "attention":
+            try:
+                check_mixer_options(self.mixer, self.mixer_options)
+            except ValueError as error:
+                raise ValueError(f"{owner}.mixer: {error}") from None
         for name in ("input_injection", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{owner}.{name} must be True or False, got {getattr(self, name)!r}.")
@@ -136,7 +149,8 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(config.d_model, config.n_heads, mlp=config.mlp, mlp_ratio=config.mlp_ratio,
                              dropout=config.dropout, residual=config.residual,
-                             residual_options=config.residual_options, norm_eps=config.norm_eps, block_index=i)
+                             residual_options=config.residual_options, norm_eps=config.norm_eps, block_index=i,
+                             mixer=config.mixer, mixer_options=config.mixer_options)
             for i in range(config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -157,12 +171,12 @@ class TransformerLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None, loop_readouts: bool = False) -> Tensor:
+    def forward(self, idx: Tensor, cache: KVCache | SSMCache | None = None, loop_readouts: bool = False) -> Tensor:
         """Next-token logits.
 
         Args:
             idx: (B, T) token ids. With ``cache``, the T tokens at positions [cache.length, cache.length + T).
-            cache: a ``KVCache`` from ``new_cache``; it is written and advanced by T.
+            cache: a ``KVCache`` (an ``SSMCache`` for SSM mixers) from ``new_cache``; it is written and advanced by T.
             loop_readouts: also read out (final norm + head) after every loop.
 
         Returns:
@@ -177,11 +191,12 @@ class TransformerLM(nn.Module):
         if cache is not None:
             self._check_cache(cache, batch, seq)
             offset = cache.length
-        if offset + seq > self.config.max_seq_len:
+        if offset + seq > self.config.max_seq_len and self.config.mixer == "attention":
             raise ValueError(f"{seq} tokens after {offset} cached positions exceed max_seq_len="
                              f"{self.config.max_seq_len}; feed at most max_seq_len positions or build the model "
                              "with a larger max_seq_len.")
-        rotation = self.rotary(offset, seq).unsqueeze(1)  # (T, 1, Dh/2): broadcasts over the heads of (B, T, H, Dh)
+        rotation = self.rotary(offset, seq).unsqueeze(1) if self.config.mixer == "attention" else None
+        # rotation (T, 1, Dh/2) broadcasts over the heads of (B, T, H, Dh); SSM mixers take no positions
 
         x = self.tok_emb(idx)
         embedded = x
@@ -205,9 +220,12 @@ class TransformerLM(nn.Module):
     # ------------------------------------------------------------------ KV cache
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
+                  device: torch.device | str | None = None) -> KVCache | SSMCache:
         """An empty ``KVCache`` for ``batch_size`` sequences of up to ``max_len`` positions (default max_seq_len),
-        one slot per (loop, layer) application, in the dtype/device of the model's weights unless given."""
+        one slot per (loop, layer) application, in the dtype/device of the model's weights unless given.
+        SSM mixers get an ``SSMCache`` instead (constant size: ``max_len`` is not needed)."""
+        if self.config.mixer != "attention":
+            return SSMCache(self.config.n_loops * len(self.blocks), batch_size)
         max_len = self.config.max_seq_len if max_len is None else max_len
         if not isinstance(max_len, int) or isinstance(max_len, bool) or not 0 < max_len <= self.config.max_seq_len:
             raise ValueError(f"cache max_len must be an int in [1, max_seq_len={self.config.max_seq_len}], "
@@ -216,7 +234,13 @@ class TransformerLM(nn.Module):
         return KVCache(self.config.n_loops * len(self.blocks), batch_size, self.config.n_heads, max_len,
                        self.config.head_dim, dtype=dtype or weight.dtype, device=device or weight.device)
 
-    def _check_cache(self, cache: KVCache, batch: int, seq: int) -> None:
+    def _check_cache(self, cache: KVCache | SSMCache, batch: int, seq: int) -> None:
+        if self.config.mixer != "attention":
+            if not isinstance(cache, SSMCache) or cache.n_slots != self.config.n_loops * len(self.blocks) \
+                    or cache.batch_size != batch:
+                raise ValueError(f"an SSM-mixer model needs the SSMCache of new_cache(batch_size={batch}), "
+                                 f"got {cache!r}.")
+            return
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache from TransformerLM.new_cache, got {type(cache).__name__}.")
         expected_slots = self.config.n_loops * len(self.blocks)
@@ -250,7 +274,8 @@ class TransformerLM(nn.Module):
         where N_applied = n_loops · (parameters of the blocks) + final-norm parameters + vocab_size · d_model counts
         every weight once per time it multiplies a token's activations: shared blocks once per loop, and the LM head
         (a d_model × vocab_size matmul, tied or not), but not the embedding lookup, which costs no multiply-adds.
-        The second term is the q·kᵀ and attention·v products (2 matmuls × 2 FLOPs × 3 for forward + backward).
+        The second term is the q·kᵀ and attention·v products (2 matmuls × 2 FLOPs × 3 for forward + backward); SSM
+        mixers have no such term (their scan's elementwise O(E·N) work per token is not counted).
         """
         _require_positive_int("flops_per_token", "seq_len", seq_len)
         config = self.config
@@ -258,6 +283,8 @@ class TransformerLM(nn.Module):
         norm_params = sum(p.numel() for p in self.final_norm.parameters())
         applied = config.n_loops * block_params + norm_params + config.vocab_size * config.d_model
         attention = 12 * len(self.blocks) * config.n_loops * config.d_model * seq_len
+        if config.mixer != "attention":  # SSM mixers: their matmuls are in the parameter term, no q·kᵀ products
+            attention = 0
         return float(6 * applied + attention)
 
     # ------------------------------------------------------------------ growth (stacking, MIDAS)

@@ -1,0 +1,409 @@
+"""Selective state-space mixers — Mamba-1 and Mamba-2 — usable in place of attention in effml's LM, with recurrent
+decoding from a constant-size state.
+
+Papers: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv 2312.00752), §3 and
+Algorithm 2; Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State
+Space Duality" (arXiv 2405.21060), §7 (the Mamba-2 block). The scans themselves are in ``effml.nn.scan``.
+
+Mamba-1 block, input u (b, t, d_model), inner width E = expand · d_model:
+
+    x, z   = in_proj(u)                           (b, t, E) each
+    x      = silu(causal depthwise conv1d(x))     kernel d_conv
+    δ, B, C = x_proj(x)                            (b, t, R), (b, t, N), (b, t, N); R = dt_rank
+    Δ      = softplus(dt_proj(δ) + dt_bias)       (b, t, E)
+    A      = −exp(A_log)                           (E, N), S4D-real init A_log[:, n] = log(n + 1)
+    y      = scan(x, Δ, A, B, C) + D ⊙ x          the selective recurrence, eq. (2)
+    out    = out_proj(y ⊙ silu(z))
+
+Mamba-2 block: one projection gives z, x, B, C (g groups) and Δ (one per head); x, B and C go through the causal
+conv; A is a scalar per head (h heads of size headdim); y = RMSNorm(ssd(x, Δ, A, B, C) + D x) ⊙ silu(z) as in the
+reference's gated norm (norm of y ⊙ silu(z)); out = out_proj(y).
+
+Both mixers take ``forward(x, rotation=None, cache=None, cache_slot=0)`` like ``CausalSelfAttention`` (rotation is
+ignored: an SSM is position-aware through its recurrence). With an ``SSMCache`` they continue from the stored conv
+window and SSM state, so a sequence fed one token at a time gives the full-sequence outputs.
+
+``implied_attention(x)`` materialises the matrix M with y = M x that the SSM applies for a given input (per channel or
+head): M[i, j] = C_i · (Π_{j<k≤i} exp(Δ_k A)) Δ_j B_j for j ≤ i — the "attention map" that mimetic initialisation
+(``effml.init.mimetic``) shapes.
+
+On CUDA, ``use_kernels=True`` routes the scans through the ``mamba_ssm`` package's fused kernels when it is importable
+(``selective_scan_fn`` and ``mamba_chunk_scan_combined``; same mathematics, not exercised by CPU CI).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effml.nn.norm import RMSNorm
+from effml.nn.scan import (heads_of_groups, selective_scan, selective_scan_reference, selective_step, ssd_scan,
+                           ssd_scan_reference, ssd_step)
+
+__all__ = ["Mamba1Mixer", "Mamba2Mixer", "SSMCache", "SSM_MIXERS", "build_mixer", "check_mixer_options",
+           "SCAN_MODES"]
+
+SCAN_MODES = ("chunked", "reference")
+
+
+class SSMCache:
+    """Constant-size recurrent state of every SSM mixer application, for decoding.
+
+    Attributes:
+        conv: per slot, the last d_conv − 1 conv inputs (b, channels, d_conv − 1) or None before the first call.
+        ssm: per slot, the SSM state ((b, E, N) for Mamba-1, (b, h, headdim, N) for Mamba-2) or None.
+        length: positions consumed so far (advanced by the model once per forward, like ``KVCache``).
+    """
+
+    def __init__(self, n_slots: int, batch_size: int) -> None:
+        for name, value in (("n_slots", n_slots), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"SSMCache {name} must be a positive int, got {value!r}.")
+        self.conv: list[Tensor | None] = [None] * n_slots
+        self.ssm: list[Tensor | None] = [None] * n_slots
+        self.batch_size = batch_size
+        self.length = 0
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.ssm)
+
+    def reset(self) -> None:
+        """Forget the stored states."""
+        self.conv = [None] * self.n_slots
+        self.ssm = [None] * self.n_slots
+        self.length = 0
+
+    def check_room(self, new_tokens: int) -> None:
+        """Always room: the state has a constant size."""
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+    def __repr__(self) -> str:
+        return f"SSMCache(n_slots={self.n_slots}, batch_size={self.batch_size}, length={self.length})"
+
+
+def _causal_conv(conv: nn.Conv1d, x: Tensor, cache: SSMCache | None, slot: int) -> Tensor:
+    """Depthwise causal conv over time. x (b, t, channels) → (b, t, channels); with a cache, the stored last
+    d_conv − 1 inputs precede x (zeros at the start) and the new last ones are stored."""
+    width = conv.kernel_size[0] - 1
+    x = x.transpose(1, 2)
+    previous = cache.conv[slot] if cache is not None else None
+    if previous is None:
+        previous = x.new_zeros(x.shape[0], x.shape[1], width)
+    window = torch.cat([previous, x], dim=2)
+    if cache is not None:
+        cache.conv[slot] = window[:, :, window.shape[2] - width:].detach()
+    return conv(window).transpose(1, 2)
+
+
+def _mamba_ssm_kernels() -> Any | None:
+    """The ``mamba_ssm`` package when importable (CUDA kernels), else None."""
+    try:
+        import mamba_ssm  # noqa: F401
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # noqa: BLE001  (any import failure means: no kernels)
+        return None
+    return {"selective_scan_fn": selective_scan_fn, "mamba_chunk_scan_combined": mamba_chunk_scan_combined}
+
+
+def _inverse_softplus(value: Tensor) -> Tensor:
+    """softplus⁻¹(value) = value + log(−expm1(−value)), so that softplus(result) == value."""
+    return value + torch.log(-torch.expm1(-value))
+
+
+def _check_positive_int(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}.")
+
+
+class _SelectiveMixer(nn.Module):
+    """What both mixers share: option checks, dt initialisation and the step/scan dispatch."""
+
+    def _common_checks(self, owner: str, d_state: int, d_conv: int, expand: int, dt_min: float, dt_max: float,
+                       chunk_size: int, scan: str) -> None:
+        for name, value in (("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
+                            ("chunk_size", chunk_size)):
+            _check_positive_int(owner, name, value)
+        if not (isinstance(dt_min, (int, float)) and isinstance(dt_max, (int, float)) and 0 < dt_min <= dt_max):
+            raise ValueError(f"{owner}: need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}.")
+        if scan not in SCAN_MODES:
+            raise ValueError(f"{owner}: scan={scan!r} is not a scan mode; choose one of {SCAN_MODES}.")
+
+    def _draw_dt_bias(self, bias: Tensor) -> None:
+        """dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max] (Mamba's initialisation)."""
+        with torch.no_grad():
+            dt = torch.exp(torch.rand_like(bias) * (math.log(self.dt_max) - math.log(self.dt_min))
+                           + math.log(self.dt_min)).clamp(min=1e-4)
+            bias.copy_(_inverse_softplus(dt))
+
+    def _use_kernels(self, x: Tensor) -> Any | None:
+        return _mamba_ssm_kernels() if (self.use_kernels and x.is_cuda) else None
+
+
+class Mamba1Mixer(_SelectiveMixer):
+    """The Mamba-1 mixer (module docstring).
+
+    Args:
+        d_model: model width. d_state: N. d_conv: conv kernel width. expand: E = expand · d_model.
+        dt_rank: rank R of Δ's projection, or "auto" = ceil(d_model / 16). dt_min, dt_max: range of the initial Δ.
+        chunk_size: longest chunk of the chunked scan. scan: "chunked" (training) or "reference" (step by step).
+        use_kernels: on CUDA, use ``mamba_ssm``'s selective-scan kernel when importable.
+
+    ``forward(x, rotation=None, cache=None, cache_slot=0)``: x (b, t, d_model) → (b, t, d_model).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto",
+                 dt_min: float = 0.001, dt_max: float = 0.1, chunk_size: int = 32, scan: str = "chunked",
+                 use_kernels: bool = True) -> None:
+        super().__init__()
+        owner = "Mamba1Mixer"
+        _check_positive_int(owner, "d_model", d_model)
+        self._common_checks(owner, d_state, d_conv, expand, dt_min, dt_max, chunk_size, scan)
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        _check_positive_int(owner, "dt_rank", dt_rank)
+        self.d_model, self.d_state, self.d_inner, self.dt_rank = d_model, d_state, expand * d_model, dt_rank
+        self.dt_min, self.dt_max, self.chunk_size, self.scan, self.use_kernels = dt_min, dt_max, chunk_size, scan, \
+            use_kernels
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=True)
+        self.x_proj = nn.Linear(self.d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, self.d_inner, bias=True)   # its bias is dt_bias
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.reset_parameters(0.02, 0.02)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """Mamba's default initialisation: normal(0, std) in_proj and normal(0, out_std) out_proj (effml's scheme
+        for the projections to and from the residual stream), PyTorch's default conv1d and x_proj, dt_proj weight
+        uniform(±R^-1/2), dt_bias for Δ log-uniform in [dt_min, dt_max], A_log[:, n] = log(n + 1), D = 1."""
+        nn.init.normal_(self.in_proj.weight, std=std)
+        nn.init.normal_(self.out_proj.weight, std=out_std)
+        self.conv1d.reset_parameters()
+        self.x_proj.reset_parameters()
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        self._draw_dt_bias(self.dt_proj.bias)
+        with torch.no_grad():
+            states = torch.arange(1, self.d_state + 1, dtype=self.A_log.dtype)
+            self.A_log.copy_(torch.log(states).expand(self.d_inner, -1))
+            self.D.fill_(1.0)
+
+    @property
+    def W_B(self) -> Tensor:
+        """(N, E) rows of x_proj that produce B."""
+        return self.x_proj.weight[self.dt_rank:self.dt_rank + self.d_state]
+
+    @property
+    def W_C(self) -> Tensor:
+        """(N, E) rows of x_proj that produce C."""
+        return self.x_proj.weight[self.dt_rank + self.d_state:]
+
+    def ssm_inputs(self, u: Tensor, cache: SSMCache | None = None,
+                   cache_slot: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """From the block input u (b, t, d_model): the scan's x, Δ (b, t, E), B, C (b, t, N) and the gate z
+        (b, t, E)."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x = F.silu(_causal_conv(self.conv1d, x, cache, cache_slot))
+        low_rank, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(low_rank))
+        return x, dt, B, C, z
+
+    def forward(self, u: Tensor, rotation: Tensor | None = None, cache: SSMCache | None = None,
+                cache_slot: int = 0) -> Tensor:
+        x, dt, B, C, z = self.ssm_inputs(u, cache, cache_slot)
+        A = -torch.exp(self.A_log)
+        state = cache.ssm[cache_slot] if cache is not None else None
+        kernels = self._use_kernels(x)
+        if x.shape[1] == 1 and state is not None:
+            y, state = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state)
+            y = y.unsqueeze(1)
+        elif kernels is not None and state is None:
+            y, state = kernels["selective_scan_fn"](x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(),
+                                                    A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+                                                    self.D.float(), return_last_state=True)
+            y = y.transpose(1, 2)
+        elif self.scan == "reference":
+            y, state = selective_scan_reference(x, dt, A, B, C, self.D, state)
+        else:
+            y, state = selective_scan(x, dt, A, B, C, self.D, state, self.chunk_size)
+        if cache is not None:
+            cache.ssm[cache_slot] = state.detach()
+        return self.out_proj(y * F.silu(z))
+
+    @torch.no_grad()
+    def implied_attention(self, u: Tensor) -> Tensor:
+        """The matrices M (b, E, t, t) with y_i = Σ_j M[i, j] x_j (D skip excluded) that the SSM applies to the scan
+        input x for the block input u (b, t, d_model)."""
+        x, dt, B, C, _ = self.ssm_inputs(u)
+        A = -torch.exp(self.A_log)
+        cumulative = torch.cumsum(dt.unsqueeze(-1) * A, dim=1)                          # (b, t, E, N)
+        gaps = cumulative.unsqueeze(2) - cumulative.unsqueeze(1)                       # (b, i, j, E, N)
+        causal = torch.ones(u.shape[1], u.shape[1], dtype=torch.bool, device=u.device).tril()
+        decay = torch.exp(gaps.masked_fill(~causal[:, :, None, None], float("-inf")))
+        M = torch.einsum("bin,bijen,bjn,bje->beij", C, decay, B, dt)
+        return M
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
+                f"scan={self.scan}")
+
+
+class Mamba2Mixer(_SelectiveMixer):
+    """The Mamba-2 mixer (module docstring).
+
+    Args:
+        d_model: model width. d_state: N. d_conv: conv kernel width. expand: E = expand · d_model.
+        headdim: channels per head (E / headdim heads). ngroups: groups sharing B and C (divides the heads).
+        A_init_range: A = −a with a uniform in this range at init. dt_min, dt_max: range of the initial Δ.
+        chunk_size: SSD chunk length Q. scan: "chunked" or "reference". norm_eps: epsilon of the gated RMSNorm.
+        use_kernels: on CUDA, use ``mamba_ssm``'s ``mamba_chunk_scan_combined`` when importable.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 32, d_conv: int = 4, expand: int = 2, headdim: int = 16,
+                 ngroups: int = 1, A_init_range: tuple[float, float] = (1.0, 16.0), dt_min: float = 0.001,
+                 dt_max: float = 0.1, chunk_size: int = 32, scan: str = "chunked", norm_eps: float = 1e-5,
+                 use_kernels: bool = True) -> None:
+        super().__init__()
+        owner = "Mamba2Mixer"
+        _check_positive_int(owner, "d_model", d_model)
+        self._common_checks(owner, d_state, d_conv, expand, dt_min, dt_max, chunk_size, scan)
+        for name, value in (("headdim", headdim), ("ngroups", ngroups)):
+            _check_positive_int(owner, name, value)
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"{owner}: inner width expand·d_model = {d_inner} is not a multiple of headdim="
+                             f"{headdim}; pick a headdim dividing it.")
+        n_heads = d_inner // headdim
+        if n_heads % ngroups:
+            raise ValueError(f"{owner}: ngroups={ngroups} does not divide the {n_heads} heads; pick a divisor.")
+        low, high = A_init_range
+        if not 0 < low <= high:
+            raise ValueError(f"{owner}: A_init_range must satisfy 0 < low <= high, got {A_init_range!r}.")
+        self.d_model, self.d_state, self.d_inner, self.headdim = d_model, d_state, d_inner, headdim
+        self.n_heads, self.ngroups, self.A_init_range = n_heads, ngroups, (float(low), float(high))
+        self.dt_min, self.dt_max, self.chunk_size, self.scan, self.use_kernels = dt_min, dt_max, chunk_size, scan, \
+            use_kernels
+        self.conv_channels = d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_channels + n_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(n_heads))
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.D = nn.Parameter(torch.empty(n_heads))
+        self.norm = RMSNorm(d_inner, norm_eps)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.reset_parameters(0.02, 0.02)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """Mamba-2's default initialisation: normal(0, std) in_proj, normal(0, out_std) out_proj, PyTorch's default
+        conv1d, dt_bias for Δ log-uniform in [dt_min, dt_max], A_log = log(uniform(A_init_range)), D = 1."""
+        nn.init.normal_(self.in_proj.weight, std=std)
+        nn.init.normal_(self.out_proj.weight, std=out_std)
+        self.conv1d.reset_parameters()
+        self.norm.reset_parameters()
+        self._draw_dt_bias(self.dt_bias)
+        with torch.no_grad():
+            low, high = self.A_init_range
+            self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(low, high)))
+            self.D.fill_(1.0)
+
+    def _rows(self, part: str) -> slice:
+        """Rows of in_proj (and, minus d_inner, of conv1d's channels) that produce z, x, B, C or dt."""
+        sizes = {"z": self.d_inner, "x": self.d_inner, "B": self.ngroups * self.d_state,
+                 "C": self.ngroups * self.d_state, "dt": self.n_heads}
+        start = 0
+        for name, size in sizes.items():
+            if name == part:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(part)
+
+    @property
+    def W_B(self) -> Tensor:
+        """(g·N, d_model) rows of in_proj that produce B."""
+        return self.in_proj.weight[self._rows("B")]
+
+    @property
+    def W_C(self) -> Tensor:
+        """(g·N, d_model) rows of in_proj that produce C."""
+        return self.in_proj.weight[self._rows("C")]
+
+    def conv_channels_of(self, part: str) -> slice:
+        """conv1d channels that carry x, B or C."""
+        rows = self._rows(part)
+        return slice(rows.start - self.d_inner, rows.stop - self.d_inner)
+
+    def ssm_inputs(self, u: Tensor, cache: SSMCache | None = None,
+                   cache_slot: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """From u (b, t, d_model): x (b, t, h, p), Δ (b, t, h), B, C (b, t, g, N) and the gate z (b, t, E)."""
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_channels, self.n_heads], dim=-1)
+        xBC = F.silu(_causal_conv(self.conv1d, xBC, cache, cache_slot))
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)
+        return (x.unflatten(-1, (self.n_heads, self.headdim)), dt, B.unflatten(-1, (self.ngroups, self.d_state)),
+                C.unflatten(-1, (self.ngroups, self.d_state)), z)
+
+    def forward(self, u: Tensor, rotation: Tensor | None = None, cache: SSMCache | None = None,
+                cache_slot: int = 0) -> Tensor:
+        x, dt, B, C, z = self.ssm_inputs(u, cache, cache_slot)
+        A = -torch.exp(self.A_log)
+        state = cache.ssm[cache_slot] if cache is not None else None
+        kernels = self._use_kernels(x)
+        if x.shape[1] == 1 and state is not None:
+            y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state)
+            y = y.unsqueeze(1)
+        elif kernels is not None:
+            y, state = kernels["mamba_chunk_scan_combined"](x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D,
+                                                            initial_states=state, return_final_states=True)
+        elif self.scan == "reference":
+            y, state = ssd_scan_reference(x, dt, A, B, C, self.D, state)
+        else:
+            y, state = ssd_scan(x, dt, A, B, C, self.D, state, self.chunk_size)
+        if cache is not None:
+            cache.ssm[cache_slot] = state.detach()
+        y = self.norm(y.flatten(2) * F.silu(z))
+        return self.out_proj(y)
+
+    @torch.no_grad()
+    def implied_attention(self, u: Tensor) -> Tensor:
+        """The matrices M (b, h, t, t) with y_i = Σ_j M[i, j] x_j per head (D skip excluded) for block input u."""
+        x, dt, B, C, _ = self.ssm_inputs(u)
+        A = -torch.exp(self.A_log)
+        cumulative = torch.cumsum(dt * A, dim=1)                                       # (b, t, h)
+        gaps = cumulative.unsqueeze(2) - cumulative.unsqueeze(1)                       # (b, i, j, h)
+        causal = torch.ones(u.shape[1], u.shape[1], dtype=torch.bool, device=u.device).tril()
+        decay = torch.exp(gaps.masked_fill(~causal[:, :, None], float("-inf")))
+        scores = torch.einsum("bihn,bjhn->bhij", heads_of_groups(C, self.n_heads), heads_of_groups(B, self.n_heads))
+        return scores * decay.permute(0, 3, 1, 2) * dt.permute(0, 2, 1).unsqueeze(2)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, heads={self.n_heads}x{self.headdim}, "
+                f"d_state={self.d_state}, ngroups={self.ngroups}, scan={self.scan}")
+
+
+SSM_MIXERS: dict[str, type[nn.Module]] = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer}
+
+
+def check_mixer_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ValueError if ``name`` is not an SSM mixer or ``options`` are not its constructor's options."""
+    import inspect
+
+    if name not in SSM_MIXERS:
+        raise ValueError(f"mixer {name!r} is unknown; choose 'attention' or one of {sorted(SSM_MIXERS)}.")
+    accepted = [p for p in inspect.signature(SSM_MIXERS[name]).parameters if p != "d_model"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"mixer {name!r} has no option(s) {unknown}; its options are {accepted}.")
+
+
+def build_mixer(name: str, d_model: int, **options: Any) -> nn.Module:
+    """The SSM mixer ``name`` ("mamba1" | "mamba2") of width ``d_model`` with constructor ``options``."""
+    check_mixer_options(name, options)
+    return SSM_MIXERS[name](d_model, **options)

@@ -1,0 +1,140 @@
+"""Selective SSMs: chunked scans equal the sequential reference (values and gradients), recurrent decoding equals the
+full-sequence forward, the implied attention matrix reproduces the layer, and the LM's attention path is untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effml.nn import Mamba1Mixer, Mamba2Mixer, SSMCache, TransformerConfig, TransformerLM
+from effml.nn.attention import CausalSelfAttention
+from effml.nn.scan import selective_scan, selective_scan_reference, ssd_scan, ssd_scan_reference
+
+F64 = torch.float64
+
+
+def _mamba1_inputs(seed: int, steps: int = 37, decay_scale: float = 20.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b, c, n = 2, 5, 4
+    return [torch.randn(b, steps, c, generator=g, dtype=F64),                    # x
+            torch.rand(b, steps, c, generator=g, dtype=F64) * 2,                 # dt
+            -torch.rand(c, n, generator=g, dtype=F64) * decay_scale,             # A
+            torch.randn(b, steps, n, generator=g, dtype=F64),                    # B
+            torch.randn(b, steps, n, generator=g, dtype=F64),                    # C
+            torch.randn(c, generator=g, dtype=F64),                              # D
+            torch.randn(b, c, n, generator=g, dtype=F64)]                        # initial state
+
+
+def _mamba2_inputs(seed: int, steps: int = 37) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b, h, p, groups, n = 2, 4, 3, 2, 5
+    return [torch.randn(b, steps, h, p, generator=g, dtype=F64), torch.rand(b, steps, h, generator=g, dtype=F64),
+            -torch.rand(h, generator=g, dtype=F64) * 5, torch.randn(b, steps, groups, n, generator=g, dtype=F64),
+            torch.randn(b, steps, groups, n, generator=g, dtype=F64), torch.randn(h, generator=g, dtype=F64),
+            torch.randn(b, h, p, n, generator=g, dtype=F64)]
+
+
+def _values_and_grads(scan, inputs: list[torch.Tensor], **kwargs) -> list[torch.Tensor]:
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    y, state = scan(*leaves, **kwargs)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=F64).view_as(y)
+    ((y * weights).sum() + state.square().sum()).backward()
+    return [y.detach(), state.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 64])
+def test_mamba1_chunked_scan_equals_reference_values_and_gradients(chunk_size: int) -> None:
+    inputs = _mamba1_inputs(0)
+    expected = _values_and_grads(selective_scan_reference, inputs)
+    got = _values_and_grads(selective_scan, inputs, chunk_size=chunk_size)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_mamba1_chunked_scan_stays_exact_when_a_chunk_decays_beyond_float32_range() -> None:
+    # Δ·A down to −80 per step: a 32-step chunk decays by e^-2500; the scan must shrink its chunks, not overflow
+    x, dt, A, B, C, D, state = _mamba1_inputs(1, steps=64, decay_scale=40.0)
+    y_ref, h_ref = selective_scan_reference(x, dt, A, B, C, D, state)
+    y, h = selective_scan(*(t.float() for t in (x, dt, A, B, C, D, state)), chunk_size=32)
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 64])
+def test_mamba2_ssd_scan_equals_reference_values_and_gradients(chunk_size: int) -> None:
+    inputs = _mamba2_inputs(2)
+    expected = _values_and_grads(ssd_scan_reference, inputs)
+    got = _values_and_grads(ssd_scan, inputs, chunk_size=chunk_size)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_scan_with_zero_decay_and_unit_step_is_causal_linear_attention() -> None:
+    # A = 0, Δ = 1: y_i = Σ_{j ≤ i} (C_i · B_j) x_j + D x_i exactly
+    x, _, A, B, C, D, _ = _mamba1_inputs(3, steps=9)
+    y, _ = selective_scan(x, torch.ones_like(x), torch.zeros_like(A), B, C, D)
+    scores = torch.einsum("bin,bjn->bij", C, B).tril()
+    torch.testing.assert_close(y, torch.einsum("bij,bjc->bic", scores, x) + D * x)
+
+
+def _lm(mixer: str, **options) -> TransformerLM:
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, max_seq_len=64, mixer=mixer,
+                               mixer_options={"chunk_size": 4, "d_state": 4, **options})
+    return TransformerLM(config).double()
+
+
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_step_by_step_decoding_equals_full_sequence_forward(mixer: str) -> None:
+    model = _lm(mixer).eval()
+    idx = torch.randint(0, 23, (2, 13), generator=torch.Generator().manual_seed(4))
+    full = model(idx)
+    cache = model.new_cache(2)
+    assert isinstance(cache, SSMCache)
+    pieces = [model(idx[:, :6], cache)]                       # a prefill chunk, then one token at a time
+    pieces += [model(idx[:, t:t + 1], cache) for t in range(6, 13)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
+    assert cache.length == 13
+    # constant-size state: the cached tensors do not grow with the number of tokens consumed
+    sizes = [s.numel() for s in cache.ssm] + [c.numel() for c in cache.conv]
+    model(idx[:, :1], cache)
+    assert [s.numel() for s in cache.ssm] + [c.numel() for c in cache.conv] == sizes
+
+
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_lm_with_reference_scan_matches_chunked_scan(mixer: str) -> None:
+    chunked, reference = _lm(mixer), _lm(mixer, scan="reference")
+    reference.load_state_dict(chunked.state_dict())
+    idx = torch.randint(0, 23, (2, 30), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(chunked(idx), reference(idx), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [Mamba1Mixer, Mamba2Mixer])
+def test_implied_attention_reproduces_the_scan(cls) -> None:
+    torch.manual_seed(6)
+    layer = cls(16, d_state=8, chunk_size=4).double()
+    u = torch.randn(2, 11, 16, dtype=F64)
+    x, dt, B, C, _ = layer.ssm_inputs(u)
+    M = layer.implied_attention(u)
+    A = -torch.exp(layer.A_log)
+    if cls is Mamba1Mixer:
+        y, _ = selective_scan(x, dt, A, B, C, None)
+        torch.testing.assert_close(torch.einsum("beij,bje->bie", M, x), y)
+    else:
+        y, _ = ssd_scan(x, dt, A, B, C, None)
+        torch.testing.assert_close(torch.einsum("bhij,bjhp->bihp", M, x), y)
+    assert (M.triu(diagonal=1) == 0).all()
+
+
+def test_default_mixer_is_attention_and_unknown_mixers_are_rejected() -> None:
+    model = TransformerLM(TransformerConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, max_seq_len=8))
+    assert isinstance(model.blocks[0].attn, CausalSelfAttention)
+    with pytest.raises(ValueError, match="mixer 'mamba3' is unknown"):
+        TransformerConfig(mixer="mamba3")
+    with pytest.raises(ValueError, match=r"no option\(s\) \['d_stat'\]"):
+        TransformerConfig(mixer="mamba1", mixer_options={"d_stat": 4})
+    with pytest.raises(ValueError, match="headdim"):
+        Mamba2Mixer(24, headdim=7)
+    with pytest.raises(ValueError, match="scan="):
+        Mamba1Mixer(16, scan="parallel")
