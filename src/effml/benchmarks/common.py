@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "format_ratio",
     "TimingResult", "time_interleaved", "synchronize", "matmul_workload", "matmul_peak_summary",
     "measure_matmul_peak", "peak_memory", "machine_info",
     "get_path", "paired_rate_ratios", "ratio_entry", "verdict", "markdown_table", "format_bytes", "format_rate",
@@ -398,6 +399,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def format_ratio(entry: Mapping[str, Any] | None) -> str:
+    """A ratio entry as ``value×``, followed for timed ratios by the per-round median and range:
+    ``1.05× (rounds: 1.07× [0.98–1.12])``; ``–`` when the ratio was not measured."""
+    if entry is None:
+        return "–"
+    text = f"{entry['value']:.2f}×"
+    if "per_round" in entry:
+        rounds = entry["per_round"]
+        text += f" (rounds: {rounds['median']:.2f}× [{rounds['min']:.2f}–{rounds['max']:.2f}])"
+    return text
 
 
 def format_bytes(n_bytes: float | None) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effml.benchmarks.common import (format_bytes, format_rate, get_path, machine_info, markdown_table,
+from effml.benchmarks.common import (format_bytes, format_rate, format_ratio, get_path, machine_info, markdown_table,
                                      matmul_peak_summary, matmul_workload, missing_peer_note, paired_rate_ratios,
                                      peak_memory, ratio_entry, time_interleaved, verdict)
 
@@ -370,15 +370,7 @@ _REFERENCE = "1.00× (ref)"
 
 
 def _ratio_cell(result: dict[str, Any], name: str) -> str:
-    """``value×``, then for timed ratios the per-round median and range: ``1.05× (rounds: 1.07× [0.98–1.12])``."""
-    entry = result["ratios"].get(name)
-    if entry is None:
-        return "–"
-    text = f"{entry['value']:.2f}×"
-    if "per_round" in entry:
-        rounds = entry["per_round"]
-        text += f" (rounds: {rounds['median']:.2f}× [{rounds['min']:.2f}–{rounds['max']:.2f}])"
-    return text
+    return format_ratio(result["ratios"].get(name))
 
 
 def render(result: dict[str, Any]) -> str:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effml.benchmarks.common import (machine_info, markdown_table, missing_peer_note, paired_rate_ratios, ratio_entry,
-                                     time_interleaved, verdict)
+from effml.benchmarks.common import (format_ratio, machine_info, markdown_table, missing_peer_note,
+                                     paired_rate_ratios, ratio_entry, time_interleaved, verdict)
 
 __all__ = ["SSMBenchConfig", "DEFAULT", "QUICK", "MixerStack", "run", "render", "write_files"]
 
@@ -225,16 +225,6 @@ def run(quick: bool = False, device: str = "cpu", config: SSMBenchConfig | None 
     return result
 
 
-def _ratio_text(entry: dict[str, Any] | None) -> str:
-    if entry is None:
-        return "–"
-    text = f"{entry['value']:.2f}×"
-    if "per_round" in entry:
-        rounds = entry["per_round"]
-        text += f" (rounds: {rounds['median']:.2f}× [{rounds['min']:.2f}–{rounds['max']:.2f}])"
-    return text
-
-
 def render(result: dict[str, Any]) -> str:
     """Markdown body: throughput table with ratios, the scaling table with local slopes, the target."""
     ratios = result["ratios"]
@@ -243,7 +233,7 @@ def render(result: dict[str, Any]) -> str:
         ratio = {EFFML1: "train_ratio_mamba1_vs_mambapy", EFFML2: "train_ratio_mamba2_vs_mambapy"}.get(name)
         rows.append([name, f"{numbers['params']:,}", f"{numbers['median_s'] * 1e3:.1f}",
                      f"{numbers['tokens_per_s']:,.0f}",
-                     "1.00× (ref)" if ratio is None else _ratio_text(ratios.get(ratio))])
+                     "1.00× (ref)" if ratio is None else format_ratio(ratios.get(ratio))])
     sections = ["## Training step of a Mamba stack (forward + MSE + backward + AdamW)",
                 markdown_table(["model", "params", "median step (ms)", "tokens/s", "tokens/s ÷ mambapy's"], rows),
                 "effml-mamba2 is a different layer (scalar decay per head, SSD scan), shown for reference."]
@@ -258,10 +248,10 @@ def render(result: dict[str, Any]) -> str:
                                 srows),
                  "A slope near 1 is linear in T; attention's slope rises towards 2 as its T² term takes over. "
                  f"Transformer ÷ Mamba-2 step time at the longest context: "
-                 f"{_ratio_text(ratios['step_time_transformer_over_mamba2_longest_context'])} (see scaling.png)."]
+                 f"{format_ratio(ratios['step_time_transformer_over_mamba2_longest_context'])} (see scaling.png)."]
     sections += ["## Target (evaluated from this run's measurements)",
                  markdown_table(["target", "measured", "status"],
-                                [[t["target"], _ratio_text(ratios.get(t["ratio"])), f"**{t['status']}**"]
+                                [[t["target"], format_ratio(ratios.get(t["ratio"])), f"**{t['status']}**"]
                                  for t in result["targets"]])]
     if result["skipped"]:
         sections += ["## Skipped", "\n".join(f"- {name}: {note}" for name, note in result["skipped"].items())]
