@@ -12,7 +12,8 @@ import pytest
 
 import effml.benchmarks as benchmarks
 from effml.benchmarks import BENCHMARKS, Benchmark, run_benchmark
-from effml.benchmarks.common import get_path, paired_rate_ratios, ratio_entry, time_interleaved, verdict
+from effml.benchmarks.common import get_path, ratio_entry, verdict
+from effml.metrics.timing import paired_rate_ratios, time_interleaved
 
 
 @pytest.fixture(scope="module")

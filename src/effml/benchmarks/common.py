@@ -1,11 +1,7 @@
 """Measurement helpers shared by every ``effml bench`` benchmark: timing, peak memory, matmul peak, machine, ratios.
 
-Timing (``time_interleaved``): every contender is first called ``warmup`` times, then ``repeats`` *rounds* are run;
-in each round every contender is called once, in an order rotated by one place per round (round-robin), and the
-wall time of each call is taken with ``time.perf_counter`` (``torch.cuda.synchronize`` before and after on CUDA).
-A contender's time is the median over the rounds. Interleaving means a slow patch of the machine (another process,
-thermal throttling, a page-cache flush) falls on all contenders of the round alike instead of on whichever happened
-to be measured then; rotating the order means nobody is always first (cold caches) or last.
+Timing (``time_interleaved``, ``paired_rate_ratios``) lives in ``effml.metrics.timing`` (recipes time their speed claims
+the same way) and is re-exported here.
 
 Peak memory (``peak_memory``), what the number means:
 - CUDA: ``torch.cuda.max_memory_allocated`` during ``steps`` calls minus the memory allocated just before them —
@@ -35,109 +31,50 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from effml.metrics.timing import (
+    TimingResult,
+    paired_rate_ratios,
+    require_count,
+    synchronize,
+    time_interleaved,
+)
+
 __all__ = [
+    "TimingResult",
+    "format_bytes",
+    "format_rate",
     "format_ratio",
-    "TimingResult", "time_interleaved", "synchronize", "matmul_workload", "matmul_peak_summary",
-    "measure_matmul_peak", "peak_memory", "machine_info",
-    "get_path", "paired_rate_ratios", "ratio_entry", "verdict", "markdown_table", "format_bytes", "format_rate",
-    "package_version", "missing_peer_note",
+    "get_path",
+    "machine_info",
+    "markdown_table",
+    "matmul_peak_summary",
+    "matmul_workload",
+    "measure_matmul_peak",
+    "missing_peer_note",
+    "package_version",
+    "paired_rate_ratios",
+    "peak_memory",
+    "ratio_entry",
+    "synchronize",
+    "time_interleaved",
+    "verdict",
 ]
 
 
 # ---------------------------------------------------------------------------------------------------- timing
 
 
-def synchronize(device: str | torch.device) -> None:
-    """Wait for queued kernels on ``device`` (a no-op on CPU), so that a wall-clock reading covers finished work."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass(frozen=True)
-class TimingResult:
-    """Wall times of one contender. ``samples``: seconds of each timed call, in round order (warm-ups excluded);
-    ``positions``: where in its round the contender ran (0 = first), one per sample."""
-
-    name: str
-    samples: tuple[float, ...]
-    positions: tuple[int, ...]
-
-    @property
-    def median(self) -> float:
-        """Median seconds per call over the rounds."""
-        return statistics.median(self.samples)
-
-    @property
-    def minimum(self) -> float:
-        return min(self.samples)
-
-    @property
-    def maximum(self) -> float:
-        return max(self.samples)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (seconds)."""
-        return {"median_s": self.median, "min_s": self.minimum, "max_s": self.maximum, "samples_s": list(self.samples)}
-
-
-def _require_count(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-
-
-def time_interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-                     device: str | torch.device = "cpu",
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, TimingResult]:
-    """Time zero-argument callables against each other, interleaved round-robin (see the module docstring).
-
-    Args:
-        contenders: name -> callable; each call is one unit of work (e.g. one training step).
-        repeats: number of timed rounds (>= 1); every contender is timed once per round.
-        warmup: untimed calls of every contender before the first round (also interleaved), >= 0.
-        device: synchronised before and after each timed call (CUDA); ``"cpu"`` needs nothing.
-        clock: seconds as a float; injectable for tests.
-
-    Returns:
-        name -> ``TimingResult``, in the order of ``contenders``. Round r calls the contenders starting from index
-        r mod n, so each is first equally often when ``repeats`` is a multiple of n.
-    """
-    if not contenders:
-        raise ValueError("time_interleaved needs at least one contender.")
-    _require_count("repeats", repeats, 1)
-    _require_count("warmup", warmup, 0)
-    names = list(contenders)
-    for _ in range(warmup):
-        for name in names:
-            contenders[name]()
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    positions: dict[str, list[int]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for position, name in enumerate(names[shift:] + names[:shift]):
-            synchronize(device)
-            start = clock()
-            contenders[name]()
-            synchronize(device)
-            samples[name].append(clock() - start)
-            positions[name].append(position)
-    return {name: TimingResult(name, tuple(samples[name]), tuple(positions[name])) for name in names}
-
-
 def matmul_workload(device: str | torch.device = "cpu", *, size: int = 2048,
                     dtype: torch.dtype = torch.float32) -> tuple[Callable[[], Any], float]:
     """A zero-argument callable multiplying two random ``size`` × ``size`` matrices on ``device``, and its FLOPs
     (2·size³). Time it interleaved with a model's step to get the peak under the same machine conditions."""
-    _require_count("size", size, 1)
+    require_count("size", size, 1)
     generator = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=generator, dtype=dtype).to(device)
     b = torch.randn(size, size, generator=generator, dtype=dtype).to(device)
@@ -228,7 +165,7 @@ def peak_memory(factories: Mapping[str, tuple[str, dict[str, Any]]], *, device: 
     Returns:
         name -> {"peak_bytes": int, "method": str, "steps": int}.
     """
-    _require_count("steps", steps, 1)
+    require_count("steps", steps, 1)
     if torch.device(device).type == "cuda":
         return {name: _peak_memory_cuda(factory, kwargs, device, steps) for name, (factory, kwargs) in
                 factories.items()}
@@ -334,21 +271,6 @@ def get_path(result: Mapping[str, Any], path: Sequence[str]) -> Any:
             raise KeyError(f"no value at {'/'.join(path[:depth + 1])} in the benchmark result")
         value = value[key]
     return value
-
-
-def paired_rate_ratios(numerator_times: Sequence[float], denominator_times: Sequence[float], *,
-                       work_ratio: float = 1.0) -> list[float]:
-    """Round-by-round ratio of two rates (work ÷ time) timed in the same interleaved rounds.
-
-    For each round r: ``work_ratio · denominator_times[r] / numerator_times[r]``, i.e. (W_num / t_num) ÷
-    (W_den / t_den) with ``work_ratio`` = W_num / W_den (1 when both do the same work). Because both calls of a
-    round ran under the same machine conditions, these ratios are far less noisy than a quotient of two medians
-    when the load on the machine changes during the run.
-    """
-    if len(numerator_times) != len(denominator_times) or not numerator_times:
-        raise ValueError(f"paired ratios need equally many rounds on both sides, got {len(numerator_times)} and "
-                         f"{len(denominator_times)}.")
-    return [work_ratio * bottom / top for top, bottom in zip(numerator_times, denominator_times)]
 
 
 def ratio_entry(result: Mapping[str, Any], numerator: Sequence[str], denominator: Sequence[str], *,

@@ -1,0 +1,117 @@
+"""Timing that stays fair on a busy machine: contenders interleaved round-robin, medians, paired per-round ratios.
+
+``time_interleaved``: every contender is first called ``warmup`` times, then ``repeats`` *rounds* are run; in each
+round every contender is called once, in an order rotated by one place per round, and the wall time of each call is
+taken with ``time.perf_counter`` (``torch.cuda.synchronize`` before and after on CUDA). A slow patch of the machine
+(another process, thermal throttling, a page-cache flush) then falls on all contenders of a round alike instead of on
+whichever happened to be measured then, and nobody is always first (cold caches) or last. ``paired_rate_ratios``
+turns two contenders' per-round times into per-round ratios, which are far less noisy than a quotient of medians.
+
+Used by ``effml bench`` (``effml.benchmarks``) and by recipes whose claims are about speed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["TimingResult", "paired_rate_ratios", "require_count", "synchronize", "time_interleaved"]
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued kernels on ``device`` (a no-op on CPU), so that a wall-clock reading covers finished work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class TimingResult:
+    """Wall times of one contender. ``samples``: seconds of each timed call, in round order (warm-ups excluded);
+    ``positions``: where in its round the contender ran (0 = first), one per sample."""
+
+    name: str
+    samples: tuple[float, ...]
+    positions: tuple[int, ...]
+
+    @property
+    def median(self) -> float:
+        """Median seconds per call over the rounds."""
+        return statistics.median(self.samples)
+
+    @property
+    def minimum(self) -> float:
+        return min(self.samples)
+
+    @property
+    def maximum(self) -> float:
+        return max(self.samples)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (seconds)."""
+        return {"median_s": self.median, "min_s": self.minimum, "max_s": self.maximum, "samples_s": list(self.samples)}
+
+
+def require_count(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+
+
+def time_interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
+                     device: str | torch.device = "cpu",
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, TimingResult]:
+    """Time zero-argument callables against each other, interleaved round-robin (see the module docstring).
+
+    Args:
+        contenders: name -> callable; each call is one unit of work (e.g. one training step).
+        repeats: number of timed rounds (>= 1); every contender is timed once per round.
+        warmup: untimed calls of every contender before the first round (also interleaved), >= 0.
+        device: synchronised before and after each timed call (CUDA); ``"cpu"`` needs nothing.
+        clock: seconds as a float; injectable for tests.
+
+    Returns:
+        name -> ``TimingResult``, in the order of ``contenders``. Round r calls the contenders starting from index
+        r mod n, so each is first equally often when ``repeats`` is a multiple of n.
+    """
+    if not contenders:
+        raise ValueError("time_interleaved needs at least one contender.")
+    require_count("repeats", repeats, 1)
+    require_count("warmup", warmup, 0)
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    positions: dict[str, list[int]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for position, name in enumerate(names[shift:] + names[:shift]):
+            synchronize(device)
+            start = clock()
+            contenders[name]()
+            synchronize(device)
+            samples[name].append(clock() - start)
+            positions[name].append(position)
+    return {name: TimingResult(name, tuple(samples[name]), tuple(positions[name])) for name in names}
+
+
+
+def paired_rate_ratios(numerator_times: Sequence[float], denominator_times: Sequence[float], *,
+                       work_ratio: float = 1.0) -> list[float]:
+    """Round-by-round ratio of two rates (work ÷ time) timed in the same interleaved rounds.
+
+    For each round r: ``work_ratio · denominator_times[r] / numerator_times[r]``, i.e. (W_num / t_num) ÷
+    (W_den / t_den) with ``work_ratio`` = W_num / W_den (1 when both do the same work). Because both calls of a
+    round ran under the same machine conditions, these ratios are far less noisy than a quotient of two medians
+    when the load on the machine changes during the run.
+    """
+    if len(numerator_times) != len(denominator_times) or not numerator_times:
+        raise ValueError(f"paired ratios need equally many rounds on both sides, got {len(numerator_times)} and "
+                         f"{len(denominator_times)}.")
+    return [work_ratio * bottom / top for top, bottom in zip(numerator_times, denominator_times)]
