@@ -57,6 +57,11 @@ def check_claims_and_accounting(results: dict, metric: str) -> None:
     for arm in arms.values():
         for run in arm["runs"].values():
             assert np.isfinite(run["metrics"][metric]) and run["metrics"]["step_time_s"] > 0
+    for run in arms["rw+lr"]["runs"].values():  # claim 3's paired timing ran beside the RW+LR arm, and only there
+        ratio = run["metrics"]["step_time_ratio"]
+        assert run["metrics"]["step_time_ratio_min"] <= ratio <= run["metrics"]["step_time_ratio_max"]
+    assert all("step_time_ratio" not in run["metrics"] for name, arm in arms.items() if name != "rw+lr"
+               for run in arm["runs"].values())
     base = next(name for name in arms if name.startswith("baseline"))
     for name, arm in arms.items():  # extra params = this arm's parameter count minus the baseline's
         for run in arm["runs"].values():
