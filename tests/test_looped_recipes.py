@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from effml.cli import EXIT_USER_ERROR, main
-from effml.experiments.looped_depth import depth_needed
+from effml.experiments.looped_depth import _line_fit, depth_needed
 from effml.report import VERDICTS
 
 
@@ -81,6 +81,14 @@ def test_depth_needed_interpolates_in_log_depth() -> None:
     for errors in ([0.5, 0.6], [1.0526, 1.0518]):  # rising, or so flat that it would take > 2^10 × more depth
         depth, extrapolated = depth_needed([1, 2], errors, 0.1)
         assert math.isinf(depth) and extrapolated
+
+
+def test_line_fit_slope_and_r2() -> None:
+    slope, intercept, r2 = _line_fit([0.0, 1.0, 2.0], [1.0, 3.0, 5.0])
+    assert (slope, intercept, r2) == pytest.approx((2.0, 1.0, 1.0))
+    # y = x² on -1, 0, 1: the best line is flat at 2/3 and explains nothing
+    slope, intercept, r2 = _line_fit([-1.0, 0.0, 1.0], [1.0, 0.0, 1.0])
+    assert (slope, intercept, r2) == pytest.approx((0.0, 2 / 3, 0.0))
 
 
 @pytest.mark.parametrize(("arguments", "expected"), [

@@ -18,7 +18,8 @@ never rises with depth).
 
 Derived: per family and seed, the depth needed to reach ``target_nmse`` at each κ (interpolated in log₂ L on the
 running best error; extrapolated from the last two depths when no trained depth reaches it) and the least-squares
-slope of that depth against ln κ; the ratio of the multi-layer to the looped shifted error at the largest depth.
+slope of that depth against ln κ, with the r² of that line and of a line in √κ (the theory's unrestricted and
+restricted rates; telling them apart needs more than three κ values); the ratio of the multi-layer to the looped shifted error at the largest depth.
 
 Claims: (1) the depth needed grows with κ (slope > 0, for both families); (2) under the smallest shift the deepest
 multi-layer model errs more than the 1-layer one, the deepest looped model does not, and the multi-layer/looped ratio
@@ -162,12 +163,15 @@ def depth_needed(depths: list[int], errors: list[float], target: float) -> tuple
     return 2 ** log_depth, True
 
 
-def _line_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares ``y ≈ intercept + slope · x``: ``(slope, intercept)``."""
+def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least-squares ``y ≈ intercept + slope · x``: ``(slope, intercept, r²)`` (r² = 1 when ``ys`` are all equal)."""
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mean_x) ** 2 for x in xs)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
-    return slope, mean_y - slope * mean_x
+    intercept = mean_y - slope * mean_x
+    total = sum((y - mean_y) ** 2 for y in ys)
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    return slope, intercept, 1.0 - residual / total if total > 0 else 1.0
 
 
 @register
@@ -280,8 +284,10 @@ class LoopedDepth(Experiment):
                 metrics = {f"depth_needed@k{_kappa_tag(k)}": value for k, value in zip(config.kappas, needed)}
                 metrics["extrapolated"] = float(extrapolated)
                 if all(math.isfinite(v) for v in needed):
-                    slope, intercept = _line_slope([math.log(k) for k in config.kappas], needed)
-                    metrics.update(slope_per_ln_kappa=slope, intercept=intercept)
+                    slope, intercept, r2_log = _line_fit([math.log(k) for k in config.kappas], needed)
+                    _, _, r2_sqrt = _line_fit([math.sqrt(k) for k in config.kappas], needed)
+                    metrics.update(slope_per_ln_kappa=slope, intercept=intercept, r2_ln_kappa=r2_log,
+                                   r2_sqrt_kappa=r2_sqrt)
                 else:
                     metrics.update(slope_per_ln_kappa=math.inf, intercept=math.nan)
                 fits[str(seed)] = {"status": "complete", "metrics": metrics}
