@@ -98,7 +98,8 @@ def test_unsupported_architecture_and_double_conversion_fail_clearly() -> None:
     with pytest.raises(ValueError, match="unknown parts"):
         apply_laurel(llama(), variant="rw+foo")
     checkpointed = apply_laurel(llama().train(), variant="rw+lr+pa", rank=4)
-    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable
+    enable = (getattr(checkpointed, "activation_checkpointing_enable", None)
+              or checkpointed.gradient_checkpointing_enable)
     enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         checkpointed(input_ids=padded_batch()[0])

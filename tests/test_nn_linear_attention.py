@@ -94,7 +94,8 @@ def test_restricted_and_unrestricted_parameter_shapes_and_structure() -> None:
     assert sum(p.numel() for p in restricted.parameters()) == 3 * (d * d + d)
     layer = restricted.layers[0]
     p, q = (m.detach() for m in layer.matrices())
-    assert torch.equal(p[:d], torch.zeros(d, d + 1)) and torch.equal(p[d, :d], layer.u.detach()) and float(p[d, d]) == 1.0
+    assert torch.equal(p[:d], torch.zeros(d, d + 1)) and torch.equal(p[d, :d], layer.u.detach())
+    assert float(p[d, d]) == 1.0
     assert torch.equal(q[:d, :d], -layer.preconditioner.detach().T) and not q[d].any() and not q[:, d].any()
     # the restricted layer never changes the x rows, only the label row
     z = prompt_matrix(*(getattr(prompts(d, 6), k).float() for k in ("xs", "ys", "query")))

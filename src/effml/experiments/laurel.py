@@ -20,9 +20,9 @@ extra parameters as a fraction of the extra layer's.
 Claims (issue #3): (1) RW improves on the L-layer baseline (1a) with under 0.01 % extra parameters (1b); (2) the best
 variant recovers at least 60 % of the extra layer's gain (2a, stated linearly per seed as
 gain(best) − 0.6·gain(extra layer) ≥ 0, which is not destabilised by a small denominator) with at most 1/2.6 of its
-extra parameters (2b); (3) the step-time overhead of RW+LR is at most 5 %, measured as ``step_time_ratio`` (RW+LR and the baseline stepped
-interleaved in one process, ``LaurelRecipe.step_overhead``) rather than from the arms' own step times, which were taken
-at different times under different load.
+extra parameters (2b); (3) the step-time overhead of RW+LR is at most 5 %, measured as ``step_time_ratio`` (RW+LR
+and the baseline stepped interleaved in one process, ``LaurelRecipe.step_overhead``) rather than from the arms' own
+step times, which were taken at different times under different load.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ never rises with depth).
 Derived: per family and seed, the depth needed to reach ``target_nmse`` at each κ (interpolated in log₂ L on the
 running best error; extrapolated from the last two depths when no trained depth reaches it) and the least-squares
 slope of that depth against ln κ, with the r² of that line and of a line in √κ (the theory's unrestricted and
-restricted rates; telling them apart needs more than three κ values); the ratio of the multi-layer to the looped shifted error at the largest depth.
+restricted rates; telling them apart needs more than three κ values); the ratio of the multi-layer to the looped
+shifted error at the largest depth.
 
 Claims: (1) the depth needed grows with κ (slope > 0, for both families); (2) under the smallest shift the deepest
 multi-layer model errs more than the 1-layer one, the deepest looped model does not, and the multi-layer/looped ratio
@@ -360,7 +361,8 @@ class LoopedDepth(Experiment):
                       title=f"Error under covariance rescaling, κ={kappa:g}"),
             CurvePlot(name="readouts", curve="readout_nmse", ylabel="nmse of the read-out", logy=True,
                       arms=[arm_name(f, deepest, kappa) for f in config.families],
-                      xlabel="read-out after layer application k", title=f"Per-layer / per-loop read-outs, κ={kappa:g}"),
+                      xlabel="read-out after layer application k",
+                      title=f"Per-layer / per-loop read-outs, κ={kappa:g}"),
             CurvePlot(name="train_loss", curve="train_nmse", ylabel="train nmse", logy=True, arms=probe_arms,
                       title=f"Training nmse, κ={kappa:g}"),
         ]

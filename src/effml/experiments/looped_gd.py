@@ -11,7 +11,8 @@ times on in-context regression with one fixed covariance Σ* (eigenvalues evenly
 Arms: ``n{n}`` per n in ``n_contexts``; with ``"unrestricted"`` in ``attentions`` also ``full-n{n}``, the same looped
 layer with full trainable P and Q (started at the GD form plus noise), whose GD reading ``A = −(P[d+1,d+1]·Q₁₁)ᵀ``,
 ``u = P[d+1,:d]/P[d+1,d+1]`` (``effml.nn.linear_attention.gd_parameters``) is measured the same way: it tests
-whether training without the structure still finds preconditioned GD. Measured per arm: ``nmse`` on held-out prompts; ``u_ratio = ‖u‖/‖u_init‖``;
+whether training without the structure still finds preconditioned GD. Measured per arm: ``nmse`` on held-out prompts;
+``u_ratio = ‖u‖/‖u_init‖``;
 ``precond_error = ‖A Σ* − I‖_F / √d``; ``gd_mismatch = Σ(ŷ_model − ŷ_GD)² / Σ y²`` against explicit ``loops``-step
 preconditioned GD with the learned ``A`` (``effml.nn.linear_attention.preconditioned_gd``); the error when the
 trained model is run with ``test_loops`` loops in distribution (``nmse_loops@k``), on Σ* rotated by ``ood_rotation``
@@ -87,8 +88,8 @@ class LoopedGDConfig:
             raise ConfigError(f"{owner}.attentions = {self.attentions!r}: the claims are about the restricted layer, "
                               "so include 'restricted'; 'unrestricted' may be added.")
         if self.init_scale == 0:
-            raise ConfigError(f"{owner}.init_scale = 0 makes the layer's GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ undefined at "
-                              "the start; use a positive init_scale.")
+            raise ConfigError(f"{owner}.init_scale = 0 makes the layer's GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ undefined "
+                              "at the start; use a positive init_scale.")
         if self.init_std == 0:
             raise ConfigError(f"{owner}.init_std = 0 starts u at its optimum 0, so claim (1a) would test nothing; "
                               "use a positive init_std.")
@@ -250,10 +251,10 @@ class LoopedGD(Experiment):
                                 f"error is lower than with {config.loops} ({largest}).",
                       metric="more_loops_gain", arm=largest, better="higher", threshold=1.0),
             Threshold(name="more loops never raise the loss",
-                      statement=f"Run with {config.loops}…{beyond} loops, the in-distribution error never rises by more "
-                                f"than 1 % from one loop count to the next ({largest}; the error flattens at a floor set "
-                                "by the small u ≠ 0 left after training, where float noise alone would decide a strict "
-                                "test).",
+                      statement=f"Run with {config.loops}…{beyond} loops, the in-distribution error never rises by "
+                                f"more than 1 % from one loop count to the next ({largest}; the error flattens at a "
+                                "floor set by the small u ≠ 0 left after training, where float noise alone would decide "
+                                "a strict test).",
                       metric="loops_rise", arm=largest, better="lower", threshold=LOOPS_RISE_TOLERANCE),
             Threshold(name="more loops lower the loss on a rotated covariance",
                       statement=f"The same gain on Σ* rotated by {config.ood_rotation:g} rad ({largest}).",
@@ -263,8 +264,8 @@ class LoopedGD(Experiment):
                       metric="rescaled_more_loops_gain", arm=largest, better="higher", threshold=1.0),
         ] + ([
             Threshold(name="unrestricted layer also learns preconditioned GD",
-                      statement=f"With full trainable P and Q, the trained layer's predictions equal {config.loops}-step "
-                                f"preconditioned GD with its GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ: Σ(ŷ_model − ŷ_GD)²/Σy² "
+                      statement=f"With full trainable P and Q, the trained layer's predictions equal "
+                                f"{config.loops}-step preconditioned GD with its GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ: Σ(ŷ_model − ŷ_GD)²/Σy² "
                                 f"≤ 0.01 (full-{largest}).",
                       metric="gd_mismatch", arm=f"full-{largest}", better="lower", threshold=0.01),
         ] if "unrestricted" in config.attentions else [])

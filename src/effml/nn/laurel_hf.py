@@ -51,8 +51,8 @@ def _connect(layer: nn.Module, residual: LaurelResidual, x: Tensor, fx: Tensor) 
     if layer.training and getattr(layer, "gradient_checkpointing", False):
         # a recomputed layer would read the history as it is after the whole forward, not as it was: wrong gradients
         raise ValueError("LAuReL-PA keeps a history of earlier layers' states, which gradient checkpointing cannot "
-                         "replay; disable it (model.activation_checkpointing_disable(), formerly gradient_checkpointing_disable()) "
-                         "or use a variant without 'pa'.")
+                         "replay; disable it (model.activation_checkpointing_disable(), formerly "
+                         "gradient_checkpointing_disable()) or use a variant without 'pa'.")
     out = residual(x, fx, shared.history.recent(residual.history_size))
     shared.history.push(x)
     return out

@@ -58,7 +58,8 @@ def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in tensors.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        storage = tensor.untyped_storage().data_ptr()
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
         if tensor.numel() > 0 and key in seen:
             aliases[name] = seen[key]
         else:

@@ -18,7 +18,8 @@ from effml.train.distributed import World, all_reduce_sum
 __all__ = ["causal_lm_loss", "heldout_nats_per_token"]
 
 
-def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                   step: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """Mean next-token cross-entropy (nats). batch = (inputs (B, T), targets (B, T)); model maps (B, T) → (B, T, V)."""
     inputs, targets = batch
     logits = model(inputs)

@@ -358,7 +358,7 @@ class Trainer:
                     group["lr"] = group["base_lr"] * multiplier
                 started = time.perf_counter()
                 local_loss, metrics = self._train_step(step)
-                # One collective per step: the mean loss over ranks (for logging) and whether any rank saw a stop signal.
+                # One collective per step: the mean loss over ranks (for logging), and whether a rank saw a stop signal.
                 shared = all_reduce_sum(torch.tensor([local_loss, 1.0 if stop.requested else 0.0], dtype=torch.float64))
                 loss, interrupted = float(shared[0]) / self.world.world_size, bool(shared[1] > 0)
                 if not math.isfinite(loss):

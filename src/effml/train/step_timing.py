@@ -50,7 +50,7 @@ def step_time_ratio(model: nn.Module, reference: nn.Module, loss_fn: LossFn, bat
 
     Returns ``step_time_ratio`` (median over rounds of t_model / t_reference, the two timed in the same round),
     ``step_time_ratio_min`` / ``_max`` (its spread), and the medians ``step_time_model_s`` / ``step_time_reference_s``.
-    Both models are trained for ``warmup + rounds`` steps in place. ``clock``: seconds as a float (injectable for tests).
+    Both models are trained for ``warmup + rounds`` steps in place. ``clock``: seconds as a float (for tests).
     """
     steps = {"model": TrainingStep(model, loss_fn, batch, device),
              "reference": TrainingStep(reference, loss_fn, batch, device)}
