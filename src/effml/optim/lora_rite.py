@@ -9,8 +9,9 @@ depends on how the factors happen to be scaled. LoRA-RITE preconditions on the l
 expressed in the orthonormal basis of the *other* factor, and its update of Z is the same for every equivalent
 factorization. For the factor A (the rule for B swaps the roles), at step t (§4 of the paper, Algorithm 1):
 
-1. basis and magnitude of the other factor: ``B_t = U_B R_B`` (thin QR as in the authors' code; ``R_B⁻¹`` via the
-   pseudo-inverse, so a zero factor such as PEFT's initial lora_B gives a zero unmagnified gradient);
+1. basis and magnitude of the other factor: ``B_t = U_B R_B`` (thin QR as in the authors' code; products with
+   ``R_B⁻¹`` are triangular solves, and where R_B is singular its pseudo-inverse is used, as in the authors' code, so
+   a zero factor such as PEFT's initial lora_B gives a zero unmagnified gradient);
 2. unmagnified gradient ``Ḡ_t = ∇_A L · R_B⁻¹`` (= ∇_Z L · U_B, m×r: it no longer depends on B's magnitude);
 3. basis change ``P_t = U_{B,t}ᵀ U_{B,t−1}`` (r×r; zero at the first step);
 4. second moment transported to the new basis ``V̄_t = β̂₂ P_t V̄_{t−1} P_tᵀ + (1 − β̂₂) Ḡ_tᵀ Ḡ_t / m``;
@@ -92,8 +93,34 @@ def find_lora_pairs(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> tup
     return pairs, others
 
 
+_STATE_NAMES = ("step", "first_moment", "second_moment", "escaped_mass", "basis")
+
+
 def _symmetric(x: torch.Tensor) -> torch.Tensor:
     return (x + x.transpose(-1, -2)) / 2
+
+
+def _inverse_magnitude(magnitude: torch.Tensor) -> torch.Tensor:
+    """R⁻¹ for a batch of upper-triangular R (k, r, r) from a thin QR, by a triangular solve against the identity.
+
+    Where R is singular — its factor has rank < r, e.g. PEFT's lora_B, which starts at exactly zero — the
+    pseudo-inverse R⁺ takes R⁻¹'s place (as in the authors' code), so a zero factor gives a zero unmagnified gradient
+    and a zero update; only those entries of the batch pay for pinv's SVD. Singular: a diagonal entry of R at most
+    r·ε·max|diag R|. The inverse is r×r, so the (rows × r) products with it are plain batched matrix products.
+    """
+    rank = magnitude.shape[-1]
+    diagonal = magnitude.diagonal(dim1=-2, dim2=-1).abs()
+    tolerance = diagonal.amax(dim=-1, keepdim=True) * rank * torch.finfo(magnitude.dtype).eps
+    singular = (diagonal <= tolerance).any(dim=-1)  # (k,)
+    if not bool(singular.any()):
+        identity = torch.eye(rank, dtype=magnitude.dtype, device=magnitude.device).expand_as(magnitude)
+        return torch.linalg.solve_triangular(magnitude, identity, upper=True)
+    if bool(singular.all()):
+        return torch.linalg.pinv(magnitude)
+    inverse = torch.empty_like(magnitude)
+    inverse[singular] = torch.linalg.pinv(magnitude[singular])
+    inverse[~singular] = _inverse_magnitude(magnitude[~singular])
+    return inverse
 
 
 class LoRARite(torch.optim.Optimizer):
@@ -211,116 +238,174 @@ class LoRARite(torch.optim.Optimizer):
         prepared = []  # per bucket, everything taken at the current point before any factor moves
         squared_norm = None
         for (index, *_), pairs in buckets.items():
-            factors = self._prepare(lora_groups[index], pairs)
-            prepared.append((lora_groups[index], factors))
-            for factor in factors:
-                total = factor["unmagnified"].square().sum()
+            sides = self._prepare(lora_groups[index], pairs)
+            prepared.append((lora_groups[index], sides))
+            for side in sides:
+                total = side["squared_norm"].sum()
                 squared_norm = total if squared_norm is None else squared_norm + total
         clip = None
         if prepared and lora_groups[0]["clip_unmagnified_grad_norm"] > 0:
             norm = squared_norm.sqrt()
             limit = lora_groups[0]["clip_unmagnified_grad_norm"]
             clip = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
-        for group, factors in prepared:
-            for factor in factors:
-                self._update(group, factor, clip)
+        for group, sides in prepared:
+            for side in sides:
+                self._update(group, side, clip)
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 self._adamw(group)
         return loss
 
     def _prepare(self, group: dict[str, Any], pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
-        """Steps 1–3 for k pairs of equal shapes: both factors as (k, rows, r), their QR, the unmagnified gradients
-        (k, rows, r) and the basis changes P (k, r, r).
+        """Steps 1–3 for k pairs of equal shapes, both sides at once, taken before either factor moves.
 
-        In the paper's notation the left factor is lora_B (out × r) and the right one lora_Aᵀ (in × r).
+        In the paper's notation the left factor is lora_B (out × r) and the right one lora_Aᵀ (in × r). Everything
+        runs on the transposes, "wide" tensors (k, r, rows) — lora_A's own layout — because on CPU products that
+        produce or reduce a (k, r, rows) tensor are several times faster than their (k, rows, r) counterparts. Per side
+        this returns Xᵀ and Gᵀ (k, r, rows), the other factor's R⁻¹ (k, r, r), the Gram matrix of the unmagnified
+        gradient Ḡᵀ Ḡ = R⁻ᵀ (Gᵀ G) R⁻¹ (k, r, r), ‖Ḡ‖² (k,) after the RMS skip, the basis change P (k, r, r) of the
+        other factor and the batched state. Ḡ = G R⁻¹ itself is never formed: every use of it is a product with an
+        r×r matrix. The bases stored for the next step are overwritten here, after both P are taken.
         """
-        sides = [([b for _, b in pairs], False), ([a for a, _ in pairs], True)]
-        matrices, grads = [], []
-        for params, transposed in sides:
-            matrix = torch.stack([self._work(p) for p in params])
-            grad = torch.stack([self._work_grad(p) for p in params])
-            matrices.append(matrix.transpose(1, 2) if transposed else matrix)
-            grads.append(grad.transpose(1, 2) if transposed else grad)
-        bases, magnitudes = zip(*(torch.linalg.qr(matrix) for matrix in matrices))  # (k, rows, r), (k, r, r)
-        inverses = [torch.linalg.pinv(magnitude) for magnitude in magnitudes]
-        factors = []
-        for index, (params, transposed) in enumerate(sides):
-            partner = 1 - index
-            for param, matrix in zip(params, matrices[index]):
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float64)
-                    state["first_moment"] = torch.zeros_like(matrix)
-                    state["second_moment"] = matrix.new_zeros(matrix.shape[1], matrix.shape[1])
-                    state["escaped_mass"] = torch.zeros((), dtype=matrix.dtype)
-                    state["basis"] = torch.zeros_like(matrix)  # this factor's U at its previous step
-            unmagnified = grads[index] @ inverses[partner]
+        layout = [([b for _, b in pairs], True), ([a for a, _ in pairs], False)]  # (params, stored as rows × r)
+        matrices, grads, states = [], [], []
+        for params, tall in layout:
+            matrices.append(torch.stack([self._work(p).T if tall else self._work(p) for p in params]))
+            grads.append(torch.stack([self._work_grad(p).T if tall else self._work_grad(p) for p in params]))
+            states.append(self._batched_state(params, matrices[-1]))
+        # QR of X (k, rows, r); X's transpose view is column-major, as LAPACK wants it, and so is the Q it returns.
+        bases, magnitudes = zip(*(torch.linalg.qr(matrix.transpose(1, 2)) for matrix in matrices))
+        bases = [basis.transpose(1, 2) for basis in bases]  # Uᵀ (k, r, rows)
+        inverses = [_inverse_magnitude(magnitude) for magnitude in magnitudes]
+        sides = []
+        for index, (params, tall) in enumerate(layout):
+            other = 1 - index
+            grad, inverse = grads[index], inverses[other]
+            gram = _symmetric(inverse.transpose(1, 2) @ (grad @ grad.transpose(1, 2)) @ inverse)
+            squared_norm = gram.diagonal(dim1=1, dim2=2).sum(dim=-1)
+            keep = torch.ones_like(squared_norm)
             skip = group["skip_unmagnified_grad_rms"]
-            if skip > 0:
-                too_large = unmagnified.square().mean(dim=(1, 2)).sqrt() > skip
-                unmagnified = torch.where(too_large[:, None, None], torch.zeros_like(unmagnified), unmagnified)
-            factors.append({"params": params, "transposed": transposed, "matrix": matrices[index],
-                            "unmagnified": unmagnified, "inverse_other": inverses[partner]})
-        # P for a factor compares the *other* factor's basis now with the one it had at the previous step.
-        previous = [torch.stack([self.state[p]["basis"] for p in params]) for params, _ in sides]
-        for index, factor in enumerate(factors):
-            factor["projection"] = bases[1 - index].transpose(1, 2) @ previous[1 - index]
-        for (params, _), basis in zip(sides, bases):
-            for param, item in zip(params, basis.clone().unbind()):
-                self.state[param]["basis"] = item
-        return factors
+            if skip > 0:  # ‖Ḡ‖² / (rows · r) is Ḡ's mean square
+                keep = (squared_norm / grad[0].numel() <= skip * skip).to(keep.dtype)
+            sides.append({"params": params, "tall": tall, "matrix": matrices[index], "grad": grad, "gram": gram,
+                          "keep": keep, "squared_norm": squared_norm * keep, "inverse_other": inverse,
+                          "state": states[index],
+                          # P = U_tᵀ U_{t−1} compares the *other* factor's basis now with the one of the previous step.
+                          "projection": bases[other] @ states[other]["basis"].transpose(1, 2)})
+        for side, basis in zip(sides, bases):
+            side["state"]["basis"].copy_(basis)
+        return sides
 
-    def _update(self, group: dict[str, Any], factor: dict[str, Any], clip: torch.Tensor | None) -> None:
-        """Steps 4–8 for one side (k factors of equal shape, all tensors batched along the first dimension)."""
-        params = factor["params"]
-        states = [self.state[p] for p in params]
-        for state in states:
-            state["step"] += 1
-        steps = torch.stack([state["step"] for state in states])  # (k,) float64: pairs may have started apart
+    def _update(self, group: dict[str, Any], side: dict[str, Any], clip: torch.Tensor | None) -> None:
+        """Steps 4–8 for one side (k factors of equal shape, all tensors batched along the first dimension).
+
+        On the transposes (see ``_prepare``), with the per-factor scalings (clip, RMS skip, decays) folded into r×r
+        matrices so that the (k, r, rows) tensors are read only by matrix products:
+        M̄ᵀ ← (β̂₁ P) M̄ᵀ + ((1 − β̂₁) s W R⁻ᵀ) Gᵀ, with W = (V̄ + ρI)^{−1/2} and s the scale of the clipped unmagnified
+        gradient s·Ḡ = s·G R⁻¹; then Xᵀ ← Xᵀ − η (R⁻¹ M̄ᵀ + λ Xᵀ).
+        """
+        state = side["state"]
+        state["step"].add_(1)
         beta1, beta2 = group["betas"]
-        dtype = factor["matrix"].dtype
+        dtype = side["matrix"].dtype
+        steps = state["step"]  # (k,) float64: pairs may have started apart
 
         def decay(beta: float) -> torch.Tensor:  # Adafactor's bias-corrected decay per pair, shaped (k, 1, 1)
             return (beta * (1.0 - beta ** (steps - 1)) / (1.0 - beta ** steps)).to(dtype)[:, None, None]
 
         decay1, decay2 = decay(beta1), decay(beta2)
-        grad = factor["unmagnified"] if clip is None else factor["unmagnified"] * clip
-        projection = factor["projection"]
-        old_second = torch.stack([state["second_moment"] for state in states])
+        scale = (side["keep"] if clip is None else side["keep"] * clip)[:, None, None]  # (k, 1, 1)
+        projection, inverse, grad = side["projection"], side["inverse_other"], side["grad"]
+        old_second = state["second_moment"]
         transported = _symmetric(projection @ old_second @ projection.transpose(1, 2))
-        second = _symmetric(decay2 * transported + (1.0 - decay2) * (grad.transpose(1, 2) @ grad) / grad.shape[1])
-        escaped = torch.stack([state["escaped_mass"] for state in states])
+        second = _symmetric(decay2 * transported + (1.0 - decay2) * side["gram"] * (scale.square() / grad.shape[2]))
         if group["escaped_mass"]:
-            eigen_drop = (torch.linalg.eigvalsh(old_second) - torch.linalg.eigvalsh(transported)).amax(dim=-1)
+            eigen = torch.linalg.eigvalsh(torch.cat([old_second, transported]))
+            eigen_drop = (eigen[:len(old_second)] - eigen[len(old_second):]).amax(dim=-1)
             trace_drop = (old_second.diagonal(dim1=1, dim2=2) - transported.diagonal(dim1=1, dim2=2)).sum(dim=-1)
             lost = torch.clamp(torch.minimum(eigen_drop, trace_drop), min=0.0)
-            escaped = decay2[:, 0, 0] * (escaped + lost)
+            state["escaped_mass"].add_(lost).mul_(decay2[:, 0, 0])
         else:
-            escaped = torch.zeros_like(escaped)
+            state["escaped_mass"].zero_()
+        state["second_moment"].copy_(second)
         eigenvalues, eigenvectors = torch.linalg.eigh(second)
         eigenvalues = eigenvalues.clamp(min=0.0)  # V̄ is PSD; rounding can leave tiny negative eigenvalues
-        scale = 1.0 / ((eigenvalues + escaped[:, None]).sqrt() + group["eps"])
-        inverse_root = _symmetric((eigenvectors * scale[:, None, :]) @ eigenvectors.transpose(1, 2))
-        preconditioned = grad @ inverse_root
-        old_first = torch.stack([state["first_moment"] for state in states])
-        first = decay1 * (old_first @ projection.transpose(1, 2)) + (1.0 - decay1) * preconditioned
+        root = 1.0 / ((eigenvalues + state["escaped_mass"][:, None]).sqrt() + group["eps"])
+        inverse_root = _symmetric((eigenvectors * root[:, None, :]) @ eigenvectors.transpose(1, 2))
+        first = state["first_moment"]  # M̄ᵀ (k, r, rows)
+        carried = (decay1 * projection) @ first
+        torch.baddbmm(carried, (1.0 - decay1) * scale * inverse_root @ inverse.transpose(1, 2), grad, out=first)
         direction = first
         cap = group["update_rms_cap"]
         if cap > 0:
             rms = direction.square().mean(dim=(1, 2)).sqrt()
             direction = direction / torch.clamp(rms / cap, min=1.0)[:, None, None]
-        update = direction @ factor["inverse_other"].transpose(1, 2)
         if group["weight_decay"] > 0:
-            update = update + group["weight_decay"] * factor["matrix"]
-        for state, new_second, new_first, new_escaped in zip(states, second.unbind(), first.unbind(),
-                                                             escaped.unbind()):
-            state["second_moment"], state["first_moment"] = new_second.clone(), new_first.clone()
-            state["escaped_mass"] = new_escaped.clone()
-        if factor["transposed"]:
+            update = torch.baddbmm(side["matrix"], inverse, direction, beta=group["weight_decay"])
+        else:
+            update = inverse @ direction
+        if side["tall"]:  # lora_B is stored out × r
             update = update.transpose(1, 2)
+        params = side["params"]
         updates = [u.to(p.dtype) for u, p in zip(update.unbind(), params)]
         torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    def _batched_state(self, params: list[torch.Tensor], matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state of k same-shaped factors as batched tensors (k, ...), created at their first step.
+
+        Each parameter's own state (what ``state_dict`` saves) holds views into these tensors, and the update writes
+        them in place, so no step stacks or splits the state. After ``load_state_dict`` (or any other replacement of
+        a parameter's state) the views no longer match and the batch is rebuilt from the per-parameter tensors.
+        """
+        cache = self.__dict__.setdefault("_batched", {})
+        key = tuple(id(p) for p in params)
+        batched = cache.get(key)
+        if batched is not None and all(self.state[p].get(name) is view for name, views in batched["views"].items()
+                                       for p, view in zip(params, views)):
+            return batched["tensors"]
+        rank = matrix.shape[1]  # matrix: (k, r, rows)
+        for param, item in zip(params, matrix):
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float64, device=item.device)
+                state["first_moment"] = torch.zeros_like(item)
+                state["second_moment"] = item.new_zeros(rank, rank)
+                state["escaped_mass"] = torch.zeros((), dtype=item.dtype, device=item.device)
+                state["basis"] = torch.zeros_like(item)  # Uᵀ (r, rows) of this factor at its previous step
+        tensors = {name: torch.stack([self.state[p][name] for p in params]).to(
+            dtype=torch.float64 if name == "step" else matrix.dtype) for name in _STATE_NAMES}
+        views = {name: list(tensor.unbind()) for name, tensor in tensors.items()}
+        for index, param in enumerate(params):
+            self.state[param].update({name: views[name][index] for name in _STATE_NAMES})
+        cache[key] = {"tensors": tensors, "views": views}
+        return tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``, with every state tensor copied out of the batched buffers, so the
+        result owns compact tensors (safetensors refuses tensors that share memory) and later steps leave it alone."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {index: {key: value.clone() if torch.is_tensor(value) else value
+                                       for key, value in entries.items()}
+                               for index, entries in state_dict["state"].items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but the LoRA state keeps the precision it was saved in.
+
+        torch casts every floating state tensor to its parameter's dtype; LoRA-RITE keeps the state of bf16/fp16
+        factors in float32 (the precision its r×r algebra runs in), so that cast would make a resumed run differ
+        from an uninterrupted one. The saved tensors are put back as saved (on the parameter's device).
+        """
+        saved = {index: dict(entries) for index, entries in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        lora = {param for group in self.param_groups if group["kind"] == "lora" for param in group["params"]}
+        for index, param in zip(saved_ids, params):
+            if param in lora and index in saved:
+                for key, value in saved[index].items():
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        self.state[param][key] = value.to(device=param.device).clone()
 
     @staticmethod
     def _work(param: torch.Tensor) -> torch.Tensor:
