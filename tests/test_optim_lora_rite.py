@@ -263,3 +263,80 @@ def test_bad_groups_and_options_are_refused_clearly() -> None:
     frozen = copy.deepcopy(nn.Linear(3, 3)).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable LoRA factors"):
         LoRARite.from_model(frozen)
+
+
+# -- singular magnitudes, batching, low-precision resume ----------------------------------------------------------------
+def test_inverse_of_r_is_the_triangular_inverse_or_the_pseudo_inverse_where_r_is_singular() -> None:
+    from effml.optim.lora_rite import _inverse_magnitude
+
+    generator = torch.Generator().manual_seed(11)
+    tall = torch.randn(4, 9, RANK, generator=generator, dtype=torch.float64)
+    tall[1] = 0.0  # PEFT's lora_B at initialisation
+    tall[2, :, -1] = tall[2, :, 0]  # rank RANK - 1
+    magnitudes = torch.linalg.qr(tall).R
+    inverses = _inverse_magnitude(magnitudes)
+    assert torch.allclose(inverses[0], torch.linalg.inv(magnitudes[0]), rtol=0, atol=1e-12)
+    assert torch.allclose(inverses[3], torch.linalg.inv(magnitudes[3]), rtol=0, atol=1e-12)
+    assert torch.equal(inverses[1], torch.zeros(RANK, RANK, dtype=torch.float64))
+    assert torch.allclose(inverses[2], torch.linalg.pinv(magnitudes[2]), rtol=0, atol=1e-10)
+    assert torch.allclose(_inverse_magnitude(magnitudes[[0, 3]]), inverses[[0, 3]], rtol=0, atol=0)  # all regular
+    assert torch.equal(_inverse_magnitude(magnitudes[[1]]), inverses[[1]])  # all singular
+
+
+def _run_pairs(pairs, targets, steps, together: bool):
+    """Train each (lora_A, lora_B) on its own ½‖B A − Z*‖², in one optimizer (``together``) or one each."""
+    params = [(nn.Parameter(a.clone()), nn.Parameter(b.clone())) for a, b in pairs]
+    # A global clip would couple the pairs; the RMS skip would drop the first steps of this large-gradient problem.
+    options = dict(lr=0.03, clip_unmagnified_grad_norm=0.0, skip_unmagnified_grad_rms=0.0)
+    optimizers = ([LoRARite([p for pair in params for p in pair], **options)] if together
+                  else [LoRARite(list(pair), **options) for pair in params])
+    for _ in range(steps):
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        sum(0.5 * (b @ a - z).square().sum() for (a, b), z in zip(params, targets)).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+    return params
+
+
+def test_pairs_batched_together_match_pairs_alone_including_a_zero_lora_b() -> None:
+    """Three same-shaped pairs share one batch; one starts with lora_B = 0 (PEFT's init), so at step one the batch
+    mixes singular and regular R. Each pair must follow exactly the trajectory it has alone."""
+    problems = [_problem(seed) for seed in (21, 22, 23)]
+    targets = [target for target, _, _ in problems]
+    pairs = [(a, b) for _, a, b in problems]
+    pairs[1] = (pairs[1][0], torch.zeros_like(pairs[1][1]))
+    after_one = _run_pairs(pairs, targets, 1, together=True)
+    assert torch.equal(after_one[1][0].detach(), pairs[1][0])  # lora_B = 0: lora_A's unmagnified gradient is 0
+    assert after_one[1][1].detach().abs().amax() > 0  # ... and lora_B moves
+    together = _run_pairs(pairs, targets, 25, together=True)
+    alone = _run_pairs(pairs, targets, 25, together=False)
+    for (a, b), (a_alone, b_alone) in zip(together, alone):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert torch.allclose(a, a_alone, rtol=0, atol=1e-12) and torch.allclose(b, b_alone, rtol=0, atol=1e-12)
+    zero_start = (together[1][1] @ together[1][0]).detach()
+    assert float((zero_start - targets[1]).square().sum()) < float(targets[1].square().sum())  # it trains
+
+
+def test_bfloat16_factors_keep_float32_state_and_resume_exactly() -> None:
+    target, lora_a, lora_b = _problem(seed=9)
+    target = target.float()
+
+    def run(a, b, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            (0.5 * (b.float() @ a.float() - target).square().sum()).backward()
+            optimizer.step()
+
+    params = [nn.Parameter(t.to(torch.bfloat16)) for t in (lora_a, lora_b)]
+    optimizer = LoRARite(params, lr=0.02)
+    run(*params, optimizer, 5)
+    saved = copy.deepcopy({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict()})
+    run(*params, optimizer, 5)
+    resumed = [nn.Parameter(t.clone()) for t in saved["params"]]
+    optimizer_resumed = LoRARite(resumed, lr=0.02)
+    optimizer_resumed.load_state_dict(saved["optimizer"])
+    assert optimizer_resumed.state[resumed[0]]["first_moment"].dtype == torch.float32  # torch would cast to bf16
+    run(*resumed, optimizer_resumed, 5)
+    for original, again in zip(params, resumed):
+        assert torch.equal(original, again)
