@@ -283,17 +283,20 @@ def test_inverse_of_r_is_the_triangular_inverse_or_the_pseudo_inverse_where_r_is
     assert torch.equal(_inverse_magnitude(magnitudes[[1]]), inverses[[1]])  # all singular
 
 
-def _run_pairs(pairs, targets, steps, together: bool):
-    """Train each (lora_A, lora_B) on its own ½‖B A − Z*‖², in one optimizer (``together``) or one each."""
+def _run_pairs(pairs, targets, steps, together: bool, rest_first_pair_every: int = 0):
+    """Train each (lora_A, lora_B) on its own ½‖B A − Z*‖², in one optimizer (``together``) or one each. With
+    ``rest_first_pair_every`` = n, the first pair gets no gradient (grad None: it is skipped) every n-th step."""
     params = [(nn.Parameter(a.clone()), nn.Parameter(b.clone())) for a, b in pairs]
     # A global clip would couple the pairs; the RMS skip would drop the first steps of this large-gradient problem.
     options = dict(lr=0.03, clip_unmagnified_grad_norm=0.0, skip_unmagnified_grad_rms=0.0)
     optimizers = ([LoRARite([p for pair in params for p in pair], **options)] if together
                   else [LoRARite(list(pair), **options) for pair in params])
-    for _ in range(steps):
+    for step in range(steps):
         for optimizer in optimizers:
             optimizer.zero_grad()
-        sum(0.5 * (b @ a - z).square().sum() for (a, b), z in zip(params, targets)).backward()
+        rest = rest_first_pair_every and step % rest_first_pair_every == 0
+        sum(0.5 * (b @ a - z).square().sum() for index, ((a, b), z) in enumerate(zip(params, targets))
+            if not (rest and index == 0)).backward()
         for optimizer in optimizers:
             optimizer.step()
     return params
@@ -316,6 +319,17 @@ def test_pairs_batched_together_match_pairs_alone_including_a_zero_lora_b() -> N
         assert torch.allclose(a, a_alone, rtol=0, atol=1e-12) and torch.allclose(b, b_alone, rtol=0, atol=1e-12)
     zero_start = (together[1][1] @ together[1][0]).detach()
     assert float((zero_start - targets[1]).square().sum()) < float(targets[1].square().sum())  # it trains
+
+
+def test_a_pair_that_skips_steps_keeps_its_own_state_inside_a_batch() -> None:
+    """The first pair has no gradient every third step, so the batch of same-shaped pairs changes its members (and
+    the batched state is rebuilt) from step to step; every pair still follows its lone trajectory."""
+    problems = [_problem(seed) for seed in (31, 32)]
+    targets, pairs = [target for target, _, _ in problems], [(a, b) for _, a, b in problems]
+    together = _run_pairs(pairs, targets, 12, together=True, rest_first_pair_every=3)
+    alone = _run_pairs(pairs, targets, 12, together=False, rest_first_pair_every=3)
+    for (a, b), (a_alone, b_alone) in zip(together, alone):
+        assert torch.allclose(a, a_alone, rtol=0, atol=1e-12) and torch.allclose(b, b_alone, rtol=0, atol=1e-12)
 
 
 def test_bfloat16_factors_keep_float32_state_and_resume_exactly() -> None:

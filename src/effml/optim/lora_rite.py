@@ -142,6 +142,15 @@ class LoRARite(torch.optim.Optimizer):
             PyTorch code has it off by default).
         update_rms_cap: cap the RMS of M̄ before it is mapped back by R⁻ᵀ (0: off; the code's ``update_capping``).
         adamw_eps: ε of the AdamW groups.
+
+    State per factor X (rows × r in the paper's notation; rows = out for lora_B, in for lora_A), stored transposed
+    as the computation runs (see ``_prepare``): ``first_moment`` M̄ᵀ (r, rows), ``basis`` U_{t−1}ᵀ (r, rows),
+    ``second_moment`` V̄ (r, r), ``escaped_mass`` ρ and ``step`` (float64) — about Adam's memory plus two r×r matrices.
+    Factors in bf16/fp16 keep this state in float32, also across ``load_state_dict`` (which torch would cast).
+
+    Cost per step and pair (on CPU): two thin QRs of X (k, rows, r) — the largest part —, r×r eigendecompositions
+    and triangular inverses, and five batched products with (k, r, rows) tensors; pairs of the same shapes are one
+    batch (k pairs), so the Python overhead grows with the number of distinct shapes.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -377,6 +386,8 @@ class LoRARite(torch.optim.Optimizer):
         views = {name: list(tensor.unbind()) for name, tensor in tensors.items()}
         for index, param in enumerate(params):
             self.state[param].update({name: views[name][index] for name in _STATE_NAMES})
+        for stale in [other for other in cache if set(other) & set(key)]:  # e.g. a pair that skipped a step
+            del cache[stale]
         cache[key] = {"tensors": tensors, "views": views}
         return tensors
 
