@@ -265,7 +265,7 @@ def test_bad_groups_and_options_are_refused_clearly() -> None:
         LoRARite.from_model(frozen)
 
 
-# -- singular magnitudes, batching, low-precision resume ----------------------------------------------------------------
+# -- singular magnitudes, batching, low-precision resume --------------------------------------------------------------
 def test_inverse_of_r_is_the_triangular_inverse_or_the_pseudo_inverse_where_r_is_singular() -> None:
     from effml.optim.lora_rite import _inverse_magnitude
 
@@ -288,7 +288,7 @@ def _run_pairs(pairs, targets, steps, together: bool, rest_first_pair_every: int
     ``rest_first_pair_every`` = n, the first pair gets no gradient (grad None: it is skipped) every n-th step."""
     params = [(nn.Parameter(a.clone()), nn.Parameter(b.clone())) for a, b in pairs]
     # A global clip would couple the pairs; the RMS skip would drop the first steps of this large-gradient problem.
-    options = dict(lr=0.03, clip_unmagnified_grad_norm=0.0, skip_unmagnified_grad_rms=0.0)
+    options = {"lr": 0.03, "clip_unmagnified_grad_norm": 0.0, "skip_unmagnified_grad_rms": 0.0}
     optimizers = ([LoRARite([p for pair in params for p in pair], **options)] if together
                   else [LoRARite(list(pair), **options) for pair in params])
     for step in range(steps):

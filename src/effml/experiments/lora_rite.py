@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,11 +145,6 @@ def _full() -> LoRARiteConfig:
 
 def _lr_text(lr: float) -> str:
     return f"{lr:g}"
-
-
-def _synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class AdapterLM(nn.Module):
@@ -295,36 +290,32 @@ class LoRARiteRecipe(Experiment):
         """Whole training steps of Adam and LoRA-RITE on the same model and batch, interleaved (claim 3).
 
         Both optimizers hold the same adapters at their reference learning rates (the values the adapters reach do
-        not change the cost of a step). One warm-up step each, then ``timing_rounds`` rounds of one step each, the
-        order alternating A B, B A, ...; the ratio is the median of the per-round ratios RITE / Adam.
+        not change the cost of a step). A step is zero_grad, forward, loss, backward and the optimizer's step (under
+        bf16 autocast on CUDA, as in the trainer), timed by ``effml.metrics.timing.time_interleaved``: one warm-up
+        step each, then ``timing_rounds`` rounds of one step each in rotated order; the ratio is the median of the
+        per-round ratios RITE / Adam (their spread is the curve ``step_time_ratio``).
         """
-        model.to(device)
+        from effml.metrics.timing import time_interleaved
+
+        model.to(device).train()
         batch = tuple(t.to(device) for t in batch)
-        optimizers = {method: self._optimizer(config, method, config.reference_lr(method), peft_model)
-                      for method in ("adam", "rite")}
         autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
                     else contextlib.nullcontext())
 
-        def step(optimizer: torch.optim.Optimizer) -> float:
-            _synchronize(device)
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss, _ = causal_lm_loss(model, batch, 0)
-            loss.backward()
-            optimizer.step()
-            _synchronize(device)
-            return time.perf_counter() - started
+        def training_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+            def step() -> None:
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    loss, _ = causal_lm_loss(model, batch, 0)
+                loss.backward()
+                optimizer.step()
+            return step
 
-        model.train()
-        for optimizer in optimizers.values():
-            step(optimizer)
-        times: dict[str, list[float]] = {"adam": [], "rite": []}
-        for index in range(config.timing_rounds):
-            for method in (("adam", "rite") if index % 2 == 0 else ("rite", "adam")):
-                times[method].append(step(optimizers[method]))
-        ratios = [rite / adam for rite, adam in zip(times["rite"], times["adam"])]
-        metrics = {"adam_step_s": statistics.median(times["adam"]), "rite_step_s": statistics.median(times["rite"]),
+        steps = {method: training_step(self._optimizer(config, method, config.reference_lr(method), peft_model))
+                 for method in ("adam", "rite")}
+        timings = time_interleaved(steps, repeats=config.timing_rounds, warmup=1, device=device)
+        ratios = [rite / adam for rite, adam in zip(timings["rite"].samples, timings["adam"].samples)]
+        metrics = {"adam_step_s": timings["adam"].median, "rite_step_s": timings["rite"].median,
                    "step_time_ratio": statistics.median(ratios)}
         curves = {"step_time_ratio": [[float(i), r] for i, r in enumerate(ratios)]}
         return ArmRun(params=sum(p.numel() for p in model.parameters()), metrics=metrics, curves=curves)
