@@ -67,7 +67,7 @@ def test_equivalent_factorizations_give_the_same_trajectory_and_adams_do_not() -
     make = _rite()  # escaped mass on (the default): the basis rotates every step here
     rite = _trajectory(lora_a, lora_b, target, make, steps)
     rite_equivalent = _trajectory(*equivalent, target, make, steps)
-    assert _relative_gap(rite, rite_equivalent) < 1e-11  # measured: ~7e-14 (cond(R) = 1e3)
+    assert _relative_gap(rite, rite_equivalent) < 1e-12  # measured: ~7e-14 (cond(R) = 1e3)
     assert float(0.5 * (rite[-1] - target).square().sum()) < 0.5 * float(target.square().sum())  # it does optimise
     adam_gap = _relative_gap(_trajectory(lora_a, lora_b, target, _adam, steps),
                              _trajectory(*equivalent, target, _adam, steps))
