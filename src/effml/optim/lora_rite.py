@@ -330,7 +330,8 @@ class LoRARite(torch.optim.Optimizer):
         projection, inverse, unmagnified = side["projection"], side["inverse_other"], side["unmagnified"]
         old_second = state["second_moment"]
         transported = _symmetric(projection @ old_second @ projection.transpose(1, 2))
-        second = _symmetric(decay2 * transported + (1.0 - decay2) * side["gram"] * (scale.square() / unmagnified.shape[2]))
+        rows = unmagnified.shape[2]
+        second = _symmetric(decay2 * transported + (1.0 - decay2) * side["gram"] * (scale.square() / rows))
         if group["escaped_mass"]:
             eigen = torch.linalg.eigvalsh(torch.cat([old_second, transported]))
             eigen_drop = (eigen[:len(old_second)] - eigen[len(old_second):]).amax(dim=-1)
