@@ -354,3 +354,18 @@ def test_bfloat16_factors_keep_float32_state_and_resume_exactly() -> None:
     run(*resumed, optimizer_resumed, 5)
     for original, again in zip(params, resumed):
         assert torch.equal(original, again)
+
+
+def test_a_state_that_does_not_fit_the_factors_is_refused_clearly() -> None:
+    target, lora_a, lora_b = _problem(seed=13)
+    params = [nn.Parameter(lora_a.clone()), nn.Parameter(lora_b.clone())]
+    optimizer = LoRARite(params, lr=0.02)
+    (0.5 * (params[1] @ params[0] - target).square().sum()).backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["state"][1]["first_moment"] = saved["state"][1]["first_moment"].T.clone()  # lora_B's, untransposed
+    fresh = LoRARite([nn.Parameter(lora_a.clone()), nn.Parameter(lora_b.clone())], lr=0.02)
+    fresh.load_state_dict(saved)
+    (0.5 * (fresh.param_groups[0]["params"][1] @ fresh.param_groups[0]["params"][0] - target).square().sum()).backward()
+    with pytest.raises(ValueError, match=r"does not fit it: expected shapes .*start the optimizer afresh"):
+        fresh.step()

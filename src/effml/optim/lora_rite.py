@@ -385,6 +385,16 @@ class LoRARite(torch.optim.Optimizer):
                 state["second_moment"] = item.new_zeros(rank, rank)
                 state["escaped_mass"] = torch.zeros((), dtype=item.dtype, device=item.device)
                 state["basis"] = torch.zeros_like(item)  # Uᵀ (r, rows) of this factor at its previous step
+        expected = {"step": (), "first_moment": tuple(matrix.shape[1:]), "second_moment": (rank, rank),
+                    "escaped_mass": (), "basis": tuple(matrix.shape[1:])}
+        for param in params:
+            found = {name: tuple(self.state[param][name].shape) if name in self.state[param] else None
+                     for name in _STATE_NAMES}
+            if found != expected:
+                raise ValueError(f"LoRARite: the state of a factor of shape {tuple(param.shape)} does not fit it: "
+                                 f"expected shapes {expected}, found {found}. It was probably loaded from another "
+                                 "model or from a LoRARite version that stored the moments untransposed (before "
+                                 "session 10); start the optimizer afresh or load a matching state_dict.")
         tensors = {name: torch.stack([self.state[p][name] for p in params]).to(
             dtype=torch.float64 if name == "step" else matrix.dtype) for name in _STATE_NAMES}
         views = {name: list(tensor.unbind()) for name, tensor in tensors.items()}
