@@ -138,10 +138,12 @@ def test_adapter_checkpoint_holds_only_trainable_parameters_and_restores_them() 
 def test_quick_benchmark_reports_consistent_ratios(tmp_path) -> None:
     result_md = run_benchmark("lora-rite", quick=True, out=tmp_path)
     result = json.loads((result_md.parent / "result.json").read_text())
-    assert set(result["shapes"]) == {"d64-r4", "d64-r8"}
-    factors = 2 * result["config"]["layers"]
+    assert set(result["shapes"]) == {"d64-r4", "d64-r8", "smollm2-r4"}
     for key, numbers in result["shapes"].items():
         rank, params = int(key.split("-r")[1]), numbers["adam"]["adapter_params"]
+        factors = 2 * (result["config"]["layers"] if key.startswith("d") else 7 * result["config"]["smollm2_layers"])
+        if key.startswith("smollm2"):  # q, k, v, o, gate, up, down of one SmolLM2 layer
+            assert params == rank * (576 + 576 + 2 * (576 + 192) + 576 + 576 + 3 * (576 + 1536))
         # AdamW: two moments per parameter (float32) and a float32 step per tensor.
         assert numbers["adam"]["state_bytes"] == 2 * params * 4 + factors * 4
         # LoRA-RITE: first moment and previous basis per factor (Adam's two moments' worth), plus per factor an r×r

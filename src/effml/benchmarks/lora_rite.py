@@ -8,7 +8,13 @@ peers' home). Every parameter's gradient is filled once with fixed random values
 (``effml.benchmarks.common.time_interleaved``). Memory: the bytes of optimizer state each one keeps after its steps
 (sum over its state tensors: exact and deterministic, unlike resident-set readings).
 
-Ratios: LoRA-RITE ÷ peer step time and state bytes (lower is better), per (d, r).
+A second workload has the adapter shapes of SmolLM2-135M (what the lora-rite recipe fine-tunes): 30 layers × the
+projections q, k, v, o (576→576, 576→192, 576→192, 576→576) and gate, up, down (576→1536, 576→1536, 1536→576), i.e.
+210 pairs in 4 distinct shapes, PEFT-named (``….lora_A.default.weight``) but without the frozen base weights, which no
+optimizer touches. Many same-shaped pairs are where LoRA-RITE's batching pays; a few layers of one shape mostly time
+its fixed per-step overhead.
+
+Ratios: LoRA-RITE ÷ peer step time and state bytes (lower is better), per workload.
 """
 
 from __future__ import annotations
@@ -32,11 +38,40 @@ def _adapters(width: int, rank: int, layers: int, seed: int) -> nn.Module:
     base = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
     model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank,
                                                       target_modules=[str(i) for i in range(layers)]))
-    for param in model.parameters():
-        if param.requires_grad:  # nonzero factors and gradients, as mid-training
-            param.data.normal_(0.0, width ** -0.5)
-            param.grad = torch.randn_like(param) * 1e-3
+    _fill(model, scale=width ** -0.5)
     return model
+
+
+SMOLLM2_LAYERS = 30
+SMOLLM2_PROJECTIONS = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+                       "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}  # (in, out)
+
+
+class _LoRAFactors(nn.Module):
+    """The trainable part of a PEFT LoRA linear layer, named as PEFT names it: lora_A.default (r×in), lora_B.default
+    (out×r)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int) -> None:
+        super().__init__()
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(d_in, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, d_out, bias=False)})
+
+
+def _smollm2_adapters(rank: int, seed: int, layers: int = SMOLLM2_LAYERS) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.ModuleList(nn.ModuleDict({name: _LoRAFactors(d_in, d_out, rank)
+                                         for name, (d_in, d_out) in SMOLLM2_PROJECTIONS.items()})
+                          for _ in range(layers))
+    _fill(model, scale=576 ** -0.5)
+    return model
+
+
+def _fill(model: nn.Module, scale: float) -> None:
+    """Nonzero factors and gradients, as mid-training."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data.normal_(0.0, scale)
+            param.grad = torch.randn_like(param) * 1e-3
 
 
 def _optimizer(contender: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -57,9 +92,12 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
-    """Measure every (width, rank) shape; returns config, machine, per-shape numbers and ``ratios``."""
+    """Measure every workload ((width, rank) and SmolLM2-shaped); returns config, machine, per-workload numbers and
+    ``ratios``."""
     widths, ranks, layers, repeats = ((64,), (4, 8), 2, 3) if quick else ((576, 2048), (8, 16, 64), 8, 15)
+    smollm2_ranks, smollm2_layers = ((4,), 1) if quick else ((8, 16), SMOLLM2_LAYERS)
     config = {"widths": list(widths), "ranks": list(ranks), "layers": layers, "repeats": repeats,
+              "smollm2_ranks": list(smollm2_ranks), "smollm2_layers": smollm2_layers,
               "work": "one optimizer.step() over all adapters (gradients pre-filled)"}
     result: dict[str, Any] = {"benchmark": "lora-rite", "quick": quick, "config": config,
                               "machine": machine_info(device, peers=("peft",)), "shapes": {}, "ratios": {}}
@@ -68,26 +106,28 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     except ModuleNotFoundError as error:
         result["skipped"] = {"all": missing_peer_note("peft", error)}
         return result
-    for width in widths:
-        for rank in ranks:
-            key = f"d{width}-r{rank}"
-            models = {name: _adapters(width, rank, layers, seed=0).to(device) for name in CONTENDERS}
-            optimizers = {name: _optimizer(name, models[name]) for name in CONTENDERS}
-            timings = time_interleaved({name: optimizers[name].step for name in CONTENDERS}, repeats=repeats,
-                                       warmup=1, device=device)
-            result["shapes"][key] = {name: {"median_s": timings[name].median, "samples_s": list(timings[name].samples),
-                                            "state_bytes": _state_bytes(optimizers[name]),
-                                            "adapter_params": sum(p.numel() for p in models[name].parameters()
-                                                                  if p.requires_grad)}
-                                     for name in CONTENDERS}
-            for peer in ("adam", "loraplus"):
-                rite, other = timings["lora-rite"].samples, timings[peer].samples
-                result["ratios"][f"step_time_{key}_vs_{peer}"] = ratio_entry(
-                    result, ("shapes", key, "lora-rite", "median_s"), ("shapes", key, peer, "median_s"),
-                    better="lower", per_round=[a / b for a, b in zip(rite, other)])
-                result["ratios"][f"state_bytes_{key}_vs_{peer}"] = ratio_entry(
-                    result, ("shapes", key, "lora-rite", "state_bytes"), ("shapes", key, peer, "state_bytes"),
-                    better="lower")
+    workloads = [(f"d{width}-r{rank}", lambda width=width, rank=rank: _adapters(width, rank, layers, seed=0))
+                 for width in widths for rank in ranks]
+    workloads += [(f"smollm2-r{rank}", lambda rank=rank: _smollm2_adapters(rank, seed=0, layers=smollm2_layers))
+                  for rank in smollm2_ranks]
+    for key, build in workloads:
+        models = {name: build().to(device) for name in CONTENDERS}
+        optimizers = {name: _optimizer(name, models[name]) for name in CONTENDERS}
+        timings = time_interleaved({name: optimizers[name].step for name in CONTENDERS}, repeats=repeats,
+                                   warmup=1, device=device)
+        result["shapes"][key] = {name: {"median_s": timings[name].median, "samples_s": list(timings[name].samples),
+                                        "state_bytes": _state_bytes(optimizers[name]),
+                                        "adapter_params": sum(p.numel() for p in models[name].parameters()
+                                                              if p.requires_grad)}
+                                 for name in CONTENDERS}
+        for peer in ("adam", "loraplus"):
+            rite, other = timings["lora-rite"].samples, timings[peer].samples
+            result["ratios"][f"step_time_{key}_vs_{peer}"] = ratio_entry(
+                result, ("shapes", key, "lora-rite", "median_s"), ("shapes", key, peer, "median_s"),
+                better="lower", per_round=[a / b for a, b in zip(rite, other)])
+            result["ratios"][f"state_bytes_{key}_vs_{peer}"] = ratio_entry(
+                result, ("shapes", key, "lora-rite", "state_bytes"), ("shapes", key, peer, "state_bytes"),
+                better="lower")
     return result
 
 
