@@ -332,8 +332,8 @@ class LoRARiteRecipe(Experiment):
 
         derived: dict[str, Any] = {}
         for method in config.methods:
-            grid = config.lrs(method)
             sweep = [a for a in arms if a.info["method"] == method and not a.info["imbalanced"]]
+            grid = sorted(a.info["lr"] for a in sweep)  # the method's grid, plus imbalance_lr when set outside it
             tuned, edges = {}, []
             for seed in self.seeds(config):
                 runs = [run(a, seed) for a in sweep]
