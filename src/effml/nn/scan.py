@@ -98,20 +98,27 @@ def _carry_states(totals: Tensor, chunk_ends: Tensor, state: Tensor) -> tuple[Te
     return torch.stack(entering, dim=1), state
 
 
-def _decays_and_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """Ā_t = exp(Δ_t A) and u_t = Δ_t x_t B_t for a span of steps: x, dt (b, q, c), A (c, n), B (b, q, n) →
-    two (b, q, c, n) tensors."""
-    return torch.exp(dt.unsqueeze(-1) * A), (dt * x).unsqueeze(-1) * B.unsqueeze(2)
+def _decays_and_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, decays: Tensor, inputs: Tensor) -> None:
+    """Write Ā_t = exp(Δ_t A) into ``decays`` and u_t = Δ_t x_t B_t into ``inputs`` for a span of q steps:
+    x, dt (b, q, c), A (c, n), B (b, q, n); decays, inputs (b, q, c, n) (views of buffers reused by every chunk:
+    fresh large tensors per chunk cost more in page faults than the arithmetic)."""
+    torch.mul(dt.unsqueeze(-1), A, out=decays).exp_()
+    torch.mul((dt * x).unsqueeze(-1), B.unsqueeze(2), out=inputs)
 
 
-def _states(decays: Tensor, inputs: Tensor, state: Tensor) -> Tensor:
-    """h_t = Ā_t · h_{t-1} + u_t for t = 1..q from h_0 = ``state`` (b, c, n); decays, inputs (b, q, c, n) →
-    the states (b, q, c, n). One fused multiply-add per step on (b, c, n): no exp(−ℓ) rescaling, exact for any
-    decay."""
-    states = torch.empty_like(inputs)
+def _states_in_place(decays: Tensor, inputs: Tensor, state: Tensor) -> Tensor:
+    """h_t = Ā_t · h_{t-1} + u_t for t = 1..q from h_0 = ``state`` (b, c, n); decays, inputs (b, q, c, n). The
+    states overwrite ``inputs`` (returned). One fused multiply-add per step on (b, c, n): no exp(−ℓ) rescaling, so it
+    is exact for any decay."""
     for t in range(inputs.shape[1]):
-        state = torch.addcmul(inputs[:, t], decays[:, t], state, out=states[:, t])
-    return states
+        state = inputs[:, t].addcmul_(decays[:, t], state)
+    return inputs
+
+
+def _chunk_buffers(x: Tensor, d_state: int, chunk_size: int, count: int) -> list[Tensor]:
+    """``count`` (b, Q, c, n) work buffers for the chunks of x (b, t, c), Q = min(chunk_size, t)."""
+    shape = (x.shape[0], min(chunk_size, x.shape[1]), x.shape[2], d_state)
+    return [x.new_empty(shape) for _ in range(count)]
 
 
 def _chunk_starts(steps: int, chunk_size: int) -> list[int]:
@@ -129,7 +136,7 @@ class _SelectiveScan(torch.autograd.Function):
     and the contractions
 
         ∂C_t = Σ_c ∂y_t[c] h_t[c, :]           ∂B_t = Σ_c g_t[c, :] Δ_t[c] x_t[c]
-        w_t[c] = Σ_n g_t[c, n] B_t[n]          q_t = g_t · Ā_t · h_{t-1} = g_t · (h_t − u_t)   (= ∂L/∂(Δ_t A))
+        w_t[c] = Σ_n g_t[c, n] B_t[n]          q_t = g_t · Ā_t · h_{t-1}   (= ∂L/∂(Δ_t A))
         ∂x_t = w_t Δ_t + D ∂y_t                ∂Δ_t = w_t x_t + Σ_n q_t[:, n] A[:, n]
         ∂A = Σ_{b,t} q_t Δ_t                   ∂D = Σ_{b,t} ∂y_t x_t             ∂h_0 = Ā_1 · g_1
 
@@ -144,10 +151,14 @@ class _SelectiveScan(torch.autograd.Function):
         starts = _chunk_starts(steps, chunk_size)
         entering = x.new_empty(batch, len(starts), channels, A.shape[1])
         y = x.new_empty(batch, steps, channels)
+        decay_buffer, state_buffer = _chunk_buffers(x, A.shape[1], chunk_size, 2)
         for k, start in enumerate(starts):
             span = slice(start, start + chunk_size)
+            steps_here = len(range(steps)[span])
             entering[:, k] = state
-            states = _states(*_decays_and_inputs(x[:, span], dt[:, span], A, B[:, span]), state)
+            decays, states = decay_buffer[:, :steps_here], state_buffer[:, :steps_here]
+            _decays_and_inputs(x[:, span], dt[:, span], A, B[:, span], decays, states)
+            states = _states_in_place(decays, states, entering[:, k])
             torch.matmul(states, C[:, span].unsqueeze(-1), out=y[:, span].unsqueeze(-1))
             state = states[:, -1]
         if D is not None:
@@ -165,21 +176,26 @@ class _SelectiveScan(torch.autograd.Function):
         grad_A = torch.zeros_like(A)
         dt_x = dt * x
         carry = torch.zeros_like(entering[:, 0]) if grad_state is None else grad_state   # ∂L/∂h at the chunk end
+        buffers = _chunk_buffers(x, A.shape[1], chunk_size, 3)
         for k, start in reversed(list(enumerate(_chunk_starts(x.shape[1], chunk_size)))):
             span = slice(start, start + chunk_size)
-            decays, inputs = _decays_and_inputs(x[:, span], dt[:, span], A, B[:, span])
-            states = _states(decays, inputs, entering[:, k])
-            grads = grad_y[:, span].unsqueeze(-1) * C[:, span].unsqueeze(2)              # C_t ⊗ ∂y_t, then g_t
+            steps_here = len(range(x.shape[1])[span])
+            decays, states, grads = (buffer[:, :steps_here] for buffer in buffers)
+            _decays_and_inputs(x[:, span], dt[:, span], A, B[:, span], decays, states)
+            states = _states_in_place(decays, states, entering[:, k])
+            torch.mul(grad_y[:, span].unsqueeze(-1), C[:, span].unsqueeze(2), out=grads)   # C_t ⊗ ∂y_t, then g_t
             grads[:, -1] += carry
-            for t in range(grads.shape[1] - 2, -1, -1):
+            for t in range(steps_here - 2, -1, -1):
                 grads[:, t].addcmul_(decays[:, t + 1], grads[:, t + 1])
-            carry = decays[:, 0] * grads[:, 0]
             torch.matmul(grad_y[:, span].unsqueeze(-2), states, out=grad_C[:, span].unsqueeze(-2))
             torch.matmul(dt_x[:, span].unsqueeze(-2), grads, out=grad_B[:, span].unsqueeze(-2))
             w = torch.matmul(grads, B[:, span].unsqueeze(-1)).squeeze(-1)               # (b, q, c)
-            log_decay_grads = states.sub_(inputs).mul_(grads)                           # q_t, in place of the states
-            torch.addcmul((log_decay_grads * A).sum(-1), w, x[:, span], out=grad_dt[:, span])
-            grad_A += (log_decay_grads * dt[:, span].unsqueeze(-1)).sum((0, 1))
+            log_decay_grads = decays.mul_(grads)                                        # Ā_t g_t, then q_t
+            carry = log_decay_grads[:, 0].clone()
+            log_decay_grads[:, 1:].mul_(states[:, :-1])
+            log_decay_grads[:, 0].mul_(entering[:, k])
+            torch.addcmul(torch.mul(log_decay_grads, A, out=grads).sum(-1), w, x[:, span], out=grad_dt[:, span])
+            grad_A += torch.mul(log_decay_grads, dt[:, span].unsqueeze(-1), out=states).sum((0, 1))
             torch.mul(w, dt[:, span], out=grad_x[:, span])
         grad_D = None
         if D is not None:
