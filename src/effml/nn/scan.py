@@ -1,5 +1,6 @@
-"""Selective-scan kernels in plain PyTorch: a chunked scan for training, a sequential reference, and the one-step
-recurrence used for decoding — for Mamba-1 (decay per channel and state index) and Mamba-2 (one scalar decay per head).
+"""Selective-scan kernels in plain PyTorch: a training scan (Mamba-1: an autograd Function with a hand-written
+backward; Mamba-2: the chunked SSD form), a sequential reference, and the one-step recurrence used for decoding — for
+Mamba-1 (decay per channel and state index) and Mamba-2 (one scalar decay per head).
 
 Papers: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv 2312.00752), eq. (2a)/(2b)
 with the zero-order-hold Ā = exp(ΔA) and the simplified B̄ = ΔB of the reference implementation (Algorithm 2);
