@@ -42,8 +42,9 @@ def _values_and_grads(scan, inputs: list[torch.Tensor], **kwargs) -> list[torch.
     return [y.detach(), state.detach()] + [leaf.grad for leaf in leaves]
 
 
-@pytest.mark.parametrize("chunk_size", [1, 8, 64])
-def test_mamba1_chunked_scan_equals_reference_values_and_gradients(chunk_size: int) -> None:
+@pytest.mark.parametrize("chunk_size", [1, 8, 10, 64])
+def test_mamba1_scan_equals_reference_values_and_gradients(chunk_size: int) -> None:
+    # 37 steps: chunks of 8 and 10 leave a shorter last chunk; 64 is one chunk longer than the sequence
     inputs = _mamba1_inputs(0)
     expected = _values_and_grads(selective_scan_reference, inputs)
     got = _values_and_grads(selective_scan, inputs, chunk_size=chunk_size)
@@ -51,8 +52,40 @@ def test_mamba1_chunked_scan_equals_reference_values_and_gradients(chunk_size: i
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
-def test_mamba1_chunked_scan_stays_exact_when_a_chunk_decays_beyond_float32_range() -> None:
-    # Δ·A down to −80 per step: a 32-step chunk decays by e^-2500; the scan must shrink its chunks, not overflow
+def test_mamba1_scan_without_skip_or_initial_state_equals_reference() -> None:
+    x, dt, A, B, C, _, _ = _mamba1_inputs(7, steps=13)
+    expected = _values_and_grads(selective_scan_reference, [x, dt, A, B, C])
+    got = _values_and_grads(selective_scan, [x, dt, A, B, C], chunk_size=5)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_mamba1_scan_passes_gradcheck_in_float64() -> None:
+    # the hand-written backward against finite differences, every input at once (a loss on y and the final state)
+    inputs = [t.requires_grad_(True) for t in _mamba1_inputs(8, steps=11, decay_scale=3.0)]
+    assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, chunk_size=4), inputs)
+
+
+def test_mamba1_scan_keeps_only_the_chunk_entering_states_for_the_backward() -> None:
+    x, dt, A, B, C, D, state = (t.requires_grad_(True) for t in _mamba1_inputs(9, steps=37))
+    y, _ = selective_scan(x, dt, A, B, C, D, state, chunk_size=8)
+    inputs = {id(t) for t in (x, dt, A, B, C, D)}
+    extra = [t.shape for t in y.grad_fn.saved_tensors if id(t) not in inputs]
+    assert extra == [torch.Size([2, 5, 5, 4])]          # (b, ⌈37 / 8⌉ chunks, c, n): no (b, t, c, n) tensor
+
+
+def test_mamba1_scan_rejects_mismatched_inputs_with_a_clear_message() -> None:
+    x, dt, A, B, C, D, state = _mamba1_inputs(10, steps=6)
+    with pytest.raises(ValueError, match=r"B has shape \(2, 5, 4\)"):
+        selective_scan(x, dt, A, B[:, :5], C, D)
+    with pytest.raises(ValueError, match="dtype"):
+        selective_scan(x, dt.float(), A, B, C, D)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        selective_scan(x, dt, A, B, C, D, chunk_size=0)
+
+
+def test_mamba1_scan_stays_exact_when_a_chunk_decays_beyond_float32_range() -> None:
+    # Δ·A down to −80 per step: a 32-step chunk decays by e^-2500, far below float32's range
     x, dt, A, B, C, D, state = _mamba1_inputs(1, steps=64, decay_scale=40.0)
     y_ref, h_ref = selective_scan_reference(x, dt, A, B, C, D, state)
     y, h = selective_scan(*(t.float() for t in (x, dt, A, B, C, D, state)), chunk_size=32)

@@ -5,9 +5,9 @@ Measured in one process, contenders interleaved round-robin (``effml.benchmarks.
 
 1. Training throughput (tokens/s of forward + MSE loss + backward + ``torch.optim.AdamW`` step) of a residual stack of
    Mamba-1 layers, ``x ← x + mixer(RMSNorm(x))`` × n_layers on (B, T, d_model) inputs: effml's ``Mamba1Mixer``
-   (chunked scan) against ``mambapy.mamba.Mamba`` with the same d_model, n_layers, d_state, expand, d_conv and dt_rank
-   (``mambapy``'s parallel scan, ``pscan=True``). effml's ``Mamba2Mixer`` stack is timed alongside for reference
-   (a different layer: scalar decay per head; no ratio target).
+   (``selective_scan``: checkpointed chunks, hand-written backward) against ``mambapy.mamba.Mamba`` with the same
+   d_model, n_layers, d_state, expand, d_conv and dt_rank (``mambapy``'s parallel scan, ``pscan=True``). effml's
+   ``Mamba2Mixer`` stack is timed alongside for reference (a different layer: scalar decay per head; no ratio target).
 2. Time per training step of the LM (``TransformerLM``, cross-entropy) with attention and with the Mamba-2 mixer, at
    batch 1 and growing context T. The local slope d log(time) / d log(T) between consecutive contexts tends to 1 for
    a linear-time layer and towards 2 for attention once the T² term dominates; ``scaling.png`` plots both.

@@ -1,5 +1,6 @@
-"""Selective-scan kernels in plain PyTorch: a chunked scan for training, a sequential reference, and the one-step
-recurrence used for decoding — for Mamba-1 (decay per channel and state index) and Mamba-2 (one scalar decay per head).
+"""Selective-scan kernels in plain PyTorch: a training scan (Mamba-1: an autograd Function with a hand-written
+backward; Mamba-2: the chunked SSD form), a sequential reference, and the one-step recurrence used for decoding — for
+Mamba-1 (decay per channel and state index) and Mamba-2 (one scalar decay per head).
 
 Papers: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv 2312.00752), eq. (2a)/(2b)
 with the zero-order-hold Ā = exp(ΔA) and the simplified B̄ = ΔB of the reference implementation (Algorithm 2);
@@ -9,15 +10,16 @@ Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms Th
     h_t[c, n] = exp(Δ_t[c] · A[c, n]) · h_{t-1}[c, n] + Δ_t[c] · B_t[n] · x_t[c]          (recurrence)
     y_t[c]    = Σ_n C_t[n] · h_t[c, n] + D[c] · x_t[c]                                      (read-out)
 
-Chunked evaluation (both variants): split the T steps into chunks of Q. With the within-chunk cumulative log-decay
-ℓ_t = Σ_{k ≤ t} Δ_k A (from the chunk start), the state reached from a zero state at the chunk start is
-h_t = Σ_{s ≤ t} exp(ℓ_t − ℓ_s) u_s (u_s = Δ_s B_s x_s), and the true state adds exp(ℓ_t) · H, where H is the state
-carried in from the previous chunk; H is passed from chunk to chunk (a loop over T/Q chunks, never over time steps).
-
-* Mamba-1 (decay differs per (c, n)): h_t = exp(ℓ_t) · (cumsum_s(exp(−ℓ_s) u_s) + H), O(T·C·N), no Q×Q matrix.
-  exp(−ℓ_s) grows with the decay accumulated inside a chunk, so the chunk length is halved (per call) until every
-  chunk's total decay stays within exp(±limit) for the dtype — the result is exact for any Δ and A, only the number of
-  chunks changes.
+* Mamba-1 (decay differs per (c, n)): ``selective_scan`` is an autograd Function with a hand-written backward
+  (``_SelectiveScan``). The forward runs the recurrence one fused multiply-add per step on (b, c, n) slices and keeps
+  only the state entering each chunk of Q steps; the backward recomputes a chunk's states from it and runs the
+  reverse-time scan of ∂L/∂h_t. Memory for the backward: O(b·c·n·T/Q) beyond the inputs, where autograd through a
+  vectorised scan would keep several (b, t, c, n) tensors. No exp(−ℓ) rescaling is involved, so it is exact for any Δ
+  and A.
+* Mamba-2, chunked (SSD): split the T steps into chunks of Q. With the within-chunk cumulative log-decay
+  ℓ_t = Σ_{k ≤ t} Δ_k A (from the chunk start), the state reached from a zero state at the chunk start is
+  h_t = Σ_{s ≤ t} exp(ℓ_t − ℓ_s) u_s (u_s = Δ_s B_s x_s), and the true state adds exp(ℓ_t) · H, where H is the state
+  carried in from the previous chunk; H is passed from chunk to chunk (a loop over T/Q chunks, never over time steps).
 * Mamba-2 (scalar decay per head, B/C shared by a group of heads): the SSD form. Within a chunk
   y_t = Σ_{s ≤ t} (C_t · B_s) exp(ℓ_t − ℓ_s) Δ_s x_s is a masked (Q × Q) matmul whose exponents ℓ_t − ℓ_s ≤ 0 never
   overflow; chunk states are Σ_s exp(ℓ_Q − ℓ_s) B_s ⊗ Δ_s x_s.
@@ -25,10 +27,9 @@ carried in from the previous chunk; H is passed from chunk to chunk (a loop over
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["selective_scan", "selective_scan_reference", "selective_step", "ssd_scan", "ssd_scan_reference",
@@ -72,11 +73,6 @@ def selective_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
     return torch.stack(outputs, dim=1), state
 
 
-def _exponent_limit(dtype: torch.dtype) -> float:
-    """Largest |log-decay| a chunk may accumulate so that exp(±it), times activations and gradients, stays finite."""
-    return 0.5 * math.log(torch.finfo(dtype).max) - 8.0
-
-
 def _pad_time(tensor: Tensor, steps: int) -> Tensor:
     """Append ``steps`` zeros along dim 1 (padded steps have zero input and zero log-decay, i.e. decay 1)."""
     if steps == 0:
@@ -103,37 +99,145 @@ def _carry_states(totals: Tensor, chunk_ends: Tensor, state: Tensor) -> tuple[Te
     return torch.stack(entering, dim=1), state
 
 
+def _decays_and_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, decays: Tensor, inputs: Tensor) -> None:
+    """Write Ā_t = exp(Δ_t A) into ``decays`` and u_t = Δ_t x_t B_t into ``inputs`` for a span of q steps:
+    x, dt (b, q, c), A (c, n), B (b, q, n); decays, inputs (b, q, c, n) (views of buffers reused by every chunk:
+    fresh large tensors per chunk cost more in page faults than the arithmetic)."""
+    torch.mul(dt.unsqueeze(-1), A, out=decays).exp_()
+    torch.mul((dt * x).unsqueeze(-1), B.unsqueeze(2), out=inputs)
+
+
+def _states_in_place(decays: Tensor, inputs: Tensor, state: Tensor) -> Tensor:
+    """h_t = Ā_t · h_{t-1} + u_t for t = 1..q from h_0 = ``state`` (b, c, n); decays, inputs (b, q, c, n). The
+    states overwrite ``inputs`` (returned). One fused multiply-add per step on (b, c, n): no exp(−ℓ) rescaling, so it
+    is exact for any decay."""
+    for t in range(inputs.shape[1]):
+        state = inputs[:, t].addcmul_(decays[:, t], state)
+    return inputs
+
+
+def _chunk_buffers(x: Tensor, d_state: int, chunk_size: int, count: int) -> list[Tensor]:
+    """``count`` (b, Q, c, n) work buffers for the chunks of x (b, t, c), Q = min(chunk_size, t)."""
+    shape = (x.shape[0], min(chunk_size, x.shape[1]), x.shape[2], d_state)
+    return [x.new_empty(shape) for _ in range(count)]
+
+
+def _chunk_starts(steps: int, chunk_size: int) -> list[int]:
+    return list(range(0, steps, max(1, chunk_size)))
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """The Mamba-1 scan with a hand-written backward that keeps only the states entering each chunk.
+
+    Forward, per chunk of Q steps: Ā and u (``_decays_and_inputs``), the Q states by the recurrence, the read-out
+    y_t = C_t · h_t; only the state entering the chunk is kept, (b, K, c, n) with K = ⌈T / Q⌉.
+
+    Backward, chunks in reverse: recompute the chunk's Ā, u and states from its entering state, then the reverse-time
+    scan of g_t = ∂L/∂h_t = C_t ⊗ ∂y_t + Ā_{t+1} · g_{t+1} (g_T also receives ∂L/∂h_T of the returned final state),
+    and the contractions
+
+        ∂C_t = Σ_c ∂y_t[c] h_t[c, :]           ∂B_t = Σ_c g_t[c, :] Δ_t[c] x_t[c]
+        w_t[c] = Σ_n g_t[c, n] B_t[n]          q_t = g_t · Ā_t · h_{t-1}   (= ∂L/∂(Δ_t A))
+        ∂x_t = w_t Δ_t + D ∂y_t                ∂Δ_t = w_t x_t + Σ_n q_t[:, n] A[:, n]
+        ∂A = Σ_{b,t} q_t Δ_t                   ∂D = Σ_{b,t} ∂y_t x_t             ∂h_0 = Ā_1 · g_1
+
+    Working memory beyond inputs and outputs: the K entering states plus a few (b, Q, c, n) buffers of one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+        batch, steps, channels = x.shape
+        state = x.new_zeros(batch, channels, A.shape[1]) if state is None else state
+        starts = _chunk_starts(steps, chunk_size)
+        entering = x.new_empty(batch, len(starts), channels, A.shape[1])
+        y = x.new_empty(batch, steps, channels)
+        decay_buffer, state_buffer = _chunk_buffers(x, A.shape[1], chunk_size, 2)
+        for k, start in enumerate(starts):
+            span = slice(start, start + chunk_size)
+            steps_here = len(range(steps)[span])
+            entering[:, k] = state
+            decays, states = decay_buffer[:, :steps_here], state_buffer[:, :steps_here]
+            _decays_and_inputs(x[:, span], dt[:, span], A, B[:, span], decays, states)
+            states = _states_in_place(decays, states, entering[:, k])
+            torch.matmul(states, C[:, span].unsqueeze(-1), out=y[:, span].unsqueeze(-1))
+            state = states[:, -1]
+        if D is not None:
+            y.addcmul_(D, x)
+        ctx.save_for_backward(x, dt, A, B, C, D, entering)
+        ctx.chunk_size = chunk_size
+        return y, state.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y: Tensor, grad_state: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, dt, A, B, C, D, entering = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        grad_x, grad_dt, grad_B, grad_C = (torch.empty_like(t) for t in (x, dt, B, C))
+        grad_A = torch.zeros_like(A)
+        dt_x = dt * x
+        carry = torch.zeros_like(entering[:, 0]) if grad_state is None else grad_state   # ∂L/∂h at the chunk end
+        buffers = _chunk_buffers(x, A.shape[1], chunk_size, 3)
+        for k, start in reversed(list(enumerate(_chunk_starts(x.shape[1], chunk_size)))):
+            span = slice(start, start + chunk_size)
+            steps_here = len(range(x.shape[1])[span])
+            decays, states, grads = (buffer[:, :steps_here] for buffer in buffers)
+            _decays_and_inputs(x[:, span], dt[:, span], A, B[:, span], decays, states)
+            states = _states_in_place(decays, states, entering[:, k])
+            torch.mul(grad_y[:, span].unsqueeze(-1), C[:, span].unsqueeze(2), out=grads)   # C_t ⊗ ∂y_t, then g_t
+            grads[:, -1] += carry
+            for t in range(steps_here - 2, -1, -1):
+                grads[:, t].addcmul_(decays[:, t + 1], grads[:, t + 1])
+            torch.matmul(grad_y[:, span].unsqueeze(-2), states, out=grad_C[:, span].unsqueeze(-2))
+            torch.matmul(dt_x[:, span].unsqueeze(-2), grads, out=grad_B[:, span].unsqueeze(-2))
+            w = torch.matmul(grads, B[:, span].unsqueeze(-1)).squeeze(-1)               # (b, q, c)
+            log_decay_grads = decays.mul_(grads)                                        # Ā_t g_t, then q_t
+            carry = log_decay_grads[:, 0].clone()
+            log_decay_grads[:, 1:].mul_(states[:, :-1])
+            log_decay_grads[:, 0].mul_(entering[:, k])
+            torch.addcmul(torch.mul(log_decay_grads, A, out=grads).sum(-1), w, x[:, span], out=grad_dt[:, span])
+            grad_A += torch.mul(log_decay_grads, dt[:, span].unsqueeze(-1), out=states).sum((0, 1))
+            torch.mul(w, dt[:, span], out=grad_x[:, span])
+        grad_D = None
+        if D is not None:
+            grad_x.addcmul_(D, grad_y)
+            grad_D = (grad_y * x).sum((0, 1))
+        return grad_x, grad_dt, grad_A, grad_B, grad_C, grad_D, carry if ctx.needs_input_grad[6] else None, None
+
+
 def selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    state: Tensor | None = None, chunk_size: int = 32) -> tuple[Tensor, Tensor]:
-    """The Mamba-1 recurrence by chunks (see the module docstring); same arguments and results as
-    ``selective_scan_reference`` plus ``chunk_size``, the longest chunk tried (halved while a chunk's total decay
-    exceeds what the dtype can scale by). Internally time is the last dimension, (b, c, n, t), because cumulative
-    sums along the last dimension are several times faster on the CPU than along a middle one."""
+    """The Mamba-1 recurrence for training (``_SelectiveScan``: checkpointed chunks, hand-written backward); same
+    arguments and results as ``selective_scan_reference`` plus ``chunk_size`` Q, the spacing of the kept states
+    (memory O(b·c·n·T/Q) for the backward besides the inputs; any T, Q need not divide it).
+
+    Shapes: x, dt (b, t, c); A (c, n); B, C (b, t, n); D (c,) or None; state (b, c, n) or None (zeros).
+    Returns y (b, t, c) and the final state (b, c, n)."""
+    _check_scan_inputs(x, dt, A, B, C, D, state, chunk_size)
+    return _SelectiveScan.apply(x, dt, A, B, C, D, state, chunk_size)
+
+
+def _check_scan_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                       state: Tensor | None, chunk_size: int) -> None:
+    """Raise ValueError unless the shapes, dtypes and chunk size of ``selective_scan``'s arguments agree."""
+    if x.dim() != 3 or A.dim() != 2:
+        raise ValueError(f"selective_scan expects x (b, t, c) and A (c, n); got x {tuple(x.shape)} and A "
+                         f"{tuple(A.shape)}. Pass the scan input with time as dim 1 and one row of A per channel.")
     batch, steps, channels = x.shape
-    dt_t = dt.transpose(1, 2).unsqueeze(2)                                   # (b, c, 1, t)
-    log_decay = dt_t * A.unsqueeze(-1)                                       # (b, c, n, t), ≤ 0
-    inputs = (dt_t * x.transpose(1, 2).unsqueeze(2)) * B.transpose(1, 2).unsqueeze(1)   # (b, c, n, t)
-    limit = _exponent_limit(log_decay.dtype)
-    size = max(1, min(chunk_size, steps))
-    while True:
-        padded = -steps % size
-        cumulative = F.pad(log_decay, (0, padded)).unflatten(-1, (-1, size)).cumsum(-1)    # (b, c, n, K, Q)
-        if size == 1 or float(cumulative[..., -1].detach().min()) >= -limit:
-            break
-        size = max(1, size // 2)
-    chunk_inputs = F.pad(inputs, (0, padded)).unflatten(-1, (-1, size))
-    # h_t = exp(ℓ_t) · (Σ_{s≤t} u_s / exp(ℓ_s) + H): one exp and one division (exp(ℓ) ≥ e^-limit, no underflow)
-    growth = torch.exp(cumulative)                                                          # (b, c, n, K, Q)
-    sums = torch.cumsum(chunk_inputs / growth, dim=-1)
-    if state is None:
-        state = x.new_zeros(batch, channels, A.shape[1])
-    chunk_ends = (growth[..., -1] * sums[..., -1]).movedim(-1, 1)                           # (b, K, c, n)
-    entering, state = _carry_states(cumulative[..., -1].movedim(-1, 1), chunk_ends, state)
-    states = growth * (sums + entering.movedim(1, -1).unsqueeze(-1))                        # (b, c, n, K, Q)
-    y = torch.einsum("bcnt,btn->btc", states.flatten(-2)[..., :steps], C)
+    n = A.shape[1]
+    expected = {"dt": (dt, (batch, steps, channels)), "A": (A, (channels, n)), "B": (B, (batch, steps, n)),
+                "C": (C, (batch, steps, n))}
     if D is not None:
-        y = y + D * x
-    return y, state
+        expected["D"] = (D, (channels,))
+    if state is not None:
+        expected["state"] = (state, (batch, channels, n))
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != x.dtype:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, but "
+                             f"x {tuple(x.shape)} and A {tuple(A.shape)} call for shape {shape} and dtype {x.dtype}; "
+                             "cast or reshape it to match.")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}.")
 
 
 # ----------------------------------------------------------------------------------------------- Mamba-2 (SSD)

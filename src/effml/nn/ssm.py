@@ -34,6 +34,7 @@ On CUDA, ``use_kernels=True`` routes the scans through the ``mamba_ssm`` package
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -146,6 +147,35 @@ class _SelectiveMixer(nn.Module):
     def _use_kernels(self, x: Tensor) -> Any | None:
         return _mamba_ssm_kernels() if (self.use_kernels and x.is_cuda) else None
 
+    # per subclass: the one-step recurrence, the step-by-step reference and the training scan of ``effml.nn.scan``
+    _step: Callable[..., tuple[Tensor, Tensor]]
+    _reference: Callable[..., tuple[Tensor, Tensor]]
+    _chunked: Callable[..., tuple[Tensor, Tensor]]
+
+    def _kernel_scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                     state: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """The fused ``mamba_ssm`` CUDA kernel's (y, final state), or None where it does not apply."""
+        raise NotImplementedError
+
+    def _scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, cache: SSMCache | None,
+              cache_slot: int) -> Tensor:
+        """y of the SSM (D skip included) for the scan inputs of ``ssm_inputs``: one recurrent step from the cached
+        state when decoding a single token, else the CUDA kernel when it applies, else the reference or the chunked
+        scan (``scan``). With a cache, it starts from the cached state and stores the final one."""
+        state = cache.ssm[cache_slot] if cache is not None else None
+        if x.shape[1] == 1 and state is not None:
+            y, state = self._step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state)
+            y = y.unsqueeze(1)
+        else:
+            result = self._kernel_scan(x, dt, A, B, C, state)
+            if result is None:
+                result = (self._reference(x, dt, A, B, C, self.D, state) if self.scan == "reference"
+                          else self._chunked(x, dt, A, B, C, self.D, state, self.chunk_size))
+            y, state = result
+        if cache is not None:
+            cache.ssm[cache_slot] = state.detach()
+        return y
+
 
 class Mamba1Mixer(_SelectiveMixer):
     """The Mamba-1 mixer (module docstring).
@@ -153,7 +183,8 @@ class Mamba1Mixer(_SelectiveMixer):
     Args:
         d_model: model width. d_state: N. d_conv: conv kernel width. expand: E = expand · d_model.
         dt_rank: rank R of Δ's projection, or "auto" = ceil(d_model / 16). dt_min, dt_max: range of the initial Δ.
-        chunk_size: longest chunk of the chunked scan. scan: "chunked" (training) or "reference" (step by step).
+        chunk_size: steps between the states the training scan keeps for its backward. scan: "chunked" (training)
+            or "reference" (step by step).
         use_kernels: on CUDA, use ``mamba_ssm``'s selective-scan kernel when importable.
 
     ``forward(x, rotation=None, cache=None, cache_slot=0)``: x (b, t, d_model) → (b, t, d_model).
@@ -216,26 +247,23 @@ class Mamba1Mixer(_SelectiveMixer):
         dt = F.softplus(self.dt_proj(low_rank))
         return x, dt, B, C, z
 
+    _step, _reference, _chunked = (staticmethod(selective_step), staticmethod(selective_scan_reference),
+                                   staticmethod(selective_scan))
+
+    def _kernel_scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                     state: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        kernels = self._use_kernels(x)
+        if kernels is None or state is not None:        # selective_scan_fn takes no initial state
+            return None
+        y, state = kernels["selective_scan_fn"](x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
+                                                B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+                                                self.D.float(), return_last_state=True)
+        return y.transpose(1, 2), state
+
     def forward(self, u: Tensor, rotation: Tensor | None = None, cache: SSMCache | None = None,
                 cache_slot: int = 0) -> Tensor:
         x, dt, B, C, z = self.ssm_inputs(u, cache, cache_slot)
-        A = -torch.exp(self.A_log)
-        state = cache.ssm[cache_slot] if cache is not None else None
-        kernels = self._use_kernels(x)
-        if x.shape[1] == 1 and state is not None:
-            y, state = selective_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state)
-            y = y.unsqueeze(1)
-        elif kernels is not None and state is None:
-            y, state = kernels["selective_scan_fn"](x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(),
-                                                    A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                                                    self.D.float(), return_last_state=True)
-            y = y.transpose(1, 2)
-        elif self.scan == "reference":
-            y, state = selective_scan_reference(x, dt, A, B, C, self.D, state)
-        else:
-            y, state = selective_scan(x, dt, A, B, C, self.D, state, self.chunk_size)
-        if cache is not None:
-            cache.ssm[cache_slot] = state.detach()
+        y = self._scan(x, dt, -torch.exp(self.A_log), B, C, cache, cache_slot)
         return self.out_proj(y * F.silu(z))
 
     @torch.no_grad()
@@ -350,24 +378,20 @@ class Mamba2Mixer(_SelectiveMixer):
         return (x.unflatten(-1, (self.n_heads, self.headdim)), dt, B.unflatten(-1, (self.ngroups, self.d_state)),
                 C.unflatten(-1, (self.ngroups, self.d_state)), z)
 
+    _step, _reference, _chunked = staticmethod(ssd_step), staticmethod(ssd_scan_reference), staticmethod(ssd_scan)
+
+    def _kernel_scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                     state: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        kernels = self._use_kernels(x)
+        if kernels is None:
+            return None
+        return kernels["mamba_chunk_scan_combined"](x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D,
+                                                    initial_states=state, return_final_states=True)
+
     def forward(self, u: Tensor, rotation: Tensor | None = None, cache: SSMCache | None = None,
                 cache_slot: int = 0) -> Tensor:
         x, dt, B, C, z = self.ssm_inputs(u, cache, cache_slot)
-        A = -torch.exp(self.A_log)
-        state = cache.ssm[cache_slot] if cache is not None else None
-        kernels = self._use_kernels(x)
-        if x.shape[1] == 1 and state is not None:
-            y, state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state)
-            y = y.unsqueeze(1)
-        elif kernels is not None:
-            y, state = kernels["mamba_chunk_scan_combined"](x, dt, A, B, C, chunk_size=self.chunk_size, D=self.D,
-                                                            initial_states=state, return_final_states=True)
-        elif self.scan == "reference":
-            y, state = ssd_scan_reference(x, dt, A, B, C, self.D, state)
-        else:
-            y, state = ssd_scan(x, dt, A, B, C, self.D, state, self.chunk_size)
-        if cache is not None:
-            cache.ssm[cache_slot] = state.detach()
+        y = self._scan(x, dt, -torch.exp(self.A_log), B, C, cache, cache_slot)
         y = self.norm(y.flatten(2) * F.silu(z))
         return self.out_proj(y)
 
