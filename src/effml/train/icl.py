@@ -48,9 +48,11 @@ class PromptBatches:
 
 
 def query_mse_loss(model: nn.Module, batch: RegressionBatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean squared error of the query prediction; also reports it normalised by the mean squared target (nmse)."""
-    predictions = model(prompt_matrix(batch.xs, batch.ys, batch.query))
-    loss = ((predictions - batch.target) ** 2).mean()
+    """Mean squared error of the query prediction; also reports it normalised by the mean squared target (nmse). The
+    prompt is cast to the model's dtype (a model converted with ``.double()`` trains in float64)."""
+    dtype = next(model.parameters()).dtype
+    predictions = model(prompt_matrix(batch.xs, batch.ys, batch.query).to(dtype))
+    loss = ((predictions - batch.target.to(dtype)) ** 2).mean()
     return loss, {"train_nmse": loss.detach() / batch.target.pow(2).mean()}
 
 
