@@ -13,8 +13,9 @@ import torch
 from effml.nn import TransformerConfig, TransformerLM
 from effml.optim import WarmupCosine, build_adamw
 from effml.train import Callback, TrainConfig, Trainer, TrainingInterrupted
-from effml.train.growth import (GrowthCallback, Midas, Stacking, build_growth_operator, grow_model, layer_similarity,
-                                loop_similarity, prop_alpha_stages, rebuild_optimizer, stage_starts)
+from effml.train.growth import (GrowthCallback, Midas, Stacking, block_similarity, build_growth_operator,
+                                core_similarity, grow_model, layer_similarity, loop_similarity, prop_alpha_stages,
+                                rebuild_optimizer, stage_starts)
 from effml.train.lm import causal_lm_loss
 
 VOCAB, SEQ = 32, 16
@@ -252,3 +253,46 @@ def test_layer_and_loop_similarity() -> None:
     expected = float(blocks[0] @ blocks[1] / (blocks[0].norm() * blocks[1].norm()))
     assert loop_similarity(independent, 2) == pytest.approx(expected, abs=1e-6)
     assert abs(expected) < 0.2  # independently initialised blocks are far from looped
+
+
+def test_core_similarity_is_the_mean_over_interior_block_pairs() -> None:
+    model = tiny_model(6, seed=2)
+    full = block_similarity(model, 1)
+    interior = [(i, j) for i in range(1, 5) for j in range(1, 5) if i != j]
+    assert core_similarity(model, 1) == pytest.approx(sum(float(full[i, j]) for i, j in interior) / 12, abs=1e-6)
+    with torch.no_grad():  # make the interior a looped core: blocks 1..4 all copies of block 1
+        for index in (2, 3, 4):
+            for target, source in zip(model.blocks[index].parameters(), model.blocks[1].parameters()):
+                target.copy_(source)
+    assert core_similarity(model, 1) == pytest.approx(1.0)
+    assert loop_similarity(model, 1) < 0.8  # the first and last blocks still differ
+    with pytest.raises(ValueError, match="at least 4 blocks"):
+        core_similarity(tiny_model(3), 1)
+
+
+def split_generations(operator, n_blocks: int) -> tuple[list[int], list[list[int]]]:
+    """Grow 1 → n_blocks blocks (b = 1) and return the final order of the blocks (by creation) and, for every pair
+    of positions, the growth at which their lines of copies split (their most recent common copy)."""
+    order, split = [0], {}
+    for growth in range(1, n_blocks):
+        (insert_at, copy_from), = operator.moves(growth, 1)
+        source = order[copy_from]
+        for other in order:
+            split[frozenset((other, growth))] = growth if other == source else split[frozenset((other, source))]
+        order.insert(insert_at, growth)
+    return order, [[split[frozenset((a, b))] if a != b else 0 for b in order] for a in order]
+
+
+def test_stacking_and_midas_have_the_same_family_tree_up_to_positions() -> None:
+    """Why the position-blind loop similarity cannot separate them structurally: the same multiset of split
+    growths over all pairs (and over adjacent pairs); only which positions hold the recent copies differs."""
+    for n_blocks in range(2, 9):
+        (stack_order, stack), (midas_order, midas) = (split_generations(op, n_blocks) for op in (Stacking(), Midas()))
+        pairs = [(i, j) for i in range(n_blocks) for j in range(i + 1, n_blocks)]
+        assert sorted(stack[i][j] for i, j in pairs) == sorted(midas[i][j] for i, j in pairs)
+        assert sorted(stack[i][i + 1] for i in range(n_blocks - 1)) == sorted(midas[i][i + 1]
+                                                                             for i in range(n_blocks - 1))
+        if n_blocks >= 4:  # the interior: MIDAS keeps the recent copies there, stacking piles them at the top
+            interior = [(i, j) for i, j in pairs if 0 < i and j < n_blocks - 1]
+            assert sum(midas[i][j] for i, j in interior) > sum(stack[i][j] for i, j in interior)
+    assert stack_order == list(range(8)) and midas_order == [0, 2, 4, 6, 7, 5, 3, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from effml.cli import main
 from effml.config import ConfigError
-from effml.experiments.midas import MidasConfig, MidasRecipe, compute_to_reach
+from effml.experiments.midas import MidasConfig, MidasRecipe, compute_to_reach, depth_schedule, modeled_seconds
 from effml.nn import TransformerConfig, TransformerLM
 from effml.report import VERDICTS, CurvePlot, HeatmapPlot, plot_from_dict
 from effml.train.growth import prop_alpha_stages
@@ -28,22 +29,34 @@ def test_smoke_run_reports_every_claim_with_a_computed_verdict(smoke_run: Path) 
     results = json.loads((smoke_run / "results.json").read_text())
     config = MidasRecipe().preset("smoke")
     assert results["status"] == "complete"
-    assert list(results["arms"]) == ["baseline", "stacking", "midas", "midas-reduced"]
-    for arm in results["arms"].values():
+    assert list(results["arms"]) == ["baseline", "stacking", "midas", "midas-reduced", "step-times"]
+    primitives = {f"finetuned_{p}" for p in ("induction", "assign-d0", "assign-d1", "assign-d2", "arithmetic")}
+    for name, arm in results["arms"].items():
         assert len(arm["runs"]) == config.seeds and all(r["status"] == "complete" for r in arm["runs"].values())
         for run in arm["runs"].values():
-            assert run["metrics"]["n_layers"] == config.n_layers  # every arm ends at the target depth
+            if name == "step-times":
+                depths = [config.block_size * i for i in range(1, config.n_stages + 1)]
+                assert set(run["metrics"]) == {f"step_seconds_{d}" for d in depths}
+                assert all(value > 0 for value in run["metrics"].values())
+                continue
+            assert run["metrics"]["final_layers"] == config.n_layers  # every arm ends at the target depth
             assert len(run["curves"]["layer_similarity"]) == config.n_layers
-            assert {f"finetuned_{p}" for p in ("induction", "assign-d0", "assign-d1", "assign-d2", "arithmetic")} \
-                <= set(run["metrics"])
+            assert (primitives <= set(run["metrics"])) == (name in ("baseline", "midas"))
+            steps = [step for step, _ in run["curves"]["valid_loss"]]
+            assert [step for step, _ in run["curves"]["modeled_seconds"]] == steps  # added by derive
     claims = results["claims"]
-    assert len(claims) == 2 + 5 + 1
+    assert len(claims) == 2 + 1 + 5 + 1  # smoke has 2 stages: no interior-block claim
     report = (smoke_run / "report.md").read_text()
     assert all(claim["name"] in report for claim in claims)
     assert report.count("holds") + report.count("fails") + report.count("inconclusive") >= len(claims)
     for name in ("loss_vs_flops", "loss_vs_seconds", "layer_similarity", "loop_similarity"):
         assert (smoke_run / f"{name}.png").stat().st_size > 1000
     assert set(results["derived"]) == {"stacking", "midas", "midas-reduced", "midas-best"}
+    for seed, best in results["derived"]["midas-best"]["runs"].items():
+        pair = [results["derived"][name]["runs"][seed]["metrics"] for name in ("midas", "midas-reduced")]
+        for metric in ("flops_saving", "time_saving", "measured_time_saving"):
+            assert math.isfinite(best["metrics"][metric])
+            assert best["metrics"][metric] == max(m[metric] for m in pair)
     from effml.report import evaluate_claims
     assert {result.verdict for result in evaluate_claims(results)} <= set(VERDICTS)
 
@@ -67,7 +80,7 @@ def test_compute_accounting_follows_the_growth_schedule(smoke_run: Path) -> None
             stages = prop_alpha_stages(steps, config.n_stages, config.alpha)
             expected = sum(length * per_token((i + 1) * config.block_size) * tokens for i, length in enumerate(stages))
         for run in results["arms"][arm]["runs"].values():
-            assert run["metrics"]["total_flops"] == pytest.approx(expected, rel=1e-12)
+            assert run["metrics"]["flops"] == pytest.approx(expected, rel=1e-12)
             flops = [value for _, value in run["curves"]["flops"]]
             assert flops == sorted(flops) and flops[-1] == pytest.approx(expected, rel=1e-12)
 
@@ -79,6 +92,47 @@ def test_compute_to_reach_interpolates_the_first_crossing() -> None:
     assert compute_to_reach(losses, compute, 1.0) == pytest.approx(300.0)
     assert compute_to_reach(losses, compute, 6.0) == 0.0
     assert math.isnan(compute_to_reach(losses, compute, 0.5))
+
+
+def test_modeled_seconds_sum_the_step_time_of_each_steps_depth() -> None:
+    config = MidasConfig(block_size=2, n_stages=3, alpha=1.0, reduced_budget=0.5,
+                         train=dataclasses.replace(MidasConfig().train, steps=12, warmup_steps=2))
+    assert depth_schedule(config, None, 12) == [6] * 12
+    assert depth_schedule(config, "midas", 12) == [2] * 2 + [4] * 4 + [6] * 6  # Prop-1 stages 2, 4, 6
+    seconds = {2: 1.0, 4: 10.0, 6: 100.0}
+    curve = modeled_seconds(depth_schedule(config, "stacking", 12), seconds, [0, 2, 3, 12])
+    assert curve == [[0.0, 0.0], [2.0, 2.0], [3.0, 12.0], [12.0, 2.0 + 40.0 + 600.0]]
+    with pytest.raises(ValueError, match="no step time for depths \\[6\\]"):
+        modeled_seconds([6], {2: 1.0}, [1])
+
+
+def test_saving_targets_the_lower_loss_both_reach() -> None:
+    """An arm that ends above the baseline's final loss is scored at its own final loss (finite, negative here)."""
+    recipe, config = MidasRecipe(), MidasRecipe().preset("smoke")
+    evals = list(range(3, config.train.steps + 1, 3))
+
+    def run(losses: list[float]) -> dict:
+        curve = [[float(s), loss] for s, loss in zip(evals, losses)]
+        flops = [[float(s), float(s)] for s in evals[:len(losses)]]
+        return {"status": "complete", "metrics": {"valid_loss": losses[-1]},
+                "curves": {"valid_loss": curve, "flops": flops, "train_seconds": flops}}
+
+    base = run([4.0, 3.0, 2.5, 2.0])
+    worse = run([4.0, 3.5, 3.0, 2.8])  # ends at 2.8: the baseline got there at step 7.2 (3 → 2.5)
+    reduced = run([4.0, 3.5])  # 6 steps of its 8
+    times = {"status": "complete", "metrics": {f"step_seconds_{d}": 1.0 for d in (1, 2)}}
+    results = {"arms": {"baseline": {"runs": {"0": base, "1": base}},
+                        "midas": {"runs": {"0": worse, "1": base}},
+                        "midas-reduced": {"runs": {"0": reduced, "1": reduced}},
+                        "step-times": {"runs": {"0": times, "1": times}}}}
+    derived = recipe.derive(config, results)
+    worse_saving = derived["midas"]["runs"]["0"]["metrics"]
+    assert worse_saving["reached"] == 0.0 and worse_saving["final_loss_gap"] == pytest.approx(0.8)
+    assert worse_saving["flops_saving"] == pytest.approx(1.0 - 12.0 / (6.0 + 3.0 * 0.2 / 0.5))
+    assert derived["midas"]["runs"]["1"]["metrics"]["flops_saving"] == pytest.approx(0.0)  # same curve
+    assert derived["midas-best"]["runs"]["1"]["metrics"]["flops_saving"] == pytest.approx(0.0)
+    assert derived["midas-best"]["runs"]["0"]["metrics"]["flops_saving"] == pytest.approx(1.0 - 6.0 / 4.5)
+    assert base["curves"]["modeled_seconds"] == [[float(s), float(s)] for s in evals]  # 1 s per step
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -99,3 +99,36 @@ def test_arithmetic_uses_both_operations_and_the_full_digit_range() -> None:
     assert {q.split(";")[1][1] for q in queries} == {"+", "-"}
     assert {q[-1] for q in queries} == set("0123456789")
     assert np.mean([q.split(";")[1][1] == "+" for q in queries]) == pytest.approx(0.5, abs=0.1)
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: f"{t.name}-{t.params()}")
+def test_every_answer_mask_marks_each_examples_answer_of_the_same_sequences(task) -> None:
+    query_only, every = task.sample(16, 5), task.sample_every_answer(16, 5)
+    assert torch.equal(query_only.inputs, every.inputs) and torch.equal(query_only.targets, every.targets)
+    assert torch.equal(every.loss_mask & query_only.loss_mask, query_only.loss_mask)  # the query's answer too
+    assert (every.loss_mask.sum(dim=1) == task.shots + 1).all()
+    for row, text in enumerate(texts(task, n=16, seed=5)):
+        answers = [example[-1] for example in text.split("\n")]  # solver-checked above: the last character
+        marked = every.targets[row][every.loss_mask[row]]
+        assert bytes(marked.tolist()).decode("ascii") == "".join(answers)
+
+
+def test_chance_accuracy_is_a_uniform_guess_among_the_prompts_candidates() -> None:
+    assert InductionCopying(length=12).chance_accuracy == pytest.approx(1 / 10)
+    assert VariableAssignment(depth=1, n_statements=4).chance_accuracy == pytest.approx(1 / 3)
+    assert Arithmetic().chance_accuracy == pytest.approx(0.1)
+    task = VariableAssignment(depth=2, n_statements=5)
+
+    def guess(inputs: torch.Tensor) -> torch.Tensor:  # a uniformly drawn digit among the statements' digits
+        generator = torch.Generator().manual_seed(0)
+        predictions = torch.zeros_like(inputs)
+        for row, tokens in enumerate(inputs):
+            query = bytes(tokens.tolist()).decode("ascii").split("\n")[-1]
+            digits = [s[-1] for s in query.split(";")[0].split(",") if s[-1].isdigit()]
+            predictions[row, -1] = ord(digits[int(torch.randint(len(digits), (1,), generator=generator))])
+        return predictions
+
+    accuracy = task.evaluate(guess, 1000, seed=3)["sequence_accuracy"]
+    m = 3  # digit statements; the other two digits coincide with the answer with probability 1/10 each
+    assert task.chance_accuracy == pytest.approx(1 / m)
+    assert accuracy == pytest.approx((1 + (m - 1) / 10) / m, abs=0.04)

@@ -46,7 +46,8 @@ from effml.train.loop import Callback, Trainer
 
 __all__ = ["GrowthOperator", "Stacking", "Midas", "GROWTH_OPERATORS", "build_growth_operator", "prop_alpha_stages",
            "stage_starts", "layer_stack", "insert_layer_copy", "grow_model", "rebuild_optimizer", "GrowthCallback",
-           "OPTIMIZER_STATE_MODES", "layer_similarity", "loop_similarity"]
+           "OPTIMIZER_STATE_MODES", "layer_similarity", "block_similarity", "loop_similarity",
+           "core_similarity"]
 
 OPTIMIZER_STATE_MODES = ("copy", "reset")
 
@@ -118,9 +119,11 @@ def prop_alpha_stages(total_steps: int, n_stages: int, alpha: float) -> list[int
     if not isinstance(n_stages, int) or n_stages < 1:
         raise ValueError(f"n_stages must be a positive int, got {n_stages!r}.")
     if not isinstance(total_steps, int) or total_steps < n_stages:
-        raise ValueError(f"total_steps={total_steps!r} must be an int ≥ n_stages={n_stages}: every stage needs a step.")
+        raise ValueError(f"total_steps={total_steps!r} must be an int ≥ n_stages={n_stages}: every stage needs a "
+                         "step.")
     if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number ≥ 0 (0: equal stages, 1: proportional to depth), got {alpha!r}.")
+        raise ValueError(f"alpha must be a finite number ≥ 0 (0: equal stages, 1: proportional to depth), got "
+                         f"{alpha!r}.")
     weights = [i ** alpha for i in range(1, n_stages + 1)]
     shares = [total_steps * w / math.fsum(weights) for w in weights]
     lengths = [max(1, math.floor(s)) for s in shares]
@@ -327,17 +330,41 @@ def layer_similarity(model: nn.Module) -> torch.Tensor:
     return unit @ unit.T
 
 
-def loop_similarity(model: nn.Module, block_size: int) -> float:
-    """How close the model is to a looped one: the mean cosine similarity over all pairs of distinct blocks, each
-    block the concatenation of its ``block_size`` layers' weight matrices. 1 for a looped model (every block
-    the same weights); near 0 for independently initialised blocks."""
+def block_similarity(model: nn.Module, block_size: int) -> torch.Tensor:
+    """(k, k) cosine similarity between the model's ``k`` blocks, each block the concatenation of its
+    ``block_size`` layers' weight matrices (so layer j of one block is compared with layer j of another)."""
     layers = list(layer_stack(model))
     if len(layers) % block_size or len(layers) // block_size < 2:
-        raise ValueError(f"loop_similarity needs at least two whole blocks of {block_size} layers; the model has "
+        raise ValueError(f"block similarity needs at least two whole blocks of {block_size} layers; the model has "
                          f"{len(layers)} layers.")
     blocks = torch.stack([torch.cat([_layer_vector(layer) for layer in layers[start:start + block_size]])
                           for start in range(0, len(layers), block_size)])
     unit = blocks / blocks.norm(dim=1, keepdim=True)
-    similarity = unit @ unit.T
+    return unit @ unit.T
+
+
+def _mean_off_diagonal(similarity: torch.Tensor) -> float:
     n = similarity.shape[0]
     return float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)))
+
+
+def loop_similarity(model: nn.Module, block_size: int) -> float:
+    """How close the model is to a looped one: the mean cosine similarity over all pairs of distinct blocks
+    (`block_similarity`). 1 for a looped model (every block the same weights); near 0 for independently
+    initialised blocks.
+
+    Note: grown from one block, stacking and MIDAS models have the same family tree of copies up to relabelling
+    (each growth duplicates the newest block or its twin), so this position-blind mean differs between them only
+    through training dynamics; `core_similarity` measures where the recent copies sit."""
+    return _mean_off_diagonal(block_similarity(model, block_size))
+
+
+def core_similarity(model: nn.Module, block_size: int) -> float:
+    """The mean cosine similarity over pairs of distinct *interior* blocks (all but the first and the last; needs
+    ≥ 4 blocks): high when the middle of the model is a looped core between distinct first and last blocks, the
+    structure MIDAS's middle duplication builds (gradual stacking piles its recent copies at the top instead)."""
+    similarity = block_similarity(model, block_size)
+    if similarity.shape[0] < 4:
+        raise ValueError(f"core_similarity needs at least 4 blocks (2 interior ones) of {block_size} layers; the "
+                         f"model has {similarity.shape[0]}.")
+    return _mean_off_diagonal(similarity[1:-1, 1:-1])

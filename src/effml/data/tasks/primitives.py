@@ -16,7 +16,10 @@ pretrained on text can be probed with no new tokens:
 
 A sequence holds ``shots`` solved examples and one query, separated by newlines; every example of a task has the
 same length, so sequences have a fixed length. Only the query's answer byte is scored (``answer_mask``), so
-``TokenTask.evaluate``'s ``sequence_accuracy`` is the exact-match accuracy of greedy decoding.
+``TokenTask.evaluate``'s ``sequence_accuracy`` is the exact-match accuracy of greedy decoding. For fine-tuning,
+``sample_every_answer`` marks the answer of every example in the sequence (``shots + 1`` targets per sequence
+instead of one), and ``chance_accuracy`` is the exact match of guessing among the answer candidates the prompt
+shows — the level a model reaches without using the prompt's structure.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 
-from effml.data.tasks.base import TokenTask, check_int_param, register_task
+from effml.data.tasks.base import TaskBatch, TokenTask, check_int_param, register_task
 
 __all__ = ["PrimitiveTask", "InductionCopying", "VariableAssignment", "Arithmetic"]
 
@@ -54,26 +58,47 @@ class PrimitiveTask(TokenTask):
         raise NotImplementedError
 
     @property
+    def chance_accuracy(self) -> float:
+        """Exact match of a uniform guess among the answer candidates that every prompt shows."""
+        raise NotImplementedError
+
+    @property
     def seq_len(self) -> int:
         return (self.shots + 1) * (self.example_length + 1) - 2
 
-    def text(self, rng: np.random.Generator) -> tuple[str, int]:
-        """One full sequence as text and the length of its answer (the final characters)."""
+    def text(self, rng: np.random.Generator) -> tuple[str, list[tuple[int, int]]]:
+        """One full sequence as text and the ``[start, end)`` character span of every example's answer."""
         examples = [self.example(rng) for _ in range(self.shots + 1)]
-        return _SEPARATOR.join(prompt + answer for prompt, answer in examples), len(examples[-1][1])
+        spans, offset = [], 0
+        for prompt, answer in examples:
+            spans.append((offset + len(prompt), offset + len(prompt) + len(answer)))
+            offset += len(prompt) + len(answer) + len(_SEPARATOR)
+        return _SEPARATOR.join(prompt + answer for prompt, answer in examples), spans
 
-    def generate(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sequences ``(B, seq_len + 1)`` of bytes; the mask is True at the inputs that predict the query's answer."""
+    def _generate(self, rng: np.random.Generator, batch_size: int,
+                  every_answer: bool) -> tuple[np.ndarray, np.ndarray]:
         sequences = np.zeros((batch_size, self.seq_len + 1), dtype=np.int64)
         answer_mask = np.zeros((batch_size, self.seq_len), dtype=bool)
         for row in range(batch_size):
-            text, answer_length = self.text(rng)
+            text, spans = self.text(rng)
             encoded = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
             if len(encoded) != self.seq_len + 1:
                 raise AssertionError(f"{self.name}: generated {len(encoded)} bytes, expected {self.seq_len + 1}.")
             sequences[row] = encoded
-            answer_mask[row, self.seq_len - answer_length:] = True
+            for start, end in spans if every_answer else spans[-1:]:
+                answer_mask[row, start - 1:end - 1] = True  # input t predicts byte t + 1
         return sequences, answer_mask
+
+    def generate(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sequences ``(B, seq_len + 1)`` of bytes; the mask is True at the inputs that predict the query's answer."""
+        return self._generate(rng, batch_size, every_answer=False)
+
+    def sample_every_answer(self, batch_size: int, seed: int) -> TaskBatch:
+        """Like ``sample`` (the same sequences for the same seed), but ``loss_mask`` marks every example's answer,
+        the solved shots' as well as the query's: ``shots + 1`` supervised answers per sequence for fine-tuning."""
+        query_only = self.sample(batch_size, seed)
+        _, every = self._generate(np.random.default_rng(int(seed)), int(batch_size), every_answer=True)
+        return TaskBatch(query_only.inputs, query_only.targets, torch.from_numpy(every))
 
 
 def _letters(rng: np.random.Generator, count: int) -> list[str]:
@@ -98,6 +123,10 @@ class InductionCopying(PrimitiveTask):
     @property
     def example_length(self) -> int:
         return self.length + 5
+
+    @property
+    def chance_accuracy(self) -> float:
+        return 1.0 / (self.length - 2)  # the letters that can follow a bigram of the context
 
     def example(self, rng: np.random.Generator) -> tuple[str, str]:
         context = _letters(rng, self.length)
@@ -130,6 +159,10 @@ class VariableAssignment(PrimitiveTask):
     def example_length(self) -> int:
         return 4 * self.n_statements + 3
 
+    @property
+    def chance_accuracy(self) -> float:
+        return 1.0 / (self.n_statements - self.depth)  # one of the digit statements (a bit more if digits repeat)
+
     def example(self, rng: np.random.Generator) -> tuple[str, str]:
         names = _letters(rng, self.n_statements)
         digits = [str(d) for d in rng.integers(0, 10, size=self.n_statements)]
@@ -159,6 +192,10 @@ class Arithmetic(PrimitiveTask):
     @property
     def example_length(self) -> int:
         return 4 * self.n_vars + 5
+
+    @property
+    def chance_accuracy(self) -> float:
+        return 0.1  # the result is a uniformly drawn digit
 
     def example(self, rng: np.random.Generator) -> tuple[str, str]:
         names = _letters(rng, self.n_vars)
