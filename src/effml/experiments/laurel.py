@@ -126,7 +126,8 @@ class LaurelRecipe(Experiment):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
             laurel, baseline = self.build_model(config, False, "rw+lr"), self.build_model(config, False, None)
-        return step_time_ratio(laurel, baseline, loss_fn, batch, rounds=config.timing_rounds, device=context.device)
+        return step_time_ratio(laurel, baseline, loss_fn, batch, rounds=config.timing_rounds, device=context.device,
+                               train=config.train)
 
     def derive(self, config: Any, results: dict[str, Any]) -> dict[str, Any]:
         """The best LAuReL arm (best mean quality over complete seeds) against the extra layer, per seed."""

@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +61,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effml.benchmarks.common import time_interleaved
 from effml.config import ConfigError, check_choice, check_positive, check_range
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.experiments.lm_training import heldout_evaluator, load_byte_corpus
-from effml.optim import build_adamw
+from effml.metrics.timing import time_interleaved
 from effml.train import Callback, TrainConfig, Trainer
 from effml.train.growth import (OPTIMIZER_STATE_MODES, GrowthCallback, core_similarity, layer_similarity,
                                 loop_similarity, prop_alpha_stages, stage_starts)
@@ -293,29 +291,16 @@ class MidasRecipe(Experiment):
     def _time_steps(self, config: MidasConfig, context: RunContext) -> ArmRun:
         """Median seconds of one training step at every depth ``b, 2b, …, k·b``, timed round-robin."""
         from effml.data import WindowBatches
-        from effml.train.loop import to_device
+        from effml.train.step_timing import TrainingStep
 
         world = context.world
         corpus = load_byte_corpus(config.corpus, config.max_bytes, world)
         source = WindowBatches(corpus.train, config.batch_size, config.seq_len, seed=context.seed)
-        batches = [to_device(source.batch(index, world.rank, world.world_size), context.device) for index in range(4)]
-        cfg = config.train
+        batch = source.batch(0, world.rank, world.world_size)
 
-        def training_step(n_layers: int) -> Callable[[], None]:
+        def training_step(n_layers: int) -> TrainingStep:
             torch.manual_seed(context.seed)
-            model = self._model(config, n_layers).to(context.device).train()
-            optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-            calls = iter(range(1 << 30))
-
-            def step() -> None:  # what Trainer does per step (one micro-batch): forward, backward, clip, AdamW
-                optimizer.zero_grad(set_to_none=True)
-                loss, _ = causal_lm_loss(model, batches[next(calls) % len(batches)], 0)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-
-            return step
+            return TrainingStep(self._model(config, n_layers), causal_lm_loss, batch, context.device, config.train)
 
         depths = [config.block_size * i for i in range(1, config.n_stages + 1)]
         timings = time_interleaved({str(depth): training_step(depth) for depth in depths},

@@ -19,7 +19,7 @@ from torch import nn
 
 from effml.metrics.timing import time_interleaved
 from effml.optim import build_adamw
-from effml.train.loop import to_device
+from effml.train.loop import TrainConfig, to_device
 
 __all__ = ["TrainingStep", "step_time_ratio"]
 
@@ -27,33 +27,45 @@ LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, Any]]]
 
 
 class TrainingStep:
-    """One optimizer step of ``model`` on a fixed ``batch``; callable. AdamW (lr 1e-4, so the weights barely move and
-    every call does the same work), the trainer's loss convention ``loss_fn(model, batch, step) -> (loss, metrics)``."""
+    """One optimizer step of ``model`` on a fixed ``batch``, as the trainer takes it (one micro-batch): zero_grad,
+    ``loss_fn(model, batch, step) -> (loss, metrics)``, backward, gradient clipping, AdamW; callable.
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, device: str | torch.device = "cpu") -> None:
+    ``train``: the recipe's ``TrainConfig`` (its lr, weight decay, betas and ``grad_clip``); without it AdamW at lr 1e-4
+    and no clipping, so the weights barely move and every call does the same work.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, device: str | torch.device = "cpu",
+                 train: TrainConfig | None = None) -> None:
         self.model = model.to(device).train()
         self.loss_fn = loss_fn
         self.batch = to_device(batch, device)
-        self.optimizer = build_adamw(self.model, lr=1e-4, weight_decay=0.0)
+        if train is None:
+            self.optimizer, self.grad_clip = build_adamw(self.model, lr=1e-4, weight_decay=0.0), 0.0
+        else:
+            self.optimizer = build_adamw(self.model, train.lr, train.weight_decay, (train.beta1, train.beta2))
+            self.grad_clip = train.grad_clip
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss, _ = self.loss_fn(self.model, self.batch, 0)
         loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
 
 
 def step_time_ratio(model: nn.Module, reference: nn.Module, loss_fn: LossFn, batch: Any, *, rounds: int,
-                    warmup: int = 2, device: str | torch.device = "cpu",
+                    warmup: int = 2, device: str | torch.device = "cpu", train: TrainConfig | None = None,
                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Training-step time of ``model`` over ``reference``'s, both stepped on ``batch``, timed interleaved.
 
     Returns ``step_time_ratio`` (median over rounds of t_model / t_reference, the two timed in the same round),
     ``step_time_ratio_min`` / ``_max`` (its spread), and the medians ``step_time_model_s`` / ``step_time_reference_s``.
-    Both models are trained for ``warmup + rounds`` steps in place. ``clock``: seconds as a float (for tests).
+    Both models are trained for ``warmup + rounds`` steps in place, with ``train``'s optimizer settings (see
+    ``TrainingStep``). ``clock``: seconds as a float (for tests).
     """
-    steps = {"model": TrainingStep(model, loss_fn, batch, device),
-             "reference": TrainingStep(reference, loss_fn, batch, device)}
+    steps = {"model": TrainingStep(model, loss_fn, batch, device, train),
+             "reference": TrainingStep(reference, loss_fn, batch, device, train)}
     timings = time_interleaved(steps, repeats=rounds, warmup=warmup, device=device, clock=clock)
     ratios = [a / b for a, b in zip(timings["model"].samples, timings["reference"].samples)]
     return {"step_time_ratio": statistics.median(ratios), "step_time_ratio_min": min(ratios),
