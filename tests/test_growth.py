@@ -1,4 +1,4 @@
-"""Gradual stacking / MIDAS growth: Prop-α stages, layer order, exact copies, optimizer state, HF Llama, exact resume."""
+"""Gradual stacking / MIDAS growth: Prop-α stages, layer order, exact copies, optimizer state, HF Llama, resume."""
 
 from __future__ import annotations
 

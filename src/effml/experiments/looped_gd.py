@@ -253,9 +253,9 @@ class LoopedGD(Experiment):
                       metric="more_loops_log_gain", arm=largest, better="higher", threshold=0.0),
             Threshold(name="more loops never raise the loss",
                       statement=f"Run with {config.loops}…{beyond} loops, the in-distribution error never rises by "
-                                f"more than 1 % from one loop count to the next ({largest}; the error flattens at a "
-                                "floor set by the small u ≠ 0 left after training, where float noise alone would decide "
-                                "a strict test).",
+                                f"more than 1 % from one loop count to the next ({largest}; the error flattens at "
+                                "a floor set by the small u ≠ 0 left after training, where float noise alone would "
+                                "decide a strict test).",
                       metric="loops_rise", arm=largest, better="lower", threshold=LOOPS_RISE_TOLERANCE),
             Threshold(name="more loops lower the loss on a rotated covariance",
                       statement=f"The same gain on Σ* rotated by {config.ood_rotation:g} rad ({largest}).",
@@ -266,8 +266,8 @@ class LoopedGD(Experiment):
         ] + ([
             Threshold(name="unrestricted layer also learns preconditioned GD",
                       statement=f"With full trainable P and Q, the trained layer's predictions equal "
-                                f"{config.loops}-step preconditioned GD with its GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ: Σ(ŷ_model − ŷ_GD)²/Σy² "
-                                f"≤ 0.01 (full-{largest}).",
+                                f"{config.loops}-step preconditioned GD with its GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ: "
+                                f"Σ(ŷ_model − ŷ_GD)²/Σy² ≤ 0.01 (full-{largest}).",
                       metric="gd_mismatch", arm=f"full-{largest}", better="lower", threshold=0.01),
         ] if "unrestricted" in config.attentions else [])
 
