@@ -27,9 +27,7 @@ held-out loss than tuned Adam at the same number of steps; (3) LoRA-RITE's train
 
 from __future__ import annotations
 
-import contextlib
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,22 +295,12 @@ class LoRARiteRecipe(Experiment):
         per-round ratios RITE / Adam (their spread is the curve ``step_time_ratio``).
         """
         from effml.metrics.timing import time_interleaved
+        from effml.train.step_timing import TrainingStep
 
-        model.to(device).train()
-        batch = tuple(t.to(device) for t in batch)
-        autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
-                    else contextlib.nullcontext())
-
-        def training_step(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
-            def step() -> None:
-                optimizer.zero_grad(set_to_none=True)
-                with autocast:
-                    loss, _ = causal_lm_loss(model, batch, 0)
-                loss.backward()
-                optimizer.step()
-            return step
-
-        steps = {method: training_step(self._optimizer(config, method, config.reference_lr(method), peft_model))
+        model.to(device)  # first, so that the optimizers are built over the parameters where they will live
+        steps = {method: TrainingStep(model, causal_lm_loss, batch, device,
+                                      optimizer=self._optimizer(config, method, config.reference_lr(method),
+                                                                peft_model))
                  for method in ("adam", "rite")}
         timings = time_interleaved(steps, repeats=config.timing_rounds, warmup=1, device=device)
         ratios = [rite / adam for rite, adam in zip(timings["rite"].samples, timings["adam"].samples)]

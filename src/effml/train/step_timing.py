@@ -9,6 +9,7 @@ round see the same machine; the result is the per-round ratio of times, summaris
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -28,26 +29,33 @@ LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, Any]]]
 
 class TrainingStep:
     """One optimizer step of ``model`` on a fixed ``batch``, as the trainer takes it (one micro-batch): zero_grad,
-    ``loss_fn(model, batch, step) -> (loss, metrics)``, backward, gradient clipping, AdamW; callable.
+    ``loss_fn(model, batch, step) -> (loss, metrics)`` (under bf16 autocast on CUDA), backward, gradient clipping,
+    the optimizer's step; callable.
 
     ``train``: the recipe's ``TrainConfig`` (its lr, weight decay, betas and ``grad_clip``); without it AdamW at lr 1e-4
-    and no clipping, so the weights barely move and every call does the same work.
+    and no clipping, so the weights barely move and every call does the same work. ``optimizer``: step this one
+    (already built over ``model``'s parameters) instead of a new AdamW.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, device: str | torch.device = "cpu",
-                 train: TrainConfig | None = None) -> None:
+                 train: TrainConfig | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model.to(device).train()
         self.loss_fn = loss_fn
         self.batch = to_device(batch, device)
-        if train is None:
-            self.optimizer, self.grad_clip = build_adamw(self.model, lr=1e-4, weight_decay=0.0), 0.0
+        self.grad_clip = train.grad_clip if train is not None else 0.0
+        if optimizer is not None:
+            self.optimizer = optimizer
+        elif train is None:
+            self.optimizer = build_adamw(self.model, lr=1e-4, weight_decay=0.0)
         else:
             self.optimizer = build_adamw(self.model, train.lr, train.weight_decay, (train.beta1, train.beta2))
-            self.grad_clip = train.grad_clip
+        self.autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+                         if torch.device(device).type == "cuda" else contextlib.nullcontext())
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self.loss_fn(self.model, self.batch, 0)
+        with self.autocast:
+            loss, _ = self.loss_fn(self.model, self.batch, 0)
         loss.backward()
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
