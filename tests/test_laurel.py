@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from effml.nn import TransformerConfig, TransformerLM
-from effml.nn.laurel import LaurelBlock, LaurelResidual, laurel_parameter_count, parse_variant
+from effml.nn.laurel import LaurelBlock, LaurelResidual, LowRankTerm, laurel_parameter_count, parse_variant
 
 VARIANTS = ["rw", "lr", "pa", "rw+lr", "rw+pa", "lr+pa", "rw+lr+pa"]
 
@@ -140,6 +140,60 @@ def test_laurel_block_wraps_a_conv_branch_on_the_channel_axis() -> None:
     alpha, beta = (w.view(1, channels, 1, 1) for w in block.residual.weights())
     low_rank = torch.einsum("bchw,cr,rd->bdhw", x, block.residual.low_rank.down, block.residual.low_rank.up)
     torch.testing.assert_close(block(x), alpha * branch(x) + beta * (x + low_rank), rtol=1e-5, atol=1e-5)
+
+
+def explicit_laurel(residual: LaurelResidual, x: torch.Tensor, fx: torch.Tensor, history: list[torch.Tensor],
+                    channel_dim: int) -> torch.Tensor:
+    """The paper's α·f(x) + β·(x + B·A·x + Σγ_j·x_{i−j}) written out with einsum (identity PA map)."""
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    alpha, beta = 1.0, 1.0
+    if residual.weights is not None:
+        alpha, beta = ((w.reshape(shape) if w.numel() > 1 else w) for w in residual.weights())
+    letters = "abcd"[: x.dim()]
+    channels_out = letters.replace(letters[channel_dim], "z")
+    stream = x
+    if residual.low_rank is not None:
+        A, B = residual.low_rank.down, residual.low_rank.up  # noqa: N806 (the paper's names)
+        stream = stream + torch.einsum(f"{letters},{letters[channel_dim]}r,rz->{channels_out}", x, A, B)
+    if residual.previous is not None:
+        stream = stream + sum(g * h for g, h in zip(residual.previous.gamma, history))
+    return alpha * fx + beta * stream
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("shape", "channel_dim", "per_channel"), [((2, 5, 8), -1, False), ((2, 8, 3, 3), 1, True)])
+def test_fused_residual_equals_the_explicit_formula_in_values_and_gradients(variant, shape, channel_dim,
+                                                                             per_channel) -> None:
+    torch.manual_seed(0)
+    d = shape[channel_dim]
+    residual = LaurelResidual(d, variant=variant, rank=3, k=2, per_channel=per_channel, channel_dim=channel_dim)
+    residual = residual.double()
+    randomise(residual)
+    inputs = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    x, fx, history = inputs[0], inputs[1], inputs[2:]
+    got = residual(x, fx, history)
+    expected = explicit_laurel(residual, x, fx, history, channel_dim)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    leaves = [*inputs, *residual.parameters()]
+    weights = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad((got * weights).sum(), leaves, allow_unused=True),
+                    torch.autograd.grad((expected * weights).sum(), leaves, allow_unused=True)):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "channel_dim"), [((2, 5, 8), -1), ((2, 8, 3, 3), 1)])
+def test_low_rank_term_keeps_a_wider_stream_dtype(shape, channel_dim) -> None:
+    """Under autocast the LR product comes out in bf16 while the stream is fp32: the sum must stay in the stream's
+    dtype (modelled here by a float32 product added to a float64 stream)."""
+    term = LowRankTerm(shape[channel_dim], 3, channel_dim=channel_dim)
+    randomise(term)
+    base, x = torch.randn(shape, dtype=torch.float64), torch.randn(shape)
+    got = term.add_to(base, x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, base + term(x).double())
 
 
 def test_column_orthogonal_init() -> None:

@@ -31,9 +31,10 @@ from torch import Tensor
 from effml.benchmarks.common import (format_bytes, machine_info, markdown_table, missing_peer_note,
                                      package_version, paired_rate_ratios, peak_memory, ratio_entry, time_interleaved,
                                      verdict)
+from effml.train.loop import bf16_autocast
 
-__all__ = ["LaurelBenchConfig", "DEFAULT", "QUICK", "PassStep", "pass_step_factory", "LowRankPass", "run", "render",
-           "TARGET"]
+__all__ = ["LaurelBenchConfig", "DEFAULT", "GPU", "QUICK", "PassStep", "pass_step_factory", "LowRankPass", "run",
+           "render", "TARGET"]
 
 PLAIN = "plain"
 TARGET = 1.05  # RW+LR forward+backward time at most 5 % above the plain residual's
@@ -77,13 +78,17 @@ class LaurelBenchConfig:
 
 
 DEFAULT = LaurelBenchConfig()
+# On CUDA (bf16 autocast, as the trainer runs): widths of 1–3B-parameter LMs, where the paper's 1–2 % latency applies.
+GPU = LaurelBenchConfig(widths=(1024, 2048, 3072), n_layers=4, vocab_size=256, context=1024, batch_size=8, rank=64,
+                        warmup=3, repeats=20)
 QUICK = LaurelBenchConfig(widths=(32,), n_layers=2, vocab_size=64, context=16, batch_size=2, rank=4, k=2, warmup=1,
                           repeats=2, memory_steps=1)
 
 
 class PassStep:
     """One forward + cross-entropy + backward pass of a ``TransformerLM`` with residual ``variant`` ("plain" or a
-    LAuReL variant); callable. Attributes: ``model``, ``inputs``/``targets`` (B, T), ``params``."""
+    LAuReL variant), the forward under bf16 autocast on CUDA; callable. Attributes: ``model``, ``inputs``/``targets``
+    (B, T), ``params``."""
 
     def __init__(self, variant: str, width: int, n_layers: int, vocab_size: int, context: int, batch_size: int,
                  rank: int, k: int, device: str, seed: int) -> None:
@@ -99,11 +104,13 @@ class PassStep:
         generator = torch.Generator().manual_seed(seed + 1)
         tokens = torch.randint(0, vocab_size, (batch_size, context + 1), generator=generator).to(device)
         self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+        self.device = device
 
     def __call__(self) -> Tensor:
         self.model.zero_grad(set_to_none=True)
-        logits = self.model(self.inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), self.targets.flatten())
+        with bf16_autocast(self.device):
+            logits = self.model(self.inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), self.targets.flatten())
         loss.backward()
         return loss.detach()
 
@@ -171,9 +178,10 @@ def _kwargs(config: LaurelBenchConfig, variant: str, width: int, device: str) ->
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
-    """Run the benchmark (``QUICK`` shapes when ``quick``) and return the JSON-ready result: config, machine, per
-    width the time and memory of every contender, ``ratios`` (variant ÷ plain) and the RW+LR ``targets``."""
-    config = QUICK if quick else DEFAULT
+    """Run the benchmark (``QUICK`` shapes when ``quick``, else ``GPU`` on CUDA and ``DEFAULT`` elsewhere) and return
+    the JSON-ready result: config, machine, per width the time and memory of every contender, ``ratios`` (variant ÷
+    plain) and the RW+LR ``targets``."""
+    config = QUICK if quick else (GPU if torch.device(device).type == "cuda" else DEFAULT)
     contenders = (PLAIN, *config.variants)
     result: dict[str, Any] = {
         "benchmark": "laurel", "quick": quick, "machine": machine_info(device),

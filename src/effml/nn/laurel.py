@@ -196,6 +196,30 @@ class LowRankTerm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _channels_back(_channels_last(x, self.channel_dim) @ self.down @ self.up, self.channel_dim)
 
+    def add_to(self, base: Tensor, x: Tensor, up: Tensor | None = None) -> Tensor:
+        """``base + B·A·x`` (with ``up`` in place of B when given, e.g. B with its output channels scaled by β).
+
+        base, x: the same shape, D on ``channel_dim`` → that shape. The sum is the epilogue of the up-projection's
+        GEMM (``addmm``/``baddbmm``: no separate add kernel, no (…, D) product tensor) whenever the product comes out
+        in base's dtype; under autocast (bf16 product, fp32 stream) it is added separately, so that the residual
+        stream keeps its precision.
+        """
+        up = self.up if up is None else up
+        channel_dim = self.channel_dim % x.dim()
+        if channel_dim == x.dim() - 1:  # (N, D) rows: h = x·A, base + h·B
+            hidden = x.reshape(-1, x.shape[-1]) @ self.down
+            if hidden.dtype != base.dtype:
+                return base + (hidden @ up).view(base.shape)
+            return torch.addmm(base.reshape(hidden.shape[0], -1), hidden, up).view(base.shape)
+        # channels inside, e.g. (B, C, H, W): (P, C, Q) columns, h = Aᵀ·x (P, r, Q), base + Bᵀ·h
+        outer = math.prod(x.shape[:channel_dim])
+        hidden = torch.matmul(self.down.t(), x.reshape(outer, x.shape[channel_dim], -1))
+        up_t = up.t().expand(outer, *up.t().shape)
+        if hidden.dtype != base.dtype:
+            return base + torch.bmm(up_t.to(hidden.dtype), hidden).view(base.shape)
+        columns = base.reshape(outer, base.shape[channel_dim], -1)
+        return torch.baddbmm(columns, up_t, hidden).view(base.shape)
+
 
 class PreviousActivations(nn.Module):
     """PA: Σ_{j=1..k} γ_j · h(x_{i−j}) over the k stream states before the current one.
@@ -256,17 +280,20 @@ class LaurelResidual(Residual):
         self.history_size = k if self.previous is not None else 0
 
     def forward(self, x: Tensor, fx: Tensor, history: Sequence[Tensor] = ()) -> Tensor:
-        stream = x
-        if self.low_rank is not None:
-            stream = stream + self.low_rank(x)
-        if self.previous is not None:
-            stream = stream + self.previous(history, x)
+        # Evaluated as α·fx + β·(x + PA) + (x·A)·(B·β): β is folded into B's output channels, so that the LR term is
+        # added in the up-projection's GEMM epilogue and no (…, D) "stream" tensor is kept for β's gradient.
+        stream = x if self.previous is None else x + self.previous(history, x)
+        up = self.low_rank.up if self.low_rank is not None else None
         if self.weights is None:
-            return fx + stream
-        alpha, beta = self.weights()
-        channel_dim = self.config.channel_dim
-        return (_broadcast_channels(alpha, fx, channel_dim) * fx
-                + _broadcast_channels(beta, stream, channel_dim) * stream)
+            combined = fx + stream
+        else:
+            alpha, beta = self.weights()
+            channel_dim = self.config.channel_dim
+            combined = torch.addcmul(_broadcast_channels(beta, stream, channel_dim) * stream,
+                                     _broadcast_channels(alpha, fx, channel_dim), fx)
+            if up is not None:
+                up = up * beta  # (r, D) · (D,) or (1,): scales column c of B by β_c
+        return combined if self.low_rank is None else self.low_rank.add_to(combined, x, up)
 
     def extra_repr(self) -> str:
         return f"variant={'+'.join(self.config.parts)!r}, d_model={self.d_model}"

@@ -44,6 +44,7 @@ __all__ = [
     "NonFiniteLoss",
     "LossFn",
     "to_device",
+    "bf16_autocast",
 ]
 
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, Any]]]
@@ -129,6 +130,14 @@ class TrainResult:
     @property
     def median_step_time(self) -> float:
         return statistics.median(self.step_times) if self.step_times else float("nan")
+
+
+def bf16_autocast(device: str | torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """A fresh context that runs its body under bf16 autocast on CUDA (when ``enabled``) and as is elsewhere: how
+    effml's trainer, step timer and benchmarks run forward passes, so that they time and train the same computation."""
+    if not enabled or torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -292,9 +301,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return bf16_autocast(self.device, enabled=self.autocast_dtype is not None)
 
     def _train_step(self, step: int) -> tuple[float, dict[str, float]]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, mean metrics)."""

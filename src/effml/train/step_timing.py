@@ -9,7 +9,6 @@ round see the same machine; the result is the per-round ratio of times, summaris
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from torch import nn
 
 from effml.metrics.timing import time_interleaved
 from effml.optim import build_adamw
-from effml.train.loop import TrainConfig, to_device
+from effml.train.loop import TrainConfig, bf16_autocast, to_device
 
 __all__ = ["TrainingStep", "step_time_ratio"]
 
@@ -49,12 +48,11 @@ class TrainingStep:
             self.optimizer = build_adamw(self.model, lr=1e-4, weight_decay=0.0)
         else:
             self.optimizer = build_adamw(self.model, train.lr, train.weight_decay, (train.beta1, train.beta2))
-        self.autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-                         if torch.device(device).type == "cuda" else contextlib.nullcontext())
+        self.device = device
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast:
+        with bf16_autocast(self.device):
             loss, _ = self.loss_fn(self.model, self.batch, 0)
         loss.backward()
         if self.grad_clip > 0:
