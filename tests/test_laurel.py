@@ -220,3 +220,14 @@ def test_unknown_option_is_reported_by_the_model_config() -> None:
     with pytest.raises(ValueError, match="does not accept"):
         TransformerConfig(d_model=32, n_heads=2, residual="laurel", residual_options={"rnk": 4})
     assert parse_variant("pa+RW") == ("rw", "pa")
+
+
+@pytest.mark.parametrize("variant", ["rw", "rw+lr"])
+def test_residual_with_a_narrower_branch_output_keeps_the_stream_dtype(variant) -> None:
+    """Autocast's case (bf16 branch output fx, fp32 stream x), modelled by a float32 fx and a float64 stream."""
+    residual = LaurelResidual(8, variant=variant, rank=3).double()
+    randomise(residual)
+    x, fx = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8)
+    got = residual(x, fx)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, explicit_laurel(residual, x, fx.double(), [], -1))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from effml.benchmarks import run_benchmark
+from effml.benchmarks.laurel import PassStep
 from effml.cli import EXIT_USER_ERROR, main
 from effml.data.images import FASHION_MNIST_FILES, DataUnavailableError, load_fashion_mnist, read_idx
 from effml.experiments import get_experiment
@@ -153,7 +154,19 @@ def test_bench_laurel_quick(tmp_path) -> None:
         assert section["time"][name]["params"] - section["time"]["plain"]["params"] == 2 * 2 * laurel_parameter_count(
             32, name, rank=4, k=2)
     assert result["targets"]["time_rw+lr_d32"]["verdict"] in {"met", "not met", "inconclusive"}
+    compiled = section["compiled_time"]
+    assert set(compiled) == {"plain", "rw+lr"}
+    assert result["ratios"]["compiled_time_rw+lr_d32"]["value"] == pytest.approx(
+        compiled["rw+lr"]["median_s"] / compiled["plain"]["median_s"])
+    assert "compiled_time_rw+lr_d32" in result["targets"]
     peer = result["peer"]["widths"]["32"]
     assert result["ratios"]["lr_time_effml_vs_gemma3n_d32"]["value"] == pytest.approx(
         peer["effml"]["median_s"] / peer["gemma3n"]["median_s"])
-    assert "time ÷ plain" in path.read_text()
+    assert "time ÷ plain" in path.read_text() and "torch.compile" in path.read_text()
+
+
+def test_bench_laurel_compiled_pass_computes_the_eager_loss() -> None:
+    shape = {"width": 16, "n_layers": 2, "vocab_size": 32, "context": 8, "batch_size": 2, "rank": 2, "k": 2,
+             "device": "cpu", "seed": 0}
+    eager, compiled = PassStep("rw+lr", **shape), PassStep("rw+lr", **shape, compile_backend="eager")
+    assert torch.equal(eager(), compiled())

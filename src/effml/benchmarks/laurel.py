@@ -50,6 +50,9 @@ class LaurelBenchConfig:
         variants: LAuReL variants compared with the plain residual; rank, k: their options.
         warmup, repeats: untimed and timed interleaved passes per contender; memory_steps: passes while measuring
             memory. seed: weights and batch.
+        compiled: variants also timed with the whole model under ``torch.compile`` (``compile_backend``), against
+            the compiled plain model: how a GPU user would train, with LAuReL's elementwise ops fused into their
+            neighbours' kernels (empty: eager only).
     """
 
     widths: tuple[int, ...] = (64, 128, 256)
@@ -64,13 +67,15 @@ class LaurelBenchConfig:
     repeats: int = 10
     memory_steps: int = 2
     seed: int = 0
+    compiled: tuple[str, ...] = ()
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         from effml.nn.laurel import parse_variant
 
         if not self.widths or any(w <= 0 or w % 2 for w in self.widths):
             raise ValueError(f"LaurelBenchConfig.widths must be positive even ints, got {self.widths!r}.")
-        for variant in self.variants:
+        for variant in (*self.variants, *self.compiled):
             parse_variant(variant)
         for name in ("n_layers", "vocab_size", "context", "batch_size", "rank", "k", "repeats", "memory_steps"):
             if getattr(self, name) <= 0:
@@ -80,18 +85,20 @@ class LaurelBenchConfig:
 DEFAULT = LaurelBenchConfig()
 # On CUDA (bf16 autocast, as the trainer runs): widths of 1–3B-parameter LMs, where the paper's 1–2 % latency applies.
 GPU = LaurelBenchConfig(widths=(1024, 2048, 3072), n_layers=4, vocab_size=256, context=1024, batch_size=8, rank=64,
-                        warmup=3, repeats=20)
+                        warmup=3, repeats=20, compiled=("rw", "rw+lr"))
 QUICK = LaurelBenchConfig(widths=(32,), n_layers=2, vocab_size=64, context=16, batch_size=2, rank=4, k=2, warmup=1,
-                          repeats=2, memory_steps=1)
+                          repeats=2, memory_steps=1,
+                          compiled=("rw+lr",), compile_backend="eager")  # eager: Dynamo's capture only, in seconds
 
 
 class PassStep:
     """One forward + cross-entropy + backward pass of a ``TransformerLM`` with residual ``variant`` ("plain" or a
-    LAuReL variant), the forward under bf16 autocast on CUDA; callable. Attributes: ``model``, ``inputs``/``targets``
-    (B, T), ``params``."""
+    LAuReL variant), the forward under bf16 autocast on CUDA and, with ``compile_backend``, through
+    ``torch.compile(model, backend=compile_backend)``; callable. Attributes: ``model``, ``inputs``/``targets`` (B, T),
+    ``params``."""
 
     def __init__(self, variant: str, width: int, n_layers: int, vocab_size: int, context: int, batch_size: int,
-                 rank: int, k: int, device: str, seed: int) -> None:
+                 rank: int, k: int, device: str, seed: int, compile_backend: str | None = None) -> None:
         from effml.nn import TransformerConfig, TransformerLM
 
         residual = ({"residual": "plain"} if variant == PLAIN else
@@ -105,11 +112,12 @@ class PassStep:
         tokens = torch.randint(0, vocab_size, (batch_size, context + 1), generator=generator).to(device)
         self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
         self.device = device
+        self.forward = self.model if compile_backend is None else torch.compile(self.model, backend=compile_backend)
 
     def __call__(self) -> Tensor:
         self.model.zero_grad(set_to_none=True)
         with bf16_autocast(self.device):
-            logits = self.model(self.inputs)
+            logits = self.forward(self.inputs)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), self.targets.flatten())
         loss.backward()
         return loss.detach()
@@ -186,6 +194,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "laurel", "quick": quick, "machine": machine_info(device),
         "config": {**dataclasses.asdict(config), "widths": list(config.widths), "variants": list(config.variants),
+                   "compiled": list(config.compiled),
                    "step": "forward + F.cross_entropy + backward (no optimizer step)"},
         "widths": {},
     }
@@ -198,6 +207,12 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
         for name in contenders:
             factories[f"{width}/{name}"] = ("effml.benchmarks.laurel:pass_step_factory",
                                             _kwargs(config, name, width, device))
+        if config.compiled:
+            compiled = {name: PassStep(**_kwargs(config, name, width, device), compile_backend=config.compile_backend)
+                        for name in (PLAIN, *config.compiled)}
+            timings = time_interleaved(compiled, repeats=config.repeats, warmup=config.warmup, device=device)
+            result["widths"][str(width)]["compiled_time"] = {
+                name: {**timings[name].as_dict(), "params": compiled[name].params} for name in compiled}
     _measure_peer(config, device, result)
     memory = peak_memory(factories, device=device, steps=config.memory_steps)
     for key, numbers in memory.items():
@@ -214,9 +229,15 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
             ratios[f"memory_{name}_d{width}"] = ratio_entry(
                 result, ("widths", width, "memory", name, "peak_bytes"),
                 ("widths", width, "memory", PLAIN, "peak_bytes"), better="lower")
-        if "rw+lr" in config.variants:
-            entry = ratios[f"time_rw+lr_d{width}"]
-            targets[f"time_rw+lr_d{width}"] = {"target": f"≤ {TARGET}", "verdict": verdict(entry, TARGET)}
+        for name in config.compiled:
+            per_round = paired_rate_ratios(section["compiled_time"][PLAIN]["samples_s"],
+                                           section["compiled_time"][name]["samples_s"])
+            ratios[f"compiled_time_{name}_d{width}"] = ratio_entry(
+                result, ("widths", width, "compiled_time", name, "median_s"),
+                ("widths", width, "compiled_time", PLAIN, "median_s"), better="lower", per_round=per_round)
+        for key in (f"time_rw+lr_d{width}", f"compiled_time_rw+lr_d{width}"):
+            if key in ratios:
+                targets[key] = {"target": f"≤ {TARGET}", "verdict": verdict(ratios[key], TARGET)}
     for width, numbers in result["peer"].get("widths", {}).items():
         ratios[f"lr_time_effml_vs_gemma3n_d{width}"] = ratio_entry(
             result, ("peer", "widths", width, "effml", "median_s"), ("peer", "widths", width, "gemma3n", "median_s"),
@@ -226,8 +247,14 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     return result
 
 
+def _time_ratio_text(entry: dict[str, Any]) -> str:
+    rounds = entry["per_round"]
+    return f"{entry['value']:.3f}× (rounds: {rounds['median']:.3f}× [{rounds['min']:.3f}–{rounds['max']:.3f}])"
+
+
 def render(result: dict[str, Any]) -> str:
-    """Markdown: per width, each contender's params, median pass time, memory and its ratios to the plain residual."""
+    """Markdown: per width, each contender's params, median pass time, memory and its ratios to the plain residual
+    (eager), then the same times with the models under ``torch.compile`` where measured."""
     sections = []
     for width, section in result["widths"].items():
         rows = []
@@ -236,10 +263,7 @@ def render(result: dict[str, Any]) -> str:
             if name == PLAIN:
                 time_ratio = memory_ratio = "1.00× (ref)"
             else:
-                entry = result["ratios"][f"time_{name}_d{width}"]
-                rounds = entry["per_round"]
-                time_ratio = (f"{entry['value']:.3f}× (rounds: {rounds['median']:.3f}× "
-                              f"[{rounds['min']:.3f}–{rounds['max']:.3f}])")
+                time_ratio = _time_ratio_text(result["ratios"][f"time_{name}_d{width}"])
                 memory_ratio = f"{result['ratios'][f'memory_{name}_d{width}']['value']:.3f}×"
             extra = numbers["params"] - section["time"][PLAIN]["params"]
             rows.append([name, f"{numbers['params']:,}", f"+{extra:,}", f"{numbers['median_s'] * 1e3:.2f}",
@@ -247,6 +271,14 @@ def render(result: dict[str, Any]) -> str:
         sections.append(f"## d_model = {width}\n\n" + markdown_table(
             ["residual", "params", "extra params", "median fwd+bwd (ms)", "peak memory", "time ÷ plain",
              "memory ÷ plain"], rows))
+        if "compiled_time" in section:
+            rows = [[name, f"{numbers['median_s'] * 1e3:.2f}",
+                     "1.00× (ref)" if name == PLAIN else
+                     _time_ratio_text(result["ratios"][f"compiled_time_{name}_d{width}"])]
+                    for name, numbers in section["compiled_time"].items()]
+            backend = result["config"].get("compile_backend")
+            sections.append(f"### d_model = {width}, whole model under `torch.compile` (backend {backend})\n\n"
+                            + markdown_table(["residual", "median fwd+bwd (ms)", "time ÷ plain"], rows))
     peer = result.get("peer", {})
     if "skipped" in peer:
         sections.append(f"## Peer: Gemma 3n LAuReL block\n\n{peer['skipped']}")

@@ -289,8 +289,11 @@ class LaurelResidual(Residual):
         else:
             alpha, beta = self.weights()
             channel_dim = self.config.channel_dim
-            combined = torch.addcmul(_broadcast_channels(beta, stream, channel_dim) * stream,
-                                     _broadcast_channels(alpha, fx, channel_dim), fx)
+            alpha_x, beta_x = _broadcast_channels(alpha, fx, channel_dim), _broadcast_channels(beta, x, channel_dim)
+            if fx.dtype == stream.dtype:
+                combined = torch.addcmul(beta_x * stream, alpha_x, fx)
+            else:  # autocast: addcmul would be cast to fp32 and save an fp32 copy of the bf16 fx
+                combined = beta_x * stream + alpha_x * fx
             if up is not None:
                 up = up * beta  # (r, D) · (D,) or (1,): scales column c of B by β_c
         return combined if self.low_rank is None else self.low_rank.add_to(combined, x, up)
