@@ -208,6 +208,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
             factories[f"{width}/{name}"] = ("effml.benchmarks.laurel:pass_step_factory",
                                             _kwargs(config, name, width, device))
         if config.compiled:
+            torch._dynamo.reset()  # each width's models get their own compiled code, within Dynamo's recompile limit
             compiled = {name: PassStep(**_kwargs(config, name, width, device), compile_backend=config.compile_backend)
                         for name in (PLAIN, *config.compiled)}
             timings = time_interleaved(compiled, repeats=config.repeats, warmup=config.warmup, device=device)
