@@ -62,3 +62,27 @@ def test_dict_round_trip_rebuilds_an_equal_validated_config() -> None:
     assert dotted_keys(config) == ["name", "sizes", "widths", "flag", "inner.lr", "inner.steps", "inner.clip"]
     with pytest.raises(ConfigError, match="unknown keys"):
         config_from_dict(Outer, {"bogus": 1})
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int = 100
+    warmup: int = 50
+
+    def __post_init__(self) -> None:
+        if self.warmup > self.steps:
+            raise ConfigError(f"warmup {self.warmup} exceeds steps {self.steps}")
+
+
+@dataclass(frozen=True)
+class Run:
+    seeds: int = 1
+    schedule: Schedule = field(default_factory=Schedule)
+
+
+def test_overrides_are_validated_together_in_any_order_and_the_last_value_wins() -> None:
+    for order in (["schedule.steps=10", "schedule.warmup=2"], ["schedule.warmup=2", "schedule.steps=10"]):
+        assert apply_overrides(Run(), order).schedule == Schedule(steps=10, warmup=2)
+    assert apply_overrides(Run(), ["seeds=2", "seeds=3"]).seeds == 3
+    with pytest.raises(ConfigError, match="warmup 50 exceeds steps 10"):
+        apply_overrides(Run(), ["schedule.steps=10"])

@@ -117,10 +117,12 @@ def test_idx_reader_round_trips_and_splits(tiny_fashion_mnist) -> None:
     assert np.array_equal(splits.valid_images, images[250:])
 
 
-def test_imagenet_preset_without_data_dir_fails_clearly(tmp_path, capsys) -> None:
+def test_imagenet_preset_without_data_dir_fails_clearly(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("EFFML_IMAGENET", raising=False)
     argv = ["run", "laurel-vision", "--preset", "full", "--quiet", "--out", str(tmp_path)]
     assert main(argv) == EXIT_USER_ERROR
     assert "data_dir" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any run directory was made
 
 
 def test_resnet_laurel_starts_as_the_plain_resnet_and_pa_stays_within_a_stage() -> None:
@@ -170,3 +172,30 @@ def test_bench_laurel_compiled_pass_computes_the_eager_loss() -> None:
              "device": "cpu", "seed": 0}
     eager, compiled = PassStep("rw+lr", **shape), PassStep("rw+lr", **shape, compile_backend="eager")
     assert torch.equal(eager(), compiled())
+
+
+def test_imagenet_preset_trains_a_bottleneck_resnet_from_an_image_folder(tmp_path) -> None:
+    """The `full` preset's data and model path (ImageNet class folders read with Pillow, bottleneck ResNet, ImageNet
+    stem, 1000 classes) end to end, on a tiny folder made here and tiny widths."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 4), ("val", 2)):
+        for name in ("n01", "n02"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for index in range(per_class):
+                pixels = rng.integers(0, 256, (30 + index, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{index}.JPEG", format="JPEG")
+    overrides = {"data_dir": tmp_path / "data", "widths": "4,4,4,4", "blocks": "1,1,1,1", "rank": 2, "k": 2,
+                 "batch_size": 4, "eval_batch_size": 3, "seeds": 2, "variants": "rw,rw+lr", "timing_rounds": 1,
+                 "train.steps": 2, "train.warmup_steps": 1, "train.eval_every": 2, "train.checkpoint_every": 2}
+    argv = ["run", "laurel-vision", "--preset", "full", "--quiet", "--out", str(tmp_path / "runs")]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    assert main(argv) == 0
+    results = json.loads(next((tmp_path / "runs").glob("laurel-vision/*/results.json")).read_text())
+    config = results["config"]
+    assert config["block"] == "bottleneck" and config["dataset"] == "imagenet"
+    for arm in results["arms"].values():
+        for run in arm["runs"].values():
+            assert 0 <= run["metrics"]["test_accuracy"] <= 100

@@ -125,8 +125,11 @@ def _parse(text: str, tp: Any, key: str) -> Any:
 def apply_overrides(config: C, overrides: Sequence[str]) -> C:
     """Return a copy of ``config`` with ``key=value`` overrides applied (dotted keys reach nested configs).
 
-    The copy is rebuilt through the dataclass constructors, so every override is validated; the original is unchanged.
+    The overrides are applied together, each (nested) config rebuilt once through its dataclass constructor, so every
+    override is validated but their order does not matter: ``--set train.steps=10 --set train.warmup_steps=2`` works
+    from a preset with 1000 warm-up steps. A key given twice takes its last value. The original is unchanged.
     """
+    values: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not of the form key=value (for example --set train.lr=3e-4).")
@@ -135,22 +138,31 @@ def apply_overrides(config: C, overrides: Sequence[str]) -> C:
         valid = dotted_keys(config)
         if key not in valid:
             raise ConfigError(f"--set {key}: unknown key. Valid keys are: {', '.join(valid)}.")
-        config = _replace_dotted(config, key, text, key)
-    return config
+        values.pop(key, None)
+        values[key] = text
+    return _replace_dotted(config, values, "") if values else config
 
 
-def _replace_dotted(config: Any, key: str, text: str, full_key: str) -> Any:
-    head, _, rest = key.partition(".")  # the caller checked that the dotted key exists
-    if rest:
-        value = _replace_dotted(getattr(config, head), rest, text, full_key)
-    else:
-        value = _parse(text, _field_types(type(config))[head], full_key)
+def _replace_dotted(config: Any, values: dict[str, str], prefix: str) -> Any:
+    """``config`` with ``values`` (dotted key relative to ``config`` → text) applied in one constructor call per level;
+    the caller checked that every dotted key exists. ``prefix`` names ``config`` in messages ("train.")."""
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, str]] = {}
+    for key, text in values.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = text
+        else:
+            changes[head] = _parse(text, _field_types(type(config))[head], prefix + key)
+    for head, inner in nested.items():
+        changes[head] = _replace_dotted(getattr(config, head), inner, f"{prefix}{head}.")
     try:
-        return dataclasses.replace(config, **{head: value})
+        return dataclasses.replace(config, **changes)
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"--set {full_key}={text!r} is invalid: {error}") from error
+        given = " ".join(f"--set {prefix}{key}={text!r}" for key, text in values.items())
+        raise ConfigError(f"{given} is invalid: {error}") from error
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

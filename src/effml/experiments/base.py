@@ -76,6 +76,10 @@ class Experiment(ABC):
     def arms(self, config: Any) -> list[Arm]:
         """The arms compared, in the order they are run and reported."""
 
+    def check(self, config: Any) -> None:
+        """Raise a ValueError (e.g. ``DataUnavailableError``) if ``config`` cannot run here — data or a package
+        missing — so that the runner fails before it writes a run directory. Nothing to check by default."""
+
     @abstractmethod
     def run_arm(self, config: Any, arm: Arm, context: RunContext) -> ArmRun:
         """Train/evaluate one arm for one seed (resuming from ``context.run_dir`` when ``context.resume``)."""

@@ -27,6 +27,7 @@ step times, which were taken at different times under different load.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -318,7 +319,8 @@ class LaurelVisionConfig:
     connection.
 
     ``dataset``: "fashion-mnist" (IDX files, see ``effml.data.images``; ``data_dir`` or ``$EFFML_FASHION_MNIST``
-    overrides the Debian location) or "imagenet" (``data_dir`` with train/ and val/ class folders; needs Pillow).
+    overrides the Debian location) or "imagenet" (``data_dir`` with train/ and val/ class folders, default
+    ``$EFFML_IMAGENET`` in the `full` preset; needs Pillow).
     """
 
     dataset: str = "fashion-mnist"
@@ -365,9 +367,6 @@ class LaurelVisionConfig:
         if self.rank > min(self.widths):
             raise ConfigError(f"laurel-vision: rank {self.rank} exceeds the narrowest stage width {min(self.widths)}; "
                               "choose a smaller rank.")
-        if self.dataset == "imagenet" and not self.data_dir:
-            raise ConfigError("laurel-vision: dataset 'imagenet' needs data_dir (a directory with train/ and val/ "
-                              "class folders): --set data_dir=/path/to/imagenet.")
         _check_variants(owner, self.variants)
 
 
@@ -384,8 +383,8 @@ def _vision_cpu() -> LaurelVisionConfig:
 
 
 def _vision_full() -> LaurelVisionConfig:
-    return LaurelVisionConfig(dataset="imagenet", widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3), block="bottleneck",
-                              rank=16, k=3, batch_size=256, eval_batch_size=250, flip=True, seeds=5,
+    return LaurelVisionConfig(dataset="imagenet", data_dir=os.environ.get("EFFML_IMAGENET"),
+                              widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3), block="bottleneck", rank=16, k=3, batch_size=256, eval_batch_size=250, flip=True, seeds=5,
                               train=TrainConfig(steps=450_000, lr=1e-3, warmup_steps=5000, weight_decay=0.05,
                                                 eval_every=10_000, checkpoint_every=5000, log_every=100))
 
@@ -403,6 +402,15 @@ class LaurelVision(LaurelRecipe):
 
     def depth(self, config: LaurelVisionConfig) -> int:
         return sum(config.blocks)
+
+    def check(self, config: LaurelVisionConfig) -> None:
+        # Here rather than in the config: the `full` preset is built before `--set data_dir=...` applies.
+        from effml.data.images import DataUnavailableError
+
+        if config.dataset == "imagenet" and not config.data_dir:
+            raise DataUnavailableError("laurel-vision: dataset 'imagenet' needs data_dir (a directory with train/ and "
+                                       "val/ class folders): --set data_dir=/path/to/imagenet, or set $EFFML_IMAGENET "
+                                       "for the `full` preset.")
 
     def build_model(self, config: LaurelVisionConfig, extra_layer: bool, variant: str | None) -> torch.nn.Module:
         from effml.nn.resnet import ResNet, ResNetConfig

@@ -191,6 +191,7 @@ def run_experiment(
         config = apply_overrides(experiment.preset(preset), overrides)
         if seeds is not None:
             config = apply_overrides(config, [f"seeds={seeds}"])
+        experiment.check(config)
         run_dir = _broadcast_path(new_run_dir(Path(out), name) if world.is_main else None, world)
         results = _empty_results(experiment, preset, config, device, world)
         if world.is_main:
