@@ -12,7 +12,7 @@ import torch
 from effml.cli import main
 from effml.config import ConfigError
 from effml.data.tasks import Copying
-from effml.experiments.mimetic import Mimetic, MimeticConfig, masked_token_loss
+from effml.experiments.mimetic import INITS, Mimetic, MimeticConfig, masked_token_loss
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,30 @@ def test_largest_solved_is_the_longest_length_reaching_the_threshold() -> None:
     assert recipe.derive(config, results)["copying-largest-solved-mimetic"]["runs"] == {}
 
 
+@pytest.mark.parametrize("ablation_lengths", ["longest", "all"])
+def test_ablations_train_at_the_claim_length_unless_asked_for_every_length(ablation_lengths) -> None:
+    recipe = Mimetic()
+    config = MimeticConfig(copy_lengths=(4, 8), mqar_pairs=(1, 2), mqar_keys=4, ablation_lengths=ablation_lengths)
+    names = [arm.name for arm in recipe.arms(config)]
+    assert len(names) == len(set(names))
+    expected = set()
+    for task, lengths in (("copying", (4, 8)), ("mqar", (1, 2))):
+        ablated = lengths[-1:] if ablation_lengths == "longest" else lengths
+        expected |= {recipe.arm_name(task, n, init) for n in lengths for init in ("default", "mimetic")}
+        expected |= {recipe.arm_name(task, n, init) for n in ablated for init in ("state-only", "bc-only")}
+    assert set(names) == expected
+    # the claim length's main arms run first, then its ablations, before any shorter length
+    assert names[:4] == ["copying-8-default", "copying-8-mimetic", "mqar-2-default", "mqar-2-mimetic"]
+    assert set(names[4:8]) == {recipe.arm_name(task, n, init) for task, n in (("copying", 8), ("mqar", 2))
+                               for init in ("state-only", "bc-only")}
+    results = {"arms": {name: {"runs": {"0": {"status": "complete", "metrics": {"token_accuracy": 1.0}}}}
+                        for name in names}}
+    derived = recipe.derive(config, results)
+    swept = INITS if ablation_lengths == "all" else ("default", "mimetic")
+    assert set(derived) == {f"{task}-largest-solved-{init}" for task in ("copying", "mqar") for init in swept}
+    assert derived["copying-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 8.0
+
+
 def test_masked_loss_counts_only_answer_positions() -> None:
     batch = Copying(length=3, n_symbols=4).sample(2, seed=0)
 
@@ -74,6 +98,7 @@ def test_masked_loss_counts_only_answer_positions() -> None:
     ({"mixer": "mamba3"}, "mixer"), ({"tasks": ("copying", "sorting")}, "tasks"),
     ({"inits": ("mimetic", "bc-only")}, "including 'default'"), ({"copy_lengths": (16, 8)}, "increasing"),
     ({"mqar_pairs": (8, 128)}, "mqar_keys"), ({"headdim": 48}, "headdim"),
+    ({"ablation_lengths": "some"}, "ablation_lengths"),
 ])
 def test_bad_configs_are_rejected_with_the_field_named(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):

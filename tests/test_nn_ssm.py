@@ -8,7 +8,7 @@ import torch
 
 from effml.nn import Mamba1Mixer, Mamba2Mixer, SSMCache, TransformerConfig, TransformerLM
 from effml.nn.attention import CausalSelfAttention
-from effml.nn.scan import selective_scan, selective_scan_reference, ssd_scan, ssd_scan_reference
+from effml.nn.scan import SSD_BACKWARDS, selective_scan, selective_scan_reference, ssd_scan, ssd_scan_reference
 
 F64 = torch.float64
 
@@ -94,13 +94,39 @@ def test_mamba1_scan_stays_exact_when_a_chunk_decays_beyond_float32_range() -> N
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 8, 64])
-def test_mamba2_ssd_scan_equals_reference_values_and_gradients(chunk_size: int) -> None:
+@pytest.mark.parametrize("backward", SSD_BACKWARDS)
+@pytest.mark.parametrize("chunk_size", [1, 8, 10, 64])
+def test_mamba2_ssd_scan_equals_reference_values_and_gradients(chunk_size: int, backward: str) -> None:
+    # both backwards of the chunked scan against autograd through the step-by-step reference
     inputs = _mamba2_inputs(2)
     expected = _values_and_grads(ssd_scan_reference, inputs)
-    got = _values_and_grads(ssd_scan, inputs, chunk_size=chunk_size)
+    got = _values_and_grads(ssd_scan, inputs, chunk_size=chunk_size, backward=backward)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_mamba2_ssd_scan_without_skip_or_initial_state_equals_reference() -> None:
+    x, dt, A, B, C, _, _ = _mamba2_inputs(5, steps=13)
+    expected = _values_and_grads(ssd_scan_reference, [x, dt, A, B, C])
+    got = _values_and_grads(ssd_scan, [x, dt, A, B, C], chunk_size=5, backward="manual")
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_mamba2_ssd_scan_passes_gradcheck_in_float64() -> None:
+    # every input at once, a loss on y and the final state; 11 steps in chunks of 4 (a shorter last chunk)
+    inputs = [t.requires_grad_(True) for t in _mamba2_inputs(6, steps=11)]
+    assert torch.autograd.gradcheck(lambda *a: ssd_scan(*a, chunk_size=4, backward="manual"), inputs)
+
+
+def test_mamba2_ssd_scan_keeps_only_the_chunk_entering_states_for_the_backward() -> None:
+    x, dt, A, B, C, D, state = (t.requires_grad_(True) for t in _mamba2_inputs(8, steps=37))
+    y, _ = ssd_scan(x, dt, A, B, C, D, state, chunk_size=8, backward="manual")
+    inputs = {id(t) for t in (x, dt, A, B, C, D)}
+    extra = [t.shape for t in y.grad_fn.saved_tensors if id(t) not in inputs]
+    assert extra == [torch.Size([2, 5, 4, 3, 5])]       # (b, ⌈37 / 8⌉ chunks, h, p, n): no (Q × Q) tensors
+    with pytest.raises(ValueError, match="backward='fused' is not a backward mode"):
+        ssd_scan(x, dt, A, B, C, D, state, backward="fused")
 
 
 def test_scan_with_zero_decay_and_unit_step_is_causal_linear_attention() -> None:

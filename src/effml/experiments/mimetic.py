@@ -4,11 +4,13 @@ Kumar, Bhojanapalli, "Mimetic Initialization Helps State Space Models Learn to R
 A small LM whose token mixer is Mamba-2 (or Mamba-1, ``--set mixer=mamba1``; ``effml.nn.ssm``) is trained from scratch
 on two synthetic tasks over a sweep of lengths: copying (a random string, a separator, the string again; scored on
 the copy) and multi-query associative recall (MQAR, Zoology format; scored on the values of the queried keys).
-Every (task, length) is trained under four initialisations with the same steps, data and seeds:
+The copying model has ``copy_layers`` mixer layers, the MQAR model ``mqar_layers`` (recall needs the second layer at CPU
+scale). Every (task, length) is trained under four initialisations with the same steps, data and seeds:
 
 * ``default`` — Mamba's own initialisation;
 * ``mimetic`` — ``effml.init.apply_mimetic_init`` with the state part (A ≈ 0, Δ ≈ 1) and the B/C part (W_C ≈ W_B);
-* ``state-only`` and ``bc-only`` — the two ablations.
+* ``state-only`` and ``bc-only`` — the two ablations (by default trained at the claim length only:
+  ``ablation_lengths="longest"``; ``"all"`` sweeps them like the main inits).
 
 Measured per run: held-out per-token accuracy on the answer positions (``token_accuracy``) after training. Derived per
 seed: the largest length a given init solves (accuracy ≥ ``solve_accuracy``; 0 when none).
@@ -39,6 +41,8 @@ INITS: dict[str, dict[str, bool] | None] = {
     "state-only": {"state": True, "bc": False},
     "bc-only": {"state": False, "bc": True},
 }
+MAIN_INITS = ("default", "mimetic")
+ABLATION_LENGTHS = ("longest", "all")
 TASK_NAMES = ("copying", "mqar")
 _EVAL_SEED = 2_410_111_35
 
@@ -58,7 +62,8 @@ class MimeticConfig:
 
     mixer: str = "mamba2"
     d_model: int = 64
-    n_layers: int = 2
+    copy_layers: int = 1                              # mixer layers of the copying model
+    mqar_layers: int = 2                              # mixer layers of the MQAR model
     d_state: int = 32
     headdim: int = 16           # Mamba-2 only
     chunk_size: int = 32
@@ -69,6 +74,7 @@ class MimeticConfig:
     mqar_keys: int = 64
     mqar_values: int = 64
     inits: tuple[str, ...] = tuple(INITS)
+    ablation_lengths: str = "longest"                 # lengths the ablations train at: "longest" (claim) or "all"
     conv_identity: bool = False                       # also make the conv the identity in the mimetic inits
     batch_size: int = 32
     eval_examples: int = 256
@@ -82,8 +88,8 @@ class MimeticConfig:
     def __post_init__(self) -> None:
         owner = "mimetic"
         check_choice(owner, "mixer", self.mixer, ("mamba1", "mamba2"))
-        for name in ("d_model", "n_layers", "d_state", "headdim", "chunk_size", "copy_symbols", "mqar_keys",
-                     "mqar_values", "batch_size", "eval_examples", "seeds"):
+        for name in ("d_model", "copy_layers", "mqar_layers", "d_state", "headdim", "chunk_size", "copy_symbols",
+                     "mqar_keys", "mqar_values", "batch_size", "eval_examples", "seeds"):
             check_positive(owner, name, getattr(self, name))
         if self.mixer == "mamba2" and (2 * self.d_model) % self.headdim:
             raise ConfigError(f"mimetic: the Mamba-2 inner width 2·d_model = {2 * self.d_model} is not a multiple of "
@@ -103,10 +109,19 @@ class MimeticConfig:
             raise ConfigError(f"mimetic: mqar_pairs up to {max(self.mqar_pairs)} need as many distinct keys, but "
                               f"mqar_keys = {self.mqar_keys}; raise mqar_keys or lower the pairs.")
         check_range(owner, "solve_accuracy", self.solve_accuracy, 0.0, 1.0)
+        check_choice(owner, "ablation_lengths", self.ablation_lengths, ABLATION_LENGTHS)
 
-    def lengths(self, task: str) -> tuple[int, ...]:
-        """The sweep of ``task``: string lengths (copying) or key-value pairs (MQAR)."""
-        return self.copy_lengths if task == "copying" else self.mqar_pairs
+    def lengths(self, task: str, init: str = "default") -> tuple[int, ...]:
+        """The sweep of ``task`` for ``init``: string lengths (copying) or key-value pairs (MQAR); an ablation gets
+        only the longest (the claim length) when ``ablation_lengths == "longest"``."""
+        lengths = self.copy_lengths if task == "copying" else self.mqar_pairs
+        if init in MAIN_INITS or self.ablation_lengths == "all":
+            return lengths
+        return lengths[-1:]
+
+    def layers(self, task: str) -> int:
+        """Mixer layers of the model trained on ``task``."""
+        return self.copy_layers if task == "copying" else self.mqar_layers
 
     def build_task(self, task: str, length: int):
         from effml.data.tasks import MQAR, Copying
@@ -124,17 +139,27 @@ def _smoke() -> MimeticConfig:
 
 
 def _cpu() -> MimeticConfig:
-    """About 15 minutes on 2 CPU cores (48 runs). Scale chosen by short single-thread runs of seed 0 (copy length 16:
-    2 Mamba-2 layers, lr 3e-3, 300 steps gave mimetic 0.84 / default 0.17; lr 1e-2 gave 0.95 / 0.11; one layer at
-    lr 1e-2 gave 0.97, and 0.90 / 0.07 at length 32). MQAR stayed near chance with 64 keys and values at this budget,
-    hence 16 each."""
-    return MimeticConfig(n_layers=1, copy_lengths=(8, 16, 32), mqar_pairs=(4, 8), mqar_keys=16, mqar_values=16,
-                         train=TrainConfig(steps=300, lr=1e-2, warmup_steps=30, weight_decay=0.0, eval_every=100,
+    """About 15–20 minutes on 2 CPU cores (36 runs, 1 thread). Scale chosen so that some init learns each task within
+    the budget (short single-thread runs, seeds 0 and 1, lr 1e-2 and 500 steps unless noted):
+
+    * session 10's preset (1 Mamba-2 layer, d_state 32, 300 steps) left copying at length 32 undecided (mimetic
+      0.89 ± 0.12) and MQAR unlearned by every init (4 pairs: ≤ 0.65);
+    * MQAR, 4 pairs over 16 keys, 2 layers, 1000 steps, d_state 32: mimetic plateaued at 0.89 (lr 1e-2; 0.57 at
+      3e-3; 0.88 at 2e-2); with d_state 64 it reached 1.00 by step 300. At d_state 64 and 500 steps: mimetic
+      0.999 / 0.998, default 0.11 / 0.32 (seeds 0, 1); 1 layer: mimetic 0.87. 8 pairs (2 layers): mimetic 0.88,
+      default 0.10 — not solved by any init in budget, so the sweep stops at 4 pairs;
+    * copying, length 32, d_state 64: 2 layers gave mimetic 0.954 / 0.911 (default 0.06) at twice the cost of 1
+      layer, which gave 0.964 / 0.959 — copying uses 1 layer, MQAR 2.
+
+    Ablations train at the claim lengths only (``ablation_lengths="longest"``) to fit the budget."""
+    return MimeticConfig(copy_layers=1, mqar_layers=2, d_state=64, copy_lengths=(8, 32), mqar_pairs=(2, 4),
+                         mqar_keys=16, mqar_values=16,
+                         train=TrainConfig(steps=500, lr=1e-2, warmup_steps=30, weight_decay=0.0, eval_every=100,
                                            checkpoint_every=100, log_every=20))
 
 
 def _full() -> MimeticConfig:
-    return MimeticConfig(d_model=128, n_layers=2, d_state=64, copy_lengths=(32, 64, 128, 256),
+    return MimeticConfig(d_model=128, copy_layers=2, mqar_layers=2, d_state=64, copy_lengths=(32, 64, 128, 256),
                          mqar_pairs=(16, 32, 64, 128), mqar_keys=256, mqar_values=256, batch_size=64, seeds=5,
                          eval_examples=1024, train=TrainConfig(steps=5000, lr=1e-3, warmup_steps=200, weight_decay=0.0,
                                                                eval_every=250, checkpoint_every=1000, log_every=50))
@@ -154,22 +179,23 @@ class Mimetic(Experiment):
         """Longest lengths first, default and mimetic before the ablations, the tasks alternating: the arms that decide
         the main claims run first, so that an interrupted run has measured them."""
         arms = []
-        main = [init for init in config.inits if init in ("default", "mimetic")]
+        main = [init for init in config.inits if init in MAIN_INITS]
         ablations = [init for init in config.inits if init not in main]
         for rank in range(max(len(config.lengths(task)) for task in config.tasks)):
             for inits in (main, ablations):
                 for task in config.tasks:
-                    lengths = config.lengths(task)[::-1]
-                    if rank >= len(lengths):
-                        continue
                     unit = "string length" if task == "copying" else "key-value pairs"
-                    arms += [Arm(name=self.arm_name(task, lengths[rank], init),
-                                 label=f"{task}, {unit} {lengths[rank]}, {init}",
-                                 info={"task": task, "length": lengths[rank], "init": init}) for init in inits]
+                    for init in inits:
+                        lengths = config.lengths(task, init)[::-1]
+                        if rank < len(lengths):
+                            arms.append(Arm(name=self.arm_name(task, lengths[rank], init),
+                                            label=f"{task}, {unit} {lengths[rank]}, {init}",
+                                            info={"task": task, "length": lengths[rank], "init": init}))
         return arms
 
-    def build_model(self, config: MimeticConfig, vocab_size: int, seq_len: int, init: str) -> torch.nn.Module:
-        """The LM for one arm, initialised by ``init`` (the global RNG must already be seeded)."""
+    def build_model(self, config: MimeticConfig, task: str, vocab_size: int, seq_len: int,
+                    init: str) -> torch.nn.Module:
+        """The LM for one arm of ``task``, initialised by ``init`` (the global RNG must already be seeded)."""
         from effml.init import apply_mimetic_init
         from effml.nn import TransformerConfig, TransformerLM
 
@@ -177,7 +203,7 @@ class Mimetic(Experiment):
         if config.mixer == "mamba2":
             options["headdim"] = config.headdim
         model = TransformerLM(TransformerConfig(vocab_size=vocab_size, d_model=config.d_model,
-                                                n_layers=config.n_layers, n_heads=1, max_seq_len=seq_len,
+                                                n_layers=config.layers(task), n_heads=1, max_seq_len=seq_len,
                                                 mixer=config.mixer, mixer_options=options))
         parts = INITS[init]
         if parts is not None:
@@ -189,7 +215,7 @@ class Mimetic(Experiment):
 
         task = config.build_task(arm.info["task"], arm.info["length"])
         torch.manual_seed(context.seed)
-        model = self.build_model(config, task.vocab_size, task.seq_len, arm.info["init"])
+        model = self.build_model(config, arm.info["task"], task.vocab_size, task.seq_len, arm.info["init"])
         device = context.device
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -207,10 +233,13 @@ class Mimetic(Experiment):
         return ArmRun(params=model.num_parameters(), metrics=metrics, curves=result.curves)
 
     def derive(self, config: MimeticConfig, results: dict[str, Any]) -> dict[str, Any]:
-        """Per task, init and seed: the largest length whose accuracy reaches ``solve_accuracy`` (0 when none)."""
+        """Per task, init and seed: the largest length whose accuracy reaches ``solve_accuracy`` (0 when none); for the
+        inits swept over every length."""
         derived: dict[str, Any] = {}
         for task in config.tasks:
             for init in config.inits:
+                if config.lengths(task, init) != config.lengths(task):
+                    continue
                 runs: dict[str, Any] = {}
                 for seed in self.seeds(config):
                     measured = [results["arms"].get(self.arm_name(task, length, init), {}).get("runs", {})
@@ -270,5 +299,5 @@ class Mimetic(Experiment):
             plots.append(MetricPlot(name=f"{task}_accuracy_vs_length", x="length", y="token_accuracy",
                                     title=f"{task}: final accuracy vs length, every init",
                                     arms=[self.arm_name(task, n, init) for init in config.inits
-                                          for n in config.lengths(task)]))
+                                          for n in config.lengths(task, init)]))
         return plots
