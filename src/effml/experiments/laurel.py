@@ -384,7 +384,8 @@ def _vision_cpu() -> LaurelVisionConfig:
 
 def _vision_full() -> LaurelVisionConfig:
     return LaurelVisionConfig(dataset="imagenet", data_dir=os.environ.get("EFFML_IMAGENET"),
-                              widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3), block="bottleneck", rank=16, k=3, batch_size=256, eval_batch_size=250, flip=True, seeds=5,
+                              widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3), block="bottleneck", rank=16, k=3,
+                              batch_size=256, eval_batch_size=250, flip=True, seeds=5,
                               train=TrainConfig(steps=450_000, lr=1e-3, warmup_steps=5000, weight_decay=0.05,
                                                 eval_every=10_000, checkpoint_every=5000, log_every=100))
 
