@@ -16,7 +16,11 @@ the test loss; the layer-by-layer cosine similarity of weight matrices, the mode
 similarity of distinct blocks: 1 for a looped model) and ``core_similarity`` (the same over the interior blocks);
 and, for the baseline and MIDAS, the exact-match accuracy on the reasoning primitives (induction copying, variable
 assignment at depths 0/1/2, arithmetic; `effml.data.tasks.primitives`) few-shot and after a short multi-task
-fine-tune that supervises every example's answer in each sequence.
+fine-tune that supervises every example's answer in each sequence. The instances are small (`primitive_tasks`:
+induction over 8 letters with a one-letter key, one distractor statement or variable), because at CPU scale the
+models do not learn to retrieve from the prompt at all: a byte LM of 8 layers, d = 96, pretrained 300 steps on code,
+stays at the chance level of guessing among the prompt's candidates after up to 500 fine-tuning steps on one
+primitive alone; the ``baseline learns the primitives`` claim reports whether that changed.
 
 Wall-clock. The arms train one after another, so the load of a shared machine drifts between them and their
 measured seconds are not comparable. The ``step-times`` arm therefore times one optimizer step (forward, backward,
@@ -132,7 +136,8 @@ class MidasConfig:
     def __post_init__(self) -> None:
         owner = "midas"
         for name in ("d_model", "head_dim", "block_size", "n_stages", "seq_len", "batch_size", "eval_windows",
-                     "shots", "induction_length", "induction_key_length", "task_examples", "finetune_batch", "timing_repeats", "seeds"):
+                     "shots", "induction_length", "induction_key_length", "task_examples", "finetune_batch",
+                     "timing_repeats", "seeds"):
             check_positive(owner, name, getattr(self, name))
         check_positive(owner, "finetune_steps", self.finetune_steps, allow_zero=True)
         check_positive(owner, "finetune_lr", self.finetune_lr)
@@ -188,7 +193,8 @@ def _smoke() -> MidasConfig:
 
 
 def _cpu() -> MidasConfig:
-    return MidasConfig()
+    # 4 seeds: with 3 the Student-t factor is 4.30, and the savings' intervals were ±0.18 (FLOPs), ±0.21 (wall-clock)
+    return MidasConfig(seeds=4)
 
 
 def _full() -> MidasConfig:

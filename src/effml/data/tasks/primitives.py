@@ -6,8 +6,8 @@ pre-school math — evaluated few-shot and after a short fine-tune, by exact mat
 ASCII string, tokenised as bytes (ids 0..255, the vocabulary of effml's byte-level LMs), so a language model
 pretrained on text can be probed with no new tokens:
 
-* ``induction``: ``xkqbmzt|kq=b`` — distinct random letters, then a bigram from them; answer: the letter that
-  followed that bigram.
+* ``induction``: ``xkqbmzt|kq=b`` — distinct random letters, then a run of ``key_length`` of them (here a bigram);
+  answer: the letter that followed that run.
 * ``variable-assignment`` (``depth`` d): ``a=3,e=c,c=7,b=1;e=`` — ``n_statements`` assignments in random order;
   the queried variable reaches a digit through a chain of d variable-to-variable assignments (d = 0: directly);
   the other statements assign digits to other variables (distractors). Answer: the digit.
@@ -108,8 +108,8 @@ def _letters(rng: np.random.Generator, count: int) -> list[str]:
 @register_task
 @dataclass(frozen=True)
 class InductionCopying(PrimitiveTask):
-    """``length`` distinct letters, ``|``, a run of ``key_length`` consecutive letters from them, ``=``; answer: the
-    letter that followed that run in the context (``key_length`` 1: the classic induction pattern ``…AB…A → B``)."""
+    """``length`` distinct letters, ``|``, a run of ``key_length`` consecutive letters from them, ``=``; answer:
+    the letter that followed that run in the context (``key_length`` 1: the classic induction pattern …AB…A → B)."""
 
     name: ClassVar[str] = "induction"
     length: int = 12
