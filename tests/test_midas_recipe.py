@@ -11,7 +11,8 @@ import pytest
 
 from effml.cli import main
 from effml.config import ConfigError
-from effml.experiments.midas import MidasConfig, MidasRecipe, compute_to_reach, depth_schedule, modeled_seconds
+from effml.experiments.midas import (MidasConfig, MidasRecipe, compute_to_reach, depth_schedule, modeled_seconds,
+                                     primitive_tasks)
 from effml.nn import TransformerConfig, TransformerLM
 from effml.report import VERDICTS, CurvePlot, HeatmapPlot, plot_from_dict
 from effml.train.growth import prop_alpha_stages
@@ -135,12 +136,26 @@ def test_saving_targets_the_lower_loss_both_reach() -> None:
     assert base["curves"]["modeled_seconds"] == [[float(s), float(s)] for s in evals]  # 1 s per step
 
 
+def test_primitives_follow_the_config() -> None:
+    tasks = primitive_tasks(MidasConfig(shots=2, induction_length=10, induction_key_length=2, distractors=3))
+    assert (tasks["induction"].length, tasks["induction"].key_length) == (10, 2)
+    assert [tasks[f"assign-d{d}"].n_statements for d in (0, 1, 2)] == [4, 5, 6]  # chain of d + 1, plus 3 others
+    assert [tasks[f"assign-d{d}"].depth for d in (0, 1, 2)] == [0, 1, 2]
+    assert tasks["arithmetic"].n_vars == 5
+    assert {task.shots for task in tasks.values()} == {2}
+    # one distractor: every variable-assignment prompt offers two digits, so chance is 1/2 at every depth
+    assert [t.chance_accuracy for n, t in primitive_tasks(MidasConfig(distractors=1)).items() if "assign" in n] \
+        == [0.5] * 3
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"n_stages": 1}, "at least 2 stages"),
     ({"d_model": 100}, "multiple of head_dim"),
     ({"reduced_budget": 1.0}, "strictly between 0 and 1"),
     ({"optimizer_state": "keep"}, "optimizer_state"),
     ({"seq_len": 40}, "raise seq_len"),
+    ({"induction_key_length": 8}, "primitives' settings are invalid"),  # no letter follows an 8-letter key
+    ({"distractors": -1}, "distractors"),
 ])
 def test_bad_settings_are_rejected_with_the_fix(changes, message) -> None:
     with pytest.raises(ConfigError, match=message):

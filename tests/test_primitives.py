@@ -10,7 +10,8 @@ import torch
 
 from effml.data.tasks import Arithmetic, InductionCopying, VariableAssignment, build_task
 
-TASKS = [InductionCopying(), InductionCopying(length=20, shots=0), VariableAssignment(depth=0),
+TASKS = [InductionCopying(), InductionCopying(length=20, shots=0), InductionCopying(length=8, key_length=1),
+         InductionCopying(length=10, key_length=3, shots=1), VariableAssignment(depth=0),
          VariableAssignment(depth=1), VariableAssignment(depth=2, n_statements=6, shots=1), Arithmetic(),
          Arithmetic(n_vars=5, shots=2)]
 
@@ -24,9 +25,10 @@ def texts(task, n: int = 64, seed: int = 0) -> list[str]:
 def solve(task, query: str) -> tuple[str, int]:
     """The answer to the last example, computed from its text alone, and the number of variable hops used."""
     if isinstance(task, InductionCopying):
-        context, key = re.fullmatch(r"([a-z]+)\|([a-z]{2})=", query).groups()
-        assert len(set(context)) == len(context)  # distinct letters: the bigram occurs once
-        return context[context.index(key) + 2], 0
+        context, key = re.fullmatch(r"([a-z]+)\|([a-z]+)=", query).groups()
+        assert len(key) == task.key_length
+        assert len(set(context)) == len(context)  # distinct letters: the key occurs once
+        return context[context.index(key) + len(key)], 0
     statements, question = query.split(";")
     values = dict(s.split("=") for s in statements.split(","))
     if isinstance(task, VariableAssignment):
@@ -88,6 +90,10 @@ def test_registry_and_bad_parameters() -> None:
         VariableAssignment(depth=2, n_statements=2)
     with pytest.raises(ValueError, match="distinct letters"):
         InductionCopying(length=27)
+    with pytest.raises(ValueError, match="length"):
+        InductionCopying(length=3, key_length=3)  # no letter follows a key that fills the context
+    with pytest.raises(ValueError, match="key_length"):
+        InductionCopying(key_length=0)
     with pytest.raises(ValueError, match="depth"):
         VariableAssignment(depth=-1)
     with pytest.raises(ValueError, match="n_vars"):
@@ -115,6 +121,7 @@ def test_every_answer_mask_marks_each_examples_answer_of_the_same_sequences(task
 
 def test_chance_accuracy_is_a_uniform_guess_among_the_prompts_candidates() -> None:
     assert InductionCopying(length=12).chance_accuracy == pytest.approx(1 / 10)
+    assert InductionCopying(length=8, key_length=1).chance_accuracy == pytest.approx(1 / 7)
     assert VariableAssignment(depth=1, n_statements=4).chance_accuracy == pytest.approx(1 / 3)
     assert Arithmetic().chance_accuracy == pytest.approx(0.1)
     task = VariableAssignment(depth=2, n_statements=5)

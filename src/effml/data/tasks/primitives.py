@@ -6,8 +6,8 @@ pre-school math — evaluated few-shot and after a short fine-tune, by exact mat
 ASCII string, tokenised as bytes (ids 0..255, the vocabulary of effml's byte-level LMs), so a language model
 pretrained on text can be probed with no new tokens:
 
-* ``induction``: ``xkqbmzt|kq=b`` — distinct random letters, then a bigram from them; answer: the letter that
-  followed that bigram.
+* ``induction``: ``xkqbmzt|kq=b`` — distinct random letters, then a run of ``key_length`` of them (here a bigram);
+  answer: the letter that followed that run.
 * ``variable-assignment`` (``depth`` d): ``a=3,e=c,c=7,b=1;e=`` — ``n_statements`` assignments in random order;
   the queried variable reaches a digit through a chain of d variable-to-variable assignments (d = 0: directly);
   the other statements assign digits to other variables (distractors). Answer: the digit.
@@ -108,30 +108,34 @@ def _letters(rng: np.random.Generator, count: int) -> list[str]:
 @register_task
 @dataclass(frozen=True)
 class InductionCopying(PrimitiveTask):
-    """``length`` distinct letters, ``|``, a bigram from them, ``=``; answer: the letter after that bigram."""
+    """``length`` distinct letters, ``|``, a run of ``key_length`` consecutive letters from them, ``=``; answer:
+    the letter that followed that run in the context (``key_length`` 1: the classic induction pattern …AB…A → B)."""
 
     name: ClassVar[str] = "induction"
     length: int = 12
+    key_length: int = 2
     shots: int = 3
 
     def __post_init__(self) -> None:
-        check_int_param(self.name, "length", self.length, minimum=3)
+        check_int_param(self.name, "key_length", self.key_length)
+        check_int_param(self.name, "length", self.length, minimum=self.key_length + 1)
         check_int_param(self.name, "shots", self.shots, minimum=0)
         if self.length > len(_LETTERS):
             raise ValueError(f"Task 'induction': length={self.length} distinct letters do not exist; use ≤ 26.")
 
     @property
     def example_length(self) -> int:
-        return self.length + 5
+        return self.length + self.key_length + 3
 
     @property
     def chance_accuracy(self) -> float:
-        return 1.0 / (self.length - 2)  # the letters that can follow a bigram of the context
+        return 1.0 / (self.length - self.key_length)  # the letters that can follow a key inside the context
 
     def example(self, rng: np.random.Generator) -> tuple[str, str]:
         context = _letters(rng, self.length)
-        start = int(rng.integers(0, self.length - 2))  # the bigram is followed by a letter inside the context
-        return "".join(context) + "|" + "".join(context[start:start + 2]) + "=", context[start + 2]
+        start = int(rng.integers(0, self.length - self.key_length))  # the key is followed by a context letter
+        end = start + self.key_length
+        return "".join(context) + "|" + "".join(context[start:end]) + "=", context[end]
 
 
 @register_task
