@@ -275,3 +275,23 @@ def test_evaluate_claims_reads_the_declared_claims_in_order() -> None:
                          Compare("worse", "s", "loss", "base", "arm").to_dict()]
     verdicts = [(r.name, r.verdict) for r in evaluate_claims(results)]
     assert verdicts == [("better", "holds"), ("worse", "fails")]
+
+
+def test_a_claim_whose_premise_does_not_hold_is_inconclusive_whatever_it_measured() -> None:
+    premise = Threshold(name="base learns", statement="", metric="loss", arm="base", better="lower", threshold=1.0)
+    dependent = Compare(name="method ≥ base", statement="", metric="loss", arm="method", baseline="base",
+                        better="lower", requires="base learns")
+    method_better = seeded([0.5, 0.6, 0.55])
+    for base, premise_verdict, dependent_verdict in (([0.9, 0.91, 0.92], "holds", "holds"),
+                                                     ([3.0, 3.1, 3.2], "fails", "inconclusive")):
+        results = results_with({"base": seeded(base), "method": method_better})
+        results["claims"] = [premise.to_dict(), dependent.to_dict()]
+        first, second = evaluate_claims(results)
+        assert (first.verdict, second.verdict) == (premise_verdict, dependent_verdict)
+    assert "needs 'base learns' to hold (it fails)" in second.evidence
+    assert claim_from_dict(dependent.to_dict()) == dependent
+    results["claims"] = [dependent.to_dict(), premise.to_dict()]
+    with pytest.raises(ValueError, match="not declared before it"):
+        evaluate_claims(results)
+    with pytest.raises(ValueError, match="requires"):
+        Compare(name="x", statement="", metric="loss", arm="a", baseline="b", requires="")

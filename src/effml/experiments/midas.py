@@ -498,7 +498,7 @@ class MidasRecipe(Experiment):
                 statement=f"After fine-tuning, MIDAS's exact-match accuracy on {name} is at least the baseline's "
                           f"(non-inferiority margin {config.primitive_margin:g}).",
                 metric=f"finetuned_{name}", arm="midas", baseline=BASELINE, better="higher",
-                margin=-config.primitive_margin))
+                margin=-config.primitive_margin, requires="the baseline learns the primitives"))
         claims.append(Compare(
             name="MIDAS is more loop-like than stacking",
             statement="The blocks of the MIDAS-trained model are more alike than those of the stacking-trained one "

@@ -18,7 +18,7 @@ ordered arms), ``Threshold`` (one arm's values against a constant).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from effml.report._spec import (
@@ -157,15 +157,23 @@ def _interval_numbers(interval: Interval) -> dict[str, Any]:
 
 @dataclass
 class Claim(Spec):
-    """Base of all claims: a short ``name`` and the one-sentence ``statement`` a person reads."""
+    """Base of all claims: a short ``name`` and the one-sentence ``statement`` a person reads.
+
+    ``requires``: the name of a claim declared earlier that must hold for this one to be decided (a premise, e.g.
+    "the baseline learns the task" before "the method is at least as good on it"); while it does not hold, this
+    claim is reported *inconclusive*, with what was measured, by ``evaluate_claims``.
+    """
 
     name: str
     statement: str
+    requires: str | None = field(default=None, kw_only=True)
 
     def _check_common(self) -> None:
         check_name(self._owner, "name", self.name)
         if not isinstance(self.statement, str):
             raise ValueError(f"{self._owner}: statement must be a string (one sentence), got {self.statement!r}.")
+        if self.requires is not None:
+            check_name(self._owner, "requires", self.requires)
 
     @property
     def _owner(self) -> str:
@@ -403,9 +411,27 @@ def claim_from_dict(data: dict[str, Any]) -> Claim:
 
 
 def evaluate_claims(results: dict[str, Any]) -> list[ClaimResult]:
-    """Evaluate every claim declared in ``results["claims"]`` (a list of ``to_dict()`` outputs), in order."""
+    """Evaluate every claim declared in ``results["claims"]`` (a list of ``to_dict()`` outputs), in order; a claim
+    whose ``requires`` premise did not hold is reported inconclusive (ValueError if the premise is not declared
+    before it)."""
     _check_results(results)
     declared = results.get("claims", [])
     if not isinstance(declared, list):
         raise TypeError(f"results['claims'] must be a list of claim dicts, got {type(declared).__name__}.")
-    return [claim_from_dict(entry).evaluate(results) for entry in declared]
+    verdicts: dict[str, str] = {}
+    evaluated = []
+    for entry in declared:
+        claim = claim_from_dict(entry)
+        result = claim.evaluate(results)
+        if claim.requires is not None:
+            if claim.requires not in verdicts:
+                raise ValueError(f"Claim {claim.name!r} requires claim {claim.requires!r}, which is not declared before "
+                                 "it; declare the premise first.")
+            premise = verdicts[claim.requires]
+            if premise != "holds":
+                result = replace(result, verdict="inconclusive",
+                                 evidence=f"not decided: needs {claim.requires!r} to hold (it {premise}); measured: "
+                                          f"{result.evidence}")
+        verdicts[claim.name] = result.verdict
+        evaluated.append(result)
+    return evaluated
