@@ -193,3 +193,39 @@ def test_trainer_resume_with_lora_rite_continues_exactly(tmp_path) -> None:
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_validation_chooses_on_its_own_windows_and_test_reports_on_others(tmp_path, monkeypatch) -> None:
+    """One training arm of the smoke config: the validation loss (which picks the tuned LR) comes from
+    ``valid_windows`` windows of the validation split, the reported test loss from ``test_windows`` windows of the
+    test split, and each recorded number is the one measured there."""
+    import dataclasses
+
+    import effml.experiments.lora_rite as recipe_module
+    from effml.experiments.base import Arm, RunContext
+    from effml.train.distributed import World
+
+    config = dataclasses.replace(recipe_module.LoRARiteRecipe.presets["smoke"](), valid_windows=3, test_windows=5)
+    heldout = recipe_module.heldout_nats_per_token
+    calls: list[tuple[object, int, float]] = []
+
+    def spy(model, tokens, seq_len, batch_size, max_windows, world, device="cpu"):  # type: ignore[no-untyped-def]
+        value = heldout(model, tokens, seq_len, batch_size, max_windows, world, device)
+        calls.append((tokens, max_windows, value))
+        return value
+
+    monkeypatch.setattr(recipe_module, "heldout_nats_per_token", spy)
+    arm = Arm(name="adam-lr0.001", label="", info={"method": "adam", "lr": 1e-3, "imbalanced": False})
+    run = recipe_module.LoRARiteRecipe().run_arm(config, arm, RunContext(run_dir=tmp_path, seed=0, device="cpu",
+                                                                         world=World(), quiet=True))
+    import numpy as np
+
+    from effml.data import ByteTokenizer, load_corpus
+
+    corpus = load_corpus(config.corpus, ByteTokenizer(), max_bytes=config.max_bytes)
+    assert not np.array_equal(corpus.valid, corpus.test)
+    valid_calls = [c for c in calls if np.array_equal(c[0], corpus.valid)]
+    test_calls = [c for c in calls if np.array_equal(c[0], corpus.test)]
+    assert len(valid_calls) + len(test_calls) == len(calls) and valid_calls and len(test_calls) == 1
+    assert {c[1] for c in valid_calls} == {3} and test_calls[0][1] == 5
+    assert run.metrics["valid_loss"] == valid_calls[-1][2] and run.metrics["test_loss"] == test_calls[0][2]
