@@ -197,3 +197,52 @@ def test_default_mixer_is_attention_and_unknown_mixers_are_rejected() -> None:
         Mamba2Mixer(24, headdim=7)
     with pytest.raises(ValueError, match="scan="):
         Mamba1Mixer(16, scan="parallel")
+
+
+# --- the mamba_ssm kernel path, against stand-ins written from mamba_ssm's documented semantics -------------------
+def fake_selective_scan_fn(u, delta, A, B, C, D=None, return_last_state=False):
+    """mamba_ssm's selective_scan_fn (its selective_scan_ref): u, delta (b, d, l), A (d, n), B, C (b, n, l)."""
+    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    outputs = []
+    for t in range(u.shape[2]):
+        state = (torch.exp(delta[:, :, t, None] * A) * state
+                 + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None])
+        outputs.append((state * C[:, None, :, t]).sum(-1) + D * u[:, :, t])
+    return torch.stack(outputs, dim=2), state
+
+
+def fake_mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, initial_states=None,
+                                   return_final_states=False):
+    """mamba_ssm's mamba_chunk_scan_combined: x (b, l, h, p), dt (b, l, h), A (h,), B, C (b, l, g, n); head i reads
+    group i // (h / g); states (b, h, p, n)."""
+    b, length, heads, p = x.shape
+    group = torch.arange(heads) // (heads // B.shape[2])
+    state = initial_states if initial_states is not None else x.new_zeros(b, heads, p, B.shape[-1])
+    outputs = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, group][:, :, None, :]
+        outputs.append((state * C[:, t, group][:, :, None, :]).sum(-1) + D[:, None] * x[:, t])
+    return torch.stack(outputs, dim=1), state
+
+
+@pytest.mark.parametrize("mixer_class", [Mamba1Mixer, Mamba2Mixer])
+def test_kernel_path_passes_mamba_ssm_its_layout(mixer_class, monkeypatch) -> None:
+    """With mamba_ssm's kernels (stand-ins here; the real ones need CUDA) the mixer's output equals its reference scan,
+    with and without a state carried over from a cached prefix."""
+    torch.manual_seed(0)
+    options = {"d_state": 8, "headdim": 4, "ngroups": 2} if mixer_class is Mamba2Mixer else {"d_state": 8}
+    kernel = mixer_class(16, **options).double()
+    reference = mixer_class(16, scan="reference", use_kernels=False, **options).double()
+    reference.load_state_dict(kernel.state_dict())
+    fakes = {"selective_scan_fn": fake_selective_scan_fn,
+             "mamba_chunk_scan_combined": fake_mamba_chunk_scan_combined}
+    calls = []
+    monkeypatch.setattr(kernel, "_use_kernels", lambda x: calls.append(x.shape) or fakes)
+    u = torch.randn(2, 9, 16, dtype=torch.float64)
+    torch.testing.assert_close(kernel(u), reference(u), rtol=1e-10, atol=1e-10)
+    assert calls
+    caches = [SSMCache(n_slots=1, batch_size=2), SSMCache(n_slots=1, batch_size=2)]
+    outputs = [mixer(u[:, :5], cache=cache) for mixer, cache in zip((kernel, reference), caches)]
+    outputs += [mixer(u[:, 5:], cache=cache) for mixer, cache in zip((kernel, reference), caches)]
+    torch.testing.assert_close(outputs[2], outputs[3], rtol=1e-10, atol=1e-10)
