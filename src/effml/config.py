@@ -129,16 +129,15 @@ def apply_overrides(config: C, overrides: Sequence[str]) -> C:
     override is validated but their order does not matter: ``--set train.steps=10 --set train.warmup_steps=2`` works
     from a preset with 1000 warm-up steps. A key given twice takes its last value. The original is unchanged.
     """
+    valid = dotted_keys(config)
     values: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not of the form key=value (for example --set train.lr=3e-4).")
         key, text = item.split("=", 1)
         key = key.strip()
-        valid = dotted_keys(config)
         if key not in valid:
             raise ConfigError(f"--set {key}: unknown key. Valid keys are: {', '.join(valid)}.")
-        values.pop(key, None)
         values[key] = text
     return _replace_dotted(config, values, "") if values else config
 

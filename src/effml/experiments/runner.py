@@ -188,9 +188,8 @@ def run_experiment(
     else:
         if preset not in PRESETS or preset not in experiment.presets:
             raise RunError(f"Unknown preset {preset!r} for {name}; choose one of {', '.join(experiment.presets)}.")
-        config = apply_overrides(experiment.preset(preset), overrides)
-        if seeds is not None:
-            config = apply_overrides(config, [f"seeds={seeds}"])
+        seeds_override = [] if seeds is None else [f"seeds={seeds}"]  # after --set: --seeds wins
+        config = apply_overrides(experiment.preset(preset), [*overrides, *seeds_override])
         experiment.check(config)
         run_dir = _broadcast_path(new_run_dir(Path(out), name) if world.is_main else None, world)
         results = _empty_results(experiment, preset, config, device, world)

@@ -216,7 +216,7 @@ class LowRankTerm(nn.Module):
         hidden = torch.matmul(self.down.t(), x.reshape(outer, x.shape[channel_dim], -1))
         up_t = up.t().expand(outer, *up.t().shape)
         if hidden.dtype != base.dtype:
-            return base + torch.bmm(up_t.to(hidden.dtype), hidden).view(base.shape)
+            return base + torch.bmm(up_t, hidden).view(base.shape)
         columns = base.reshape(outer, base.shape[channel_dim], -1)
         return torch.baddbmm(columns, up_t, hidden).view(base.shape)
 
