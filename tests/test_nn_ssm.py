@@ -246,3 +246,22 @@ def test_kernel_path_passes_mamba_ssm_its_layout(mixer_class, monkeypatch) -> No
     outputs = [mixer(u[:, :5], cache=cache) for mixer, cache in zip((kernel, reference), caches)]
     outputs += [mixer(u[:, 5:], cache=cache) for mixer, cache in zip((kernel, reference), caches)]
     torch.testing.assert_close(outputs[2], outputs[3], rtol=1e-10, atol=1e-10)
+
+
+def test_mamba1_kernel_path_gives_the_kernel_one_input_dtype(monkeypatch) -> None:
+    """selective_scan_cuda refuses Δ, B or C in another dtype than u ("Expected delta.scalar_type() == input_type");
+    under bf16 autocast softplus leaves Δ in fp32 while x, B, C are bf16 (seen on an H100), so the mixer must cast."""
+    def strict_selective_scan_fn(u, delta, A, B, C, D=None, return_last_state=False):
+        assert delta.dtype == B.dtype == C.dtype == u.dtype, (u.dtype, delta.dtype, B.dtype, C.dtype)
+        return fake_selective_scan_fn(u.double(), delta.double(), A.double(), B.double(), C.double(), D.double(),
+                                      return_last_state)
+
+    mixer = Mamba1Mixer(16, d_state=8)
+    monkeypatch.setattr(mixer, "_use_kernels", lambda x: {"selective_scan_fn": strict_selective_scan_fn})
+    x, B, C = (torch.randn(2, 7, n).bfloat16() for n in (32, 8, 8))
+    dt = torch.rand(2, 7, 32)
+    A = -torch.exp(mixer.A_log)
+    y, state = mixer._kernel_scan(x, dt, A, B, C, None)
+    expected, _ = fake_selective_scan_fn(*(t.double().transpose(1, 2) for t in (x, dt.bfloat16())), A.double(),
+                                         *(t.double().transpose(1, 2) for t in (B, C)), mixer.D.double(), True)
+    torch.testing.assert_close(y, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)

@@ -255,9 +255,10 @@ class Mamba1Mixer(_SelectiveMixer):
         kernels = self._use_kernels(x)
         if kernels is None or state is not None:        # selective_scan_fn takes no initial state
             return None
-        y, state = kernels["selective_scan_fn"](x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
-                                                B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-                                                self.D.float(), return_last_state=True)
+        # selective_scan_cuda wants Δ, B and C in the input's dtype; under bf16 autocast softplus has made Δ fp32
+        dt, B, C = (t.to(x.dtype).transpose(1, 2).contiguous() for t in (dt, B, C))
+        y, state = kernels["selective_scan_fn"](x.transpose(1, 2).contiguous(), dt, A, B, C, self.D.float(),
+                                                return_last_state=True)
         return y.transpose(1, 2), state
 
     def forward(self, u: Tensor, rotation: Tensor | None = None, cache: SSMCache | None = None,
