@@ -46,7 +46,7 @@ def test_smoke_run_reports_every_claim_with_a_computed_verdict(smoke_run: Path) 
             tuned = derived[f"{method}-tuned"]["runs"][seed]["metrics"]
             assert tuned["best_lr"] == 0.001 and tuned["test_loss"] == balanced
             assert tuned["best_lr_at_grid_edge"] == 1.0  # a one-point grid cannot locate an optimum
-            assert "WARNING: best LR at an edge" in derived[f"{method}-tuned"]["label"]
+            assert "WARNING: at an edge" in derived[f"{method}-tuned"]["label"]
         timing = arms["step-time"]["runs"][seed]
         ratios = [ratio for _, ratio in timing["curves"]["step_time_ratio"]]  # paired per-round RITE / Adam ratios
         assert len(ratios) == 2 and all(r > 0 for r in ratios)
@@ -229,3 +229,30 @@ def test_validation_chooses_on_its_own_windows_and_test_reports_on_others(tmp_pa
     assert len(valid_calls) + len(test_calls) == len(calls) and valid_calls and len(test_calls) == 1
     assert {c[1] for c in valid_calls} == {3} and test_calls[0][1] == 5
     assert run.metrics["valid_loss"] == valid_calls[-1][2] and run.metrics["test_loss"] == test_calls[0][2]
+
+
+def test_tuned_lr_is_one_per_method_chosen_by_the_mean_validation_loss_over_seeds() -> None:
+    """Seed 0 prefers 1e-4 and seed 1 prefers 2e-4, but 2e-4 has the lower mean: every seed reports its test loss at
+    2e-4, and keeps its own best rate beside it; a seed whose sweep did not finish is left out of choice and report."""
+    from effml.experiments.lora_rite import LoRARiteConfig, LoRARiteRecipe
+
+    recipe = LoRARiteRecipe()
+    config = LoRARiteConfig(adam_lrs=(1e-3, 2e-3, 4e-3), rite_lrs=(1e-4, 2e-4, 4e-4), methods=("adam", "rite"),
+                            seeds=3)
+    valid = {0: {1e-4: 2.70, 2e-4: 2.71, 4e-4: 2.90}, 1: {1e-4: 2.90, 2e-4: 2.75, 4e-4: 2.95},
+             2: {1e-4: 1.00, 2e-4: 3.00}}  # seed 2: 4e-4 missing, and its losses would flip the choice
+    results = {"arms": {}}
+    for arm in recipe.arms(config):
+        if arm.info["method"] != "rite" or arm.info["imbalanced"]:
+            continue
+        runs = {str(seed): {"status": "complete", "metrics": {"valid_loss": losses[arm.info["lr"]],
+                                                              "test_loss": 10 * seed + losses[arm.info["lr"]],
+                                                              "lr": arm.info["lr"]}}
+                for seed, losses in valid.items() if arm.info["lr"] in losses}
+        results["arms"][arm.name] = {"runs": runs}
+    tuned = recipe.derive(config, results)["rite-tuned"]
+    assert set(tuned["runs"]) == {"0", "1"} and "lr 0.0002" in tuned["label"]
+    for seed, own_best in (("0", 1e-4), ("1", 2e-4)):
+        metrics = tuned["runs"][seed]["metrics"]
+        assert (metrics["best_lr"], metrics["seed_best_lr"], metrics["best_lr_at_grid_edge"]) == (2e-4, own_best, 0)
+        assert metrics["test_loss"] == pytest.approx(10 * int(seed) + valid[int(seed)][2e-4])
