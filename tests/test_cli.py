@@ -68,6 +68,28 @@ def test_resume_of_a_finished_run_changes_no_result(smoke_run: Path, tmp_path) -
     assert json.loads((smoke_run / "results.json").read_text())["arms"] == results["arms"]
 
 
+def test_resume_evaluates_the_recipes_current_claims(smoke_run: Path, tmp_path) -> None:
+    """A resumed run re-derives its numbers with the current code, so it must also take the current claims: a run
+    dir whose stored claims are out of date gets them replaced, and its verdicts come from the current ones."""
+    import shutil
+
+    from effml.experiments import get_experiment
+    from effml.experiments.runner import config_from_dict
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    current = results["claims"]
+    results["claims"] = [{**current[0], "statement": "an outdated statement"}]
+    (run_dir / "results.json").write_text(json.dumps(results))
+    assert main(["run", "lm-scaling", "--quiet", "--resume", str(run_dir)]) == 0
+    resumed = json.loads((run_dir / "results.json").read_text())
+    experiment = get_experiment("lm-scaling")
+    config = config_from_dict(experiment.config_class, resumed["config"])
+    assert resumed["claims"] == [claim.to_dict() for claim in experiment.claims(config)] == current
+    assert "an outdated statement" not in (run_dir / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [

@@ -139,9 +139,15 @@ def _empty_results(experiment: Experiment, preset: str, config: Any, device: str
         "arms": {arm.name: {"label": arm.label, "params": None, "info": dict(arm.info), "runs": {}}
                  for arm in experiment.arms(config)},
         "derived": {},
-        "claims": [claim.to_dict() for claim in experiment.claims(config)],
-        "plots": [plot.to_dict() for plot in experiment.plots(config)],
+        **_evaluation(experiment, config),
     }
+
+
+def _evaluation(experiment: Experiment, config: Any) -> dict[str, Any]:
+    """The claims and plots of the recipe's current code. A resumed run takes them afresh, as it re-derives with the
+    current code, so that its verdicts test today's claims on today's derived numbers."""
+    return {"claims": [claim.to_dict() for claim in experiment.claims(config)],
+            "plots": [plot.to_dict() for plot in experiment.plots(config)]}
 
 
 def _save(experiment: Experiment, config: Any, results: dict[str, Any], run_dir: Path, *, status: str,
@@ -184,6 +190,7 @@ def run_experiment(
         config = config_from_dict(experiment.config_class, saved["config"])
         if results is None:
             results = _empty_results(experiment, preset, config, device, world)
+        results.update(_evaluation(experiment, config))
         _verify_checkpoints(experiment, config, run_dir, results)
     else:
         if preset not in PRESETS or preset not in experiment.presets:
