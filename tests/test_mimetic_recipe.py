@@ -47,7 +47,8 @@ def test_smoke_run_completes_with_computed_verdicts(smoke_run: Path) -> None:
         assert claim in report
     assert "Missing measurements" not in report
     assert "(95% CI, n=3)" in report                                  # the threshold claims use the claim seeds
-    for plot in ("copying_accuracy_vs_vocabulary", "mqar_accuracy_vs_vocabulary", "copying_accuracy_curve"):
+    for plot in ("copying_2_accuracy_vs_vocabulary", "copying_4_accuracy_vs_vocabulary",
+                 "mqar_2_accuracy_vs_vocabulary", "copying_accuracy_curve", "mqar_accuracy_vs_length"):
         assert (smoke_run / f"{plot}.png").is_file()
 
 
@@ -90,7 +91,7 @@ def test_ablations_train_at_the_claim_length_unless_asked_for_every_length(ablat
     assert derived["copying-v16-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 8.0
 
 
-@pytest.mark.parametrize("vocab_lengths", ["longest", "all"])
+@pytest.mark.parametrize("vocab_lengths", ["longest", "shortest", "all"])
 def test_extra_vocabularies_train_the_main_inits_after_the_main_vocabulary(vocab_lengths) -> None:
     recipe = Mimetic()
     config = MimeticConfig(copy_lengths=(4, 8), copy_symbols=16, copy_vocab_sizes=(4, 64), mqar_pairs=(1, 2),
@@ -98,37 +99,43 @@ def test_extra_vocabularies_train_the_main_inits_after_the_main_vocabulary(vocab
                            seeds=2, claim_seeds=4)
     arms = recipe.arms(config)
     names = [arm.name for arm in arms]
-    for task, vocab, lengths in (("copying", 4, (4, 8)), ("copying", 64, (4, 8)), ("mqar", 2, (1, 2))):
-        swept = lengths if vocab_lengths == "all" else lengths[-1:]
+    extra_vocabularies = (("copying", 4, (4, 8)), ("copying", 64, (4, 8)), ("mqar", 2, (1, 2)))
+    swept = {(task, vocab): {"all": lengths, "longest": lengths[-1:], "shortest": lengths[:1]}[vocab_lengths]
+             for task, vocab, lengths in extra_vocabularies}
+    for (task, vocab), lengths in swept.items():
         assert {name for name in names if name.startswith(f"{task}-v{vocab}-")} == \
-            {recipe.arm_name(task, vocab, n, init) for n in swept for init in ("default", "mimetic")}
-    # at the claim length: main vocabulary (main inits, then ablations) before the extra vocabularies
-    claim_rank = [name for name in names if name.split("-")[2] in ("8", "2")]
-    assert claim_rank[:4] == ["copying-v16-8-default", "copying-v16-8-mimetic", "mqar-v8-2-default",
-                              "mqar-v8-2-mimetic"]
-    assert all("-v16-" in name or "-v8-" in name for name in claim_rank[:8])
+            {recipe.arm_name(task, vocab, n, init) for n in lengths for init in ("default", "mimetic")}
+    # the main vocabulary's arms (claim length first) before the extra vocabularies
+    assert names[:4] == ["copying-v16-8-default", "copying-v16-8-mimetic", "mqar-v8-2-default", "mqar-v8-2-mimetic"]
+    main = [name.startswith(("copying-v16-", "mqar-v8-")) for name in names]
+    assert main == sorted(main, reverse=True)
     # more seeds for the threshold claims' arms only
     seeds = {arm.name: recipe.arm_seeds(config, arm) for arm in arms}
     assert seeds["copying-v16-8-mimetic"] == seeds["mqar-v8-2-default"] == [0, 1, 2, 3]
-    assert seeds["copying-v16-4-mimetic"] == seeds["copying-v64-8-mimetic"] == seeds["mqar-v8-2-bc-only"] == [0, 1]
-    # the task behind each arm
-    by_name = {arm.name: arm for arm in arms}
-    built = {name: config.build_task(arm.info["task"], arm.info["length"], arm.info["vocab"])
-             for name, arm in by_name.items()}
-    assert built["copying-v64-8-default"] == Copying(length=8, n_symbols=64)
-    assert built["mqar-v8-2-mimetic"] == MQAR(n_pairs=2, n_queries=2, n_keys=8, n_values=32)
-    assert built["mqar-v2-2-mimetic"] == MQAR(n_pairs=2, n_queries=2, n_keys=2, n_values=2)
+    assert seeds["copying-v16-4-mimetic"] == seeds["mqar-v8-2-bc-only"] == [0, 1]
+    assert all(seeds[name] == [0, 1] for name in names if "-v64-" in name)
+    # the task behind each arm: an extra MQAR vocabulary has as many values as keys, the main one mqar_values
+    for arm in arms:
+        task = config.build_task(arm.info["task"], arm.info["length"], arm.info["vocab"])
+        length, vocab = arm.info["length"], arm.info["vocab"]
+        if arm.info["task"] == "copying":
+            assert task == Copying(length=length, n_symbols=vocab)
+        else:
+            assert task == MQAR(n_pairs=length, n_queries=length, n_keys=vocab, n_values=32 if vocab == 8 else vocab)
     results = {"arms": {name: {"runs": {"0": {"status": "complete", "metrics": {"token_accuracy": 0.96}}}}
                         for name in names}}
     derived = recipe.derive(config, results)
-    extra = {recipe.largest_solved_name(task, vocab, init) for task, vocab in (("copying", 4), ("copying", 64),
-                                                                              ("mqar", 2)) for init in ("default",
-                                                                                                        "mimetic")}
+    extra = {recipe.largest_solved_name(task, vocab, init) for task, vocab in swept for init in ("default", "mimetic")}
     if vocab_lengths == "all":          # swept over every length: the largest length solved is reported
         assert extra <= set(derived)
         assert derived["copying-v64-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 8.0
     else:
         assert not extra & set(derived)
+    plotted = {plot.name: plot.arms for plot in recipe.plots(config)}
+    for (task, vocab), lengths in swept.items():
+        for n in lengths:
+            assert recipe.arm_name(task, vocab, n, "mimetic") in plotted[f"{task}_{n}_accuracy_vs_vocabulary"]
+    assert set().union(*plotted.values()) <= set(names)                     # every plotted arm is trained
     claims = {claim.name: claim for claim in recipe.claims(config)}
     assert claims["mqar: default fails 2"].arm == "mqar-v8-2-default"       # claims stay at the main vocabulary
 
