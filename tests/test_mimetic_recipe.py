@@ -1,5 +1,6 @@
-"""The `mimetic` recipe: the smoke preset end to end through the CLI, the derived largest-solved length, the masked
-loss, and config validation."""
+"""The `mimetic` recipe: the smoke preset end to end through the CLI (two vocabularies per task, more seeds for the
+claim arms), the derived largest-solved length, the arms of the length and vocabulary sweeps, the masked loss, and
+config validation."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from effml.cli import main
 from effml.config import ConfigError
-from effml.data.tasks import Copying
+from effml.data.tasks import MQAR, Copying
 from effml.experiments.mimetic import INITS, Mimetic, MimeticConfig, masked_token_loss
 
 
@@ -26,19 +27,29 @@ def smoke_run(tmp_path_factory) -> Path:
 def test_smoke_run_completes_with_computed_verdicts(smoke_run: Path) -> None:
     results = json.loads((smoke_run / "results.json").read_text())
     assert results["status"] == "complete"
-    assert set(results["arms"]) == {"copying-4-default", "copying-4-mimetic", "mqar-2-default", "mqar-2-mimetic"}
-    for arm in results["arms"].values():
-        assert set(arm["runs"]) == {"0", "1"}
+    sweeps = {("copying", 6): (2, 4), ("copying", 3): (2, 4), ("mqar", 8): (2,), ("mqar", 4): (2,)}
+    claim_arms = {"copying-v6-4-default", "copying-v6-4-mimetic", "mqar-v8-2-default", "mqar-v8-2-mimetic"}
+    assert set(results["arms"]) == {Mimetic.arm_name(task, vocab, n, init) for (task, vocab), lengths in sweeps.items()
+                                    for n in lengths for init in ("default", "mimetic")}
+    for name, arm in results["arms"].items():
+        seeds = {"0", "1", "2"} if name in claim_arms else {"0", "1"}    # claim_seeds = 3, seeds = 2
+        assert set(arm["runs"]) == seeds and arm["seeds"] == sorted(map(int, seeds))
         for run in arm["runs"].values():
             assert 0.0 <= run["metrics"]["token_accuracy"] <= 1.0 and run["curves"]["train_loss"]
-    for task in ("copying", "mqar"):
-        for init in ("default", "mimetic"):
-            derived = results["derived"][f"{task}-largest-solved-{init}"]["runs"]
-            assert set(derived) == {"0", "1"}
+    # the vocabulary really changes the task: the copying model's embedding has n_symbols + 1 rows
+    assert results["arms"]["copying-v3-4-mimetic"]["params"] < results["arms"]["copying-v6-4-mimetic"]["params"]
+    assert set(results["derived"]) == {Mimetic.largest_solved_name(task, vocab, init) for task, vocab in sweeps
+                                       for init in ("default", "mimetic")}
+    for entry in results["derived"].values():
+        assert set(entry["runs"]) == {"0", "1"}                        # the seeds every length has
     report = (smoke_run / "report.md").read_text()
     for claim in ("copying: mimetic solves 4", "copying: default fails 4", "mqar: mimetic solves longer"):
         assert claim in report
-    assert list(smoke_run.glob("*.png"))
+    assert "Missing measurements" not in report
+    assert "(95% CI, n=3)" in report                                  # the threshold claims use the claim seeds
+    for plot in ("copying_2_accuracy_vs_vocabulary", "copying_4_accuracy_vs_vocabulary",
+                 "mqar_2_accuracy_vs_vocabulary", "copying_accuracy_curve", "mqar_accuracy_vs_length"):
+        assert (smoke_run / f"{plot}.png").is_file()
 
 
 def test_largest_solved_is_the_longest_length_reaching_the_threshold() -> None:
@@ -46,13 +57,13 @@ def test_largest_solved_is_the_longest_length_reaching_the_threshold() -> None:
     config = MimeticConfig(copy_lengths=(4, 8, 16), tasks=("copying",), inits=("default", "mimetic"), seeds=1)
     accuracy = {("default", 4): 0.99, ("default", 8): 0.5, ("default", 16): 0.97,   # not monotone on purpose
                 ("mimetic", 4): 0.2, ("mimetic", 8): 0.3, ("mimetic", 16): 0.1}
-    results = {"arms": {recipe.arm_name("copying", n, init): {"runs": {"0": {"status": "complete", "metrics": {
+    results = {"arms": {recipe.arm_name("copying", 16, n, init): {"runs": {"0": {"status": "complete", "metrics": {
         "token_accuracy": value}}}} for (init, n), value in accuracy.items()}}
     derived = recipe.derive(config, results)
-    assert derived["copying-largest-solved-default"]["runs"]["0"]["metrics"]["largest_solved"] == 16.0
-    assert derived["copying-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 0.0
-    del results["arms"]["copying-8-mimetic"]                    # an unmeasured length: no value for that seed
-    assert recipe.derive(config, results)["copying-largest-solved-mimetic"]["runs"] == {}
+    assert derived["copying-v16-largest-solved-default"]["runs"]["0"]["metrics"]["largest_solved"] == 16.0
+    assert derived["copying-v16-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 0.0
+    del results["arms"]["copying-v16-8-mimetic"]                # an unmeasured length: no value for that seed
+    assert recipe.derive(config, results)["copying-v16-largest-solved-mimetic"]["runs"] == {}
 
 
 @pytest.mark.parametrize("ablation_lengths", ["longest", "all"])
@@ -62,21 +73,71 @@ def test_ablations_train_at_the_claim_length_unless_asked_for_every_length(ablat
     names = [arm.name for arm in recipe.arms(config)]
     assert len(names) == len(set(names))
     expected = set()
-    for task, lengths in (("copying", (4, 8)), ("mqar", (1, 2))):
+    for task, vocab, lengths in (("copying", 16, (4, 8)), ("mqar", 4, (1, 2))):
         ablated = lengths[-1:] if ablation_lengths == "longest" else lengths
-        expected |= {recipe.arm_name(task, n, init) for n in lengths for init in ("default", "mimetic")}
-        expected |= {recipe.arm_name(task, n, init) for n in ablated for init in ("state-only", "bc-only")}
+        expected |= {recipe.arm_name(task, vocab, n, init) for n in lengths for init in ("default", "mimetic")}
+        expected |= {recipe.arm_name(task, vocab, n, init) for n in ablated for init in ("state-only", "bc-only")}
     assert set(names) == expected
     # the claim length's main arms run first, then its ablations, before any shorter length
-    assert names[:4] == ["copying-8-default", "copying-8-mimetic", "mqar-2-default", "mqar-2-mimetic"]
-    assert set(names[4:8]) == {recipe.arm_name(task, n, init) for task, n in (("copying", 8), ("mqar", 2))
-                               for init in ("state-only", "bc-only")}
+    assert names[:4] == ["copying-v16-8-default", "copying-v16-8-mimetic", "mqar-v4-2-default", "mqar-v4-2-mimetic"]
+    assert set(names[4:8]) == {recipe.arm_name(task, vocab, n, init) for task, vocab, n in
+                               (("copying", 16, 8), ("mqar", 4, 2)) for init in ("state-only", "bc-only")}
     results = {"arms": {name: {"runs": {"0": {"status": "complete", "metrics": {"token_accuracy": 1.0}}}}
                         for name in names}}
     derived = recipe.derive(config, results)
     swept = INITS if ablation_lengths == "all" else ("default", "mimetic")
-    assert set(derived) == {f"{task}-largest-solved-{init}" for task in ("copying", "mqar") for init in swept}
-    assert derived["copying-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 8.0
+    assert set(derived) == {recipe.largest_solved_name(task, vocab, init) for task, vocab in
+                            (("copying", 16), ("mqar", 4)) for init in swept}
+    assert derived["copying-v16-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 8.0
+
+
+@pytest.mark.parametrize("vocab_lengths", ["longest", "shortest", "all"])
+def test_extra_vocabularies_train_the_main_inits_after_the_main_vocabulary(vocab_lengths) -> None:
+    recipe = Mimetic()
+    config = MimeticConfig(copy_lengths=(4, 8), copy_symbols=16, copy_vocab_sizes=(4, 64), mqar_pairs=(1, 2),
+                           mqar_keys=8, mqar_values=32, mqar_vocab_sizes=(2,), vocab_lengths=vocab_lengths,
+                           seeds=2, claim_seeds=4)
+    arms = recipe.arms(config)
+    names = [arm.name for arm in arms]
+    extra_vocabularies = (("copying", 4, (4, 8)), ("copying", 64, (4, 8)), ("mqar", 2, (1, 2)))
+    swept = {(task, vocab): {"all": lengths, "longest": lengths[-1:], "shortest": lengths[:1]}[vocab_lengths]
+             for task, vocab, lengths in extra_vocabularies}
+    for (task, vocab), lengths in swept.items():
+        assert {name for name in names if name.startswith(f"{task}-v{vocab}-")} == \
+            {recipe.arm_name(task, vocab, n, init) for n in lengths for init in ("default", "mimetic")}
+    # the main vocabulary's arms (claim length first) before the extra vocabularies
+    assert names[:4] == ["copying-v16-8-default", "copying-v16-8-mimetic", "mqar-v8-2-default", "mqar-v8-2-mimetic"]
+    main = [name.startswith(("copying-v16-", "mqar-v8-")) for name in names]
+    assert main == sorted(main, reverse=True)
+    # more seeds for the threshold claims' arms only
+    seeds = {arm.name: recipe.arm_seeds(config, arm) for arm in arms}
+    assert seeds["copying-v16-8-mimetic"] == seeds["mqar-v8-2-default"] == [0, 1, 2, 3]
+    assert seeds["copying-v16-4-mimetic"] == seeds["mqar-v8-2-bc-only"] == [0, 1]
+    assert all(seeds[name] == [0, 1] for name in names if "-v64-" in name)
+    # the task behind each arm: an extra MQAR vocabulary has as many values as keys, the main one mqar_values
+    for arm in arms:
+        task = config.build_task(arm.info["task"], arm.info["length"], arm.info["vocab"])
+        length, vocab = arm.info["length"], arm.info["vocab"]
+        if arm.info["task"] == "copying":
+            assert task == Copying(length=length, n_symbols=vocab)
+        else:
+            assert task == MQAR(n_pairs=length, n_queries=length, n_keys=vocab, n_values=32 if vocab == 8 else vocab)
+    results = {"arms": {name: {"runs": {"0": {"status": "complete", "metrics": {"token_accuracy": 0.96}}}}
+                        for name in names}}
+    derived = recipe.derive(config, results)
+    extra = {recipe.largest_solved_name(task, vocab, init) for task, vocab in swept for init in ("default", "mimetic")}
+    if vocab_lengths == "all":          # swept over every length: the largest length solved is reported
+        assert extra <= set(derived)
+        assert derived["copying-v64-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 8.0
+    else:
+        assert not extra & set(derived)
+    plotted = {plot.name: plot.arms for plot in recipe.plots(config)}
+    for (task, vocab), lengths in swept.items():
+        for n in lengths:
+            assert recipe.arm_name(task, vocab, n, "mimetic") in plotted[f"{task}_{n}_accuracy_vs_vocabulary"]
+    assert set().union(*plotted.values()) <= set(names)                     # every plotted arm is trained
+    claims = {claim.name: claim for claim in recipe.claims(config)}
+    assert claims["mqar: default fails 2"].arm == "mqar-v8-2-default"       # claims stay at the main vocabulary
 
 
 def test_masked_loss_counts_only_answer_positions() -> None:
@@ -98,7 +159,9 @@ def test_masked_loss_counts_only_answer_positions() -> None:
     ({"mixer": "mamba3"}, "mixer"), ({"tasks": ("copying", "sorting")}, "tasks"),
     ({"inits": ("mimetic", "bc-only")}, "including 'default'"), ({"copy_lengths": (16, 8)}, "increasing"),
     ({"mqar_pairs": (8, 128)}, "mqar_keys"), ({"headdim": 48}, "headdim"),
-    ({"ablation_lengths": "some"}, "ablation_lengths"),
+    ({"ablation_lengths": "some"}, "ablation_lengths"), ({"vocab_lengths": "some"}, "vocab_lengths"),
+    ({"copy_vocab_sizes": (16,)}, "repeat the main"), ({"copy_vocab_sizes": (1,)}, "at least 2 symbols"),
+    ({"mqar_vocab_sizes": (32, 8)}, "increasing"), ({"mqar_pairs": (8, 16), "mqar_vocab_sizes": (8,)}, "mqar_pairs"),
 ])
 def test_bad_configs_are_rejected_with_the_field_named(overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -125,6 +125,25 @@ def test_partial_run_renders_and_says_what_is_missing(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_an_arm_with_its_own_seed_list_is_judged_against_it(tmp_path: Path) -> None:
+    """Experiment.arm_seeds: an arm may run more seeds than the config's; the others are not "missing" them."""
+    results = make_results()
+    large = results["arms"]["large"]
+    large["seeds"] = [0, 1, 2, 3, 4]
+    for seed in ("3", "4"):
+        large["runs"][seed] = copy.deepcopy(large["runs"]["0"])
+    text = render_report(results, tmp_path)
+    assert "Missing measurements" not in text
+    assert "5/5" in next(line for line in text.splitlines() if line.startswith("| `large`"))
+    assert "3/3" in next(line for line in text.splitlines() if line.startswith("| `small`"))
+    del large["runs"]["4"]
+    results["status"] = "partial"
+    text = render_report(results, tmp_path)
+    missing = text[text.index("## Missing measurements"):text.index("## Claims")]
+    assert "`large`: seed 4 not started" in missing and "`small`" not in missing
+    assert "4/5" in next(line for line in text.splitlines() if line.startswith("| `large`"))
+
+
 def test_run_without_any_measurements_renders(tmp_path: Path) -> None:
     results = make_results()
     for arm in results["arms"].values():

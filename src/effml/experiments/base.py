@@ -72,6 +72,11 @@ class Experiment(ABC):
         """Seeds to run: ``config.seed, config.seed + 1, ...`` (``config.seeds`` of them)."""
         return [config.seed + i for i in range(config.seeds)]
 
+    def arm_seeds(self, config: Any, arm: Arm) -> list[int]:
+        """Seeds to run for ``arm``: ``seeds(config)`` unless a recipe gives some arms more (say, the arms a
+        threshold claim is decided on); the results document records each arm's list (``"seeds"``)."""
+        return self.seeds(config)
+
     @abstractmethod
     def arms(self, config: Any) -> list[Arm]:
         """The arms compared, in the order they are run and reported."""

@@ -109,7 +109,7 @@ def _load_for_resume(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | No
 def _verify_checkpoints(experiment: Experiment, config: Any, run_dir: Path, results: dict[str, Any]) -> None:
     """Every unfinished run that has checkpoints must have a loadable latest one (raises before anything is written)."""
     for arm in experiment.arms(config):
-        for seed in experiment.seeds(config):
+        for seed in experiment.arm_seeds(config, arm):
             done = results["arms"].get(arm.name, {}).get("runs", {}).get(_seed_key(seed), {})
             if done.get("status") == "complete":
                 continue
@@ -136,7 +136,8 @@ def _empty_results(experiment: Experiment, preset: str, config: Any, device: str
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device, world),
         "config": config_to_dict(config),
-        "arms": {arm.name: {"label": arm.label, "params": None, "info": dict(arm.info), "runs": {}}
+        "arms": {arm.name: {"label": arm.label, "params": None, "info": dict(arm.info),
+                            "seeds": experiment.arm_seeds(config, arm), "runs": {}}
                  for arm in experiment.arms(config)},
         "derived": {},
         **_evaluation(experiment, config),
@@ -209,7 +210,7 @@ def run_experiment(
         print(f"effml: {name} ({preset}) → {run_dir}", file=sys.stderr)
     arms = experiment.arms(config)
     for arm in arms:
-        for seed in experiment.seeds(config):
+        for seed in experiment.arm_seeds(config, arm):
             arm_entry = results["arms"][arm.name]
             if arm_entry["runs"].get(_seed_key(seed), {}).get("status") == "complete":
                 continue

@@ -10,7 +10,7 @@ The results document (produced by the runner)::
 
     {"recipe", "description", "preset", "status": "complete"|"partial", "created", "environment": {...},
      "config": {...},
-     "arms": {NAME: {"label", "params", "info": {...},
+     "arms": {NAME: {"label", "params", "info": {...}, "seeds": [SEED, ...] (optional: the arm's own seeds),
                      "runs": {SEED: {"status": "complete"|"partial"|"failed",
                                      "metrics": {METRIC: float}, "curves": {CURVE: [[step, value], ...]}}}}},
      "derived": {NAME: {"label", "runs": {SEED: {"metrics": {...}}}}},

@@ -78,18 +78,29 @@ def _complete_runs(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # --- sections -------------------------------------------------------------------------------------------------
 
 
-def _expected_seeds(results: dict[str, Any]) -> list[str]:
-    """Every seed any arm has a run for, plus the seeds the config asks for.
+def _seed_list(value: Any) -> set[str] | None:
+    """The seeds of a JSON list (ints or names), or None when ``value`` is not a list."""
+    if not isinstance(value, list):
+        return None
+    return {str(seed) for seed in value if isinstance(seed, (int, str)) and not isinstance(seed, bool)}
 
-    The config names them either as a list ``seeds`` or, following ``Experiment.seeds``, as a first ``seed`` and
-    a count ``seeds`` (seeds ``seed, seed + 1, ...``).
+
+def _expected_seeds(results: dict[str, Any], arm: dict[str, Any] | None = None) -> list[str]:
+    """The seeds ``arm`` should have: those it has a run for plus its own list ``seeds`` when it records one
+    (``Experiment.arm_seeds``). Without that list, or without an arm: every seed an arm without its own list has a
+    run for, plus the seeds the config asks for, which it names either as a list ``seeds`` or, following
+    ``Experiment.seeds``, as a first ``seed`` and a count ``seeds`` (seeds ``seed, seed + 1, ...``).
     """
-    seeds = {seed for arm in _dict_of_dicts(results.get("arms")).values() for seed in _runs(arm)}
+    own = _seed_list(arm.get("seeds")) if arm is not None else None
+    if own is not None:
+        return sorted(own | set(_runs(arm)), key=seed_sort_key)
+    seeds = {seed for entry in _dict_of_dicts(results.get("arms")).values() if _seed_list(entry.get("seeds")) is None
+             for seed in _runs(entry)}
     config = results.get("config")
     config = config if isinstance(config, dict) else {}
     listed, first = config.get("seeds"), config.get("seed", 0)
     if isinstance(listed, list):
-        seeds |= {str(seed) for seed in listed if isinstance(seed, (int, str)) and not isinstance(seed, bool)}
+        seeds |= _seed_list(listed) or set()
     elif isinstance(listed, int) and not isinstance(listed, bool) and isinstance(first, int):
         seeds |= {str(first + index) for index in range(listed)}
     return sorted(seeds, key=seed_sort_key)
@@ -109,7 +120,6 @@ def _title_section(results: dict[str, Any]) -> str:
 
 def _missing_section(results: dict[str, Any]) -> str:
     """What a partial run has not finished: per arm, the seeds without a complete run and why."""
-    expected = _expected_seeds(results)
     problems = []
     for name, arm in _dict_of_dicts(results.get("arms")).items():
         runs = _runs(arm)
@@ -117,7 +127,7 @@ def _missing_section(results: dict[str, Any]) -> str:
             problems.append(f"- `{name}`: no runs")
             continue
         gaps = []
-        for seed in expected:
+        for seed in _expected_seeds(results, arm):
             status = runs[seed].get("status", "complete") if seed in runs else "not started"
             if status != "complete":
                 gaps.append(f"seed {seed} {status}")
@@ -181,7 +191,6 @@ def _arms_section(results: dict[str, Any]) -> str:
     lines = ["## Arms", ""]
     if not arms:
         return "\n".join(lines + ["No arms recorded yet."])
-    expected = len(_expected_seeds(results))
     info_keys: dict[str, None] = {}
     for arm in arms.values():
         info = arm.get("info")
@@ -197,7 +206,7 @@ def _arms_section(results: dict[str, Any]) -> str:
                 str(arm.get("label", "")),
                 f"{params:,}" if isinstance(params, int) and not isinstance(params, bool) else _scalar_text(params),
                 *[_scalar_text(info.get(key)) for key in info_keys],
-                f"{len(_complete_runs(arm))}/{expected}",
+                f"{len(_complete_runs(arm))}/{len(_expected_seeds(results, arm))}",
                 *_metric_cells(arm, metric_names),
             ]
         )
