@@ -42,7 +42,10 @@ when it lies wholly > 0. The wall-clock claim uses the same run once its modeled
 ``1 − s`` of the baseline's (its premise). The shallow stages cost 5–9 % more per layer than the full depth (fixed
 per-step work), so at exactly ``1 − s`` of the FLOPs the run's wall-clock fraction would sit on the threshold
 (0.740–0.754 over the four session-11 timing passes): the cpu preset gives the run 0.73 of the FLOPs, which makes the
-FLOPs test 2 points stricter than the claim's 25 %, and leaves the wall-clock premise decidable.
+FLOPs test 2 points stricter than the claim's 25 %, and leaves the wall-clock premise decidable. Measured (session
+12, 1 thread): the premise holds (0.729 ± 0.007), and the 0.73-FLOPs run ends where the baseline does: test-loss gap
+−0.017 ± 0.040 over the preset's 5 seeds, +0.001 ± 0.029 over 13 (seeds 5–12 run for this pair alone; std 0.048
+per seed), so at this scale MIDAS's saving sits on the claim's threshold and the claim stays inconclusive.
 
 Why not the first estimator (the compute at which a held-out curve first crosses the baseline's final loss, as
 ``saving = 1 − C_arm / C_baseline``; still reported, per seed, as ``flops_saving``, ``time_saving`` and
