@@ -11,8 +11,8 @@ import pytest
 
 from effml.cli import main
 from effml.config import ConfigError
-from effml.experiments.midas import (MidasConfig, MidasRecipe, compute_to_reach, depth_schedule, modeled_seconds,
-                                     primitive_tasks)
+from effml.experiments.midas import (MidasConfig, MidasRecipe, budget_steps, compute_to_reach, depth_schedule,
+                                     modeled_seconds, primitive_tasks, training_flops)
 from effml.nn import TransformerConfig, TransformerLM
 from effml.report import VERDICTS, CurvePlot, HeatmapPlot, plot_from_dict
 from effml.train.growth import prop_alpha_stages
@@ -46,18 +46,22 @@ def test_smoke_run_reports_every_claim_with_a_computed_verdict(smoke_run: Path) 
             steps = [step for step, _ in run["curves"]["valid_loss"]]
             assert [step for step, _ in run["curves"]["modeled_seconds"]] == steps  # added by derive
     claims = results["claims"]
-    assert len(claims) == 2 + 1 + 5 + 1  # smoke has 2 stages: no interior-block claim
+    assert len(claims) == 3 + 1 + 5 + 1  # smoke has 2 stages: no interior-block claim
     report = (smoke_run / "report.md").read_text()
     assert all(claim["name"] in report for claim in claims)
     assert report.count("holds") + report.count("fails") + report.count("inconclusive") >= len(claims)
     for name in ("loss_vs_flops", "loss_vs_seconds", "layer_similarity", "loop_similarity"):
         assert (smoke_run / f"{name}.png").stat().st_size > 1000
-    assert set(results["derived"]) == {"stacking", "midas", "midas-reduced", "midas-best"}
-    for seed, best in results["derived"]["midas-best"]["runs"].items():
-        pair = [results["derived"][name]["runs"][seed]["metrics"] for name in ("midas", "midas-reduced")]
-        for metric in ("flops_saving", "time_saving", "measured_time_saving"):
-            assert math.isfinite(best["metrics"][metric])
-            assert best["metrics"][metric] == max(m[metric] for m in pair)
+    assert set(results["derived"]) == {f"{arm} vs baseline" for arm in ("stacking", "midas", "midas-reduced")}
+    for name, entry in results["derived"].items():
+        arm = name.removesuffix(" vs baseline")
+        for seed, run in entry["runs"].items():
+            mine, base = (results["arms"][a]["runs"][seed]["metrics"] for a in (arm, "baseline"))
+            assert run["metrics"]["test_loss_gap"] == mine["test_loss"] - base["test_loss"]
+            assert run["metrics"]["flops_fraction"] == mine["flops"] / base["flops"]
+            assert 0.0 < run["metrics"]["time_fraction"] < 1.0  # a growing model's steps are cheaper
+    reduced = results["derived"]["midas-reduced vs baseline"]["runs"]
+    assert all(run["metrics"]["flops_fraction"] <= config.reduced_budget for run in reduced.values())
     from effml.report import evaluate_claims
     assert {result.verdict for result in evaluate_claims(results)} <= set(VERDICTS)
 
@@ -95,6 +99,24 @@ def test_compute_to_reach_interpolates_the_first_crossing() -> None:
     assert math.isnan(compute_to_reach(losses, compute, 0.5))
 
 
+def test_reduced_arm_gets_the_most_steps_within_its_share_of_the_baseline_flops() -> None:
+    config = MidasRecipe().preset("cpu")
+    baseline = training_flops(config, None, [config.train.steps])[0]
+    steps = config.reduced_steps
+    within, beyond = training_flops(config, "midas", [steps, steps + 1])
+    assert within <= config.reduced_budget * baseline < beyond
+    # the closed form for the cpu preset: flops_per_token(depth) = a + c · depth, depths 2/4/6/8 for Prop-1 stages
+    one, two = (TransformerLM(TransformerConfig(vocab_size=256, d_model=config.d_model, n_layers=depth,
+                                                n_heads=config.d_model // config.head_dim, max_seq_len=config.seq_len)
+                              ).flops_per_token(config.seq_len) for depth in (1, 2))
+    per_token = {depth: one + (depth - 1) * (two - one) for depth in (2, 4, 6, 8)}
+    stages = prop_alpha_stages(steps, 4, 1.0)
+    tokens = config.batch_size * config.seq_len
+    assert within == pytest.approx(sum(n * per_token[2 * (i + 1)] for i, n in enumerate(stages)) * tokens, rel=1e-12)
+    assert baseline == pytest.approx(config.train.steps * per_token[8] * tokens, rel=1e-12)
+    assert budget_steps(config, "midas", 0.0) == config.n_stages  # nothing fits: the smallest run
+
+
 def test_modeled_seconds_sum_the_step_time_of_each_steps_depth() -> None:
     config = MidasConfig(block_size=2, n_stages=3, alpha=1.0, reduced_budget=0.5,
                          train=dataclasses.replace(MidasConfig().train, steps=12, warmup_steps=2))
@@ -107,33 +129,40 @@ def test_modeled_seconds_sum_the_step_time_of_each_steps_depth() -> None:
         modeled_seconds([6], {2: 1.0}, [1])
 
 
-def test_saving_targets_the_lower_loss_both_reach() -> None:
-    """An arm that ends above the baseline's final loss is scored at its own final loss (finite, negative here)."""
-    recipe, config = MidasRecipe(), MidasRecipe().preset("smoke")
+def test_derive_pairs_each_growth_arm_with_the_same_seeds_baseline() -> None:
+    """Test-loss gap and compute fractions per seed; the curve-crossing saving targets the lower loss both reach (an
+    arm that ends above the baseline's final loss is scored at its own final loss: finite, negative here)."""
+    recipe, config = MidasRecipe(), MidasRecipe().preset("smoke")  # 12 steps, depths 1 and 2, Prop-1 stages 4 + 8
     evals = list(range(3, config.train.steps + 1, 3))
 
-    def run(losses: list[float]) -> dict:
+    def run(losses: list[float], test_loss: float, flops: float) -> dict:
         curve = [[float(s), loss] for s, loss in zip(evals, losses)]
-        flops = [[float(s), float(s)] for s in evals[:len(losses)]]
-        return {"status": "complete", "metrics": {"valid_loss": losses[-1]},
-                "curves": {"valid_loss": curve, "flops": flops, "train_seconds": flops}}
+        spent = [[float(s), float(s)] for s in evals[:len(losses)]]
+        return {"status": "complete", "metrics": {"valid_loss": losses[-1], "test_loss": test_loss, "flops": flops},
+                "curves": {"valid_loss": curve, "flops": spent, "train_seconds": spent}}
 
-    base = run([4.0, 3.0, 2.5, 2.0])
-    worse = run([4.0, 3.5, 3.0, 2.8])  # ends at 2.8: the baseline got there at step 7.2 (3 → 2.5)
-    reduced = run([4.0, 3.5])  # 6 steps of its 8
-    times = {"status": "complete", "metrics": {f"step_seconds_{d}": 1.0 for d in (1, 2)}}
+    base = run([4.0, 3.0, 2.5, 2.0], test_loss=2.1, flops=100.0)
+    worse = run([4.0, 3.5, 3.0, 2.8], test_loss=2.9, flops=70.0)  # ends at 2.8: the baseline got there at step 7.2
+    reduced = run([4.0, 3.5, 3.0], test_loss=3.0, flops=50.0)
+    times = {"status": "complete", "metrics": {"step_seconds_1": 1.0, "step_seconds_2": 3.0}}
     results = {"arms": {"baseline": {"runs": {"0": base, "1": base}},
-                        "midas": {"runs": {"0": worse, "1": base}},
-                        "midas-reduced": {"runs": {"0": reduced, "1": reduced}},
+                        "midas": {"runs": {"0": worse, "1": run([4.0, 3.0, 2.5, 2.0], 2.1, 100.0)}},
+                        "midas-reduced": {"runs": {"0": reduced}},
                         "step-times": {"runs": {"0": times, "1": times}}}}
     derived = recipe.derive(config, results)
-    worse_saving = derived["midas"]["runs"]["0"]["metrics"]
-    assert worse_saving["reached"] == 0.0 and worse_saving["final_loss_gap"] == pytest.approx(0.8)
-    assert worse_saving["flops_saving"] == pytest.approx(1.0 - 12.0 / (6.0 + 3.0 * 0.2 / 0.5))
-    assert derived["midas"]["runs"]["1"]["metrics"]["flops_saving"] == pytest.approx(0.0)  # same curve
-    assert derived["midas-best"]["runs"]["1"]["metrics"]["flops_saving"] == pytest.approx(0.0)
-    assert derived["midas-best"]["runs"]["0"]["metrics"]["flops_saving"] == pytest.approx(1.0 - 6.0 / 4.5)
-    assert base["curves"]["modeled_seconds"] == [[float(s), float(s)] for s in evals]  # 1 s per step
+    worse_run = derived["midas vs baseline"]["runs"]["0"]["metrics"]
+    assert worse_run["reached"] == 0.0 and worse_run["final_loss_gap"] == pytest.approx(0.8)
+    assert worse_run["flops_saving"] == pytest.approx(1.0 - 12.0 / (6.0 + 3.0 * 0.2 / 0.5))
+    assert worse_run["test_loss_gap"] == pytest.approx(0.8) and worse_run["flops_fraction"] == pytest.approx(0.7)
+    assert worse_run["time_fraction"] == pytest.approx((4 * 1.0 + 8 * 3.0) / (12 * 3.0))  # 4 steps at depth 1
+    assert derived["midas vs baseline"]["runs"]["1"]["metrics"]["flops_saving"] == pytest.approx(0.0)  # same curve
+    assert derived["midas vs baseline"]["runs"]["1"]["metrics"]["test_loss_gap"] == 0.0
+    assert set(derived["midas-reduced vs baseline"]["runs"]) == {"0"}  # seed 1 not measured
+    steps = config.reduced_steps
+    depths = depth_schedule(config, "midas", steps)
+    assert derived["midas-reduced vs baseline"]["runs"]["0"]["metrics"]["time_fraction"] == pytest.approx(
+        sum({1: 1.0, 2: 3.0}[d] for d in depths) / 36.0)
+    assert base["curves"]["modeled_seconds"] == [[float(s), 3.0 * s] for s in evals]  # 3 s per step at depth 2
 
 
 def test_primitives_follow_the_config() -> None:
@@ -152,6 +181,7 @@ def test_primitives_follow_the_config() -> None:
     ({"n_stages": 1}, "at least 2 stages"),
     ({"d_model": 100}, "multiple of head_dim"),
     ({"reduced_budget": 1.0}, "strictly between 0 and 1"),
+    ({"reduced_budget": 0.8}, "more than 1 − speedup_threshold"),
     ({"optimizer_state": "keep"}, "optimizer_state"),
     ({"seq_len": 40}, "raise seq_len"),
     ({"induction_key_length": 8}, "primitives' settings are invalid"),  # no letter follows an 8-letter key
