@@ -209,6 +209,11 @@ def _cpu() -> MimeticConfig:
       where seed 3 of the default init learns to copy at length 32 (0.81 at step 500, still rising): seeds 0–8
       give 0.07, 0.07, 0.11, 0.81, 0.07, 0.11, 0.16, 0.09, 0.29 (mean 0.20, std 0.24), so copying's
       "default < 50 %" is inconclusive on 5 seeds where 3 had it holding;
+    * a longer copying claim length, where default would fail on every seed, is not solved by mimetic in 500 steps:
+      length 64, mimetic 0.90 / 0.92 (seeds 0, 1; still rising), default 0.064 / 0.062 (chance 1/16); length 48,
+      mimetic 0.86 / 0.95 (0.946). At length 48, seed 0, changes that keep the cost do not restore it: lr 2e-2
+      0.10 (does not learn), headdim 32 0.83; d_state 128 gives 0.946 at a higher cost per step. The copying
+      claim length stays 32;
     * vocabulary 64 instead of 16 (seeds 0, 1): copying length 8, mimetic 0.99 / 0.995, default 0.26 / 0.05;
       copying length 32, mimetic 0.96, default 0.02 (seed 0); MQAR 2 pairs, mimetic 0.88 / 0.955, default
       0.74 / 0.69; 4 pairs, mimetic 0.90 / 0.85, default 0.18 / 0.07. The preset trains the extra vocabulary at
