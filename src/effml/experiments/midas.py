@@ -219,7 +219,6 @@ class MidasConfig:
         return budget_steps(self, "midas", self.reduced_budget * training_flops(self, None, [self.train.steps])[0])
 
 
-
 def model_config(config: MidasConfig, n_layers: int) -> Any:
     """The recipe's byte-level `TransformerConfig` at depth ``n_layers``."""
     from effml.nn import TransformerConfig
