@@ -82,7 +82,7 @@ def _optimizer(contender: str, model: nn.Module) -> torch.optim.Optimizer:
     if contender == "loraplus":
         from peft.optimizers import create_loraplus_optimizer
 
-        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16.0, weight_decay=0.0)
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=4.0, weight_decay=0.0)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 
 
