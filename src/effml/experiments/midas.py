@@ -79,6 +79,7 @@ about positions, which the interior-block similarity measures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -212,10 +213,10 @@ class MidasConfig:
         """Target depth k · b."""
         return self.n_stages * self.block_size
 
-    @property
+    @functools.cached_property
     def reduced_steps(self) -> int:
         """Steps of the ``midas-reduced`` arm: the most whose training FLOPs stay within ``reduced_budget`` of the
-        baseline's (`budget_steps`)."""
+        baseline's (`budget_steps`; computed once per config: the search costs ~1 s for the `full` preset)."""
         return budget_steps(self, "midas", self.reduced_budget * training_flops(self, None, [self.train.steps])[0])
 
 
@@ -227,33 +228,42 @@ def model_config(config: MidasConfig, n_layers: int) -> Any:
                              n_layers=n_layers, max_seq_len=config.seq_len, mlp=config.mlp)
 
 
+def _flops_per_token_by_depth(config: MidasConfig) -> dict[int, float]:
+    """`TransformerLM.flops_per_token` at ``seq_len`` for every depth ``b, 2b, …, k·b`` the arms train at. It grows by
+    the same amount per identical layer, so it is read off models of 1 and 2 layers (built under a forked RNG, so the
+    global random state is untouched)."""
+    from effml.nn import TransformerLM
+
+    with torch.random.fork_rng(devices=[]):
+        one, two = (TransformerLM(model_config(config, depth)).flops_per_token(config.seq_len) for depth in (1, 2))
+    return {depth: one + (depth - 1) * (two - one)
+            for depth in [config.block_size * i for i in range(1, config.n_stages + 1)]}
+
+
+def _run_flops(config: MidasConfig, operator: str | None, steps: int, per_token: dict[int, float]) -> float:
+    """Training FLOPs of one run of ``steps`` steps, given `_flops_per_token_by_depth`."""
+    tokens_per_step = config.batch_size * config.seq_len * config.train.grad_accum
+    if operator is None:
+        return steps * per_token[config.n_layers] * tokens_per_step
+    return math.fsum(length * per_token[config.block_size * (i + 1)] for i, length
+                     in enumerate(prop_alpha_stages(steps, config.n_stages, config.alpha))) * tokens_per_step
+
+
 def training_flops(config: MidasConfig, operator: str | None, steps_list: list[int]) -> list[float]:
     """Total training FLOPs of an arm run for each step count in ``steps_list``: ``Σ_stages T_i ·
     flops_per_token(depth_i) · tokens per step`` over its Prop-α stages (the full depth throughout for the baseline,
-    ``operator=None``), as `ComputeMeter` counts them during training. ``flops_per_token`` is
-    `TransformerLM.flops_per_token` at ``seq_len``, which grows by the same amount per identical layer: it is read off
-    models of 1 and 2 layers (built under a forked RNG, so the global random state is untouched)."""
-    from effml.nn import TransformerLM
-
-    tokens_per_step = config.batch_size * config.seq_len * config.train.grad_accum
-    with torch.random.fork_rng(devices=[]):
-        one, two = (TransformerLM(model_config(config, depth)).flops_per_token(config.seq_len) for depth in (1, 2))
-    per_token = {depth: one + (depth - 1) * (two - one)
-                 for depth in [config.block_size * i for i in range(1, config.n_stages + 1)]}
-    if operator is None:
-        return [steps * per_token[config.n_layers] * tokens_per_step for steps in steps_list]
-    return [math.fsum(length * per_token[config.block_size * (i + 1)] for i, length
-                      in enumerate(prop_alpha_stages(steps, config.n_stages, config.alpha))) * tokens_per_step
-            for steps in steps_list]
+    ``operator=None``), as `ComputeMeter` counts them during training."""
+    per_token = _flops_per_token_by_depth(config)
+    return [_run_flops(config, operator, steps, per_token) for steps in steps_list]
 
 
 def budget_steps(config: MidasConfig, operator: str, budget_flops: float) -> int:
     """The largest step count ``s ≥ n_stages`` such that every ``n_stages ≤ s' ≤ s`` trains within ``budget_flops``
     (`training_flops`, each ``s'`` with its own Prop-α split); ``n_stages`` if none fits (the config rejects that)."""
-    candidates = list(range(config.n_stages, 4 * config.train.steps + config.n_stages + 1))
+    per_token = _flops_per_token_by_depth(config)
     steps = config.n_stages
-    for candidate, flops in zip(candidates[1:], training_flops(config, operator, candidates[1:])):
-        if flops > budget_flops:
+    for candidate in range(config.n_stages + 1, 4 * config.train.steps + config.n_stages + 1):
+        if _run_flops(config, operator, candidate, per_token) > budget_flops:
             break
         steps = candidate
     return steps
