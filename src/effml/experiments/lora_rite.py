@@ -78,13 +78,13 @@ class LoRARiteConfig:
     test_windows: int = 128
     # The learning-rate sweep of each method, a factor 2 apart and centred on the optimum of the validation loss (128
     # windows) after 40 steps. 1-seed pilots: Adam 5e-4 4.151, 1e-3 4.108, 2e-3 4.113 (4e-3 worse on every seed of an
-    # earlier sweep), so centred between 1e-3 and 2e-3. The 3-seed cpu run then put Adam's optimum at 1.4e-3 on every seed, but RITE's at 2.5e-4 (seed 0)
-    # or 1.25e-4 (seeds 1, 2), so RITE's grid reaches down to 6.25e-5 (worse than 1.25e-4 on all 3 seeds: 4.149,
-    # 4.172, 4.144 vs 4.127, 4.121, 4.110). LoRA-RITE's best lr is ~6-10× below Adam's: its step in ΔW is whitened on
-    # both sides, while Adam's lora_A steps barely move ΔW while lora_B is small. LoRA+ multiplies lora_B's lr by
-    # loraplus_lr_ratio, 4 as in the LoRA-RITE paper's LoRA+ baseline (the LoRA+ paper recommends 16; with 16 the
-    # optimum was 2.5e-4, mean validation 4.105); with 4, lora_A's optimum moves up, to 5e-4 (4.100; 2.5e-4: 4.144,
-    # 1e-3: 4.128, 3 seeds).
+    # earlier sweep), so centred between 1e-3 and 2e-3. The 3-seed cpu run then put Adam's optimum at 1.4e-3 on every
+    # seed, but RITE's at 2.5e-4 (seed 0) or 1.25e-4 (seeds 1, 2), so RITE's grid reaches down to 6.25e-5 (worse than
+    # 1.25e-4 on all 3 seeds: 4.149, 4.172, 4.144 vs 4.127, 4.121, 4.110). LoRA-RITE's best lr is ~10× below Adam's:
+    # its step in ΔW is whitened on both sides, while Adam's lora_A steps barely move ΔW while lora_B is small. LoRA+
+    # multiplies lora_B's lr by loraplus_lr_ratio, 4 as in the LoRA-RITE paper's LoRA+ baseline (the LoRA+ paper
+    # recommends 16; with 16 the optimum was 2.5e-4, mean validation 4.105); with 4, lora_A's optimum moves up, to 5e-4
+    # (4.100; 2.5e-4: 4.144, 1e-3: 4.128, 3 seeds).
     adam_lrs: tuple[float, ...] = (7e-4, 1.4e-3, 2.8e-3)
     rite_lrs: tuple[float, ...] = (6.25e-5, 1.25e-4, 2.5e-4, 5e-4)
     loraplus_lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3)

@@ -55,6 +55,7 @@ MAIN_INITS = ("default", "mimetic")
 ABLATION_LENGTHS = ("longest", "all")
 VOCAB_LENGTHS = ("longest", "shortest", "all")
 TASK_NAMES = ("copying", "mqar")
+VOCAB_WORDS = {"copying": "symbols", "mqar": "keys"}  # what a task's vocabulary size counts
 _EVAL_SEED = 2_410_111_35
 
 
@@ -277,9 +278,8 @@ class Mimetic(Experiment):
         arms = []
         for _, task, vocab, length, init in sorted(cells, key=lambda cell: cell[0]):
             unit = "string length" if task == "copying" else "key-value pairs"
-            words = "symbols" if task == "copying" else "keys"
             arms.append(Arm(name=self.arm_name(task, vocab, length, init),
-                            label=f"{task}, {vocab} {words}, {unit} {length}, {init}",
+                            label=f"{task}, {vocab} {VOCAB_WORDS[task]}, {unit} {length}, {init}",
                             info={"task": task, "vocab": vocab, "length": length, "init": init}))
         return arms
 
@@ -328,7 +328,6 @@ class Mimetic(Experiment):
         derived: dict[str, Any] = {}
         for task in config.tasks:
             sweep = config.lengths(task)
-            words = "symbols" if task == "copying" else "keys"
             for vocab in config.vocabularies(task):
                 for init in config.inits_at(task, vocab):
                     if config.lengths(task, init, vocab) != sweep:
@@ -344,7 +343,7 @@ class Mimetic(Experiment):
                         runs[str(seed)] = {"status": "complete",
                                            "metrics": {"largest_solved": float(max(solved, default=0))}}
                     derived[self.largest_solved_name(task, vocab, init)] = {
-                        "label": f"{task}, {vocab} {words}: largest length with accuracy ≥ "
+                        "label": f"{task}, {vocab} {VOCAB_WORDS[task]}: largest length with accuracy ≥ "
                                  f"{config.solve_accuracy:.0%}, {init} init",
                         "runs": runs}
         return derived

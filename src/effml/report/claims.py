@@ -425,8 +425,8 @@ def evaluate_claims(results: dict[str, Any]) -> list[ClaimResult]:
         result = claim.evaluate(results)
         if claim.requires is not None:
             if claim.requires not in verdicts:
-                raise ValueError(f"Claim {claim.name!r} requires claim {claim.requires!r}, which is not declared before "
-                                 "it; declare the premise first.")
+                raise ValueError(f"Claim {claim.name!r} requires claim {claim.requires!r}, which is not declared "
+                                 "before it; declare the premise first.")
             premise = verdicts[claim.requires]
             if premise != "holds":
                 result = replace(result, verdict="inconclusive",
