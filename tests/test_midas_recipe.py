@@ -183,6 +183,7 @@ def test_primitives_follow_the_config() -> None:
     ({"reduced_budget": 1.0}, "strictly between 0 and 1"),
     ({"reduced_budget": 0.8}, "more than 1 − speedup_threshold"),
     ({"optimizer_state": "keep"}, "optimizer_state"),
+    ({"n_stages": 6}, "Lower reduced_budget below 0.726"),  # 6 stages already cost 0.726: 0.73 buys 301 > 300 steps
     ({"seq_len": 40}, "raise seq_len"),
     ({"induction_key_length": 8}, "primitives' settings are invalid"),  # no letter follows an 8-letter key
     ({"distractors": -1}, "distractors"),
