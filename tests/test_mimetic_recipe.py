@@ -140,6 +140,26 @@ def test_extra_vocabularies_train_the_main_inits_after_the_main_vocabulary(vocab
     assert claims["mqar: default fails 2"].arm == "mqar-v8-2-default"       # claims stay at the main vocabulary
 
 
+def test_every_full_preset_arm_builds_a_model_that_takes_its_tasks_batches() -> None:
+    """The GPU preset (never run here): each (task, length, vocabulary, init) arm's model takes a batch of its task,
+    whose vocabulary and length the model was sized for, and the loss is finite; no training."""
+    recipe = Mimetic()
+    config = recipe.preset("full")
+    arms = recipe.arms(config)
+    assert {(arm.info["task"], arm.info["vocab"]) for arm in arms} == {
+        ("copying", 16), ("copying", 64), ("copying", 256), ("mqar", 256), ("mqar", 1024)}
+    for arm in arms:
+        if arm.info["init"] != "mimetic":   # one init per shape: the model's sizes do not depend on it
+            continue
+        task = config.build_task(arm.info["task"], arm.info["length"], arm.info["vocab"])
+        torch.manual_seed(0)
+        model = recipe.build_model(config, arm.info["task"], task.vocab_size, task.seq_len, arm.info["init"])
+        batch = task.sample(2, seed=0)
+        with torch.no_grad():
+            loss, _ = masked_token_loss(model, batch, 0)
+        assert batch.inputs.shape[1] <= task.seq_len and bool(torch.isfinite(loss)), arm.name
+
+
 def test_masked_loss_counts_only_answer_positions() -> None:
     batch = Copying(length=3, n_symbols=4).sample(2, seed=0)
 
