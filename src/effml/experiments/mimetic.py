@@ -190,9 +190,9 @@ def _smoke() -> MimeticConfig:
 
 
 def _cpu() -> MimeticConfig:
-    """56 runs: 25 min at 1 thread under load 2–3 (the 36 runs of session 11's preset took ≈ 14 min on 2 quiet
-    cores). Scale chosen so that some init learns each task within the budget (short single-thread runs, lr 1e-2
-    and 500 steps unless noted):
+    """56 runs: 13 min 30 s on 2 quiet cores (session 13, with the causal conv's own backward; 17 min 51 s before
+    it, 22–25 min at 1 thread under load 2–3). Scale chosen so that some init learns each task within the budget
+    (short single-thread runs, lr 1e-2 and 500 steps unless noted):
 
     * session 10's preset (1 Mamba-2 layer, d_state 32, 300 steps) left copying at length 32 undecided (mimetic
       0.89 ± 0.12) and MQAR unlearned by every init (4 pairs: ≤ 0.65);
