@@ -64,7 +64,7 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_names(quick_lm: Path) -> 
     for peer, label in (("x-transformers", "xtransformers"), ("hf-gpt2", "hf_gpt2")):
         if peer in train:  # the round-by-round ratios pair the samples of the same round
             rounds = ratios[f"train_ratio_vs_{label}"]["per_round"]
-            paired = [p / e for e, p in zip(train["effml"]["samples_s"], train[peer]["samples_s"])]
+            paired = [p / e for e, p in zip(train["effml"]["samples_s"], train[peer]["samples_s"], strict=True)]
             assert math.isclose(rounds["median"], statistics.median(paired)) and rounds["rounds"] == len(paired)
 
 

@@ -28,7 +28,7 @@ def test_same_seed_and_step_give_the_same_batch_in_any_call_order(tokens):
     first = WindowBatches(tokens, batch_size=8, seq_len=SEQ_LEN, seed=3)
     second = WindowBatches(tokens, batch_size=8, seq_len=SEQ_LEN, seed=3)
     later = [second.batch(step) for step in (5, 0, 2)]  # "resume" out of order
-    for step, (inputs, targets) in zip((5, 0, 2), later):
+    for step, (inputs, targets) in zip((5, 0, 2), later, strict=True):
         expected_inputs, expected_targets = first.batch(step)
         assert torch.equal(inputs, expected_inputs) and torch.equal(targets, expected_targets)
 

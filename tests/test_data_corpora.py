@@ -105,7 +105,7 @@ def test_splits_are_disjoint_cover_all_files_and_follow_fractions():
     assert sorted(assigned) == files  # every file exactly once
     assert all(groups[split] for split in SPLITS)
     # Hash buckets behave like independent draws: shares within ~5 standard deviations of the fractions.
-    for split, fraction in zip(SPLITS, (0.8, 0.1, 0.1)):
+    for split, fraction in zip(SPLITS, (0.8, 0.1, 0.1), strict=True):
         share = len(groups[split]) / len(files)
         assert abs(share - fraction) < 5 * math.sqrt(fraction * (1 - fraction) / len(files))
 
@@ -141,7 +141,7 @@ def test_max_bytes_caps_each_split_in_proportion_and_matches_read_split(tmp_path
     fractions = (0.8, 0.1, 0.1)
     splits = load_corpus("shakespeare", cache_dir=tmp_path, max_bytes=SMALL, split_fractions=fractions)
     groups = assign_splits(CORPORA["shakespeare"].files(), fractions)
-    for split, fraction in zip(SPLITS, fractions):
+    for split, fraction in zip(SPLITS, fractions, strict=True):
         texts = read_split("shakespeare", split, max_bytes=SMALL, split_fractions=fractions)
         joined = DOCUMENT_SEPARATOR.join(texts)
         np.testing.assert_array_equal(splits.tokens(split), np.frombuffer(joined.encode("utf-8"), np.uint8))

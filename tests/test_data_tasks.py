@@ -26,7 +26,7 @@ def recall_oracle(task: MQAR, inputs: torch.Tensor) -> torch.Tensor:
     predictions = torch.zeros_like(inputs)
     for row in range(inputs.shape[0]):
         context = inputs[row, :2 * task.n_pairs].tolist()
-        memory = dict(zip(context[0::2], context[1::2]))
+        memory = dict(zip(context[0::2], context[1::2], strict=True))
         for position in range(2 * task.n_pairs, inputs.shape[1]):
             token = int(inputs[row, position])
             if token in memory:

@@ -35,6 +35,7 @@ def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path) ->
         one, two = single["arms"][arm]["runs"]["0"], ddp["arms"][arm]["runs"]["0"]
         # Each rank takes half of the same global batch, and DDP averages gradients: the same optimisation, up to
         # floating-point summation order.
-        for (step_a, loss_a), (step_b, loss_b) in zip(one["curves"]["train_loss"], two["curves"]["train_loss"]):
+        for (step_a, loss_a), (step_b, loss_b) in zip(one["curves"]["train_loss"], two["curves"]["train_loss"],
+                                                      strict=True):
             assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4)
         assert two["metrics"]["test_bpb"] == pytest.approx(one["metrics"]["test_bpb"], rel=1e-4)

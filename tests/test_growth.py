@@ -40,7 +40,7 @@ def test_prop_alpha_stage_lengths_follow_the_formula_and_sum_to_the_budget() -> 
         norm = sum(j ** alpha for j in range(1, stages + 1))
         shares = [total * i ** alpha / norm for i in range(1, stages + 1)]
         if min(shares) >= 1:
-            assert all(abs(length - share) < 1 for length, share in zip(lengths, shares))
+            assert all(abs(length - share) < 1 for length, share in zip(lengths, shares, strict=True))
     assert stage_starts([10, 20, 30, 40]) == [0, 10, 30, 60]
 
 
@@ -92,7 +92,7 @@ def test_copied_layers_are_exact_and_independent() -> None:
     model = tiny_model(2)
     sources = grow_model(model, Midas(), block_size=1)  # layers [A, A', B]
     assert len(sources) == sum(1 for _ in model.blocks[1].parameters())
-    for (name, copy), original in zip(model.blocks[1].named_parameters(), model.blocks[0].parameters()):
+    for (name, copy), original in zip(model.blocks[1].named_parameters(), model.blocks[0].parameters(), strict=True):
         assert torch.equal(copy, original) and copy.data_ptr() != original.data_ptr(), name
         assert sources[copy] is original
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_growth_works_on_a_hugging_face_llama_and_keeps_its_kv_cache_right() -> 
     layers = model.model.layers
     assert model.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
-    for copy, original in zip(layers[1].parameters(), layers[0].parameters()):
+    for copy, original in zip(layers[1].parameters(), layers[0].parameters(), strict=True):
         assert torch.equal(copy, original) and copy.data_ptr() != original.data_ptr()
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_resume_mid_stage_and_across_a_boundary_is_bit_identical(tmp_path, inter
     result = resumed.fit()
     assert result.curves["train_loss"] == reference.curves["train_loss"]
     assert len(resumed.model.blocks) == 3
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     state_a, state_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert state_a.keys() == state_b.keys()
@@ -262,7 +262,7 @@ def test_core_similarity_is_the_mean_over_interior_block_pairs() -> None:
     assert core_similarity(model, 1) == pytest.approx(sum(float(full[i, j]) for i, j in interior) / 12, abs=1e-6)
     with torch.no_grad():  # make the interior a looped core: blocks 1..4 all copies of block 1
         for index in (2, 3, 4):
-            for target, source in zip(model.blocks[index].parameters(), model.blocks[1].parameters()):
+            for target, source in zip(model.blocks[index].parameters(), model.blocks[1].parameters(), strict=True):
                 target.copy_(source)
     assert core_similarity(model, 1) == pytest.approx(1.0)
     assert loop_similarity(model, 1) < 0.8  # the first and last blocks still differ

@@ -157,7 +157,7 @@ def explicit_laurel(residual: LaurelResidual, x: torch.Tensor, fx: torch.Tensor,
         A, B = residual.low_rank.down, residual.low_rank.up  # noqa: N806 (the paper's names)
         stream = stream + torch.einsum(f"{letters},{letters[channel_dim]}r,rz->{channels_out}", x, A, B)
     if residual.previous is not None:
-        stream = stream + sum(g * h for g, h in zip(residual.previous.gamma, history))
+        stream = stream + sum(g * h for g, h in zip(residual.previous.gamma, history, strict=True))
     return alpha * fx + beta * stream
 
 
@@ -178,7 +178,7 @@ def test_fused_residual_equals_the_explicit_formula_in_values_and_gradients(vari
     leaves = [*inputs, *residual.parameters()]
     weights = torch.randn_like(got)
     for g, e in zip(torch.autograd.grad((got * weights).sum(), leaves, allow_unused=True),
-                    torch.autograd.grad((expected * weights).sum(), leaves, allow_unused=True)):
+                    torch.autograd.grad((expected * weights).sum(), leaves, allow_unused=True), strict=True):
         assert (g is None) == (e is None)
         if g is not None:
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

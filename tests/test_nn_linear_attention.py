@@ -20,7 +20,7 @@ def restricted_model(d: int, n_layers: int, n_loops: int, preconditioners: list[
     model = LinearTransformer(LinearTransformerConfig(d=d, n_layers=n_layers, n_loops=n_loops,
                                                       attention="restricted")).double()
     with torch.no_grad():
-        for layer, preconditioner in zip(model.layers, preconditioners):
+        for layer, preconditioner in zip(model.layers, preconditioners, strict=True):
             layer.preconditioner.copy_(preconditioner)
             layer.u.zero_()
     return model

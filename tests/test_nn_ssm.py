@@ -48,7 +48,7 @@ def test_mamba1_scan_equals_reference_values_and_gradients(chunk_size: int) -> N
     inputs = _mamba1_inputs(0)
     expected = _values_and_grads(selective_scan_reference, inputs)
     got = _values_and_grads(selective_scan, inputs, chunk_size=chunk_size)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
@@ -56,7 +56,7 @@ def test_mamba1_scan_without_skip_or_initial_state_equals_reference() -> None:
     x, dt, A, B, C, _, _ = _mamba1_inputs(7, steps=13)
     expected = _values_and_grads(selective_scan_reference, [x, dt, A, B, C])
     got = _values_and_grads(selective_scan, [x, dt, A, B, C], chunk_size=5)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
@@ -101,7 +101,7 @@ def test_mamba2_ssd_scan_equals_reference_values_and_gradients(chunk_size: int, 
     inputs = _mamba2_inputs(2)
     expected = _values_and_grads(ssd_scan_reference, inputs)
     got = _values_and_grads(ssd_scan, inputs, chunk_size=chunk_size, backward=backward)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
@@ -109,7 +109,7 @@ def test_mamba2_ssd_scan_without_skip_or_initial_state_equals_reference() -> Non
     x, dt, A, B, C, _, _ = _mamba2_inputs(5, steps=13)
     expected = _values_and_grads(ssd_scan_reference, [x, dt, A, B, C])
     got = _values_and_grads(ssd_scan, [x, dt, A, B, C], chunk_size=5, backward="manual")
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
@@ -177,7 +177,7 @@ def test_causal_conv_equals_a_left_padded_depthwise_conv1d_with_and_without_a_ca
     weights = torch.linspace(-1, 1, y.numel(), dtype=F64).view_as(y)
     ours = torch.autograd.grad((y * weights).sum(), (x, conv.weight, conv.bias))
     theirs = torch.autograd.grad((expected * weights).sum(), (x, conv.weight, conv.bias))
-    for got, want in zip(ours, theirs):
+    for got, want in zip(ours, theirs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     window = torch.randn(2, 9, channels, dtype=F64, requires_grad=True)
     weight = torch.randn(taps, channels, dtype=F64, requires_grad=True)
@@ -271,8 +271,8 @@ def test_kernel_path_passes_mamba_ssm_its_layout(mixer_class, monkeypatch) -> No
     torch.testing.assert_close(kernel(u), reference(u), rtol=1e-10, atol=1e-10)
     assert calls
     caches = [SSMCache(n_slots=1, batch_size=2), SSMCache(n_slots=1, batch_size=2)]
-    outputs = [mixer(u[:, :5], cache=cache) for mixer, cache in zip((kernel, reference), caches)]
-    outputs += [mixer(u[:, 5:], cache=cache) for mixer, cache in zip((kernel, reference), caches)]
+    outputs = [mixer(u[:, :5], cache=cache) for mixer, cache in zip((kernel, reference), caches, strict=True)]
+    outputs += [mixer(u[:, 5:], cache=cache) for mixer, cache in zip((kernel, reference), caches, strict=True)]
     torch.testing.assert_close(outputs[2], outputs[3], rtol=1e-10, atol=1e-10)
 
 

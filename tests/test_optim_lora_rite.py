@@ -161,7 +161,7 @@ def test_state_dict_round_trip_mid_run_continues_identically() -> None:
     optimizer_resumed = make(*resumed)
     optimizer_resumed.load_state_dict(saved["optimizer"])
     run(*resumed, optimizer_resumed, 15)
-    for original, again in zip(params, resumed):
+    for original, again in zip(params, resumed, strict=True):
         assert torch.equal(original, again)
 
 
@@ -295,7 +295,7 @@ def _run_pairs(pairs, targets, steps, together: bool, rest_first_pair_every: int
         for optimizer in optimizers:
             optimizer.zero_grad()
         rest = rest_first_pair_every and step % rest_first_pair_every == 0
-        sum(0.5 * (b @ a - z).square().sum() for index, ((a, b), z) in enumerate(zip(params, targets))
+        sum(0.5 * (b @ a - z).square().sum() for index, ((a, b), z) in enumerate(zip(params, targets, strict=True))
             if not (rest and index == 0)).backward()
         for optimizer in optimizers:
             optimizer.step()
@@ -314,7 +314,7 @@ def test_pairs_batched_together_match_pairs_alone_including_a_zero_lora_b() -> N
     assert after_one[1][1].detach().abs().amax() > 0  # ... and lora_B moves
     together = _run_pairs(pairs, targets, 25, together=True)
     alone = _run_pairs(pairs, targets, 25, together=False)
-    for (a, b), (a_alone, b_alone) in zip(together, alone):
+    for (a, b), (a_alone, b_alone) in zip(together, alone, strict=True):
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         assert torch.allclose(a, a_alone, rtol=0, atol=1e-12) and torch.allclose(b, b_alone, rtol=0, atol=1e-12)
     zero_start = (together[1][1] @ together[1][0]).detach()
@@ -328,7 +328,7 @@ def test_a_pair_that_skips_steps_keeps_its_own_state_inside_a_batch() -> None:
     targets, pairs = [target for target, _, _ in problems], [(a, b) for _, a, b in problems]
     together = _run_pairs(pairs, targets, 12, together=True, rest_first_pair_every=3)
     alone = _run_pairs(pairs, targets, 12, together=False, rest_first_pair_every=3)
-    for (a, b), (a_alone, b_alone) in zip(together, alone):
+    for (a, b), (a_alone, b_alone) in zip(together, alone, strict=True):
         assert torch.allclose(a, a_alone, rtol=0, atol=1e-12) and torch.allclose(b, b_alone, rtol=0, atol=1e-12)
 
 
@@ -352,7 +352,7 @@ def test_bfloat16_factors_keep_float32_state_and_resume_exactly() -> None:
     optimizer_resumed.load_state_dict(saved["optimizer"])
     assert optimizer_resumed.state[resumed[0]]["first_moment"].dtype == torch.float32  # torch would cast to bf16
     run(*resumed, optimizer_resumed, 5)
-    for original, again in zip(params, resumed):
+    for original, again in zip(params, resumed, strict=True):
         assert torch.equal(original, again)
 
 

@@ -76,10 +76,10 @@ def test_compare_noise_straddling_the_margin_is_inconclusive() -> None:
 
 def test_compare_numbers_are_the_paired_t_interval() -> None:
     base = noisy(3.0, 5, 0.2, 4)
-    arm = [b - d for b, d in zip(base, noisy(0.3, 5, 0.05, 5))]
+    arm = [b - d for b, d in zip(base, noisy(0.3, 5, 0.05, 5), strict=True)]
     result = Compare("c", "s", "loss", "arm", "base", confidence=0.9).evaluate(
         results_with({"base": seeded(base), "arm": seeded(arm)}))
-    improvements = [b - a for a, b in zip(arm, base)]
+    improvements = [b - a for a, b in zip(arm, base, strict=True)]
     half = t_critical(0.9, 4) * statistics.stdev(improvements) / math.sqrt(5)
     assert result.numbers["n"] == 5
     assert result.numbers["mean"] == pytest.approx(statistics.fmean(improvements), rel=1e-12)
@@ -90,7 +90,7 @@ def test_compare_numbers_are_the_paired_t_interval() -> None:
 def test_compare_margin_decides_between_holds_and_fails() -> None:
     # Improvements 0.5 ± 0.01: a margin of 0.2 is cleared, a margin of 0.8 is not reached.
     base = [2.0, 2.1, 1.9]
-    arm = [b - 0.5 + e for b, e in zip(base, [0.01, -0.01, 0.0])]
+    arm = [b - 0.5 + e for b, e in zip(base, [0.01, -0.01, 0.0], strict=True)]
     results = results_with({"base": seeded(base), "arm": seeded(arm)})
     assert Compare("c", "s", "loss", "arm", "base", margin=0.2).evaluate(results).verdict == "holds"
     assert Compare("c", "s", "loss", "arm", "base", margin=0.8).evaluate(results).verdict == "fails"
@@ -116,8 +116,8 @@ def test_compare_absolute_verdict_is_shift_invariant_and_relative_is_scale_invar
 
 def test_relative_overhead_at_most_five_percent_both_ways() -> None:
     base = noisy(0.050, 3, 0.0002, 8)
-    slightly_slower = [b * f for b, f in zip(base, [1.02, 1.021, 1.019])]
-    much_slower = [b * f for b, f in zip(base, [1.10, 1.11, 1.09])]
+    slightly_slower = [b * f for b, f in zip(base, [1.02, 1.021, 1.019], strict=True)]
+    much_slower = [b * f for b, f in zip(base, [1.10, 1.11, 1.09], strict=True)]
     results = results_with({"base": seeded(base), "cheap": seeded(slightly_slower), "costly": seeded(much_slower)},
                            metric="step_time_s")
 

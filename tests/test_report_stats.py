@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -41,9 +42,9 @@ def test_t_critical_exact_closed_forms(confidence: float) -> None:
 
 def test_t_critical_is_monotone() -> None:
     by_dof = [t_critical(0.95, dof) for dof in (1, 2, 3, 5, 8, 13, 50, 200)]
-    assert all(a > b for a, b in zip(by_dof, by_dof[1:]))
+    assert all(a > b for a, b in itertools.pairwise(by_dof))
     by_confidence = [t_critical(c, 4) for c in (0.5, 0.8, 0.9, 0.95, 0.99)]
-    assert all(a < b for a, b in zip(by_confidence, by_confidence[1:]))
+    assert all(a < b for a, b in itertools.pairwise(by_confidence))
 
 
 @pytest.mark.parametrize(("confidence", "dof"), [(0.0, 3), (1.0, 3), (1.5, 3), (0.95, 0), (0.95, 2.5), (0.95, True)])

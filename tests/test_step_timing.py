@@ -23,7 +23,7 @@ def test_training_step_takes_one_optimizer_step_on_the_batch() -> None:
     before = [p.detach().clone() for p in model.parameters()]
     step = TrainingStep(model, _regression_loss, _batch())
     step()
-    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert len(step.optimizer.state) == 2  # AdamW state for weight and bias: the step really ran the optimizer
 
 

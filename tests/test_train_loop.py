@@ -81,7 +81,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path) -> None:
     result = resumed.fit()
     assert result.curves["train_loss"] == reference.curves["train_loss"]
     assert result.curves["valid_loss"] == reference.curves["valid_loss"]
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "train_loss" in r] == list(range(12))
@@ -112,7 +112,7 @@ def test_gradient_accumulation_matches_one_large_batch() -> None:
     accumulated = Trainer(tiny_model(dropout=0.0), causal_lm_loss, split, config(steps=4, grad_accum=2), quiet=True)
     del half
     full.fit(), accumulated.fit()
-    for a, b in zip(full.model.parameters(), accumulated.model.parameters()):
+    for a, b in zip(full.model.parameters(), accumulated.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -132,7 +132,7 @@ def test_checkpoint_round_trip_keeps_tied_weights_and_detects_corruption(tmp_pat
     checkpoint = load_checkpoint(tmp_path / "checkpoints")
     model = tiny_model(seed=5)
     model.load_state_dict(checkpoint.model)
-    for a, b in zip(trainer.model.state_dict().values(), model.state_dict().values()):
+    for a, b in zip(trainer.model.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     tied = [n for n, p in model.named_parameters()]
     assert len(tied) == len(list(model.parameters()))  # shared tensors stay shared after loading
