@@ -124,7 +124,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
             rite, other = timings["lora-rite"].samples, timings[peer].samples
             result["ratios"][f"step_time_{key}_vs_{peer}"] = ratio_entry(
                 result, ("shapes", key, "lora-rite", "median_s"), ("shapes", key, peer, "median_s"),
-                better="lower", per_round=[a / b for a, b in zip(rite, other)])
+                better="lower", per_round=[a / b for a, b in zip(rite, other, strict=True)])
             result["ratios"][f"state_bytes_{key}_vs_{peer}"] = ratio_entry(
                 result, ("shapes", key, "lora-rite", "state_bytes"), ("shapes", key, peer, "state_bytes"),
                 better="lower")

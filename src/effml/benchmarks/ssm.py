@@ -19,6 +19,7 @@ tokens/s on the CPU.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ class MixerStack(nn.Module):
         self.mixers = nn.ModuleList(build_mixer(mixer, d_model, **options) for _ in range(n_layers))
 
     def forward(self, x: Tensor) -> Tensor:
-        for norm, mixer in zip(self.norms, self.mixers):
+        for norm, mixer in zip(self.norms, self.mixers, strict=True):
             x = x + mixer(norm(x))
         return x
 
@@ -181,7 +182,7 @@ def _measure_scaling(config: SSMBenchConfig, device: str, result: dict[str, Any]
     for name, points in scaling.items():
         values = list(points.values())
         slopes = [math.log(b["median_s"] / a["median_s"]) / math.log(b["context"] / a["context"])
-                  for a, b in zip(values, values[1:])]
+                  for a, b in itertools.pairwise(values)]
         scaling[name] = {"points": points, "local_slopes": slopes}
     result["scaling"] = scaling
 

@@ -312,7 +312,7 @@ def _split_documents(source: CorpusSource, files: Sequence[str], fractions: tupl
     return {
         split: _take_documents(source, groups[split],
                                None if max_bytes is None else max(1, int(max_bytes * fraction)))
-        for split, fraction in zip(SPLITS, fractions)
+        for split, fraction in zip(SPLITS, fractions, strict=True)
     }
 
 

@@ -34,6 +34,7 @@ not (readout_rise > 0).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,10 +175,10 @@ def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     """Least-squares ``y ≈ intercept + slope · x``: ``(slope, intercept, r²)`` (r² = 1 when ``ys`` are all equal)."""
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mean_x) ** 2 for x in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
     intercept = mean_y - slope * mean_x
     total = sum((y - mean_y) ** 2 for y in ys)
-    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
     return slope, intercept, 1.0 - residual / total if total > 0 else 1.0
 
 
@@ -251,7 +252,7 @@ class LoopedDepth(Experiment):
         metrics["nmse"] = measured["nmse"]
         metrics.update({f"nmse@{k}": value for k, value in enumerate(readouts, start=1)})
         if depth > 1:
-            metrics["readout_rise"] = max(math.log(b / a) for a, b in zip(readouts, readouts[1:]))
+            metrics["readout_rise"] = max(math.log(b / a) for a, b in itertools.pairwise(readouts))
         shift_curve = [[0.0, measured["nmse"]]]
         for index, scale in enumerate(config.shift_scales):
             shifted = task.shifted(scale=scale)
@@ -290,7 +291,8 @@ class LoopedDepth(Experiment):
                     extrapolated += was_extrapolated
                 if len(needed) != len(config.kappas):
                     continue
-                metrics = {f"depth_needed@k{_kappa_tag(k)}": value for k, value in zip(config.kappas, needed)}
+                metrics = {f"depth_needed@k{_kappa_tag(k)}": value
+                           for k, value in zip(config.kappas, needed, strict=True)}
                 metrics["extrapolated"] = float(extrapolated)
                 if all(math.isfinite(v) for v in needed):
                     slope, intercept, r2_log = _line_fit([math.log(k) for k in config.kappas], needed)

@@ -32,6 +32,7 @@ flattens at a floor set by the small u left after training, where a strict test 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +125,7 @@ LOOPS_RISE_TOLERANCE = math.log(1.01)  # claim (3b): a rise of at most 1 % betwe
 
 def _rise(values: list[float]) -> float:
     """max_k ln(values[k+1] / values[k]): ≤ 0 iff the sequence never rises."""
-    return max(math.log(b / a) for a, b in zip(values, values[1:]))
+    return max(math.log(b / a) for a, b in itertools.pairwise(values))
 
 
 @register
@@ -208,12 +209,12 @@ class LoopedGD(Experiment):
             predict = predict_readouts(model, context.device, torch.float64, n_loops=config.test_loops[-1])
             measured = distribution.evaluate(predict, config.eval_prompts, test_seed)
             per_loop = [measured[f"nmse@{k}"] for k in config.test_loops]
-            metrics.update({f"{prefix}nmse_loops@{k}": v for k, v in zip(config.test_loops, per_loop)})
+            metrics.update({f"{prefix}nmse_loops@{k}": v for k, v in zip(config.test_loops, per_loop, strict=True)})
             metrics[f"{prefix}nmse"] = measured[f"nmse@{config.loops}"]  # as trained: `loops` loops
             tail = per_loop[config.test_loops.index(config.loops):]
             metrics[f"{prefix}loops_rise"] = _rise(tail)
             metrics[f"{prefix}more_loops_log_gain"] = math.log(tail[0] / tail[-1])
-            curves[f"{prefix}nmse_vs_loops"] = [[float(k), v] for k, v in zip(config.test_loops, per_loop)]
+            curves[f"{prefix}nmse_vs_loops"] = [[float(k), v] for k, v in zip(config.test_loops, per_loop, strict=True)]
         return ArmRun(params=sum(p.numel() for p in model.parameters()), metrics=metrics, curves=curves)
 
     @staticmethod

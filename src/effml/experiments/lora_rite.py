@@ -319,7 +319,7 @@ class LoRARiteRecipe(Experiment):
                                                                 peft_model))
                  for method in ("adam", "rite")}
         timings = time_interleaved(steps, repeats=config.timing_rounds, warmup=1, device=device)
-        ratios = [rite / adam for rite, adam in zip(timings["rite"].samples, timings["adam"].samples)]
+        ratios = [rite / adam for rite, adam in zip(timings["rite"].samples, timings["adam"].samples, strict=True)]
         metrics = {"adam_step_s": timings["adam"].median, "rite_step_s": timings["rite"].median,
                    "step_time_ratio": statistics.median(ratios)}
         curves = {"step_time_ratio": [[float(i), r] for i, r in enumerate(ratios)]}

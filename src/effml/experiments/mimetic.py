@@ -338,7 +338,7 @@ class Mimetic(Experiment):
                                     .get("runs", {}).get(str(seed)) for length in sweep]
                         if any(run is None or run.get("status") != "complete" for run in measured):
                             continue
-                        solved = [length for length, run in zip(sweep, measured)
+                        solved = [length for length, run in zip(sweep, measured, strict=True)
                                   if run["metrics"]["token_accuracy"] >= config.solve_accuracy]
                         runs[str(seed)] = {"status": "complete",
                                            "metrics": {"largest_solved": float(max(solved, default=0))}}

@@ -114,4 +114,4 @@ def paired_rate_ratios(numerator_times: Sequence[float], denominator_times: Sequ
     if len(numerator_times) != len(denominator_times) or not numerator_times:
         raise ValueError(f"paired ratios need equally many rounds on both sides, got {len(numerator_times)} and "
                          f"{len(denominator_times)}.")
-    return [work_ratio * bottom / top for top, bottom in zip(numerator_times, denominator_times)]
+    return [work_ratio * bottom / top for top, bottom in zip(numerator_times, denominator_times, strict=True)]

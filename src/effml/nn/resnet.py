@@ -132,7 +132,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(*stem)
         channels, index = first, 0
         self.stages = nn.ModuleList()
-        for stage, (width, count) in enumerate(zip(config.widths, config.blocks)):
+        for stage, (width, count) in enumerate(zip(config.widths, config.blocks, strict=True)):
             blocks = nn.ModuleList()
             for position in range(count):
                 stride = 2 if stage > 0 and position == 0 else 1

@@ -239,7 +239,7 @@ class LoRARite(torch.optim.Optimizer):
         lora_groups = [group for group in self.param_groups if group["kind"] == "lora"]
         for index, group in enumerate(lora_groups):
             params = group["params"]
-            for a_param, b_param in zip(params[0::2], params[1::2]):
+            for a_param, b_param in zip(params[0::2], params[1::2], strict=True):
                 if a_param.grad is None and b_param.grad is None:
                     continue
                 key = (index, tuple(a_param.shape), tuple(b_param.shape), a_param.dtype, a_param.device)
@@ -282,7 +282,7 @@ class LoRARite(torch.optim.Optimizer):
             grads.append(torch.stack([self._work_grad(p).T if tall else self._work_grad(p) for p in params]))
             states.append(self._batched_state(params, matrices[-1]))
         # QR of X (k, rows, r); X's transpose view is column-major, as LAPACK wants it, and so is the Q it returns.
-        bases, magnitudes = zip(*(torch.linalg.qr(matrix.transpose(1, 2)) for matrix in matrices))
+        bases, magnitudes = zip(*(torch.linalg.qr(matrix.transpose(1, 2)) for matrix in matrices), strict=True)
         bases = [basis.transpose(1, 2) for basis in bases]  # Uᵀ (k, r, rows)
         inverses = [_inverse_magnitude(magnitude) for magnitude in magnitudes]
         sides = []
@@ -304,7 +304,7 @@ class LoRARite(torch.optim.Optimizer):
                           "state": states[index],
                           # P = U_tᵀ U_{t−1} compares the *other* factor's basis now with the one of the previous step.
                           "projection": bases[other] @ states[other]["basis"].transpose(1, 2)})
-        for side, basis in zip(sides, bases):
+        for side, basis in zip(sides, bases, strict=True):
             side["state"]["basis"].copy_(basis)
         return sides
 
@@ -360,7 +360,7 @@ class LoRARite(torch.optim.Optimizer):
         if side["tall"]:  # lora_B is stored out × r
             update = update.transpose(1, 2)
         params = side["params"]
-        updates = [u.to(p.dtype) for u, p in zip(update.unbind(), params)]
+        updates = [u.to(p.dtype) for u, p in zip(update.unbind(), params, strict=True)]
         torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     def _batched_state(self, params: list[torch.Tensor], matrix: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -374,10 +374,10 @@ class LoRARite(torch.optim.Optimizer):
         key = tuple(id(p) for p in params)
         batched = cache.get(key)
         if batched is not None and all(self.state[p].get(name) is view for name, views in batched["views"].items()
-                                       for p, view in zip(params, views)):
+                                       for p, view in zip(params, views, strict=True)):
             return batched["tensors"]
         rank = matrix.shape[1]  # matrix: (k, r, rows)
-        for param, item in zip(params, matrix):
+        for param, item in zip(params, matrix, strict=True):
             state = self.state[param]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float64, device=item.device)
@@ -426,7 +426,7 @@ class LoRARite(torch.optim.Optimizer):
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         params = [param for group in self.param_groups for param in group["params"]]
         lora = {param for group in self.param_groups if group["kind"] == "lora" for param in group["params"]}
-        for index, param in zip(saved_ids, params):
+        for index, param in zip(saved_ids, params, strict=True):
             if param in lora and index in saved:
                 for key, value in saved[index].items():
                     if torch.is_tensor(value) and value.is_floating_point():

@@ -17,6 +17,7 @@ ordered arms), ``Threshold`` (one arm's values against a constant).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -257,7 +258,7 @@ class Compare(Claim):
             return "inconclusive", f"{pair}: relative improvement undefined, baseline is 0 at some seed", "", numbers
         sign = 1.0 if self.better == "higher" else -1.0
         improvements = [
-            sign * (a - b) / (abs(b) if self.relative else 1.0) for a, b in zip(arm_list, base_list)
+            sign * (a - b) / (abs(b) if self.relative else 1.0) for a, b in zip(arm_list, base_list, strict=True)
         ]
         interval = mean_interval(improvements, self.confidence)
         if interval.low >= self.margin:
@@ -324,7 +325,7 @@ class Monotone(Claim):
                 margin=self.margin,
                 confidence=self.confidence,
             )
-            for index, (earlier, later) in enumerate(zip(self.arms, self.arms[1:]))
+            for index, (earlier, later) in enumerate(itertools.pairwise(self.arms))
         ]
 
     def evaluate(self, results: dict[str, Any]) -> ClaimResult:

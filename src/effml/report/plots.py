@@ -397,7 +397,7 @@ class HeatmapPlot(Plot):
             return _figure_png(figure)
         axes = figure.subplots(1, len(drawn), squeeze=False)[0]
         image = None
-        for ax, (arm, matrix) in zip(axes, drawn):
+        for ax, (arm, matrix) in zip(axes, drawn, strict=True):
             image = ax.imshow(matrix, vmin=self.vmin, vmax=self.vmax, cmap="viridis")
             ax.set_title(_arm_label(results, arm).replace(" (", "\n("), fontsize="x-small")  # long labels: 2 lines
             ax.set_xlabel("layer")

@@ -175,7 +175,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]
         raise ValueError(f"fit_power_law: x and y must have the same length, got {len(xs)} and {len(ys)}.")
     if len(xs) < 2:
         raise ValueError(f"fit_power_law: needs at least 2 points to fit a power law, got {len(xs)}.")
-    non_positive = [(xi, yi) for xi, yi in zip(xs, ys) if xi <= 0 or yi <= 0]
+    non_positive = [(xi, yi) for xi, yi in zip(xs, ys, strict=True) if xi <= 0 or yi <= 0]
     if non_positive:
         raise ValueError(
             f"fit_power_law: a power law is fitted in log-log space, so x and y must be positive; "
@@ -188,7 +188,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]
     sxx = math.fsum((lx - mean_lx) ** 2 for lx in log_x)
     if sxx == 0.0:
         raise ValueError(f"fit_power_law: all x values are equal ({xs[0]}); the exponent is undetermined.")
-    sxy = math.fsum((lx - mean_lx) * (ly - mean_ly) for lx, ly in zip(log_x, log_y))
+    sxy = math.fsum((lx - mean_lx) * (ly - mean_ly) for lx, ly in zip(log_x, log_y, strict=True))
     slope = sxy / sxx
     return math.exp(mean_ly - slope * mean_lx), -slope
 

@@ -207,7 +207,7 @@ def grow_model(model: nn.Module, operator: GrowthOperator, block_size: int) -> d
     for insert_at, copy_from in operator.moves(len(layer_stack(model)), block_size):
         source_layer = layer_stack(model)[copy_from]
         new_layer = insert_layer_copy(model, insert_at, copy_from)
-        for new, old in zip(new_layer.parameters(), source_layer.parameters()):
+        for new, old in zip(new_layer.parameters(), source_layer.parameters(), strict=True):
             sources[new] = sources.get(old, old)  # a copy of a copy traces back to an existing parameter
     return sources
 

@@ -284,7 +284,8 @@ class Trainer:
         if self.checkpoint_dir is None or latest_checkpoint(self.checkpoint_dir) is None:
             return
         checkpoint = load_checkpoint(self.checkpoint_dir, map_location=self.device)
-        for callback, state in zip(self.callbacks, checkpoint.extra.get("callbacks", [])):
+        # not strict: a stateless callback (say, an interrupt hook) may be present in one run and not the other
+        for callback, state in zip(self.callbacks, checkpoint.extra.get("callbacks", []), strict=False):
             callback.load_state_dict(state, self)
         self.model.load_state_dict(checkpoint.model)
         if checkpoint.optimizer is not None:

@@ -73,7 +73,7 @@ def step_time_ratio(model: nn.Module, reference: nn.Module, loss_fn: LossFn, bat
     steps = {"model": TrainingStep(model, loss_fn, batch, device, train),
              "reference": TrainingStep(reference, loss_fn, batch, device, train)}
     timings = time_interleaved(steps, repeats=rounds, warmup=warmup, device=device, clock=clock)
-    ratios = [a / b for a, b in zip(timings["model"].samples, timings["reference"].samples)]
+    ratios = [a / b for a, b in zip(timings["model"].samples, timings["reference"].samples, strict=True)]
     return {"step_time_ratio": statistics.median(ratios), "step_time_ratio_min": min(ratios),
             "step_time_ratio_max": max(ratios), "step_time_model_s": timings["model"].median,
             "step_time_reference_s": timings["reference"].median}

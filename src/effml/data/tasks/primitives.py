@@ -173,7 +173,8 @@ class VariableAssignment(PrimitiveTask):
         chain = names[: self.depth + 1]  # chain[0] is queried, chain[-1] holds the digit
         statements = [f"{chain[i]}={chain[i + 1]}" for i in range(self.depth)]
         statements.append(f"{chain[-1]}={digits[0]}")
-        statements += [f"{name}={digit}" for name, digit in zip(names[self.depth + 1:], digits[1:])]
+        distractors = zip(names[self.depth + 1:], digits[1:self.n_statements - self.depth], strict=True)
+        statements += [f"{name}={digit}" for name, digit in distractors]
         order = rng.permutation(len(statements))
         return ",".join(statements[i] for i in order) + f";{chain[0]}=", digits[0]
 
