@@ -55,7 +55,7 @@ def test_every_ratio_is_the_quotient_of_the_numbers_it_names(quick_lm: Path) -> 
         assert math.isclose(entry["value"], quotient, rel_tol=1e-12), name
     train = result["train"]
     for name, numbers in train.items():  # the absolute numbers themselves are consistent too
-        assert math.isclose(numbers["tokens_per_s"], numbers["work_tokens"] / numbers["median_s"])
+        assert math.isclose(numbers["tokens_per_s"], numbers["work_tokens"] / numbers["median_s"]), name
     mfu = result["mfu"]
     assert math.isclose(mfu["achieved_flops_per_s"], mfu["flops_per_token"] * train["effml"]["tokens_per_s"])
     for target in result["targets"]:

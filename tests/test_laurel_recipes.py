@@ -66,7 +66,7 @@ def check_claims_and_accounting(results: dict, metric: str) -> None:
     base = next(name for name in arms if name.startswith("baseline"))
     for name, arm in arms.items():  # extra params = this arm's parameter count minus the baseline's
         for run in arm["runs"].values():
-            assert run["metrics"]["extra_params"] == arm["params"] - arms[base]["params"]
+            assert run["metrics"]["extra_params"] == arm["params"] - arms[base]["params"], name
     best = results["derived"]["best-laurel"]
     assert best["variant"] in arms and set(best["runs"]) == {"0", "1"}
     for seed, run in best["runs"].items():
