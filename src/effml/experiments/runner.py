@@ -191,7 +191,8 @@ def run_experiment(
         config = config_from_dict(experiment.config_class, saved["config"])
         if results is None:
             results = _empty_results(experiment, preset, config, device, world)
-        results.update(_evaluation(experiment, config))
+        else:
+            results.update(_evaluation(experiment, config))
         _verify_checkpoints(experiment, config, run_dir, results)
     else:
         if preset not in PRESETS or preset not in experiment.presets:
