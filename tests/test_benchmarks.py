@@ -13,7 +13,7 @@ import pytest
 import effml.benchmarks as benchmarks
 from effml.benchmarks import BENCHMARKS, Benchmark, run_benchmark
 from effml.benchmarks.common import get_path, ratio_entry, verdict
-from effml.metrics.timing import paired_rate_ratios, time_interleaved
+from effml.metrics.timing import paired_rate_ratios, paired_time_ratios, time_interleaved
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,16 @@ def test_paired_rate_ratios_pair_rounds_and_scale_by_work() -> None:
     assert paired_rate_ratios([1.0], [3.0], work_ratio=0.5) == [1.5]
     with pytest.raises(ValueError, match="equally many"):
         paired_rate_ratios([1.0], [1.0, 2.0])
+
+
+def test_paired_time_ratios_divide_round_by_round_and_invert_rate_ratios() -> None:
+    assert paired_time_ratios([1.0, 3.0], [2.0, 2.0]) == [0.5, 1.5]
+    times_a, times_b = [0.3, 0.7, 1.1], [0.2, 0.9, 0.4]
+    for time_ratio, rate_ratio in zip(paired_time_ratios(times_a, times_b), paired_rate_ratios(times_a, times_b),
+                                      strict=True):
+        assert time_ratio * rate_ratio == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="equally many rounds"):
+        paired_time_ratios([1.0, 2.0], [1.0])
 
 
 @pytest.mark.parametrize(("value", "rounds", "better", "expected"), [

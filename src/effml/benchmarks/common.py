@@ -40,6 +40,7 @@ import torch
 from effml.metrics.timing import (
     TimingResult,
     paired_rate_ratios,
+    paired_time_ratios,
     require_count,
     synchronize,
     time_interleaved,
@@ -59,6 +60,7 @@ __all__ = [
     "missing_peer_note",
     "package_version",
     "paired_rate_ratios",
+    "paired_time_ratios",
     "peak_memory",
     "ratio_entry",
     "synchronize",

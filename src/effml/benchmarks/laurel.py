@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from effml.benchmarks.common import (format_bytes, machine_info, markdown_table, missing_peer_note,
-                                     package_version, paired_rate_ratios, peak_memory, ratio_entry, time_interleaved,
+                                     package_version, paired_time_ratios, peak_memory, ratio_entry, time_interleaved,
                                      verdict)
 from effml.train.loop import bf16_autocast
 
@@ -223,7 +223,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     targets: dict[str, Any] = {}
     for width, section in result["widths"].items():
         for name in config.variants:
-            per_round = paired_rate_ratios(section["time"][PLAIN]["samples_s"], section["time"][name]["samples_s"])
+            per_round = paired_time_ratios(section["time"][name]["samples_s"], section["time"][PLAIN]["samples_s"])
             ratios[f"time_{name}_d{width}"] = ratio_entry(
                 result, ("widths", width, "time", name, "median_s"), ("widths", width, "time", PLAIN, "median_s"),
                 better="lower", per_round=per_round)
@@ -231,8 +231,8 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
                 result, ("widths", width, "memory", name, "peak_bytes"),
                 ("widths", width, "memory", PLAIN, "peak_bytes"), better="lower")
         for name in config.compiled:
-            per_round = paired_rate_ratios(section["compiled_time"][PLAIN]["samples_s"],
-                                           section["compiled_time"][name]["samples_s"])
+            per_round = paired_time_ratios(section["compiled_time"][name]["samples_s"],
+                                           section["compiled_time"][PLAIN]["samples_s"])
             ratios[f"compiled_time_{name}_d{width}"] = ratio_entry(
                 result, ("widths", width, "compiled_time", name, "median_s"),
                 ("widths", width, "compiled_time", PLAIN, "median_s"), better="lower", per_round=per_round)
@@ -243,7 +243,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
         ratios[f"lr_time_effml_vs_gemma3n_d{width}"] = ratio_entry(
             result, ("peer", "widths", width, "effml", "median_s"), ("peer", "widths", width, "gemma3n", "median_s"),
             better="lower",
-            per_round=paired_rate_ratios(numbers["gemma3n"]["samples_s"], numbers["effml"]["samples_s"]))
+            per_round=paired_time_ratios(numbers["effml"]["samples_s"], numbers["gemma3n"]["samples_s"]))
     result["ratios"], result["targets"] = ratios, targets
     return result
 

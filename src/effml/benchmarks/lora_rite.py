@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from effml.benchmarks.common import machine_info, markdown_table, missing_peer_note, ratio_entry, time_interleaved
+from effml.benchmarks.common import (machine_info, markdown_table, missing_peer_note, paired_time_ratios, ratio_entry,
+                                     time_interleaved)
 
 __all__ = ["run", "render"]
 
@@ -121,10 +122,9 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
                                                               if p.requires_grad)}
                                  for name in CONTENDERS}
         for peer in ("adam", "loraplus"):
-            rite, other = timings["lora-rite"].samples, timings[peer].samples
             result["ratios"][f"step_time_{key}_vs_{peer}"] = ratio_entry(
                 result, ("shapes", key, "lora-rite", "median_s"), ("shapes", key, peer, "median_s"),
-                better="lower", per_round=[a / b for a, b in zip(rite, other, strict=True)])
+                better="lower", per_round=paired_time_ratios(timings["lora-rite"].samples, timings[peer].samples))
             result["ratios"][f"state_bytes_{key}_vs_{peer}"] = ratio_entry(
                 result, ("shapes", key, "lora-rite", "state_bytes"), ("shapes", key, peer, "state_bytes"),
                 better="lower")

@@ -310,7 +310,7 @@ class LoRARiteRecipe(Experiment):
         step each, then ``timing_rounds`` rounds of one step each in rotated order; the ratio is the median of the
         per-round ratios RITE / Adam (their spread is the curve ``step_time_ratio``).
         """
-        from effml.metrics.timing import time_interleaved
+        from effml.metrics.timing import paired_time_ratios, time_interleaved
         from effml.train.step_timing import TrainingStep
 
         model.to(device)  # first, so that the optimizers are built over the parameters where they will live
@@ -319,7 +319,7 @@ class LoRARiteRecipe(Experiment):
                                                                 peft_model))
                  for method in ("adam", "rite")}
         timings = time_interleaved(steps, repeats=config.timing_rounds, warmup=1, device=device)
-        ratios = [rite / adam for rite, adam in zip(timings["rite"].samples, timings["adam"].samples, strict=True)]
+        ratios = paired_time_ratios(timings["rite"].samples, timings["adam"].samples)
         metrics = {"adam_step_s": timings["adam"].median, "rite_step_s": timings["rite"].median,
                    "step_time_ratio": statistics.median(ratios)}
         curves = {"step_time_ratio": [[float(i), r] for i, r in enumerate(ratios)]}

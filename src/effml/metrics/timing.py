@@ -5,7 +5,8 @@ round every contender is called once, in an order rotated by one place per round
 taken with ``time.perf_counter`` (``torch.cuda.synchronize`` before and after on CUDA). A slow patch of the machine
 (another process, thermal throttling, a page-cache flush) then falls on all contenders of a round alike instead of on
 whichever happened to be measured then, and nobody is always first (cold caches) or last. ``paired_rate_ratios``
-turns two contenders' per-round times into per-round ratios, which are far less noisy than a quotient of medians.
+and ``paired_time_ratios`` turn two contenders' per-round times into per-round ratios (of rates, or of times), which
+are far less noisy than a quotient of medians.
 
 Used by ``effml bench`` (``effml.benchmarks``) and by recipes whose claims are about speed.
 """
@@ -20,7 +21,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimingResult", "paired_rate_ratios", "require_count", "synchronize", "time_interleaved"]
+__all__ = ["TimingResult", "paired_rate_ratios", "paired_time_ratios", "require_count", "synchronize",
+           "time_interleaved"]
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -100,6 +102,13 @@ def time_interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: in
             positions[name].append(position)
     return {name: TimingResult(name, tuple(samples[name]), tuple(positions[name])) for name in names}
 
+
+
+def paired_time_ratios(numerator_times: Sequence[float], denominator_times: Sequence[float]) -> list[float]:
+    """Round-by-round ratio of two contenders' times measured in the same interleaved rounds: for each round r,
+    ``numerator_times[r] / denominator_times[r]`` (above 1: the numerator is slower). The inverse of
+    ``paired_rate_ratios`` at equal work."""
+    return paired_rate_ratios(denominator_times, numerator_times)
 
 
 def paired_rate_ratios(numerator_times: Sequence[float], denominator_times: Sequence[float], *,

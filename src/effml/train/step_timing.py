@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effml.metrics.timing import time_interleaved
+from effml.metrics.timing import paired_time_ratios, time_interleaved
 from effml.optim import build_adamw
 from effml.train.loop import TrainConfig, bf16_autocast, to_device
 
@@ -73,7 +73,7 @@ def step_time_ratio(model: nn.Module, reference: nn.Module, loss_fn: LossFn, bat
     steps = {"model": TrainingStep(model, loss_fn, batch, device, train),
              "reference": TrainingStep(reference, loss_fn, batch, device, train)}
     timings = time_interleaved(steps, repeats=rounds, warmup=warmup, device=device, clock=clock)
-    ratios = [a / b for a, b in zip(timings["model"].samples, timings["reference"].samples, strict=True)]
+    ratios = paired_time_ratios(timings["model"].samples, timings["reference"].samples)
     return {"step_time_ratio": statistics.median(ratios), "step_time_ratio_min": min(ratios),
             "step_time_ratio_max": max(ratios), "step_time_model_s": timings["model"].median,
             "step_time_reference_s": timings["reference"].median}
