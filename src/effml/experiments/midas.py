@@ -223,6 +223,18 @@ class MidasConfig:
         return self.n_stages * self.block_size
 
     @functools.cached_property
+    def flops_per_token_by_depth(self) -> dict[int, float]:
+        """`TransformerLM.flops_per_token` at ``seq_len`` for every depth ``b, 2b, …, k·b`` the arms train at. It grows
+        by the same amount per identical layer, so it is read off models of 1 and 2 layers (built once per config,
+        under a forked RNG, so the global random state is untouched)."""
+        from effml.nn import TransformerLM
+
+        with torch.random.fork_rng(devices=[]):
+            one, two = (TransformerLM(model_config(self, depth)).flops_per_token(self.seq_len) for depth in (1, 2))
+        return {depth: one + (depth - 1) * (two - one)
+                for depth in [self.block_size * i for i in range(1, self.n_stages + 1)]}
+
+    @functools.cached_property
     def reduced_steps(self) -> int:
         """Steps of the ``midas-reduced`` arm: the most whose training FLOPs stay within ``reduced_budget`` of the
         baseline's (`budget_steps`; computed once per config: the search costs ~1 s for the `full` preset)."""
@@ -237,20 +249,9 @@ def model_config(config: MidasConfig, n_layers: int) -> Any:
                              n_layers=n_layers, max_seq_len=config.seq_len, mlp=config.mlp)
 
 
-def _flops_per_token_by_depth(config: MidasConfig) -> dict[int, float]:
-    """`TransformerLM.flops_per_token` at ``seq_len`` for every depth ``b, 2b, …, k·b`` the arms train at. It grows by
-    the same amount per identical layer, so it is read off models of 1 and 2 layers (built under a forked RNG, so the
-    global random state is untouched)."""
-    from effml.nn import TransformerLM
-
-    with torch.random.fork_rng(devices=[]):
-        one, two = (TransformerLM(model_config(config, depth)).flops_per_token(config.seq_len) for depth in (1, 2))
-    return {depth: one + (depth - 1) * (two - one)
-            for depth in [config.block_size * i for i in range(1, config.n_stages + 1)]}
-
-
-def _run_flops(config: MidasConfig, operator: str | None, steps: int, per_token: dict[int, float]) -> float:
-    """Training FLOPs of one run of ``steps`` steps, given `_flops_per_token_by_depth`."""
+def _run_flops(config: MidasConfig, operator: str | None, steps: int) -> float:
+    """Training FLOPs of one run of ``steps`` steps (see `training_flops`)."""
+    per_token = config.flops_per_token_by_depth
     tokens_per_step = config.batch_size * config.seq_len * config.train.grad_accum
     if operator is None:
         return steps * per_token[config.n_layers] * tokens_per_step
@@ -262,17 +263,15 @@ def training_flops(config: MidasConfig, operator: str | None, steps_list: list[i
     """Total training FLOPs of an arm run for each step count in ``steps_list``: ``Σ_stages T_i ·
     flops_per_token(depth_i) · tokens per step`` over its Prop-α stages (the full depth throughout for the baseline,
     ``operator=None``), as `ComputeMeter` counts them during training."""
-    per_token = _flops_per_token_by_depth(config)
-    return [_run_flops(config, operator, steps, per_token) for steps in steps_list]
+    return [_run_flops(config, operator, steps) for steps in steps_list]
 
 
 def budget_steps(config: MidasConfig, operator: str, budget_flops: float) -> int:
     """The largest step count ``s ≥ n_stages`` such that every ``n_stages ≤ s' ≤ s`` trains within ``budget_flops``
     (`training_flops`, each ``s'`` with its own Prop-α split); ``n_stages`` if none fits (the config rejects that)."""
-    per_token = _flops_per_token_by_depth(config)
     steps = config.n_stages
     for candidate in range(config.n_stages + 1, 4 * config.train.steps + config.n_stages + 1):
-        if _run_flops(config, operator, candidate, per_token) > budget_flops:
+        if _run_flops(config, operator, candidate) > budget_flops:
             break
         steps = candidate
     return steps
