@@ -90,6 +90,28 @@ def test_resume_evaluates_the_recipes_current_claims(smoke_run: Path, tmp_path) 
     assert "an outdated statement" not in (run_dir / "report.md").read_text()
 
 
+def test_resume_takes_the_recipes_current_arms_and_seeds(smoke_run: Path, tmp_path) -> None:
+    """A run dir written by older code may lack an arm the recipe has now, or list other seeds or labels for one: the
+    resumed run adds the arm (and runs it), refreshes the label and seeds, and keeps every run already done."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    current = {name: {key: arm[key] for key in ("label", "info", "seeds")} for name, arm in results["arms"].items()}
+    done = results["arms"]["d32-l1"]["runs"]
+    del results["arms"]["d64-l2"]
+    results["arms"]["d32-l1"].update(label="an outdated label", seeds=[0])
+    (run_dir / "results.json").write_text(json.dumps(results))
+    assert main(["run", "lm-scaling", "--quiet", "--resume", str(run_dir)]) == 0
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert {name: {key: arm[key] for key in ("label", "info", "seeds")}
+            for name, arm in resumed["arms"].items()} == current
+    assert resumed["arms"]["d32-l1"]["runs"] == done
+    assert set(resumed["arms"]["d64-l2"]["runs"]) == {"0", "1"}
+    assert "an outdated label" not in (run_dir / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [

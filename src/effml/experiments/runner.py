@@ -136,12 +136,20 @@ def _empty_results(experiment: Experiment, preset: str, config: Any, device: str
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device, world),
         "config": config_to_dict(config),
-        "arms": {arm.name: {"label": arm.label, "params": None, "info": dict(arm.info),
-                            "seeds": experiment.arm_seeds(config, arm), "runs": {}}
-                 for arm in experiment.arms(config)},
+        "arms": _refreshed_arms(experiment, config, {}),
         "derived": {},
         **_evaluation(experiment, config),
     }
+
+
+def _refreshed_arms(experiment: Experiment, config: Any, arms: dict[str, Any]) -> dict[str, Any]:
+    """``arms`` (the results' per-arm entries) with every arm of the recipe's current code present and its label, info
+    and seeds taken afresh, keeping the runs already done. A resumed run re-derives with the current code, so an arm it
+    added or a seed count it changed must show in the document; entries of arms it dropped are kept as they were."""
+    for arm in experiment.arms(config):
+        entry = arms.setdefault(arm.name, {"params": None, "runs": {}})
+        entry.update(label=arm.label, info=dict(arm.info), seeds=experiment.arm_seeds(config, arm))
+    return arms
 
 
 def _evaluation(experiment: Experiment, config: Any) -> dict[str, Any]:
@@ -192,7 +200,7 @@ def run_experiment(
         if results is None:
             results = _empty_results(experiment, preset, config, device, world)
         else:
-            results.update(_evaluation(experiment, config))
+            results.update(arms=_refreshed_arms(experiment, config, results["arms"]), **_evaluation(experiment, config))
         _verify_checkpoints(experiment, config, run_dir, results)
     else:
         if preset not in PRESETS or preset not in experiment.presets:
