@@ -114,6 +114,20 @@ def test_generate_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         generate(tiny_model(), prompt(), **arguments)
 
 
+def test_generate_rejects_prompt_ids_outside_the_vocabulary() -> None:
+    with pytest.raises(ValueError, match=rf"prompt token ids must lie in \[0, vocab_size={VOCAB}\)"):
+        generate(tiny_model(), torch.tensor([[1, VOCAB]]), 2)
+
+
+def test_ssm_models_generate_past_max_seq_len_with_a_constant_size_state() -> None:
+    """max_seq_len bounds attention's rotary positions and KV cache; an SSM's recurrence has no such bound."""
+    model = tiny_model(mixer="mamba2", mixer_options={"d_state": 4, "headdim": 8}, max_seq_len=8)
+    start = prompt(2, 6)
+    generated = generate(model, start, 10, temperature=0.0)
+    assert generated.shape == (2, 16)
+    assert torch.equal(generated, greedy_by_hand(model, start, 10))
+
+
 def test_sample_frequencies_follow_the_tempered_softmax() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(20000, 4)
     samples = select_next_token(logits, temperature=2.0, generator=torch.Generator().manual_seed(0))

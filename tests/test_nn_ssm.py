@@ -84,6 +84,22 @@ def test_mamba1_scan_rejects_mismatched_inputs_with_a_clear_message() -> None:
         selective_scan(x, dt, A, B, C, D, chunk_size=0)
 
 
+def test_mamba2_ssd_scan_rejects_mismatched_inputs_with_a_clear_message() -> None:
+    x, dt, A, B, C, D, state = _mamba2_inputs(10, steps=6)
+    with pytest.raises(ValueError, match="3 groups, which does not divide x's 4 heads"):
+        ssd_scan(x, dt, A, torch.cat([B, B[:, :, :1]], 2), C, D)
+    with pytest.raises(ValueError, match=r"B has shape \(2, 5, 2, 5\)"):
+        ssd_scan(x, dt, A, B[:, :5], C, D)
+    with pytest.raises(ValueError, match=r"dt has shape \(2, 6, 1\)"):
+        ssd_scan(x, dt[..., :1], A, B, C, D)
+    with pytest.raises(ValueError, match=r"state has shape \(2, 4, 5, 3\)"):
+        ssd_scan(x, dt, A, B, C, D, state.transpose(2, 3))
+    with pytest.raises(ValueError, match="dtype"):
+        ssd_scan(x, dt.float(), A, B, C, D)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        ssd_scan(x, dt, A, B, C, D, chunk_size=0)
+
+
 def test_mamba1_scan_stays_exact_when_a_chunk_decays_beyond_float32_range() -> None:
     # Δ·A down to −80 per step: a 32-step chunk decays by e^-2500, far below float32's range
     x, dt, A, B, C, D, state = _mamba1_inputs(1, steps=64, decay_scale=40.0)
@@ -225,6 +241,59 @@ def test_default_mixer_is_attention_and_unknown_mixers_are_rejected() -> None:
         Mamba2Mixer(24, headdim=7)
     with pytest.raises(ValueError, match="scan="):
         Mamba1Mixer(16, scan="parallel")
+
+
+def test_bad_mixer_options_get_a_message_naming_the_option() -> None:
+    for options, message in [({"A_init_range": (1.0, 2.0, 3.0)}, "A_init_range"),
+                             ({"A_init_range": 5.0}, "A_init_range"),
+                             ({"A_init_range": (1.0, float("inf"))}, "A_init_range"),
+                             ({"norm_eps": -1.0}, "norm_eps"), ({"norm_eps": "x"}, "norm_eps"),
+                             ({"dt_max": float("inf")}, "dt_max"), ({"ssd_backward": "fast"}, "ssd_backward")]:
+        with pytest.raises(ValueError, match=message):
+            Mamba2Mixer(16, **options)
+    with pytest.raises(ValueError, match="dt_max"):
+        Mamba1Mixer(16, dt_max=float("inf"))
+
+
+def test_ssm_models_need_no_attention_heads_and_no_attention_options_are_accepted() -> None:
+    for width in (30, 36):  # neither splits into 4 heads of an even size, which only rotary attention needs
+        model = TransformerLM(TransformerConfig(vocab_size=11, d_model=width, n_layers=1, n_heads=4, max_seq_len=8,
+                                                mixer="mamba1", mixer_options={"d_state": 4}))
+        assert model.rotary is None and model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 11)
+    with pytest.raises(ValueError, match="mixer_options.*mixer='attention' takes no options"):
+        TransformerConfig(mixer_options={"d_state": 4})
+
+
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_bf16_autocast_runs_the_scan_in_float32_and_decodes_like_the_full_forward(mixer: str) -> None:
+    """Under autocast the projections give bf16 x, B, C beside fp32 A and D: the scan runs in fp32 (Mamba-1's scan,
+    which wants one dtype, refused the mix before), forward, backward and cached decoding alike."""
+    model = _lm(mixer).float()
+    idx = torch.randint(0, 23, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+        cache = model.new_cache(2)
+        pieces = [model(idx[:, :4], cache)] + [model(idx[:, t:t + 1], cache) for t in range(4, 9)]
+    logits.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+    assert all(state.dtype == torch.float32 for state in cache.ssm)
+    torch.testing.assert_close(torch.cat(pieces, 1).float(), logits.float(), rtol=0.0, atol=2e-2)
+    torch.testing.assert_close(logits.float(), model(idx), rtol=0.0, atol=5e-2)  # bf16 matmuls vs fp32
+
+
+def test_mamba2_manual_ssd_backward_option_gives_autograd_s_gradients() -> None:
+    idx = torch.randint(0, 23, (2, 13), generator=torch.Generator().manual_seed(6))
+    grads = []
+    for backward in SSD_BACKWARDS:
+        torch.manual_seed(0)
+        model = TransformerLM(TransformerConfig(vocab_size=23, d_model=16, n_layers=2, n_heads=2, max_seq_len=16,
+                                                mixer="mamba2", mixer_options={"d_state": 4, "headdim": 8,
+                                                                               "chunk_size": 4,
+                                                                               "ssd_backward": backward}))
+        model.double()(idx).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for manual, autograd in zip(*grads, strict=True):
+        torch.testing.assert_close(manual, autograd, rtol=1e-10, atol=1e-12)
 
 
 # --- the mamba_ssm kernel path, against stand-ins written from mamba_ssm's documented semantics -------------------

@@ -71,6 +71,10 @@ def test_model_rejects_non_config_and_bad_token_tensors() -> None:
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(tokens(1, 25))
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, vocab_size={vocab}\)"):
+            model(torch.tensor([[1, bad]]))
 
 
 # ------------------------------------------------------------------------------------------------ behaviour

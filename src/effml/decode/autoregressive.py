@@ -24,8 +24,9 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
     Args:
         model: the language model; put in eval mode for the call (its previous mode is restored afterwards).
         prompt: (B, T0) token ids, T0 >= 1.
-        max_new_tokens: number of tokens appended to every row; T0 + max_new_tokens - 1 must not exceed
-            ``model.config.max_seq_len`` (the last token is emitted, never fed back).
+        max_new_tokens: number of tokens appended to every row; with attention, T0 + max_new_tokens - 1 must not
+            exceed ``model.config.max_seq_len`` (the last token is emitted, never fed back); SSM mixers have no
+            such limit (their state has a constant size).
         temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
         top_k, top_p: sampling filters (see ``effml.decode.sampling.filter_logits``).
         eos_id: once a row emits this token it keeps emitting it; generation stops early when every row has.
@@ -47,10 +48,13 @@ def generate(model: TransformerLM, prompt: Tensor, max_new_tokens: int, *, tempe
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
     batch, prompt_len = prompt.shape
     total = prompt_len + max_new_tokens
-    if total - 1 > model.config.max_seq_len:
+    if model.config.mixer == "attention" and total - 1 > model.config.max_seq_len:  # an SSM state has no length
         raise ValueError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens needs {total - 1} "
                          f"positions but the model's max_seq_len is {model.config.max_seq_len}; shorten the prompt "
                          "or generate fewer tokens.")
+    if prompt.numel() and not 0 <= int(prompt.min()) <= int(prompt.max()) < model.config.vocab_size:
+        raise ValueError(f"prompt token ids must lie in [0, vocab_size={model.config.vocab_size}), got ids from "
+                         f"{int(prompt.min())} to {int(prompt.max())}; the tokenizer and the model disagree.")
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
                                or not 0 <= eos_id < model.config.vocab_size):
         raise ValueError(f"eos_id must be None or a token id in [0, {model.config.vocab_size}), got {eos_id!r}.")

@@ -228,19 +228,41 @@ def _check_scan_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                          f"{tuple(A.shape)}. Pass the scan input with time as dim 1 and one row of A per channel.")
     batch, steps, channels = x.shape
     n = A.shape[1]
-    expected = {"dt": (dt, (batch, steps, channels)), "A": (A, (channels, n)), "B": (B, (batch, steps, n)),
-                "C": (C, (batch, steps, n))}
-    if D is not None:
-        expected["D"] = (D, (channels,))
-    if state is not None:
-        expected["state"] = (state, (batch, channels, n))
+    _check_against("selective_scan", x, "x (b, t, c) and A (c, n)",
+                   {"dt": (dt, (batch, steps, channels)), "A": (A, (channels, n)), "B": (B, (batch, steps, n)),
+                    "C": (C, (batch, steps, n)), "D": (D, (channels,)), "state": (state, (batch, channels, n))},
+                   chunk_size)
+
+
+def _check_against(owner: str, x: Tensor, basis: str, expected: dict[str, tuple[Tensor | None, tuple[int, ...]]],
+                   chunk_size: int) -> None:
+    """Raise ValueError unless every given tensor of ``expected`` ({name: (tensor or None, shape)}) has its shape and
+    x's dtype, and ``chunk_size`` is a positive int. ``basis``: what the expected shapes were derived from."""
     for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape or tensor.dtype != x.dtype:
-            raise ValueError(f"selective_scan: {name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, but "
-                             f"x {tuple(x.shape)} and A {tuple(A.shape)} call for shape {shape} and dtype {x.dtype}; "
-                             "cast or reshape it to match.")
+        if tensor is not None and (tuple(tensor.shape) != shape or tensor.dtype != x.dtype):
+            raise ValueError(f"{owner}: {name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, but {basis} "
+                             f"(x {tuple(x.shape)}) call for shape {shape} and dtype {x.dtype}; cast or reshape it "
+                             "to match.")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}.")
+        raise ValueError(f"{owner}: chunk_size must be a positive int, got {chunk_size!r}.")
+
+
+def _check_ssd_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                      state: Tensor | None, chunk_size: int) -> None:
+    """Raise ValueError unless the shapes, dtypes and chunk size of ``ssd_scan``'s arguments agree."""
+    if x.dim() != 4 or B.dim() != 4:
+        raise ValueError(f"ssd_scan expects x (b, t, h, p) and B (b, t, g, n); got x {tuple(x.shape)} and B "
+                         f"{tuple(B.shape)}. Split the channels into heads (and B, C into groups) first.")
+    batch, steps, heads, head_dim = x.shape
+    groups, n = B.shape[2:]
+    if heads % groups:
+        raise ValueError(f"ssd_scan: B and C have {groups} groups, which does not divide x's {heads} heads; each "
+                         "group must serve a whole number of heads.")
+    _check_against("ssd_scan", x, "x (b, t, h, p) and B's groups and state size",
+                   {"dt": (dt, (batch, steps, heads)), "A": (A, (heads,)), "B": (B, (batch, steps, groups, n)),
+                    "C": (C, (batch, steps, groups, n)), "D": (D, (heads,)),
+                    "state": (state, (batch, heads, head_dim, n))},
+                   chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------- Mamba-2 (SSD)
@@ -435,6 +457,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor |
 
     Shapes: x (b, t, h, p); dt (b, t, h); A (h,); B, C (b, t, g, n) with g dividing h; D (h,) or None;
     state (b, h, p, n) or None. Returns y (b, t, h, p) and the final state (b, h, p, n)."""
+    _check_ssd_inputs(x, dt, A, B, C, D, state, chunk_size)
     if backward == "manual":
         return _SSDScan.apply(x, dt, A, B, C, D, state, chunk_size)
     if backward == "autograd":

@@ -16,8 +16,11 @@ Mamba-1 block, input u (b, t, d_model), inner width E = expand · d_model:
     out    = out_proj(y ⊙ silu(z))
 
 Mamba-2 block: one projection gives z, x, B, C (g groups) and Δ (one per head); x, B and C go through the causal
-conv; A is a scalar per head (h heads of size headdim); y = RMSNorm(ssd(x, Δ, A, B, C) + D x) ⊙ silu(z) as in the
-reference's gated norm (norm of y ⊙ silu(z)); out = out_proj(y).
+conv; A is a scalar per head (h heads of size headdim); y = RMSNorm((ssd(x, Δ, A, B, C) + D x) ⊙ silu(z)), the
+reference's gated norm; out = out_proj(y).
+
+The PyTorch scans run in the promoted dtype of their inputs and parameters: under bf16 autocast the projections give
+bf16 x, B, C while A and D stay fp32, so the recurrence itself runs in fp32 (as in mamba_ssm's reference scan).
 
 Both mixers take ``forward(x, rotation=None, cache=None, cache_slot=0)`` like ``CausalSelfAttention`` (rotation is
 ignored: an SSM is position-aware through its recurrence). With an ``SSMCache`` they continue from the stored conv
@@ -33,6 +36,7 @@ On CUDA, ``use_kernels=True`` routes the scans through the ``mamba_ssm`` package
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -42,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effml.nn.norm import RMSNorm
-from effml.nn.scan import (heads_of_groups, selective_scan, selective_scan_reference, selective_step, ssd_scan,
-                           ssd_scan_reference, ssd_step)
+from effml.nn.scan import (SSD_BACKWARDS, heads_of_groups, selective_scan, selective_scan_reference, selective_step,
+                           ssd_scan, ssd_scan_reference, ssd_step)
 
 __all__ = ["Mamba1Mixer", "Mamba2Mixer", "SSMCache", "SSM_MIXERS", "build_mixer", "check_mixer_options",
            "SCAN_MODES"]
@@ -150,6 +154,10 @@ def _inverse_softplus(value: Tensor) -> Tensor:
     return value + torch.log(-torch.expm1(-value))
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_positive_int(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}.")
@@ -163,8 +171,9 @@ class _SelectiveMixer(nn.Module):
         for name, value in (("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
                             ("chunk_size", chunk_size)):
             _check_positive_int(owner, name, value)
-        if not (isinstance(dt_min, (int, float)) and isinstance(dt_max, (int, float)) and 0 < dt_min <= dt_max):
-            raise ValueError(f"{owner}: need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}.")
+        if not (_is_finite_number(dt_min) and _is_finite_number(dt_max) and 0 < dt_min <= dt_max):
+            raise ValueError(f"{owner}: need finite numbers 0 < dt_min <= dt_max, got dt_min={dt_min!r}, "
+                             f"dt_max={dt_max!r}.")
         if scan not in SCAN_MODES:
             raise ValueError(f"{owner}: scan={scan!r} is not a scan mode; choose one of {SCAN_MODES}.")
 
@@ -194,15 +203,19 @@ class _SelectiveMixer(nn.Module):
         state when decoding a single token, else the CUDA kernel when it applies, else the reference or the chunked
         scan (``scan``). With a cache, it starts from the cached state and stores the final one."""
         state = cache.ssm[cache_slot] if cache is not None else None
-        if x.shape[1] == 1 and state is not None:
-            y, state = self._step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state)
-            y = y.unsqueeze(1)
-        else:
-            result = self._kernel_scan(x, dt, A, B, C, state)
-            if result is None:
-                result = (self._reference(x, dt, A, B, C, self.D, state) if self.scan == "reference"
-                          else self._chunked(x, dt, A, B, C, self.D, state, self.chunk_size))
-            y, state = result
+        result = None if x.shape[1] == 1 and state is not None else self._kernel_scan(x, dt, A, B, C, state)
+        if result is None:
+            dtype = functools.reduce(torch.promote_types, [t.dtype for t in (x, dt, A, B, C, self.D)])
+            x, dt, A, B, C, D = (t.to(dtype) for t in (x, dt, A, B, C, self.D))
+            state = state.to(dtype) if state is not None else None
+            if x.shape[1] == 1 and state is not None:
+                y, state = self._step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state)
+                result = y.unsqueeze(1), state
+            elif self.scan == "reference":
+                result = self._reference(x, dt, A, B, C, D, state)
+            else:
+                result = self._chunked(x, dt, A, B, C, D, state, self.chunk_size)
+        y, state = result
         if cache is not None:
             cache.ssm[cache_slot] = state.detach()
         return y
@@ -324,13 +337,15 @@ class Mamba2Mixer(_SelectiveMixer):
         headdim: channels per head (E / headdim heads). ngroups: groups sharing B and C (divides the heads).
         A_init_range: A = −a with a uniform in this range at init. dt_min, dt_max: range of the initial Δ.
         chunk_size: SSD chunk length Q. scan: "chunked" or "reference". norm_eps: epsilon of the gated RMSNorm.
+        ssd_backward: the chunked scan's backward, "autograd" or "manual" (``ssd_scan``: same gradients, far less
+            memory kept for the backward, somewhat slower on the CPU).
         use_kernels: on CUDA, use ``mamba_ssm``'s ``mamba_chunk_scan_combined`` when importable.
     """
 
     def __init__(self, d_model: int, d_state: int = 32, d_conv: int = 4, expand: int = 2, headdim: int = 16,
                  ngroups: int = 1, A_init_range: tuple[float, float] = (1.0, 16.0), dt_min: float = 0.001,
                  dt_max: float = 0.1, chunk_size: int = 32, scan: str = "chunked", norm_eps: float = 1e-5,
-                 use_kernels: bool = True) -> None:
+                 ssd_backward: str = "autograd", use_kernels: bool = True) -> None:
         super().__init__()
         owner = "Mamba2Mixer"
         _check_positive_int(owner, "d_model", d_model)
@@ -344,13 +359,21 @@ class Mamba2Mixer(_SelectiveMixer):
         n_heads = d_inner // headdim
         if n_heads % ngroups:
             raise ValueError(f"{owner}: ngroups={ngroups} does not divide the {n_heads} heads; pick a divisor.")
+        if not (isinstance(A_init_range, (tuple, list)) and len(A_init_range) == 2
+                and all(_is_finite_number(v) for v in A_init_range) and 0 < A_init_range[0] <= A_init_range[1]):
+            raise ValueError(f"{owner}: A_init_range must be two finite numbers (low, high) with 0 < low <= high "
+                             f"(the range the heads' −A is drawn from), got {A_init_range!r}.")
         low, high = A_init_range
-        if not 0 < low <= high:
-            raise ValueError(f"{owner}: A_init_range must satisfy 0 < low <= high, got {A_init_range!r}.")
+        if not (_is_finite_number(norm_eps) and norm_eps > 0):
+            raise ValueError(f"{owner}: norm_eps must be a finite number > 0, got {norm_eps!r}.")
+        if ssd_backward not in SSD_BACKWARDS:
+            raise ValueError(f"{owner}: ssd_backward={ssd_backward!r} is not a backward mode of ssd_scan; choose "
+                             f"one of {SSD_BACKWARDS}.")
         self.d_model, self.d_state, self.d_inner, self.headdim = d_model, d_state, d_inner, headdim
         self.n_heads, self.ngroups, self.A_init_range = n_heads, ngroups, (float(low), float(high))
         self.dt_min, self.dt_max, self.chunk_size, self.scan, self.use_kernels = dt_min, dt_max, chunk_size, scan, \
             use_kernels
+        self.ssd_backward = ssd_backward
         self.conv_channels = d_inner + 2 * ngroups * d_state
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_channels + n_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels, bias=True)
@@ -410,7 +433,10 @@ class Mamba2Mixer(_SelectiveMixer):
         return (x.unflatten(-1, (self.n_heads, self.headdim)), dt, B.unflatten(-1, (self.ngroups, self.d_state)),
                 C.unflatten(-1, (self.ngroups, self.d_state)), z)
 
-    _step, _reference, _chunked = staticmethod(ssd_step), staticmethod(ssd_scan_reference), staticmethod(ssd_scan)
+    _step, _reference = staticmethod(ssd_step), staticmethod(ssd_scan_reference)
+
+    def _chunked(self, *scan_inputs: Any) -> tuple[Tensor, Tensor]:
+        return ssd_scan(*scan_inputs, backward=self.ssd_backward)
 
     def _kernel_scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                      state: Tensor | None) -> tuple[Tensor, Tensor] | None:

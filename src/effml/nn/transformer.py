@@ -49,8 +49,9 @@ class TransformerConfig:
     """Shape and options of a ``TransformerLM``; validated on construction (ValueError naming the bad field).
 
     Attributes:
-        vocab_size, d_model, n_layers, n_heads, max_seq_len: sizes (positive ints; n_heads divides d_model and the
-            head size d_model / n_heads is even, as rotary embeddings need).
+        vocab_size, d_model, n_layers, n_heads, max_seq_len: sizes (positive ints; with attention, n_heads divides
+            d_model and the head size d_model / n_heads is even, as rotary embeddings need; SSM mixers use neither
+            n_heads nor a position limit).
         mlp: "gelu" or "swiglu". mlp_ratio: GELU hidden width = round(mlp_ratio · d_model); SwiGLU uses 2/3 of that,
             rounded to the nearest multiple of 8 (so both have about the same parameter count).
         dropout: in [0, 1); on attention weights and on both residual branches of every block.
@@ -87,10 +88,10 @@ class TransformerConfig:
         owner = type(self).__name__
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "n_loops"):
             _require_positive_int(owner, name, getattr(self, name))
-        if self.d_model % self.n_heads != 0:
+        if self.mixer == "attention" and self.d_model % self.n_heads != 0:
             raise ValueError(f"{owner}.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                              "choose n_heads dividing d_model.")
-        if self.head_dim % 2 != 0:
+        if self.mixer == "attention" and self.head_dim % 2 != 0:
             raise ValueError(f"{owner}: head size d_model / n_heads = {self.head_dim} is odd, but rotary embeddings "
                              "need an even head size; change d_model or n_heads.")
         if self.mlp not in MLPS:
@@ -110,6 +111,10 @@ class TransformerConfig:
         if not isinstance(self.mixer_options, dict):
             raise ValueError(f"{owner}.mixer_options must be a dict of constructor options, "
                              f"got {self.mixer_options!r}.")
+        if self.mixer == "attention" and self.mixer_options:
+            raise ValueError(f"{owner}.mixer_options={self.mixer_options!r} were given but mixer='attention' takes "
+                             "no options (they configure an SSM mixer); set mixer='mamba1' or 'mamba2', or drop "
+                             "mixer_options.")
         if self.mixer != "attention":
             try:
                 check_mixer_options(self.mixer, self.mixer_options)
@@ -145,7 +150,8 @@ class TransformerLM(nn.Module):
             raise TypeError(f"TransformerLM needs a TransformerConfig, got {type(config).__name__}.")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+        self.rotary = (RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)
+                       if config.mixer == "attention" else None)
         self.blocks = nn.ModuleList(
             TransformerBlock(config.d_model, config.n_heads, mlp=config.mlp, mlp_ratio=config.mlp_ratio,
                              dropout=config.dropout, residual=config.residual,
@@ -195,10 +201,15 @@ class TransformerLM(nn.Module):
             raise ValueError(f"{seq} tokens after {offset} cached positions exceed max_seq_len="
                              f"{self.config.max_seq_len}; feed at most max_seq_len positions or build the model "
                              "with a larger max_seq_len.")
-        rotation = self.rotary(offset, seq).unsqueeze(1) if self.config.mixer == "attention" else None
+        rotation = self.rotary(offset, seq).unsqueeze(1) if self.rotary is not None else None
         # rotation (T, 1, Dh/2) broadcasts over the heads of (B, T, H, Dh); SSM mixers take no positions
 
-        x = self.tok_emb(idx)
+        try:
+            x = self.tok_emb(idx)
+        except IndexError:
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from "
+                             f"{int(idx.min())} to {int(idx.max())}; the tokenizer and the model's vocab_size "
+                             "disagree.") from None
         embedded = x
         history_size = max((block.history_size for block in self.blocks), default=0)
         history = StreamHistory(history_size) if history_size > 0 else None
