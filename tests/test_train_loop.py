@@ -87,6 +87,39 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path) -> None:
     assert [r["step"] for r in logged if "train_loss" in r] == list(range(12))
 
 
+class CrashAfter(Callback):
+    """Raises after a given step, as a killed process would stop (no checkpoint of its own)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("crash_after", [7, None])
+def test_resume_from_a_checkpoint_at_an_evaluation_step_keeps_that_evaluation(tmp_path, crash_after) -> None:
+    """The checkpoint of step 6 is written after step 6's evaluation: a run resumed from it (killed at step 8, or
+    resumed once finished) logs every evaluation exactly once, as the uninterrupted run does."""
+    settings = config(checkpoint_every=6, eval_every=3)
+    reference = Trainer(tiny_model(), causal_lm_loss, batches(), settings, evaluate=evaluate,
+                        run_dir=tmp_path / "straight", quiet=True).fit()
+    crashed = Trainer(tiny_model(), causal_lm_loss, batches(), settings, evaluate=evaluate, run_dir=tmp_path / "split",
+                      quiet=True, callbacks=[CrashAfter(crash_after)] if crash_after is not None else [])
+    if crash_after is None:
+        crashed.fit()
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            crashed.fit()
+    resumed = Trainer(tiny_model(), causal_lm_loss, batches(), settings, evaluate=evaluate, run_dir=tmp_path / "split",
+                      quiet=True, resume=True).fit()
+    assert [step for step, _ in reference.curves["valid_loss"]] == [3, 6, 9, 12]
+    assert resumed.curves["valid_loss"] == reference.curves["valid_loss"]
+    logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "valid_loss" in r] == [3, 6, 9, 12]
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
     def poisoned(model, batch, step):
         loss, metrics = causal_lm_loss(model, batch, step)

@@ -295,8 +295,11 @@ class Trainer:
             torch.cuda.set_rng_state(checkpoint.rng["cuda"], self.device)
         self.step = checkpoint.step
         self._step_times = list(checkpoint.extra.get("step_times", []))
-        # Forget what was logged after the checkpoint: the resumed run logs those steps again.
-        self._records = [r for r in self._read_log() if r["step"] < self.step]
+        # Forget what was logged after the checkpoint: the resumed run logs those steps again. A training record
+        # carries the index of its step (kept if < checkpoint step); an evaluation record carries the count of steps
+        # done, and the checkpoint is saved after the evaluation of its step, so that one is kept too.
+        self._records = [r for r in self._read_log()
+                         if r["step"] < self.step or (r["step"] == self.step and "train_loss" not in r)]
         if self.world.is_main and self.metrics_path is not None:
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self._records))
 
