@@ -121,6 +121,8 @@ def test_resume_takes_the_recipes_current_arms_and_seeds(smoke_run: Path, tmp_pa
         ([*SMOKE, "--set", "train.steps=0"], r"steps = 0 .*> 0"),
         ([*SMOKE, "--set", "sizes=64,32x2"], "WIDTHxDEPTH"),
         ([*SMOKE, "--seeds", "0"], "at least 1"),
+        ([*SMOKE, "--set", "seed=-1"], r"seed = -1 .*int ≥ 0"),
+        ([*SMOKE, "--set", "train.lr=nan"], r"train\.lr = nan is not a finite number"),
         (["run", "lm-scaling", "--preset", "huge"], "preset 'huge'.*smoke"),
         (["run", "lm-scaling", "--device", "cuda"], "CUDA is not available"),
         (["bench", "no-such-bench"], "no-such-bench"),
@@ -156,6 +158,46 @@ def test_resume_rejects_missing_foreign_and_corrupted_targets_without_changing_a
     assert main(["run", "lm-scaling", "--resume", str(damaged)]) == EXIT_USER_ERROR
     assert "corrupted" in capsys.readouterr().err
     assert snapshot(damaged) == before
+
+    # Settings cannot change on resume; hand-edited files get a message, not a KeyError.
+    finished = snapshot(smoke_run)
+    for extra in (["--set", "train.steps=500"], ["--seeds", "7"], ["--preset", "full"]):
+        assert main(["run", "lm-scaling", "--resume", str(smoke_run), *extra]) == EXIT_USER_ERROR
+        assert "cannot be combined with it" in capsys.readouterr().err
+    assert snapshot(smoke_run) == finished
+    edited = tmp_path / "edited"
+    subprocess.run(["cp", "-r", str(smoke_run), str(edited)], check=True)
+    saved = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "preset"}))
+    assert main(["run", "lm-scaling", "--resume", str(edited)]) == EXIT_USER_ERROR
+    assert "config.json lacks preset" in capsys.readouterr().err
+
+
+def test_resume_restarts_an_arm_whose_first_checkpoint_was_cut_short(smoke_run, tmp_path) -> None:
+    """A kill during the first save leaves only the staging folder: resuming runs that arm from the start (as the
+    trainer would) instead of refusing the whole run."""
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(smoke_run), str(run_dir)], check=True)
+    results = json.loads((run_dir / "results.json").read_text())
+    del results["arms"]["d64-l2"]["runs"]["1"]
+    (run_dir / "results.json").write_text(json.dumps(results))
+    checkpoints = run_dir / "d64-l2" / "seed-1" / "checkpoints"
+    subprocess.run(["rm", "-r", str(checkpoints)], check=True)
+    (checkpoints / ".tmp-step-00000006-999").mkdir(parents=True)
+    (checkpoints / ".tmp-step-00000006-999" / "model.safetensors").write_bytes(b"partial")
+    assert main(["run", "lm-scaling", "--quiet", "--resume", str(run_dir)]) == 0
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert resumed["arms"]["d64-l2"]["runs"]["1"]["status"] == "complete"
+
+
+def test_report_accepts_the_results_file_and_out_must_be_a_directory(smoke_run, tmp_path, capsys) -> None:
+    assert main(["report", str(smoke_run / "results.json")]) == 0
+    assert "report:" in capsys.readouterr().out
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    assert main([*SMOKE, "--out", str(a_file)]) == EXIT_USER_ERROR
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert a_file.read_text() == "not a directory"
 
 
 def test_sigterm_checkpoints_and_resume_completes_the_run(tmp_path) -> None:

@@ -56,6 +56,13 @@ def test_wrong_type_and_out_of_range_say_which_and_what_is_allowed() -> None:
         apply_overrides(Outer(), ["inner.steps"])
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_positive_checks_reject_non_finite_numbers(value: float) -> None:
+    """NaN compares false with every bound, so a plain range test let it through (grad_clip=nan disabled clipping)."""
+    with pytest.raises(ConfigError, match="not a finite number"):
+        check_positive("train", "grad_clip", value, allow_zero=True)
+
+
 def test_dict_round_trip_rebuilds_an_equal_validated_config() -> None:
     config = apply_overrides(Outer(), ["sizes=u,v", "inner.lr=0.25"])
     assert config_from_dict(Outer, config_to_dict(config)) == config

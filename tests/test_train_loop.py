@@ -177,3 +177,10 @@ def test_checkpoint_round_trip_keeps_tied_weights_and_detects_corruption(tmp_pat
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="model.safetensors.*corrupted"):
         load_checkpoint(tmp_path / "checkpoints")
+
+    state_file = latest_checkpoint(tmp_path / "checkpoints") / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["manifest"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="state.json lacks manifest"):
+        load_checkpoint(tmp_path / "checkpoints")

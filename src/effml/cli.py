@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a recipe (arms × seeds) and write its report")
     run.add_argument("name", help="recipe name (see `effml list`)")
-    run.add_argument("--preset", default="cpu", help="smoke (seconds), cpu (default: minutes on 2 cores) or full (GPU)")
+    run.add_argument("--preset", default=None, help="smoke (seconds), cpu (default: minutes on 2 cores) or full (GPU)")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset's)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
@@ -79,8 +79,11 @@ def _run(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: the number of seeds must be at least 1.")
+    if args.resume is not None and args.preset is not None:
+        raise ValueError(f"--resume {args.resume} continues the run with the preset it was started with, so --preset "
+                         "cannot be combined with it; drop --preset, or start a new run.")
     try:
-        run_dir = run_experiment(args.name, preset=args.preset, overrides=args.overrides, seeds=args.seeds,
+        run_dir = run_experiment(args.name, preset=args.preset or "cpu", overrides=args.overrides, seeds=args.seeds,
                                  device=args.device, out=args.out, resume=args.resume, quiet=args.quiet)
     except TrainingInterrupted as stop:
         print(f"effml: {stop}. Resume with: effml run {args.name} --resume {_run_dir_of(stop)}", file=sys.stderr)
@@ -110,6 +113,8 @@ def _report(args: argparse.Namespace) -> int:
     from effml.report import load_results, write_report
 
     run_dir = Path(args.run_dir)
+    if run_dir.is_file():  # the results.json itself: the report goes next to it
+        run_dir = run_dir.parent
     results = load_results(run_dir)
     write_report(run_dir, results)
     _print_verdicts(results)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import types
+import math
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -33,7 +34,9 @@ class ConfigError(ValueError):
 
 
 def check_positive(owner: str, name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raise ConfigError unless ``value`` > 0 (or ≥ 0 with ``allow_zero``)."""
+    """Raise ConfigError unless ``value`` is a finite number > 0 (or ≥ 0 with ``allow_zero``)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{owner}.{name} = {value!r} is not a finite number; give a finite value.")
     if value < 0 or (value == 0 and not allow_zero):
         bound = "≥ 0" if allow_zero else "> 0"
         raise ConfigError(f"{owner}.{name} = {value!r} is out of range: it must be {bound}.")

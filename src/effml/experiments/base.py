@@ -69,7 +69,14 @@ class Experiment(ABC):
         return type(self.preset(next(iter(self.presets))))
 
     def seeds(self, config: Any) -> list[int]:
-        """Seeds to run: ``config.seed, config.seed + 1, ...`` (``config.seeds`` of them)."""
+        """Seeds to run: ``config.seed, config.seed + 1, ...`` (``config.seeds`` of them). Raises ConfigError unless
+        ``seed`` is an int ≥ 0 and ``seeds`` an int ≥ 1 (the runner asks before it writes anything)."""
+        from effml.config import ConfigError
+
+        for name, low in (("seed", 0), ("seeds", 1)):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{self.name}.{name} = {value!r} is out of range: it must be an int ≥ {low}.")
         return [config.seed + i for i in range(config.seeds)]
 
     def arm_seeds(self, config: Any, arm: Arm) -> list[int]:

@@ -59,6 +59,10 @@ def environment(device: str, world: World) -> dict[str, Any]:
 def new_run_dir(out: Path, name: str) -> Path:
     """A fresh ``out/name/<UTC timestamp>`` directory (suffixed -2, -3, ... rather than reuse an existing one)."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for parent in (out, out / name):
+        if parent.exists() and not parent.is_dir():
+            raise RunError(f"--out {out}: {parent} is a file, not a directory, so no run directory can be made in it; "
+                           "pass another --out.")
     base = out / name / stamp
     candidate, suffix = base, 1
     while True:
@@ -103,6 +107,12 @@ def _load_for_resume(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | No
     except json.JSONDecodeError as error:
         raise RunError(f"--resume {run_dir}: config.json or results.json is corrupted ({error}); "
                        f"nothing was changed. Start a new run instead.") from error
+    missing = [key for key in ("recipe", "preset", "config") if not isinstance(saved, dict) or key not in saved]
+    if missing or (results is not None and not isinstance(results.get("arms") if isinstance(results, dict) else None,
+                                                           dict)):
+        what = f"config.json lacks {', '.join(missing)}" if missing else "results.json has no per-arm results"
+        raise RunError(f"--resume {run_dir}: {what}, so it was not written by effml's runner (or was edited by "
+                       "hand); nothing was changed. Restore the file or start a new run instead.")
     return saved, results
 
 
@@ -119,7 +129,8 @@ def _verify_checkpoints(experiment: Experiment, config: Any, run_dir: Path, resu
             try:
                 if latest_checkpoint(checkpoints) is not None:
                     load_checkpoint(checkpoints)
-                elif any(checkpoints.iterdir()):
+                elif any(not entry.name.startswith(".tmp-") for entry in checkpoints.iterdir()):
+                    # (only a staging folder: the first save was cut short, and the arm simply starts again)
                     raise CheckpointError(
                         f"{checkpoints} holds files but no LATEST pointer: its first checkpoint was never completed."
                     )
@@ -191,6 +202,10 @@ def run_experiment(
 
     if resume is not None:
         run_dir = Path(resume)
+        if overrides or seeds is not None:
+            raise RunError(f"--resume {run_dir} continues the run with the config it was started with, so --set and "
+                           "--seeds cannot be combined with it; drop them, or start a new run with the changed "
+                           "settings.")
         saved, results = _load_for_resume(run_dir)
         if saved.get("recipe") != name:
             raise RunError(f"--resume {run_dir} is a run of {saved.get('recipe')!r}, not {name!r}: "
@@ -208,8 +223,8 @@ def run_experiment(
         seeds_override = [] if seeds is None else [f"seeds={seeds}"]  # after --set: --seeds wins
         config = apply_overrides(experiment.preset(preset), [*overrides, *seeds_override])
         experiment.check(config)
+        results = _empty_results(experiment, preset, config, device, world)  # its arms and seeds are checked too
         run_dir = _broadcast_path(new_run_dir(Path(out), name) if world.is_main else None, world)
-        results = _empty_results(experiment, preset, config, device, world)
         if world.is_main:
             atomic_write_text(run_dir / "config.json", json.dumps(
                 {"recipe": name, "preset": preset, "overrides": list(overrides), "device": device,

@@ -35,6 +35,7 @@ __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint"
 
 _LATEST = "LATEST"
 _STATE = "state.json"
+_STATE_KEYS = ("step", "aliases", "optimizer", "extra", "manifest")  # what load_checkpoint reads from state.json
 
 
 class CheckpointError(RuntimeError):
@@ -186,6 +187,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{state_file} is corrupted ({error}); this checkpoint cannot be resumed.") from error
+    missing = [key for key in _STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{state_file} lacks {', '.join(missing)}: it was not written by effml's "
+                              "save_checkpoint (or was edited by hand); this checkpoint cannot be resumed.")
     for name, expected in state["manifest"].items():
         file = path / name
         if not file.is_file() or file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
