@@ -120,6 +120,32 @@ def test_resume_from_a_checkpoint_at_an_evaluation_step_keeps_that_evaluation(tm
     assert [r["step"] for r in logged if "valid_loss" in r] == [3, 6, 9, 12]
 
 
+class StepCounter(Callback):
+    """A stateful callback: counts the steps it has seen, across resumes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self.count += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, int], trainer: Trainer) -> None:
+        self.count = state["count"]
+
+
+def test_callback_states_follow_their_class_when_a_stateless_callback_is_added_on_resume(tmp_path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path, quiet=True,
+                callbacks=[StepCounter(), CrashAfter(5)]).fit()
+    counter = StepCounter()
+    Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path, quiet=True, resume=True,
+            callbacks=[InterruptAt(10**6), counter]).fit()
+    assert counter.count == 12  # 4 steps before the step-4 checkpoint, 8 after it
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
     def poisoned(model, batch, step):
         loss, metrics = causal_lm_loss(model, batch, step)

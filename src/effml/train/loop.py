@@ -119,6 +119,11 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None: ...
 
 
+def _callback_name(callback: Callback) -> str:
+    """The key a callback's saved state is stored under: its class's module and qualified name."""
+    return f"{type(callback).__module__}.{type(callback).__qualname__}"
+
+
 @dataclass
 class TrainResult:
     """What a finished run measured."""
@@ -273,7 +278,7 @@ class Trainer:
         if torch.cuda.is_available() and self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         extra = {
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callbacks": [{"callback": _callback_name(cb), "state": cb.state_dict()} for cb in self.callbacks],
             "step_times": self._step_times,
         }
         checkpoint = Checkpoint(step=self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
@@ -284,9 +289,7 @@ class Trainer:
         if self.checkpoint_dir is None or latest_checkpoint(self.checkpoint_dir) is None:
             return
         checkpoint = load_checkpoint(self.checkpoint_dir, map_location=self.device)
-        # not strict: a stateless callback (say, an interrupt hook) may be present in one run and not the other
-        for callback, state in zip(self.callbacks, checkpoint.extra.get("callbacks", []), strict=False):
-            callback.load_state_dict(state, self)
+        self._restore_callbacks(checkpoint.extra.get("callbacks", []))
         self.model.load_state_dict(checkpoint.model)
         if checkpoint.optimizer is not None:
             self.optimizer.load_state_dict(checkpoint.optimizer)
@@ -302,6 +305,22 @@ class Trainer:
                          if r["step"] < self.step or (r["step"] == self.step and "train_loss" not in r)]
         if self.world.is_main and self.metrics_path is not None:
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self._records))
+
+    def _restore_callbacks(self, saved: list[Any]) -> None:
+        """Hand each callback the state saved by the callback of its class (the n-th of a class gets the n-th saved
+        state of that class), so that a stateless callback (an interrupt hook, say) present in only one of the two
+        runs shifts nothing. Checkpoints of older versions saved bare states: those are matched by position."""
+        if not all(isinstance(entry, dict) and set(entry) == {"callback", "state"} for entry in saved):
+            for callback, state in zip(self.callbacks, saved, strict=False):
+                callback.load_state_dict(state, self)
+            return
+        by_class: dict[str, list[dict[str, Any]]] = {}
+        for entry in saved:
+            by_class.setdefault(entry["callback"], []).append(entry["state"])
+        for callback in self.callbacks:
+            states = by_class.get(_callback_name(callback))
+            if states:
+                callback.load_state_dict(states.pop(0), self)
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
