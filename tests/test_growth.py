@@ -42,6 +42,7 @@ def test_prop_alpha_stage_lengths_follow_the_formula_and_sum_to_the_budget() -> 
         if min(shares) >= 1:
             assert all(abs(length - share) < 1 for length, share in zip(lengths, shares, strict=True))
     assert stage_starts([10, 20, 30, 40]) == [0, 10, 30, 60]
+    assert prop_alpha_stages(100, 4, 600.0) == [1, 1, 1, 97]  # 4^600 overflows a float: the shares are scaled
 
 
 @pytest.mark.parametrize("args", [(3, 4, 1.0), (100, 0, 1.0), (100, 4, -1.0), (100, 4, math.nan)])

@@ -146,6 +146,36 @@ def test_callback_states_follow_their_class_when_a_stateless_callback_is_added_o
     assert counter.count == 12  # 4 steps before the step-4 checkpoint, 8 after it
 
 
+def test_resume_tolerates_a_metrics_line_cut_short_by_a_kill(tmp_path) -> None:
+    reference = Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path / "straight",
+                        quiet=True).fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path / "split", quiet=True,
+                callbacks=[CrashAfter(5)]).fit()
+    log = tmp_path / "split" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 6, "train_lo')
+    resumed = Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path / "split", quiet=True,
+                      resume=True).fit()
+    assert resumed.curves["train_loss"] == reference.curves["train_loss"]
+    log.write_text('{"step": 0, "train_lo\n' + log.read_text())
+    with pytest.raises(CheckpointError, match="line 1, is corrupted"):
+        Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path / "split", quiet=True,
+                resume=True).fit()
+
+
+def test_an_interrupt_at_a_checkpoint_step_reuses_that_checkpoint(tmp_path) -> None:
+    """A second save of the same step would delete the directory LATEST names before renaming the new one in."""
+    trainer = Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path, quiet=True,
+                      callbacks=[InterruptAt(2)])  # honoured at the end of step 3: 4 steps done, a checkpoint step
+    saves = []
+    save = trainer.save
+    trainer.save = lambda: saves.append(trainer.step) or save()  # type: ignore[method-assign]
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit()
+    assert stop.value.step == 4 and saves == [4]
+    assert stop.value.checkpoint == latest_checkpoint(tmp_path / "checkpoints")
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
     def poisoned(model, batch, step):
         loss, metrics = causal_lm_loss(model, batch, step)

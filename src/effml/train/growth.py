@@ -124,7 +124,10 @@ def prop_alpha_stages(total_steps: int, n_stages: int, alpha: float) -> list[int
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number ≥ 0 (0: equal stages, 1: proportional to depth), got "
                          f"{alpha!r}.")
-    weights = [i ** alpha for i in range(1, n_stages + 1)]
+    try:
+        weights = [i ** alpha for i in range(1, n_stages + 1)]
+    except OverflowError:  # a huge alpha: the same shares from weights scaled by k^-α (≤ 1)
+        weights = [(i / n_stages) ** alpha for i in range(1, n_stages + 1)]
     shares = [total_steps * w / math.fsum(weights) for w in weights]
     lengths = [max(1, math.floor(s)) for s in shares]
     by_remainder = sorted(range(n_stages), key=lambda i: (shares[i] - math.floor(shares[i]), i), reverse=True)

@@ -32,7 +32,8 @@ from torch import nn
 from effml.config import check_positive
 from effml.io import atomic_write_text
 from effml.optim import WarmupCosine, build_adamw
-from effml.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from effml.train.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint,
+                                    save_checkpoint)
 from effml.train.distributed import World, all_reduce_sum, current_world
 
 __all__ = [
@@ -268,7 +269,17 @@ class Trainer:
     def _read_log(self) -> list[dict[str, Any]]:
         if self.metrics_path is None or not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                if number == len(lines):  # a final line cut short by a kill: its step is logged again on resume
+                    break
+                raise CheckpointError(f"{self.metrics_path}, line {number}, is corrupted ({error}); restore the file "
+                                      "or start a new run.") from error
+        return records
 
     def save(self) -> Path | None:
         """Checkpoint the current state (rank 0 writes; other ranks return None)."""
@@ -411,12 +422,13 @@ class Trainer:
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
                     last_eval = self._evaluate()
                     self._log({"step": self.step, **last_eval})
+                saved = None
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
-                    self.save()
+                    saved = self.save()
                 progress.update(1)
                 if interrupted and self.step < cfg.steps:
-                    progress.close()
-                    raise TrainingInterrupted(self.step, self.save())
+                    progress.close()  # (a second save of the same step would replace the one LATEST names)
+                    raise TrainingInterrupted(self.step, saved or self.save())
         progress.close()
         if not last_eval:  # resumed from a checkpoint written at the very end
             last_eval = self._evaluate()
