@@ -86,23 +86,62 @@ def test_scalar_rescaling_of_the_factors_changes_nothing(scale: float) -> None:
     assert adam_gap > 0.1
 
 
+@pytest.mark.parametrize(("out", "d_in", "rank"), [(2, 16, 8), (16, 4, 8)])
+def test_a_rank_above_a_dimension_trains_and_keeps_the_invariances_it_can(out, d_in, rank) -> None:
+    """PEFT allows r > out (a small head) or r > in. The step of Z is then exactly invariant under scalar and
+    orthogonal R, and under a general R to first order in η (the gap of one step shrinks in proportion to η)."""
+    generator = torch.Generator().manual_seed(17)
+    target = torch.randn(out, d_in, generator=generator, dtype=torch.float64)
+    lora_a = torch.randn(rank, d_in, generator=generator, dtype=torch.float64) / d_in ** 0.5
+    lora_b = torch.randn(out, rank, generator=generator, dtype=torch.float64) / out ** 0.5
+    orthogonal, _ = torch.linalg.qr(torch.randn(rank, rank, generator=generator, dtype=torch.float64))
+    general = torch.randn(rank, rank, generator=generator, dtype=torch.float64) + 2 * torch.eye(rank,
+                                                                                                dtype=torch.float64)
+
+    def run(a, b, lr=0.02, steps=20):  # the RMS skip would drop this large-gradient problem's first steps
+        return _trajectory(a, b, target, lambda p: LoRARite(p, lr=lr, skip_unmagnified_grad_rms=0.0), steps)
+
+    rite = run(lora_a, lora_b)
+    assert torch.isfinite(rite).all()
+    assert float((rite[-1] - target).square().sum()) < 0.5 * float((lora_b @ lora_a - target).square().sum())
+    assert _relative_gap(rite, run(lora_a * 100, lora_b / 100)) < 1e-9  # measured: ~3e-12
+    assert _relative_gap(rite, run(orthogonal.T @ lora_a, lora_b @ orthogonal)) < 1e-9
+    start = lora_b @ lora_a
+    gaps = []
+    for lr in (1e-2, 1e-3):
+        step = run(lora_a, lora_b, lr=lr, steps=1)[0]
+        other = run(torch.linalg.solve(general, lora_a), lora_b @ general, lr=lr, steps=1)[0]
+        gaps.append(float((step - other).norm() / (step - start).norm()))
+    assert gaps[0] < 0.05 and 0.05 < gaps[1] / gaps[0] < 0.2  # measured: ratio 0.10
+
+
 def _inverse_sqrt(matrix: torch.Tensor, eps: float) -> torch.Tensor:
     values, vectors = torch.linalg.eigh(matrix)
     return vectors @ torch.diag(1.0 / (values.clamp(min=0).sqrt() + eps)) @ vectors.T
 
 
-def test_two_steps_match_the_papers_formulas_written_out() -> None:
-    """Steps 1–8 of §4 written out for both factors, with the basis change and escaped mass of step two."""
-    target, lora_a, lora_b = _problem(seed=5)
+@pytest.mark.parametrize("shape", [(M, N, RANK), (3, N, 6), (M, 5, 8)], ids=["r<dims", "r>out", "r>in"])
+def test_two_steps_match_the_papers_formulas_written_out(shape) -> None:
+    """Steps 1–8 of §4 written out for both factors, with the basis change and escaped mass of step two. With a rank
+    above a dimension (PEFT allows it) the thin QR's Q has q = min(rows, r) columns and R is q×r: the same formulas,
+    with R's pseudo-inverse (a right inverse) for R⁻¹, and q×q moments on the other side."""
+    m, n, rank = shape
+    generator = torch.Generator().manual_seed(5)
+    target = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    lora_a = torch.randn(rank, n, generator=generator, dtype=torch.float64) / n ** 0.5
+    lora_b = torch.randn(m, rank, generator=generator, dtype=torch.float64) / m ** 0.5
     lr, (beta1, beta2), eps = 0.05, (0.9, 0.99), 1e-6
     a, b = nn.Parameter(lora_a.clone()), nn.Parameter(lora_b.clone())
     optimizer = LoRARite([a, b], lr=lr, betas=(beta1, beta2), eps=eps, clip_unmagnified_grad_norm=0.0,
                          skip_unmagnified_grad_rms=0.0, escaped_mass=True)
     # Reference state per factor, in the paper's notation: X_A = lora_B (M×r), X_B = lora_Aᵀ (N×r).
     factors = {"A": lora_b.clone(), "B": lora_a.T.clone()}
-    previous_basis = {"A": torch.zeros(M, RANK, dtype=torch.float64), "B": torch.zeros(N, RANK, dtype=torch.float64)}
-    first = {k: torch.zeros_like(v) for k, v in factors.items()}
-    second = {k: torch.zeros(RANK, RANK, dtype=torch.float64) for k in factors}
+    width = {"A": min(m, rank), "B": min(n, rank)}  # q: the columns of each factor's thin Q
+    previous_basis = {"A": torch.zeros(m, width["A"], dtype=torch.float64),
+                      "B": torch.zeros(n, width["B"], dtype=torch.float64)}
+    first = {"A": torch.zeros(m, width["B"], dtype=torch.float64), "B": torch.zeros(n, width["A"], dtype=torch.float64)}
+    second = {me: torch.zeros(width[other], width[other], dtype=torch.float64)
+              for me, other in (("A", "B"), ("B", "A"))}
     escaped = {k: 0.0 for k in factors}
     for t in (1, 2):
         optimizer.zero_grad()
@@ -114,7 +153,8 @@ def test_two_steps_match_the_papers_formulas_written_out() -> None:
         new = {}
         for me, other in (("A", "B"), ("B", "A")):
             basis_other, magnitude_other = qr[other]
-            unmagnified = grads[me] @ torch.linalg.inv(magnitude_other)
+            inverse_other = torch.linalg.pinv(magnitude_other)  # R⁻¹ where R is square (and regular here)
+            unmagnified = grads[me] @ inverse_other
             projection = basis_other.T @ previous_basis[other]
             d1 = beta1 * (1 - beta1 ** (t - 1)) / (1 - beta1 ** t)
             d2 = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2 ** t)
@@ -123,12 +163,12 @@ def test_two_steps_match_the_papers_formulas_written_out() -> None:
                                 float(second[me].trace() - moved.trace())))
             escaped[me] = d2 * (escaped[me] + lost)
             second[me] = d2 * moved + (1 - d2) * unmagnified.T @ unmagnified / unmagnified.shape[0]
-            step_dir = unmagnified @ _inverse_sqrt(second[me] + escaped[me] * torch.eye(RANK, dtype=torch.float64),
-                                                   eps)
+            identity = torch.eye(width[other], dtype=torch.float64)
+            step_dir = unmagnified @ _inverse_sqrt(second[me] + escaped[me] * identity, eps)
             first[me] = d1 * first[me] @ projection.T + (1 - d1) * step_dir
-            new[me] = factors[me] - lr * first[me] @ torch.linalg.inv(magnitude_other).T
-        if t == 2:
-            assert escaped["A"] > 0 and escaped["B"] > 0  # the bases rotated, so some mass escaped
+            new[me] = factors[me] - lr * first[me] @ inverse_other.T
+        if t == 2:  # the bases rotated, so some mass escaped (not where Q spans all of R^rows: nothing escapes it)
+            assert all(escaped[me] > 0 for me, other in (("A", "B"), ("B", "A")) if width[other] == rank)
         previous_basis = {k: qr[k][0] for k in factors}
         factors = new
         assert torch.allclose(b.detach(), factors["A"], rtol=0, atol=1e-10)
@@ -263,6 +303,44 @@ def test_bad_groups_and_options_are_refused_clearly() -> None:
     frozen = copy.deepcopy(nn.Linear(3, 3)).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable LoRA factors"):
         LoRARite.from_model(frozen)
+
+
+def test_a_pair_passed_reversed_for_a_square_layer_is_refused_clearly() -> None:
+    lora_a, lora_b = nn.Parameter(torch.randn(2, 8)), nn.Parameter(torch.randn(8, 2))  # rank 2 on an 8×8 layer
+    LoRARite([lora_a, lora_b])
+    with pytest.raises(ValueError, match=r"\(8, 2\) and .* \(2, 8\) read as lora_A then lora_B are a rank-8 "
+                                         r"adapter of a 2×2 layer.*\[lora_B, lora_A\].*at most 2"):
+        LoRARite([lora_b, lora_a])
+
+
+def test_conv_lora_is_refused_with_a_fix_that_works() -> None:
+    peft = pytest.importorskip("peft")
+
+    class ConvNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=4, target_modules=["conv", "fc"]))
+    with pytest.raises(ValueError, match=r"does not support convolution LoRA.*conv\.lora_A\.default\.weight "
+                                         r"\(4, 3, 3, 3\).*\{'params': \[\.\.\.\], 'kind': 'adamw'\}"):
+        LoRARite.from_model(model)
+    # The fix the message gives: the 2-D pair (here of rank 4 > out = 2) in a group, the conv factors with AdamW.
+    named = dict(model.named_parameters())
+    fc = [named[f"base_model.model.fc.lora_{x}.default.weight"] for x in "AB"]
+    conv = [named[f"base_model.model.conv.lora_{x}.default.weight"] for x in "AB"]
+    optimizer = LoRARite([{"params": fc}, {"params": conv, "kind": "adamw"}], lr=1e-2)
+    images = torch.randn(4, 3, 6, 6)
+    before = [p.detach().clone() for p in (*fc, *conv)]
+    for _ in range(2):  # lora_B starts at 0: the lora_A factors move from the second step on
+        optimizer.zero_grad()
+        model(images).square().mean().backward()
+        optimizer.step()
+    assert all(not torch.equal(p, old) for p, old in zip((*fc, *conv), before, strict=True))
 
 
 # -- singular magnitudes, batching, low-precision resume --------------------------------------------------------------

@@ -28,6 +28,16 @@ gradients of all pairs are clipped together to a global norm, and a factor's unm
 RMS exceeds a threshold (both are invariant, because Ḡ only rotates across equivalent factorizations). Both factors
 of a pair are updated from the gradients and decompositions taken at the same point.
 
+Ranks above a dimension (PEFT allows r > in or r > out, e.g. a 2-class head): the thin QR of a factor X (rows × r)
+with rows < r gives a basis U of all of R^rows (q = min(rows, r) columns) and a wide magnitude R (q × r), whose
+pseudo-inverse is a right inverse (R R⁺ = I where X has full rank). The rule is then unchanged with q in place of r
+on the other factor's side: Ḡ = ∇_Z L · U is m×q, V̄ and P are q×q, and the update M̄ R⁺ᵀ of X moves Z by exactly
+−η M̄ Uᵀ as before. The step of Z is invariant to first order in η for every equivalent factorization, and exactly
+invariant under scalar and orthogonal R; only the second-order cross term η² ΔA ΔBᵀ depends on a general R, because
+a right inverse of a wide R does not transform with it. (Where m < q, Ḡ has rank ≤ m and V̄ is singular; ε bounds its
+inverse root, as for any rank-deficient gradient.) A rank above both dimensions of a square layer is refused in
+positional groups: it is what a pair passed as [lora_B, lora_A] looks like.
+
 Layout: PEFT's. A pair is ``(lora_A.weight: r×in, lora_B.weight: out×r)`` with ``ΔW = lora_B · lora_A``; in the
 paper's notation ``A = lora_B`` (m = out) and ``B = lora_Aᵀ`` (n = in). Parameters that are not LoRA factors (biases,
 heads) can be trained by AdamW inside the same optimizer (param groups with ``kind="adamw"``).
@@ -60,12 +70,13 @@ def find_lora_pairs(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> tup
 
     Returns ``(pairs, others)``: the (lora_A name, lora_B name) pairs in model order, and the remaining trainable
     names. Raises ValueError naming every unpaired or mis-shaped factor (lora_A must be r×in and lora_B out×r with the
-    same r).
+    same r) and every convolution adapter (4-D factors: unsupported), with a fix for each.
     """
     trainable = {name: p for name, p in named_parameters if p.requires_grad}
     pairs: list[tuple[str, str]] = []
     paired: set[str] = set()
     problems: list[str] = []
+    not_2d: list[str] = []  # factors of convolution adapters (4-D): no r×r preconditioner is defined for them
     for name, param in trainable.items():
         if not _LORA_A.search(name):
             continue
@@ -74,7 +85,10 @@ def find_lora_pairs(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> tup
             problems.append(f"{name} has no trainable partner {partner}")
             continue
         other = trainable[partner]
-        if param.ndim != 2 or other.ndim != 2 or param.shape[0] != other.shape[1]:
+        if param.ndim != 2 or other.ndim != 2:
+            not_2d.append(f"{name} {tuple(param.shape)} and {partner} {tuple(other.shape)}")
+            continue
+        if param.shape[0] != other.shape[1]:
             problems.append(f"{name} {tuple(param.shape)} and {partner} {tuple(other.shape)} are not a LoRA pair "
                             "(expected lora_A r×in and lora_B out×r with the same rank r)")
             continue
@@ -82,13 +96,23 @@ def find_lora_pairs(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> tup
         paired.update((name, partner))
     for name in trainable:
         if re.search(r"(^|\.)lora_(embedding_)?B(\.|$)", name) and name not in paired and not any(
-                name in problem for problem in problems):
+                name in problem for problem in (*problems, *not_2d)):
             problems.append(f"{name} has no trainable lora_A partner")
+    messages = []
     if problems:
-        raise ValueError("LoRA-RITE pairs LoRA factors by parameter name, and some factors cannot be paired: "
-                         + "; ".join(problems) + ". Make sure both factors of every adapter are trainable and named "
-                         "PEFT-style (…lora_A… / …lora_B…), or pass the pairs yourself as a param group "
-                         "{'params': [lora_A, lora_B, ...]}.")
+        messages.append("LoRA-RITE pairs LoRA factors by parameter name, and some factors cannot be paired: "
+                        + "; ".join(problems) + ". Make sure both factors of every adapter are trainable and named "
+                        "PEFT-style (…lora_A… / …lora_B…), or pass the pairs yourself as a param group "
+                        "{'params': [lora_A, lora_B, ...]}.")
+    if not_2d:
+        messages.append("LoRA-RITE preconditions 2-D LoRA factors (adapters of Linear and Embedding layers) and does "
+                        "not support convolution LoRA, whose factors are 4-D: " + "; ".join(not_2d) + ". Leave the "
+                        "conv layers out of LoraConfig.target_modules, freeze their factors (requires_grad_(False)), "
+                        "or build LoRARite from param groups yourself: the 2-D pairs in a group "
+                        "{'params': [lora_A, lora_B, ...]} and the conv factors in an AdamW group "
+                        "{'params': [...], 'kind': 'adamw'}.")
+    if messages:
+        raise ValueError(" ".join(messages))
     others = [name for name in trainable if name not in paired]
     return pairs, others
 
@@ -101,7 +125,8 @@ def _symmetric(x: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_magnitude(magnitude: torch.Tensor) -> torch.Tensor:
-    """R⁻¹ for a batch of upper-triangular R (k, r, r) from a thin QR, by a triangular solve against the identity.
+    """R⁻¹ for a batch of upper-triangular R (k, r, r) from a thin QR, by a triangular solve against the identity;
+    for a wide R (k, q, r), q < r (a factor with fewer rows than its rank), the pseudo-inverse R⁺ (k, r, q).
 
     Where R is singular — its factor has rank < r, e.g. PEFT's lora_B, which starts at exactly zero — the
     pseudo-inverse R⁺ takes R⁻¹'s place (as in the authors' code), so a zero factor gives a zero unmagnified gradient
@@ -109,6 +134,8 @@ def _inverse_magnitude(magnitude: torch.Tensor) -> torch.Tensor:
     r·ε·max|diag R|. The inverse is r×r, so the (rows × r) products with it are plain batched matrix products.
     """
     rank = magnitude.shape[-1]
+    if magnitude.shape[-2] != rank:
+        return torch.linalg.pinv(magnitude)
     diagonal = magnitude.diagonal(dim1=-2, dim2=-1).abs()
     tolerance = diagonal.amax(dim=-1, keepdim=True) * rank * torch.finfo(magnitude.dtype).eps
     singular = (diagonal <= tolerance).any(dim=-1)  # (k,)
@@ -144,8 +171,10 @@ class LoRARite(torch.optim.Optimizer):
         adamw_eps: ε of the AdamW groups.
 
     State per factor X (rows × r in the paper's notation; rows = out for lora_B, in for lora_A), stored transposed
-    as the computation runs (see ``_prepare``): ``first_moment`` M̄ᵀ (r, rows), ``basis`` U_{t−1}ᵀ (r, rows),
-    ``second_moment`` V̄ (r, r), ``escaped_mass`` ρ and ``step`` (float64) — about Adam's memory plus two r×r matrices.
+    as the computation runs (see ``_prepare``): ``first_moment`` M̄ᵀ (q', rows), ``basis`` U_{t−1}ᵀ (q, rows),
+    ``second_moment`` V̄ (q', q'), ``escaped_mass`` ρ and ``step`` (float64) — about Adam's memory plus two r×r
+    matrices. q = min(r, rows) of X and q' the same of the other factor: both are r unless the rank exceeds a
+    dimension (see the module docstring).
     Factors in bf16/fp16 keep this state in float32, also across ``load_state_dict`` (which torch would cast).
 
     Cost per step and pair (on CPU): two thin QRs of X (k, rows, r) — the largest part —, r×r eigendecompositions
@@ -190,6 +219,13 @@ class LoRARite(torch.optim.Optimizer):
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                 raise ValueError(f"LoRARite: {label(i)} {tuple(a.shape)} and {label(i + 1)} {tuple(b.shape)} are not "
                                  "a LoRA pair: expected lora_A r×in then lora_B out×r with the same rank r.")
+            rank, width = a.shape[0], a.shape[1]
+            if not names and b.shape[0] == width < rank:  # named pairs (from_model) are ordered by their names
+                raise ValueError(f"LoRARite: {label(i)} {tuple(a.shape)} and {label(i + 1)} {tuple(b.shape)} read as "
+                                 f"lora_A then lora_B are a rank-{rank} adapter of a {width}×{width} layer, which is "
+                                 "what a pair passed as [lora_B, lora_A] looks like. Pass each pair as [lora_A (r×in), "
+                                 f"lora_B (out×r)] (or use LoRARite.from_model, which pairs by name); if the rank "
+                                 f"really is {rank}, lower it to at most {width}: a higher rank adds nothing.")
 
     @classmethod
     def from_model(cls, model: nn.Module, lr: float = 1e-3, other: str = "adamw", other_lr: float | None = None,
@@ -274,13 +310,17 @@ class LoRARite(torch.optim.Optimizer):
         this returns Xᵀ (k, r, rows), the unmagnified gradient Ḡᵀ = R⁻ᵀ Gᵀ (k, r, rows) with R the other factor's,
         R⁻¹ (k, r, r), Ḡᵀ Ḡ (k, r, r), ‖Ḡ‖² (k,) after the RMS skip, the basis change P (k, r, r) of the other
         factor and the batched state. The bases stored for the next step are overwritten here, after both P are taken.
+        Where a factor has fewer rows than the rank, its Q has q = rows columns: the other side's r×r become q×q
+        (Ḡᵀ (k, q, rows), R⁺ (k, r, q)).
         """
         layout = [([b for _, b in pairs], True), ([a for a, _ in pairs], False)]  # (params, stored as rows × r)
-        matrices, grads, states = [], [], []
+        matrices, grads = [], []
         for params, tall in layout:
             matrices.append(torch.stack([self._work(p).T if tall else self._work(p) for p in params]))
             grads.append(torch.stack([self._work_grad(p).T if tall else self._work_grad(p) for p in params]))
-            states.append(self._batched_state(params, matrices[-1]))
+        widths = [min(matrix.shape[1:]) for matrix in matrices]  # q = min(r, rows): the columns of each thin Q
+        states = [self._batched_state(params, matrices[index], widths[index], widths[1 - index])
+                  for index, (params, _) in enumerate(layout)]
         # QR of X (k, rows, r); X's transpose view is column-major, as LAPACK wants it, and so is the Q it returns.
         bases, magnitudes = zip(*(torch.linalg.qr(matrix.transpose(1, 2)) for matrix in matrices), strict=True)
         bases = [basis.transpose(1, 2) for basis in bases]  # Uᵀ (k, r, rows)
@@ -363,8 +403,10 @@ class LoRARite(torch.optim.Optimizer):
         updates = [u.to(p.dtype) for u, p in zip(update.unbind(), params, strict=True)]
         torch._foreach_add_(params, updates, alpha=-group["lr"])
 
-    def _batched_state(self, params: list[torch.Tensor], matrix: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The state of k same-shaped factors as batched tensors (k, ...), created at their first step.
+    def _batched_state(self, params: list[torch.Tensor], matrix: torch.Tensor, width: int,
+                       other_width: int) -> dict[str, torch.Tensor]:
+        """The state of k same-shaped factors Xᵀ ``matrix`` (k, r, rows) as batched tensors (k, ...), created at
+        their first step; ``width`` q and ``other_width`` q' are min(r, rows) of these factors and of their partners.
 
         Each parameter's own state (what ``state_dict`` saves) holds views into these tensors, and the update writes
         them in place, so no step stacks or splits the state. After ``load_state_dict`` (or any other replacement of
@@ -376,17 +418,17 @@ class LoRARite(torch.optim.Optimizer):
         if batched is not None and all(self.state[p].get(name) is view for name, views in batched["views"].items()
                                        for p, view in zip(params, views, strict=True)):
             return batched["tensors"]
-        rank = matrix.shape[1]  # matrix: (k, r, rows)
+        rows = matrix.shape[2]
+        expected = {"step": (), "first_moment": (other_width, rows), "second_moment": (other_width, other_width),
+                    "escaped_mass": (), "basis": (width, rows)}
         for param, item in zip(params, matrix, strict=True):
             state = self.state[param]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float64, device=item.device)
-                state["first_moment"] = torch.zeros_like(item)
-                state["second_moment"] = item.new_zeros(rank, rank)
                 state["escaped_mass"] = torch.zeros((), dtype=item.dtype, device=item.device)
-                state["basis"] = torch.zeros_like(item)  # Uᵀ (r, rows) of this factor at its previous step
-        expected = {"step": (), "first_moment": tuple(matrix.shape[1:]), "second_moment": (rank, rank),
-                    "escaped_mass": (), "basis": tuple(matrix.shape[1:])}
+                # M̄ᵀ, V̄ and Uᵀ of this factor at its previous step
+                state.update({name: item.new_zeros(expected[name]) for name in ("first_moment", "second_moment",
+                                                                                  "basis")})
         for param in params:
             found = {name: tuple(self.state[param][name].shape) if name in self.state[param] else None
                      for name in _STATE_NAMES}
