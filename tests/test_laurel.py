@@ -216,6 +216,49 @@ def test_bad_options_fail_with_a_clear_message(options, message) -> None:
         LaurelResidual(32, **options)
 
 
+@pytest.mark.parametrize(("module", "inputs", "message"), [
+    # (B, T, D) of the wrong width: scalar RW used to broadcast over any width, LR to fail inside a matmul
+    (LaurelResidual(8, variant="rw"), (torch.randn(2, 3, 6),) * 2,
+     r"axis channel_dim=-1 of the input of shape \(2, 3, 6\) has size 6 but d_model is 8; .*pass channel_dim=1"),
+    (LaurelResidual(8, variant="rw+lr", rank=2), (torch.randn(2, 3, 6),) * 2, "has size 6 but d_model is 8"),
+    # an axis beyond the input's rank used to wrap round (here onto the batch axis, of size D)
+    (LaurelResidual(8, variant="lr", rank=2, channel_dim=4), (torch.randn(8, 8, 3, 3),) * 2,
+     r"channel_dim=4 is not an axis of the 4-D input of shape \(8, 8, 3, 3\)"),
+    (LaurelResidual(8, variant="rw"), (torch.randn(2, 3, 8), torch.randn(2, 3, 1)),
+     r"branch output has shape \(2, 3, 1\) but the stream has \(2, 3, 8\)"),
+], ids=["rw-width", "lr-width", "axis-out-of-range", "branch-shape"])
+def test_an_input_whose_channel_axis_does_not_hold_d_model_is_refused(module, inputs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        module(*inputs)
+
+
+def test_laurel_block_checks_the_channel_axis_before_running_the_branch() -> None:
+    calls = []
+    branch = nn.Conv2d(8, 8, 3, padding=1)
+    branch.register_forward_pre_hook(lambda module, args: calls.append(1))
+    block = LaurelBlock(branch, 8, variant="rw+lr", rank=2)  # channel_dim=1 forgotten for (B, C, H, W)
+    with pytest.raises(ValueError, match=r"axis channel_dim=-1 .* has size 5 but d_model is 8; for \(B, C, H, W\) "
+                                         r"inputs pass channel_dim=1"):
+        block(torch.randn(1, 8, 5, 5))
+    assert not calls
+    right = LaurelBlock(branch, 8, variant="rw+lr", rank=2, channel_dim=1)
+    assert right(torch.randn(1, 8, 5, 5)).shape == (1, 8, 5, 5) and calls
+
+
+@pytest.mark.parametrize(("variant", "options", "message"), [
+    ("lr", {"rank": 16}, r"rank must be in \[1, d_model=4\], got 16"),
+    ("pa", {"rank": 16, "pa_map": "low-rank"}, r"rank must be in \[1, d_model=4\]"),
+    ("pa", {"pa_map": "lowrank"}, r"pa_map='lowrank' is not one of"),
+    ("rw+pa", {"k": 0}, "k must be a positive int"),
+])
+def test_parameter_count_validates_its_options_like_the_modules(variant, options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        laurel_parameter_count(4, variant, **options)
+    with pytest.raises(ValueError, match=message):  # the module refuses the same options with the same message
+        LaurelResidual(4, variant=variant, **options)
+    assert laurel_parameter_count(4, "rw+pa", rank=16) == 2 + 3  # no low-rank map: the rank is not used
+
+
 def test_unknown_option_is_reported_by_the_model_config() -> None:
     with pytest.raises(ValueError, match="does not accept"):
         TransformerConfig(d_model=32, n_heads=2, residual="laurel", residual_options={"rnk": 4})

@@ -133,6 +133,26 @@ def _channels_back(x: Tensor, channel_dim: int) -> Tensor:
     return x if channel_dim in (-1, x.dim() - 1) else x.movedim(-1, channel_dim)
 
 
+def _check_rank(rank: int, d_model: int) -> None:
+    """ValueError unless 1 ≤ ``rank`` ≤ ``d_model`` (the rank of an LR or low-rank PA map of width D)."""
+    if not 1 <= rank <= d_model:
+        raise ValueError(f"LAuReL rank must be in [1, d_model={d_model}], got {rank}; a low-rank map of rank "
+                         "above the width adds parameters without adding expressiveness.")
+
+
+def _check_channel_axis(x: Tensor, channel_dim: int, d_model: int) -> None:
+    """ValueError unless ``channel_dim`` is an axis of ``x`` and that axis has size ``d_model`` (shapes only)."""
+    if not -x.dim() <= channel_dim < x.dim():
+        raise ValueError(f"LAuReL: channel_dim={channel_dim} is not an axis of the {x.dim()}-D input of shape "
+                         f"{tuple(x.shape)}; pass the axis holding the d_model={d_model} channels (-1 for (B, T, D), "
+                         "1 for (B, C, H, W)).")
+    if x.shape[channel_dim] != d_model:
+        raise ValueError(f"LAuReL: axis channel_dim={channel_dim} of the input of shape {tuple(x.shape)} has size "
+                         f"{x.shape[channel_dim]} but d_model is {d_model}; for (B, C, H, W) inputs pass "
+                         "channel_dim=1, for (B, T, D) inputs channel_dim=-1, and build the residual with the "
+                         "input's channel count as d_model.")
+
+
 def _broadcast_channels(vector: Tensor, like: Tensor, channel_dim: int) -> Tensor:
     """A (D,) or (1,) vector shaped to broadcast along ``channel_dim`` of ``like``."""
     if vector.numel() == 1:
@@ -179,9 +199,7 @@ class LowRankTerm(nn.Module):
 
     def __init__(self, d_model: int, rank: int, init: str = "orthogonal", channel_dim: int = -1) -> None:
         super().__init__()
-        if not 1 <= rank <= d_model:
-            raise ValueError(f"LAuReL rank must be in [1, d_model={d_model}], got {rank}; a low-rank map of rank "
-                             "above the width adds parameters without adding expressiveness.")
+        _check_rank(rank, d_model)
         self.channel_dim = channel_dim
         self.down = nn.Parameter(torch.empty(d_model, rank))
         self.up = nn.Parameter(torch.zeros(rank, d_model))
@@ -264,6 +282,7 @@ class LaurelResidual(Residual):
     (``PreviousActivations`` or None); ``history_size`` = k with PA, else 0.
 
     ``forward(x, fx, history=())``: x, fx and each history entry share one shape (D on ``channel_dim``) → that shape.
+    ValueError if ``channel_dim`` is not an axis of x, that axis does not have size D, or fx has another shape.
     """
 
     def __init__(self, d_model: int, layer_index: int = 0, variant: str = "rw", rank: int = 16,
@@ -280,6 +299,11 @@ class LaurelResidual(Residual):
         self.history_size = k if self.previous is not None else 0
 
     def forward(self, x: Tensor, fx: Tensor, history: Sequence[Tensor] = ()) -> Tensor:
+        _check_channel_axis(x, self.config.channel_dim, self.d_model)
+        if fx.shape != x.shape:
+            raise ValueError(f"LAuReL: the branch output has shape {tuple(fx.shape)} but the stream has "
+                             f"{tuple(x.shape)}; a residual adds tensors of one shape, so the branch must keep its "
+                             "input's shape (put a projection in the shortcut where the shape changes).")
         # Evaluated as α·fx + β·(x + PA) + (x·A)·(B·β): β is folded into B's output channels, so that the LR term is
         # added in the up-projection's GEMM epilogue and no (…, D) "stream" tensor is kept for β's gradient.
         stream = x if self.previous is None else x + self.previous(history, x)
@@ -311,7 +335,7 @@ class LaurelBlock(nn.Module):
         variant, **options: as ``LaurelResidual``.
 
     ``forward(x, history=())``: x with D on ``channel_dim`` → the same shape. With PA, pass the earlier block inputs
-    (newest first) as ``history``.
+    (newest first) as ``history``. x's channel axis is checked before the branch runs (ValueError naming the axis).
     """
 
     def __init__(self, branch: nn.Module, d_model: int, variant: str = "rw", **options) -> None:
@@ -324,14 +348,21 @@ class LaurelBlock(nn.Module):
         return self.residual.history_size
 
     def forward(self, x: Tensor, history: Sequence[Tensor] = ()) -> Tensor:
+        _check_channel_axis(x, self.residual.config.channel_dim, self.residual.d_model)
         return self.residual(x, self.branch(x), history)
 
 
 def laurel_parameter_count(d_model: int, variant: str, rank: int = 16, per_channel: bool = False, k: int = 3,
                            pa_map: str = "identity") -> int:
     """The paper's parameter count of one LAuReL residual of width D = ``d_model``:
-    RW 2 (2D per channel), LR 2rD, PA k (identity h) or 2rD + k (low-rank h); a combination adds its parts."""
-    parts = parse_variant(variant)
+    RW 2 (2D per channel), LR 2rD, PA k (identity h) or 2rD + k (low-rank h); a combination adds its parts.
+
+    The options are validated as ``LaurelResidual`` validates them (ValueError naming the bad option), including
+    1 ≤ rank ≤ D where the variant has a low-rank map.
+    """
+    parts = LaurelConfig(variant=variant, rank=rank, per_channel=per_channel, k=k, pa_map=pa_map).parts
+    if "lr" in parts or ("pa" in parts and pa_map == "low-rank"):
+        _check_rank(rank, d_model)
     count = 0
     if "rw" in parts:
         count += 2 * d_model if per_channel else 2
