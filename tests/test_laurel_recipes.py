@@ -142,6 +142,30 @@ def test_resnet_laurel_starts_as_the_plain_resnet_and_pa_stays_within_a_stage() 
     assert seen == [0, 1, 2, 0, 1]  # history restarts where the resolution changes
 
 
+def test_resnet_puts_laurel_on_the_channel_axis_itself() -> None:
+    """ResNet tensors are (B, C, H, W): without channel_dim the LAuReL residuals act on the channels (axis 1), not on
+    the width axis W (images as wide as the channels ran silently that way); another axis is refused."""
+    options = {"variant": "rw+lr", "rank": 2, "per_channel": True}
+    config = ResNetConfig(in_channels=1, widths=(8,), blocks=(2,), residual="laurel", residual_options=options)
+    torch.manual_seed(0)
+    implicit = ResNet(config).eval()
+    assert {block.residual.config.channel_dim for block in implicit.stages[0]} == {1}
+    with torch.no_grad():
+        for name, parameter in implicit.named_parameters():
+            if ".residual." in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.3)
+    explicit = ResNet(ResNetConfig(in_channels=1, widths=(8,), blocks=(2,), residual="laurel",
+                                   residual_options={**options, "channel_dim": -3})).eval()
+    explicit.load_state_dict(implicit.state_dict())
+    images = torch.randn(2, 1, 8, 8)  # W = C = 8
+    assert torch.equal(implicit(images), explicit(images))
+    for channel_dim in (-1, 2, True):
+        with pytest.raises(ValueError, match=rf"channel_dim={channel_dim}, but ResNet tensors are \(B, C, H, W\) "
+                                             "with the channels on axis 1; drop the option"):
+            ResNetConfig(widths=(8,), blocks=(1,), residual="laurel",
+                         residual_options={**options, "channel_dim": channel_dim})
+
+
 def test_bench_laurel_quick(tmp_path) -> None:
     path = run_benchmark("laurel", quick=True, out=tmp_path)
     result = json.loads((path.parent / "result.json").read_text())

@@ -3,9 +3,9 @@
 Every residual block computes ``y = ReLU(residual(shortcut(x), f(x), history))`` where f is the block's conv branch
 (basic: 3×3-BN-ReLU-3×3-BN; bottleneck: 1×1-BN-ReLU-3×3-BN-ReLU-1×1-BN, expansion 4), shortcut is the identity or,
 where the shape changes, a strided 1×1 conv + BN, and ``residual`` comes from the residual registry (``"plain"``:
-shortcut + f, the original ResNet; ``"laurel"`` with ``channel_dim=1``: LAuReL, arXiv 2411.07501). Tensors are
-(B, C, H, W). Residuals that need earlier states (LAuReL-PA) see the block inputs of the current stage only, since
-the shape changes between stages.
+shortcut + f, the original ResNet; ``"laurel"``: LAuReL, arXiv 2411.07501). Tensors are (B, C, H, W), so a residual
+that takes a ``channel_dim`` option gets ``channel_dim=1`` from the ResNet itself. Residuals that need earlier states
+(LAuReL-PA) see the block inputs of the current stage only, since the shape changes between stages.
 
 ``ResNetConfig.small(...)`` gives CIFAR/MNIST-style nets (3×3 stem, no max-pool); ``ResNetConfig.resnet50()`` the
 ImageNet ResNet-50 (7×7 stride-2 stem + max-pool, bottleneck blocks (3, 4, 6, 3), widths 64…512).
@@ -13,13 +13,14 @@ ImageNet ResNet-50 (7×7 stride-2 stem + max-pool, bottleneck blocks (3, 4, 6, 3
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from effml.nn.residual import Residual, StreamHistory, build_residual, check_residual_options
+from effml.nn.residual import RESIDUALS, Residual, StreamHistory, build_residual, check_residual_options
 
 __all__ = ["ResNetConfig", "ResNet"]
 
@@ -35,8 +36,9 @@ class ResNetConfig:
         block: "basic" or "bottleneck" (output channels = 4 × width).
         stem: "small" (3×3 conv of stride ``stem_stride``) or "imagenet" (7×7 conv stride 2 + 3×3 max-pool stride 2).
         stem_stride: stride of the small stem (2 quarters the cost of every later layer on small images).
-        residual, residual_options: residual-registry name and options (e.g. "laurel", {"variant": "rw",
-            "channel_dim": 1}).
+        residual, residual_options: residual-registry name and options (e.g. "laurel", {"variant": "rw+lr",
+            "rank": 4}). A residual with a ``channel_dim`` option (LAuReL) acts on the channel axis 1 of the
+            (B, C, H, W) tensors: the ResNet sets ``channel_dim=1`` itself; another value is refused.
     """
 
     in_channels: int = 3
@@ -67,6 +69,20 @@ class ResNetConfig:
             check_residual_options(self.residual, dict(self.residual_options))
         except ValueError as error:
             raise ValueError(f"ResNetConfig.residual: {error}") from None
+        self.block_residual_options()
+
+    def block_residual_options(self) -> dict[str, Any]:
+        """``residual_options`` as the blocks get them: with ``channel_dim=1`` where the residual takes that option
+        (ResNet tensors are (B, C, H, W)); ValueError for a given channel_dim that is not the channel axis."""
+        options = dict(self.residual_options)
+        if "channel_dim" not in inspect.signature(RESIDUALS[self.residual]).parameters:
+            return options
+        channel_dim = options.get("channel_dim", 1)
+        if isinstance(channel_dim, bool) or channel_dim not in (1, -3):
+            raise ValueError(f"ResNetConfig.residual_options: channel_dim={channel_dim!r}, but ResNet tensors are "
+                             f"(B, C, H, W) with the channels on axis 1; drop the option (the ResNet sets "
+                             f"channel_dim=1 for {self.residual!r} itself) or pass 1.")
+        return {**options, "channel_dim": 1}
 
     @classmethod
     def resnet50(cls, num_classes: int = 1000, **kwargs: Any) -> ResNetConfig:
@@ -131,13 +147,14 @@ class ResNet(nn.Module):
             stem.append(nn.MaxPool2d(3, 2, 1))
         self.stem = nn.Sequential(*stem)
         channels, index = first, 0
+        residual_options = config.block_residual_options()
         self.stages = nn.ModuleList()
         for stage, (width, count) in enumerate(zip(config.widths, config.blocks, strict=True)):
             blocks = nn.ModuleList()
             for position in range(count):
                 stride = 2 if stage > 0 and position == 0 else 1
                 block = ResidualBlock(channels, width, stride, config.block, config.residual,
-                                      dict(config.residual_options), index)
+                                      dict(residual_options), index)
                 blocks.append(block)
                 channels, index = block.out_channels, index + 1
             self.stages.append(blocks)
