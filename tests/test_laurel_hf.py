@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from effml.nn import laurel_hf  # noqa: E402
 from effml.nn.laurel import laurel_parameter_count  # noqa: E402
 from effml.nn.laurel_hf import apply_laurel  # noqa: E402
 
@@ -103,3 +106,84 @@ def test_unsupported_architecture_and_double_conversion_fail_clearly() -> None:
     enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         checkpointed(input_ids=padded_batch()[0])
+
+
+def fine_tuned(family: str, variant: str = "rw+lr+pa") -> torch.nn.Module:
+    """A converted model whose LAuReL parameters moved off their identity initialisation (as after fine-tuning)."""
+    model = apply_laurel(BUILDERS[family](), variant=variant, rank=4, k=2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".laurel_" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def shared_history(model: torch.nn.Module) -> list[torch.Tensor]:
+    layer = next(m for m in model.modules() if getattr(m, "_laurel_shared", None) is not None)
+    return layer._laurel_shared.history.states
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_pa_keeps_no_stream_states_after_a_forward_so_the_model_deep_copies(family) -> None:
+    model = fine_tuned(family).train()
+    ids, mask = padded_batch()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert shared_history(model) == []  # neither the (B, T, D) states nor their autograd graph stay on the model
+    clone = copy.deepcopy(model)  # raised "Only Tensors created explicitly by the user ..." while they did
+    model.eval(), clone.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           clone(input_ids=ids, attention_mask=mask).logits)
+    last_mlp = [m for m in model.modules() if hasattr(m, "laurel_mlp")][-1].mlp
+
+    def fail(module, args):
+        raise RuntimeError("a failure in the last MLP")
+
+    handle = last_mlp.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="last MLP"):
+        model(input_ids=ids)
+    handle.remove()
+    assert shared_history(model) == []  # cleared also when the forward raises
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_a_converted_model_pickles_also_into_a_process_that_never_converted_one(family, monkeypatch) -> None:
+    model = fine_tuned(family).eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+    # A fresh process has neither the converted class nor the cache: the module builds the class on look-up.
+    data = pickle.dumps(model)
+    name = type(next(m for m in model.modules() if hasattr(m, "laurel_mlp"))).__name__
+    monkeypatch.setattr(laurel_hf, "_CONVERTED", {})
+    monkeypatch.delattr(laurel_hf, name)
+    unpickled = pickle.loads(data)
+    layer_classes = {type(m) for m in unpickled.modules() if hasattr(m, "laurel_mlp")}
+    assert [cls.__name__ for cls in layer_classes] == [name] and layer_classes == {getattr(laurel_hf, name)}
+    with torch.no_grad():
+        assert torch.equal(unpickled(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_a_fine_tuned_model_reloads_as_apply_laurel_documents(family, tmp_path) -> None:
+    """from_pretrained drops the laurel_* weights; converting with the same options and then loading the saved
+    weights restores the outputs exactly (the recipe in apply_laurel's docstring)."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = fine_tuned(family).eval()
+    model.save_pretrained(tmp_path)
+    ids, mask = padded_batch()
+    reloaded = apply_laurel(type(model).from_pretrained(tmp_path).eval(), variant="rw+lr+pa", rank=4, k=2)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(reloaded(input_ids=ids, attention_mask=mask).logits, expected)  # weights dropped
+    missing, unexpected = reloaded.load_state_dict(safetensors.load_file(tmp_path / "model.safetensors"),
+                                                   strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # GPT-2 ties lm_head to the embedding
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, expected)

@@ -12,7 +12,13 @@ How: the layer object is kept (parameter names, hooks, gradient checkpointing an
 still work) and its class is switched to a subclass whose ``forward`` runs the original sub-modules with the LAuReL
 residuals — the same computation as the original forward (``transformers`` 5.x signatures) except for the residual
 additions. For PA, the layers share one stream history that is cleared at the start of every forward of the decoder
-(a forward pre-hook), so KV-cache generation sees, for the new tokens, exactly the states a full forward would.
+(a forward pre-hook), so KV-cache generation sees, for the new tokens, exactly the states a full forward would, and
+again at its end (a forward hook, also when the forward raises), so the model keeps no activations (and no autograd
+graph) between forwards and stays deep-copyable.
+
+A converted model pickles (``torch.save(model)``, ``copy.deepcopy``): the layer classes (``LaurelLlamaDecoderLayer``,
+``LaurelGPT2Block``) are attributes of this module, built on first use, also by an unpickling process that has not
+converted a model itself.
 
 Supported: the Llama family (``LlamaDecoderLayer``: Llama 2/3, SmolLM/SmolLM2, TinyLlama, ...) and GPT-2
 (``GPT2Block``, without cross-attention). Other architectures raise a ValueError naming what is supported.
@@ -34,7 +40,8 @@ __all__ = ["apply_laurel", "supported_architectures"]
 
 
 class _SharedHistory:
-    """The PA stream history shared by the converted layers of one model; cleared before every decoder forward."""
+    """The PA stream history shared by the converted layers of one model; cleared before and after every decoder
+    forward (``reset`` is both the pre-hook and the hook)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -120,9 +127,23 @@ _CONVERTED: dict[type, type] = {}
 
 
 def _laurel_class(cls: type, forward: Callable[..., Tensor]) -> type:
+    """The converted class of decoder-layer class ``cls``: ``Laurel<cls name>``, a subclass with the LAuReL
+    ``forward``, made once and registered as an attribute of this module under its name, so that pickle finds it."""
     if cls not in _CONVERTED:
-        _CONVERTED[cls] = type(f"Laurel{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+        name = f"Laurel{cls.__name__}"
+        converted = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        globals()[name] = _CONVERTED[cls] = converted
     return _CONVERTED[cls]
+
+
+def __getattr__(name: str) -> type:
+    """Module attribute look-up of a converted layer class that was not made yet in this process (PEP 562): an
+    unpickling process finds ``LaurelLlamaDecoderLayer`` etc. here without converting a model first."""
+    if name.startswith("Laurel"):
+        for cls, (_, forward, _) in _adapters().items():
+            if name == f"Laurel{cls.__name__}":
+                return _laurel_class(cls, forward)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def apply_laurel(model: nn.Module, variant: str = "rw+lr", **options: Any) -> nn.Module:
@@ -141,6 +162,19 @@ def apply_laurel(model: nn.Module, variant: str = "rw+lr", **options: Any) -> nn
     Raises:
         ValueError: no supported decoder layer in the model (the message lists the supported classes), a layer that
         was already converted, or bad options.
+
+    Saving and reloading: ``save_pretrained``/``state_dict`` include the ``laurel_*`` weights, but ``from_pretrained``
+    builds the original architecture and drops them (with an "unexpected keys" warning), so a fine-tuned LAuReL model
+    is reloaded by converting first, with the same variant and options, and loading the saved weights after::
+
+        model = LlamaForCausalLM.from_pretrained(path)  # the laurel_* weights are dropped here
+        apply_laurel(model, "rw+lr", rank=16)           # as when it was saved: fresh, identity-initialised residuals
+        model.load_state_dict(safetensors.torch.load_file(f"{path}/model.safetensors"), strict=False)
+
+    which restores the outputs exactly. ``strict=False`` because save_pretrained leaves tied weights out of the file
+    (GPT-2's ``lm_head.weight``; the call returns them as the only missing keys); a ``model.state_dict()`` saved with
+    ``torch.save`` loads with the default ``strict=True``. ``torch.save(model)``/``torch.load`` of the whole converted
+    model also works.
     """
     if "channel_dim" in options:
         raise ValueError("apply_laurel: channel_dim is fixed to -1 for Hugging Face hidden states (B, T, D); "
@@ -173,7 +207,9 @@ def apply_laurel(model: nn.Module, variant: str = "rw+lr", **options: Any) -> nn
     for layer in residuals:
         layer._laurel_shared = shared
     if shared is not None:
-        _owner_of_layers(model, residuals[0]).register_forward_pre_hook(shared.reset)
+        owner = _owner_of_layers(model, residuals[0])
+        owner.register_forward_pre_hook(shared.reset)
+        owner.register_forward_hook(shared.reset, always_call=True)  # drop the states (and their graph) afterwards
     return model
 
 
