@@ -193,6 +193,12 @@ def test_resume_restarts_an_arm_whose_first_checkpoint_was_cut_short(smoke_run, 
 def test_report_accepts_the_results_file_and_out_must_be_a_directory(smoke_run, tmp_path, capsys) -> None:
     assert main(["report", str(smoke_run / "results.json")]) == 0
     assert "report:" in capsys.readouterr().out
+    other = tmp_path / "edited.json"
+    other.write_text((smoke_run / "results.json").read_text())
+    before = snapshot(smoke_run)
+    assert main(["report", str(other)]) == EXIT_USER_ERROR
+    assert "pass a run directory or its results.json" in capsys.readouterr().err
+    assert snapshot(smoke_run) == before
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
     assert main([*SMOKE, "--out", str(a_file)]) == EXIT_USER_ERROR

@@ -56,6 +56,25 @@ def noisy(center: float, n: int, sd: float, seed: int) -> list[float]:
 # --- Compare --------------------------------------------------------------------------------------------------
 
 
+def test_a_tie_on_the_margin_or_threshold_decides_nothing() -> None:
+    """Every seed exactly on the boundary (a zero-width interval touching it, e.g. a slope of 0 between integer
+    depths) is neither "> 0" nor "< 0": inconclusive, while the smallest clear step off it decides."""
+    tie = results_with({"base": seeded([2.0, 3.0, 4.0]), "same": seeded([2.0, 3.0, 4.0]),
+                        "slope": seeded([0.0, 0.0, 0.0]), "up": seeded([0.5, 0.5, 0.5])})
+    assert Compare("c", "s", metric="loss", arm="same", baseline="base").evaluate(tie).verdict == "inconclusive"
+    for better in ("higher", "lower"):
+        result = Threshold("t", "s", metric="loss", arm="slope", better=better, threshold=0.0).evaluate(tie)
+        assert result.verdict == "inconclusive" and "touches" in result.evidence
+    assert Threshold("t", "s", metric="loss", arm="up", threshold=0.0).evaluate(tie).verdict == "holds"
+    assert Threshold("t", "s", metric="loss", arm="up", better="lower", threshold=0.0).evaluate(tie).verdict == "fails"
+
+
+def test_differences_too_large_for_a_float_are_inconclusive_not_an_error() -> None:
+    huge = results_with({"base": seeded([-1e308, -1e308]), "arm": seeded([1e308, 1e308])})
+    result = Compare("c", "s", metric="loss", arm="arm", baseline="base", better="higher").evaluate(huge)
+    assert result.verdict == "inconclusive" and "overflow" in result.evidence
+
+
 def test_compare_clearly_better_holds_and_clearly_worse_fails() -> None:
     results = results_with({"base": seeded(noisy(2.0, 3, 0.01, 0)), "good": seeded(noisy(1.8, 3, 0.01, 1)),
                             "bad": seeded(noisy(2.2, 3, 0.01, 2))})

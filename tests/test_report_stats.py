@@ -143,6 +143,14 @@ def test_format_mean_spread_rounds_to_the_spread() -> None:
     assert format_mean_spread(1234.5, 56.7) == "1234 ± 57"
     assert format_mean_spread(0.5, float("nan")) == "0.5"
     assert format_mean_spread(3.25, 0.0) == "3.25"
+    # exponent notation keeps the mean to the spread's precision (3 digits read 1.23e+06, far off a 1.2344e+06 bound)
+    assert format_mean_spread(1234567.0, 250.0) == "1.23457e+06 ± 2.5e+02"
+    assert format_mean_spread(0.000123456, 2.5e-8) == "0.000123456 ± 2.5e-08"
+
+
+def test_mean_interval_of_values_near_the_float_limit_does_not_overflow() -> None:
+    interval = mean_interval([1.5e308, 1.6e308])
+    assert interval.mean == pytest.approx(1.55e308) and interval.low < interval.mean < interval.high
 
 
 def test_format_number_significant_digits() -> None:

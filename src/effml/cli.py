@@ -114,6 +114,11 @@ def _report(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     if run_dir.is_file():  # the results.json itself: the report goes next to it
+        if run_dir.name != "results.json":
+            raise ValueError(f"effml report {run_dir}: pass a run directory or its results.json; the report is "
+                             "written beside the file, together with a fresh results.json, so another JSON file "
+                             "would replace the run's own. To render an edited copy, put it as results.json in a "
+                             "copy of the run directory.")
         run_dir = run_dir.parent
     results = load_results(run_dir)
     write_report(run_dir, results)

@@ -4,9 +4,12 @@ A claim names a metric, the arms (or derived quantities) it is about, which dire
 counts. ``Claim.evaluate(results)`` reads the per-seed final metrics of the runs whose status is ``"complete"`` from
 a results document (see ``effml.report``) and returns a ``ClaimResult`` whose verdict is
 
-* ``holds`` — the whole confidence interval (Student-t, over seeds) is on the good side of the margin/threshold,
-* ``fails`` — the whole interval is on the bad side,
-* ``inconclusive`` — the interval straddles it, fewer than two seeds were measured, or something was not measured.
+* ``holds`` — the whole confidence interval (Student-t, over seeds) is strictly on the good side of the
+  margin/threshold,
+* ``fails`` — the whole interval is strictly on the bad side,
+* ``inconclusive`` — the interval straddles or touches it, fewer than two seeds were measured, or something was not
+  measured. Touching counts as undecided so that a tie — every seed exactly on the margin, say a slope of 0 between
+  integer-valued depths — never decides a claim worded "> 0", nor one worded "≥ 0" against it.
 
 Evaluation never raises on an incomplete results document (interrupted runs must still render): what is missing is
 named in the evidence text instead.
@@ -199,7 +202,7 @@ class Compare(Claim):
 
     The per-seed improvement is ``d_s = baseline_s − arm_s`` for ``better="lower"`` (``arm_s − baseline_s`` for
     ``"higher"``), divided by ``|baseline_s|`` when ``relative``. Holds when the whole t-interval of mean(d) is
-    ≥ ``margin``, fails when it is entirely < ``margin``. A negative relative margin states a tolerance:
+    > ``margin``, fails when it is entirely < ``margin`` (touching it: inconclusive, see the module docstring). A negative relative margin states a tolerance:
     ``better="lower", relative=True, margin=-0.05`` reads "at most 5% worse".
     """
 
@@ -260,13 +263,16 @@ class Compare(Claim):
         improvements = [
             sign * (a - b) / (abs(b) if self.relative else 1.0) for a, b in zip(arm_list, base_list, strict=True)
         ]
+        if not all(math.isfinite(d) for d in improvements):
+            return "inconclusive", f"{pair}: the per-seed differences overflow (values too large to compare)", "", \
+                numbers
         interval = mean_interval(improvements, self.confidence)
-        if interval.low >= self.margin:
-            verdict, relation = "holds", "CI ≥ margin"
+        if interval.low > self.margin:
+            verdict, relation = "holds", "CI > margin"
         elif interval.high < self.margin:
             verdict, relation = "fails", "CI < margin"
         else:
-            verdict, relation = "inconclusive", "CI straddles margin"
+            verdict, relation = "inconclusive", "CI straddles or touches margin"
         kind = "relative improvement" if self.relative else "improvement"
         headline = (
             f"{pair} ({self.better} is better): {kind} {_ci_text(interval, self.relative, signed=True)}, "
@@ -348,8 +354,9 @@ class Monotone(Claim):
 class Threshold(Claim):
     """The per-seed values of one arm (or derived quantity) are on the good side of a constant ``threshold``.
 
-    ``better="higher"``: holds when the whole t-interval of the mean is ≥ threshold, fails when it is entirely below.
-    ``better="lower"``: holds when it is entirely ≤ threshold, fails when it is entirely above.
+    ``better="higher"``: holds when the whole t-interval of the mean is above threshold, fails when it is entirely
+    below. ``better="lower"``: holds when it is entirely below, fails when it is entirely above. Touching the
+    threshold is inconclusive (module docstring).
     """
 
     kind: ClassVar[str] = "threshold"
@@ -385,15 +392,15 @@ class Threshold(Claim):
         if len(seeds) < 2:
             return self._result("inconclusive", f"{subject}: needs ≥ 2 seeds, have {len(seeds)}", numbers)
         interval = mean_interval([values[s] for s in seeds], self.confidence)
-        good, bad = ("≥", "<") if self.better == "higher" else ("≤", ">")
-        on_good_side = interval.low >= self.threshold if self.better == "higher" else interval.high <= self.threshold
+        good, bad = (">", "<") if self.better == "higher" else ("<", ">")
+        on_good_side = interval.low > self.threshold if self.better == "higher" else interval.high < self.threshold
         on_bad_side = interval.high < self.threshold if self.better == "higher" else interval.low > self.threshold
         if on_good_side:
             verdict, relation = "holds", f"CI {good} threshold"
         elif on_bad_side:
             verdict, relation = "fails", f"CI {bad} threshold"
         else:
-            verdict, relation = "inconclusive", "CI straddles threshold"
+            verdict, relation = "inconclusive", "CI straddles or touches threshold"
         evidence = (
             f"{subject} ({self.better} is better): {_ci_text(interval)}, {relation} {format_number(self.threshold)}"
         )

@@ -153,7 +153,10 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     n = len(floats)
     if n == 0:
         raise ValueError("mean_interval: no values given; pass at least one measurement.")
-    mean = math.fsum(floats) / n
+    try:
+        mean = math.fsum(floats) / n
+    except OverflowError:  # values near the float limit: their sum overflows, their n-th parts do not
+        mean = math.fsum(v / n for v in floats)
     if n == 1:
         return Interval(mean, math.nan, 1, -math.inf, math.inf, confidence)
     # Deviations are scaled by the largest one before squaring, so that values beyond ~1e154 (a diverged model's
@@ -216,7 +219,8 @@ def format_mean_spread(mean: float, spread: float, spread_digits: int = 2) -> st
     if not math.isfinite(spread) or spread <= 0.0:
         return format_number(mean)
     magnitude = max(abs(mean), spread)
-    if magnitude >= 1e6 or magnitude < 1e-3:
-        return f"{mean:.3g} ± {spread:.{spread_digits}g}"
+    if magnitude >= 1e6 or magnitude < 1e-3:  # exponent notation, the mean to the spread's last digit
+        mean_digits = spread_digits + max(0, math.floor(math.log10(magnitude)) - math.floor(math.log10(spread)))
+        return f"{mean:.{max(3, mean_digits)}g} ± {spread:.{spread_digits}g}"
     decimals = max(0, spread_digits - 1 - math.floor(math.log10(spread)))
     return f"{mean:.{decimals}f} ± {spread:.{decimals}f}"
