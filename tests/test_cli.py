@@ -122,6 +122,9 @@ def test_resume_takes_the_recipes_current_arms_and_seeds(smoke_run: Path, tmp_pa
         ([*SMOKE, "--set", "sizes=64,32x2"], "WIDTHxDEPTH"),
         ([*SMOKE, "--seeds", "0"], "at least 1"),
         ([*SMOKE, "--set", "seed=-1"], r"seed = -1 .*int ≥ 0"),
+        ([*SMOKE, "--set", "sizes=64x2,32x1"], "smallest model to the largest"),
+        ([*SMOKE, "--set", "head_dim=0"], r"head_dim = 0 .*> 0"),
+        ([*SMOKE, "--set", "corpus=no-such-corpus"], "no-such-corpus"),  # found only when an arm loads its data
         ([*SMOKE, "--set", "train.lr=nan"], r"train\.lr = nan is not a finite number"),
         (["run", "lm-scaling", "--preset", "huge"], "preset 'huge'.*smoke"),
         (["run", "lm-scaling", "--device", "cuda"], "CUDA is not available"),
@@ -135,7 +138,7 @@ def test_user_errors_exit_2_with_a_message_and_write_nothing(arguments, expected
     assert main([*arguments, "--out", str(out)]) == EXIT_USER_ERROR
     message = capsys.readouterr().err
     assert re.search(expected, message, re.S), message
-    assert not out.exists() or not any(out.rglob("*"))
+    assert not out.exists() or not any(out.glob("*/*"))  # no run directory (an empty runs/RECIPE/ may remain)
 
 
 def test_resume_rejects_missing_foreign_and_corrupted_targets_without_changing_anything(smoke_run, tmp_path,

@@ -11,6 +11,7 @@ spread over seeds.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,8 @@ class LMScalingConfig:
                                                                    checkpoint_every=100, log_every=10))
 
     def __post_init__(self) -> None:
+        for name in ("head_dim", "seq_len", "batch_size", "eval_windows", "seeds"):
+            check_positive("lm-scaling", name, getattr(self, name))
         if len(self.sizes) < 2:
             raise ConfigError(f"lm-scaling needs at least two sizes to compare; got sizes={self.sizes!r}.")
         for size in self.sizes:
@@ -64,14 +67,37 @@ class LMScalingConfig:
             check_positive("lm-scaling", "depth", depth)
         check_choice("lm-scaling", "mlp", self.mlp, ("gelu", "swiglu"))
         check_choice("lm-scaling", "tokenizer", self.tokenizer, ("byte",))
-        for name in ("head_dim", "seq_len", "batch_size", "eval_windows", "seeds"):
-            check_positive("lm-scaling", name, getattr(self, name))
         if self.max_bytes is not None:
             check_positive("lm-scaling", "max_bytes", self.max_bytes)
+        counts = [non_embedding_params(self, size) for size in self.sizes]
+        for (small, small_count), (large, large_count) in itertools.pairwise(zip(self.sizes, counts, strict=True)):
+            if large_count <= small_count:
+                raise ConfigError(f"lm-scaling sizes must run from the smallest model to the largest (the claim 'loss "
+                                  f"falls with size' follows their order), but {large} has {large_count:,} "
+                                  f"non-embedding parameters, no more than {small} before it ({small_count:,}); list "
+                                  "them in increasing size.")
 
     @property
     def tokens_per_run(self) -> int:
         return self.train.steps * self.batch_size * self.seq_len * self.train.grad_accum
+
+
+def model_config(config: LMScalingConfig, size: str) -> Any:
+    """The byte-level `TransformerConfig` of one size (``WIDTHxDEPTH``) of the recipe."""
+    from effml.nn import TransformerConfig
+
+    width, depth = parse_size(size)
+    return TransformerConfig(vocab_size=256, d_model=width, n_layers=depth, n_heads=width // config.head_dim,
+                             max_seq_len=config.seq_len, mlp=config.mlp)
+
+
+def non_embedding_params(config: LMScalingConfig, size: str) -> int:
+    """Non-embedding parameters of one size, by formula (what ``TransformerLM.num_parameters(exclude_embeddings=True)``
+    counts, without building the model): per layer the four d×d attention maps, the MLP (two d×h matrices, three
+    for SwiGLU) and two norm scales; then the final norm."""
+    model = model_config(config, size)
+    d, matrices = model.d_model, 3 if model.mlp == "swiglu" else 2
+    return model.n_layers * (4 * d * d + matrices * d * model.mlp_hidden + 2 * d) + d
 
 
 def _smoke() -> LMScalingConfig:
@@ -102,17 +128,16 @@ class LMScaling(Experiment):
         for size in config.sizes:
             width, depth = parse_size(size)
             arms.append(Arm(name=f"d{width}-l{depth}", label=f"d_model={width}, {depth} layers",
-                            info={"d_model": width, "n_layers": depth, "n_heads": width // config.head_dim}))
+                            info={"size": size, "d_model": width, "n_layers": depth,
+                                  "n_heads": width // config.head_dim}))
         return arms
 
     def run_arm(self, config: LMScalingConfig, arm: Arm, context: RunContext) -> ArmRun:
-        from effml.nn import TransformerConfig, TransformerLM
+        from effml.nn import TransformerLM
 
         corpus = load_byte_corpus(config.corpus, config.max_bytes, context.world)
         torch.manual_seed(context.seed)
-        model = TransformerLM(TransformerConfig(
-            vocab_size=256, d_model=arm.info["d_model"], n_layers=arm.info["n_layers"], n_heads=arm.info["n_heads"],
-            max_seq_len=config.seq_len, mlp=config.mlp))
+        model = TransformerLM(model_config(config, arm.info["size"]))
         metrics, curves = train_lm(model, corpus, seq_len=config.seq_len, batch_size=config.batch_size,
                                    eval_windows=config.eval_windows, train=config.train, context=context,
                                    description=f"{self.name} {arm.name} seed {context.seed}")

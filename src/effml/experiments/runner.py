@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,6 +139,12 @@ def _verify_checkpoints(experiment: Experiment, config: Any, run_dir: Path, resu
                 raise RunError(f"--resume {run_dir}: arm {arm.name!r}, seed {seed}: {error}") from error
 
 
+def _has_progress(run_dir: Path, results: dict[str, Any]) -> bool:
+    """Whether a run directory holds anything worth keeping: a finished run or a checkpoint to resume from."""
+    finished = any(run.get("status") == "complete" for arm in results["arms"].values() for run in arm["runs"].values())
+    return finished or any(run_dir.glob("*/seed-*/checkpoints/LATEST"))
+
+
 def _empty_results(experiment: Experiment, preset: str, config: Any, device: str, world: World) -> dict[str, Any]:
     return {
         "recipe": experiment.name,
@@ -249,6 +256,10 @@ def run_experiment(
             except TrainingInterrupted:
                 if world.is_main:
                     _save(experiment, config, results, run_dir, status="partial", render=True)
+                raise
+            except (ValueError, FileNotFoundError):  # a user error only the data could reveal (a corpus, a size)
+                if world.is_main and resume is None and not _has_progress(run_dir, results):
+                    shutil.rmtree(run_dir, ignore_errors=True)  # made by this call, holding nothing to resume
                 raise
             arm_entry["params"] = outcome.params
             arm_entry["runs"][_seed_key(seed)] = {"status": "complete", "metrics": outcome.metrics,
