@@ -139,6 +139,11 @@ def test_sample_frequencies_follow_the_tempered_softmax() -> None:
 # ------------------------------------------------------------------------------------------------ filters
 
 
+def test_a_temperature_too_small_for_float32_samples_the_argmax() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.5]])
+    assert select_next_token(logits, temperature=1e-45).tolist() == [1, 0]
+
+
 def test_top_k_keeps_exactly_the_k_largest_even_with_ties() -> None:
     torch.manual_seed(0)
     logits = torch.randn(6, 20)

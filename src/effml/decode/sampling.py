@@ -64,5 +64,9 @@ def select_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | Non
     check_sampling_options(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    filtered = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.float()
+    peak = logits.amax(dim=-1, keepdim=True)
+    # Shifted so that the largest logit is 0 (the same distribution): a tiny temperature then drives the others to
+    # −inf instead of overflowing all of them to ±inf, whose softmax is NaN.
+    filtered = filter_logits((logits - torch.where(peak.isfinite(), peak, 0.0)) / temperature, top_k, top_p)
     return torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(-1)
