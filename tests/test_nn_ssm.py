@@ -253,6 +253,8 @@ def test_bad_mixer_options_get_a_message_naming_the_option() -> None:
             Mamba2Mixer(16, **options)
     with pytest.raises(ValueError, match="dt_max"):
         Mamba1Mixer(16, dt_max=float("inf"))
+    with pytest.raises(ValueError, match="use_kernels must be True or False"):
+        Mamba1Mixer(16, use_kernels="no")
 
 
 def test_ssm_models_need_no_attention_heads_and_no_attention_options_are_accepted() -> None:

@@ -167,7 +167,7 @@ class _SelectiveMixer(nn.Module):
     """What both mixers share: option checks, dt initialisation and the step/scan dispatch."""
 
     def _common_checks(self, owner: str, d_state: int, d_conv: int, expand: int, dt_min: float, dt_max: float,
-                       chunk_size: int, scan: str) -> None:
+                       chunk_size: int, scan: str, use_kernels: bool) -> None:
         for name, value in (("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
                             ("chunk_size", chunk_size)):
             _check_positive_int(owner, name, value)
@@ -176,6 +176,8 @@ class _SelectiveMixer(nn.Module):
                              f"dt_max={dt_max!r}.")
         if scan not in SCAN_MODES:
             raise ValueError(f"{owner}: scan={scan!r} is not a scan mode; choose one of {SCAN_MODES}.")
+        if not isinstance(use_kernels, bool):  # a string such as "no" would read as true
+            raise ValueError(f"{owner}: use_kernels must be True or False, got {use_kernels!r}.")
 
     def _draw_dt_bias(self, bias: Tensor) -> None:
         """dt_bias such that softplus(dt_bias) is log-uniform in [dt_min, dt_max] (Mamba's initialisation)."""
@@ -240,7 +242,7 @@ class Mamba1Mixer(_SelectiveMixer):
         super().__init__()
         owner = "Mamba1Mixer"
         _check_positive_int(owner, "d_model", d_model)
-        self._common_checks(owner, d_state, d_conv, expand, dt_min, dt_max, chunk_size, scan)
+        self._common_checks(owner, d_state, d_conv, expand, dt_min, dt_max, chunk_size, scan, use_kernels)
         if dt_rank == "auto":
             dt_rank = math.ceil(d_model / 16)
         _check_positive_int(owner, "dt_rank", dt_rank)
@@ -349,7 +351,7 @@ class Mamba2Mixer(_SelectiveMixer):
         super().__init__()
         owner = "Mamba2Mixer"
         _check_positive_int(owner, "d_model", d_model)
-        self._common_checks(owner, d_state, d_conv, expand, dt_min, dt_max, chunk_size, scan)
+        self._common_checks(owner, d_state, d_conv, expand, dt_min, dt_max, chunk_size, scan, use_kernels)
         for name, value in (("headdim", headdim), ("ngroups", ngroups)):
             _check_positive_int(owner, name, value)
         d_inner = expand * d_model
