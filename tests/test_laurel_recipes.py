@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -115,6 +116,43 @@ def test_idx_reader_round_trips_and_splits(tiny_fashion_mnist) -> None:
     splits = load_fashion_mnist(tiny_fashion_mnist, valid_size=50)
     assert len(splits.train_images) == 250 and len(splits.valid_images) == 50 and len(splits.test_labels) == 100
     assert np.array_equal(splits.valid_images, images[250:])
+
+
+def test_valid_size_0_evaluates_on_the_test_split(tmp_path, tiny_fashion_mnist) -> None:
+    """valid_size=0 holds no training images out, so the evaluations during training use the test split (the
+    fallback the imagenet path also takes) instead of failing on an empty validation split."""
+    argv = ["run", "laurel-vision", "--preset", "smoke", "--quiet", "--out", str(tmp_path), "--seeds", "1",
+            "--set", f"data_dir={tiny_fashion_mnist}", "--set", "valid_size=0"]
+    assert main(argv) == 0
+    results = results_of(tmp_path, "laurel-vision")
+    for arm in results["arms"].values():  # the smoke preset evaluates at its last step, so on the final model
+        (run,) = arm["runs"].values()
+        assert run["metrics"]["valid_accuracy"] == run["metrics"]["test_accuracy"]
+        assert run["metrics"]["valid_loss"] == pytest.approx(run["metrics"]["test_loss"])
+
+
+def test_a_negative_valid_size_is_refused_before_a_run_directory_exists(tmp_path, capsys) -> None:
+    argv = ["run", "laurel-vision", "--preset", "smoke", "--quiet", "--out", str(tmp_path), "--set", "valid_size=-1"]
+    assert main(argv) == EXIT_USER_ERROR
+    assert "valid_size = -1 is out of range" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_imagenet_val_is_labelled_with_the_training_classes(tmp_path) -> None:
+    """val/ lacking one of train/'s classes must not shift the labels of the others."""
+    from PIL import Image
+
+    for split, names in (("train", ("n01", "n02", "n03")), ("val", ("n02", "n03"))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((12, 12, 3), 9, np.uint8)).save(tmp_path / split / name / "0.JPEG", format="JPEG")
+    experiment = get_experiment("laurel-vision")
+    config = dataclasses.replace(experiment.preset("smoke"), dataset="imagenet", data_dir=str(tmp_path),
+                                 batch_size=2, eval_batch_size=8)
+    _, valid, test = experiment._data(config, seed=0)
+    assert valid is None
+    ((_, labels),) = list(test())
+    assert labels.tolist() == [1, 2]
 
 
 def test_imagenet_preset_without_data_dir_fails_clearly(tmp_path, capsys, monkeypatch) -> None:

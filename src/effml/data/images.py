@@ -8,13 +8,17 @@ IDX layout: a big-endian header (magic, then one 4-byte size per dimension: 16 b
 
 ``ImageBatches`` is a pure function of the step index (a random sample of examples seeded by (seed, step)), as the
 trainer's exact resume and DDP sharding need. ``ImageFolderSplit`` reads ``root/<class>/<image>`` folders
-(ImageNet's layout) with Pillow, resized and centre-cropped.
+(ImageNet's layout) with Pillow, resized and centre-cropped; like torchvision's ``ImageFolder`` it takes only files
+with an image extension (``IMAGE_EXTENSIONS``) and skips hidden entries, and an evaluation split takes its labels
+from the training split's class list (``classes=train.classes``), so both number the classes alike.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +27,20 @@ import torch
 from torch import Tensor
 
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "ImageSplits", "read_idx", "load_fashion_mnist",
-           "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches", "DataUnavailableError"]
+           "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches", "DataUnavailableError",
+           "IMAGE_EXTENSIONS"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
                        "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
 _IDX_TYPES = {0x08: np.uint8}
+#: File extensions ``ImageFolderSplit`` reads (compared case-insensitively), as torchvision's ``ImageFolder``.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_FASHION_MNIST_FIX = (
+    "Install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files land in "
+    "/usr/share/datasets/fashion-mnist; `apt-get install --reinstall dataset-fashion-mnist` restores damaged files), "
+    "or point $EFFML_FASHION_MNIST (or the recipe's data_dir: --set data_dir=DIR) to a directory holding the four "
+    "intact IDX .gz files.")
 
 
 class DataUnavailableError(FileNotFoundError):
@@ -36,10 +48,17 @@ class DataUnavailableError(FileNotFoundError):
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """An (optionally gzip'd) IDX file of unsigned bytes as an array of the shape its header states."""
+    """An (optionally gzip'd) IDX file of unsigned bytes as an array of the shape its header states.
+
+    Raises ValueError naming ``path`` when the file is not such an IDX file, or is cut short or corrupt (a gzip
+    stream that ends early or fails its checks), rather than the decompressor's bare EOFError.
+    """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{path} is cut short or corrupt ({type(error).__name__}: {error}).") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number {data[:4].hex()}).")
     n_dims = data[3]
@@ -67,17 +86,18 @@ class ImageSplits:
 def load_fashion_mnist(root: str | os.PathLike[str] | None = None, valid_size: int = 5000) -> ImageSplits:
     """Fashion-MNIST from ``root`` (default ``$EFFML_FASHION_MNIST`` or ``/usr/share/datasets/fashion-mnist``).
 
-    The last ``valid_size`` training images become the validation split. Raises ``DataUnavailableError`` naming
-    the Debian package and the override when a file is missing.
+    The last ``valid_size`` training images become the validation split (0: none). Raises ``DataUnavailableError``
+    naming the Debian package and the override when a file is missing, cut short or not an IDX file.
     """
     directory = Path(root or os.environ.get("EFFML_FASHION_MNIST") or FASHION_MNIST_DIR)
     missing = [name for name in FASHION_MNIST_FILES.values() if not (directory / name).is_file()]
     if missing:
         raise DataUnavailableError(
-            f"Fashion-MNIST is not in {directory} (missing {', '.join(missing)}). Install it with "
-            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files land in /usr/share/datasets/fashion-mnist), "
-            "or point $EFFML_FASHION_MNIST (or the recipe's data_dir) to a directory holding the four IDX .gz files.")
-    arrays = {key: read_idx(directory / name) for key, name in FASHION_MNIST_FILES.items()}
+            f"Fashion-MNIST is not in {directory} (missing {', '.join(missing)}). {_FASHION_MNIST_FIX}")
+    try:
+        arrays = {key: read_idx(directory / name) for key, name in FASHION_MNIST_FILES.items()}
+    except ValueError as error:
+        raise DataUnavailableError(f"Fashion-MNIST in {directory} is damaged: {error} {_FASHION_MNIST_FIX}") from error
     train_images, train_labels = arrays["train_images"], arrays["train_labels"].astype(np.int64)
     if not 0 <= valid_size < len(train_images):
         raise ValueError(f"valid_size {valid_size} must be in [0, {len(train_images)}) for {directory}.")
@@ -85,6 +105,13 @@ def load_fashion_mnist(root: str | os.PathLike[str] | None = None, valid_size: i
     labels = np.concatenate([train_labels, arrays["test_labels"]])
     return ImageSplits(train_images[:cut], train_labels[:cut], train_images[cut:], train_labels[cut:],
                        arrays["test_images"], arrays["test_labels"].astype(np.int64), int(labels.max()) + 1)
+
+
+def _check_batch_size(batch_size: int, available: int) -> None:
+    """Raise ValueError unless a batch of ``batch_size`` distinct examples can be drawn from ``available``."""
+    if batch_size > available:
+        raise ValueError(f"batch_size {batch_size} exceeds the {available} training images, and a batch draws "
+                         f"distinct images; use a batch_size of at most {available} (--set batch_size=...).")
 
 
 def _to_tensor(images: np.ndarray) -> Tensor:
@@ -98,8 +125,7 @@ class ImageBatches:
     ``np.random.default_rng((seed, step))``; with ``flip``, each image is mirrored horizontally with probability ½."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, flip: bool = False) -> None:
-        if batch_size > len(images):
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} training images.")
+        _check_batch_size(batch_size, len(images))
         self.images, self.labels, self.batch_size, self.seed, self.flip = images, labels, batch_size, seed, flip
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
@@ -121,12 +147,20 @@ def eval_image_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
 class ImageFolderSplit:
     """``root/<class>/<file>`` images (ImageNet layout), decoded with Pillow, resized (shorter side ``resize``) and
     centre-cropped to ``size``; ``batch(indices)`` → (float (b, 3, size, size) normalised per channel,
-    labels (b,))."""
+    labels (b,) int64).
+
+    Only files whose extension is in ``IMAGE_EXTENSIONS`` (any case) are images; other files and every name starting
+    with "." (``.ipynb_checkpoints``, ``.DS_Store``) are skipped. The label of an image is the index of its folder in
+    ``classes``: by default this split's own sorted class folders; an evaluation split passes the training split's
+    ``classes`` so that it numbers them alike (it may lack some of them, but a folder that is not among them is
+    refused). Every class folder present must hold at least one image.
+    """
 
     _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
-    def __init__(self, root: str | os.PathLike[str], size: int = 224, resize: int = 256) -> None:
+    def __init__(self, root: str | os.PathLike[str], size: int = 224, resize: int = 256,
+                 classes: Sequence[str] | None = None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataUnavailableError(f"No image folder at {root}. The ImageNet preset needs the ILSVRC-2012 images "
@@ -136,11 +170,26 @@ class ImageFolderSplit:
             from PIL import Image  # noqa: F401
         except ImportError as error:
             raise DataUnavailableError("Reading image folders needs Pillow: pip install pillow.") from error
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        self.files = [(path, label) for label, name in enumerate(self.classes)
-                      for path in sorted((root / name).iterdir()) if path.is_file()]
-        if not self.files:
-            raise DataUnavailableError(f"{root} has no <class>/<image> files.")
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.classes = folders if classes is None else list(classes)
+        labels = {name: label for label, name in enumerate(self.classes)}
+        if len(labels) != len(self.classes):
+            raise ValueError(f"ImageFolderSplit({root}): classes {self.classes} name a class twice.")
+        unknown = [name for name in folders if name not in labels]
+        if unknown:
+            raise ValueError(f"{root} has class folders {unknown} that the training split does not have, so their "
+                             "images have no label the model was trained on. Give the evaluation split only classes "
+                             "of the training split (remove or move those folders, or add them to train/).")
+        if not folders:
+            raise DataUnavailableError(f"{root} has no <class>/<image> files (no class folders).")
+        self.files: list[tuple[Path, int]] = []
+        for name in folders:
+            images = sorted(path for path in (root / name).iterdir() if not path.name.startswith(".")
+                            and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+            if not images:
+                raise ValueError(f"Class folder {root / name} holds no image (files ending in "
+                                 f"{', '.join(IMAGE_EXTENSIONS)}); add its images or remove the folder.")
+            self.files += [(path, labels[name]) for path in images]
         self.size, self.resize = size, resize
 
     def __len__(self) -> int:
@@ -165,9 +214,11 @@ class ImageFolderSplit:
 
 
 class ImageFolderBatches:
-    """Training batches of an ``ImageFolderSplit`` as a pure function of the step (like ``ImageBatches``)."""
+    """Training batches of an ``ImageFolderSplit`` as a pure function of the step (like ``ImageBatches``):
+    ``batch(step, rank, world_size)`` → (float (b, 3, size, size), labels (b,) int64), b = batch_size / world_size."""
 
     def __init__(self, split: ImageFolderSplit, batch_size: int, seed: int) -> None:
+        _check_batch_size(batch_size, len(split))
         self.split, self.batch_size, self.seed = split, batch_size, seed
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:

@@ -325,7 +325,7 @@ class LaurelVisionConfig:
 
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
-    valid_size: int = 5000  # training images held out for validation (Fashion-MNIST)
+    valid_size: int = 5000  # training images held out for validation (Fashion-MNIST); 0: evaluate on the test split
     widths: tuple[int, ...] = (16, 32, 64)
     blocks: tuple[int, ...] = (2, 2, 2)
     block: str = "basic"
@@ -364,6 +364,7 @@ class LaurelVisionConfig:
                               f"{len(self.blocks)} stages (use 0..{len(self.blocks) - 1} or a negative index).")
         for name in ("rank", "k", "batch_size", "eval_batch_size", "seeds", "stem_stride", "timing_rounds"):
             check_positive(owner, name, getattr(self, name))
+        check_positive(owner, "valid_size", self.valid_size, allow_zero=True)
         if self.rank > min(self.widths):
             raise ConfigError(f"laurel-vision: rank {self.rank} exceeds the narrowest stage width {min(self.widths)}; "
                               "choose a smaller rank.")
@@ -436,7 +437,7 @@ class LaurelVision(LaurelRecipe):
 
         if config.dataset == "imagenet":
             train = ImageFolderSplit(Path(config.data_dir) / "train")
-            val = ImageFolderSplit(Path(config.data_dir) / "val")
+            val = ImageFolderSplit(Path(config.data_dir) / "val", classes=train.classes)  # train's labels
 
             def val_batches():
                 for start in range(0, len(val), config.eval_batch_size):
@@ -445,9 +446,9 @@ class LaurelVision(LaurelRecipe):
             return ImageFolderBatches(train, config.batch_size, seed), None, val_batches
         splits = load_fashion_mnist(config.data_dir, valid_size=config.valid_size)
         source = ImageBatches(splits.train_images, splits.train_labels, config.batch_size, seed, flip=config.flip)
-        return (source,
-                lambda: eval_image_batches(splits.valid_images, splits.valid_labels, config.eval_batch_size),
-                lambda: eval_image_batches(splits.test_images, splits.test_labels, config.eval_batch_size))
+        valid = None if config.valid_size == 0 else (  # no validation split: evaluations use the test split
+            lambda: eval_image_batches(splits.valid_images, splits.valid_labels, config.eval_batch_size))
+        return source, valid, lambda: eval_image_batches(splits.test_images, splits.test_labels, config.eval_batch_size)
 
     def run_arm(self, config: LaurelVisionConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.train import Trainer
