@@ -96,6 +96,8 @@ def test_line_fit_slope_and_r2() -> None:
     (["looped-depth", "--set", "depths=2,4"], "starting at 1"),
     (["looped-depth", "--set", "kappas=10"], "at least two distinct condition numbers"),
     (["looped-gd", "--set", "test_loops=1,4"], "contain the training loops=2"),
+    (["looped-gd", "--set", "test_loops=0,2,4"], "test_loops = \\(0, 2, 4\\): every test loop count must be positive"),
+    (["looped-gd", "--set", "test_loops=-1,2,4"], "test_loops = \\(-1, 2, 4\\): every test loop count must be pos"),
     (["looped-gd", "--set", "init_std=0"], "claim \\(1a\\) would test nothing"),
     (["looped-gd", "--set", "attentions=unrestricted"], "include 'restricted'"),
 ])

@@ -78,6 +78,9 @@ class LoopedGDConfig:
         if len(self.n_contexts) < 2 or list(self.n_contexts) != sorted(set(self.n_contexts)) or self.n_contexts[0] < 1:
             raise ConfigError(f"{owner}.n_contexts = {self.n_contexts!r}: give at least two distinct increasing "
                               "positive context sizes (for example 20,80,320); claim (1b) compares them.")
+        if any(loops < 1 for loops in self.test_loops):
+            raise ConfigError(f"{owner}.test_loops = {self.test_loops!r}: every test loop count must be positive "
+                              "(the trained layer is run that many times); drop the entries below 1.")
         if (list(self.test_loops) != sorted(set(self.test_loops)) or self.loops not in self.test_loops
                 or self.test_loops[-1] <= self.loops):
             raise ConfigError(f"{owner}.test_loops = {self.test_loops!r} must be increasing, contain the training "
