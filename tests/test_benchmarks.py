@@ -42,6 +42,20 @@ def test_quick_lm_writes_json_and_markdown(quick_lm: Path) -> None:
         assert fact in markdown
 
 
+def test_the_contender_table_states_the_head_size_of_the_config_it_ran(quick_lm: Path) -> None:
+    from effml.benchmarks.lm import DEFAULT, QUICK, LMBenchConfig, differences
+
+    assert QUICK.head_dim == 16 and DEFAULT.head_dim == 64
+    result = json.loads((quick_lm.parent / "result.json").read_text())
+    for name in ("effml", "x-transformers"):
+        assert "rotary on all 16 head dims" in result["contenders"][name]["differences"].replace("(rotate-half) ", "")
+    markdown = quick_lm.read_text()
+    assert "all 16 head dims" in markdown and "64 head dims" not in markdown
+    assert "rotary on all 64 head dims" in differences(DEFAULT)["x-transformers"]
+    with pytest.raises(ValueError, match="n_heads 3 equal heads"):
+        LMBenchConfig(d_model=32, n_heads=3)
+
+
 def test_every_ratio_is_the_quotient_of_the_numbers_it_names(quick_lm: Path) -> None:
     result = json.loads((quick_lm.parent / "result.json").read_text())
     ratios = result["ratios"]
@@ -112,6 +126,21 @@ def test_an_existing_timestamp_directory_is_skipped(tmp_path, monkeypatch) -> No
     path = run_benchmark("fake", out=tmp_path)
     assert path.parent.name == "20300102T030405Z-2"
     assert (occupied / "result.json").read_text() == "precious" and not (occupied / "result.md").exists()
+
+
+@pytest.mark.parametrize("below", ["", "sub/dir"])
+def test_out_naming_a_file_is_refused_before_measuring(below, tmp_path, monkeypatch, capsys) -> None:
+    from effml.cli import EXIT_USER_ERROR, main
+
+    calls: list[int] = []
+    monkeypatch.setitem(BENCHMARKS, "fake", _fake_benchmark(calls))
+    (tmp_path / "file").write_text("keep")
+    out = tmp_path / "file" / below
+    with pytest.raises(ValueError, match=rf"--out {out}: {tmp_path / 'file'} is a file, not a directory"):
+        run_benchmark("fake", out=out)
+    assert main(["bench", "fake", "--out", str(out)]) == EXIT_USER_ERROR
+    assert "pass a directory as --out (nothing was measured)" in capsys.readouterr().err
+    assert calls == [] and (tmp_path / "file").read_text() == "keep"
 
 
 def test_unknown_benchmark_raises_value_error_naming_the_available_ones(tmp_path) -> None:

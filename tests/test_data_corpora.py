@@ -283,3 +283,24 @@ def test_failed_atomic_write_leaves_destination_untouched(tmp_path):
     array = np.arange(10, dtype=np.uint16)
     atomic_save_numpy(tmp_path / "array.npy", array)
     np.testing.assert_array_equal(np.load(tmp_path / "array.npy", mmap_mode="r"), array)
+
+
+def test_effml_cache_naming_a_file_is_refused_before_any_work(tmp_path, monkeypatch):
+    root = tmp_path / "texts"
+    make_text_dir(root, n_files=3)
+    (tmp_path / "cachefile").write_text("keep")
+    calls = []
+    monkeypatch.setattr(corpora_module, "_tokenize_documents", lambda *args: calls.append(args))
+    for configured in (tmp_path / "cachefile", tmp_path / "cachefile" / "below"):
+        monkeypatch.setenv("EFFML_CACHE", str(configured))
+        with pytest.raises(ValueError, match=rf"EFFML_CACHE={configured}: {tmp_path / 'cachefile'} is a file"):
+            load_corpus(f"dir:{root}")
+    assert calls == [] and (tmp_path / "cachefile").read_text() == "keep"
+
+
+def test_a_cache_entry_under_a_file_is_a_clear_error(tmp_path):
+    from effml.data.cache import write_entry
+
+    (tmp_path / "corpora").write_text("not a directory")
+    with pytest.raises(ValueError, match=r"cache entry: .*corpora is a file, not a directory.*EFFML_CACHE"):
+        write_entry(tmp_path / "corpora" / "entry", "key", {"a": np.arange(3)}, {})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from effml.benchmarks.common import markdown_table
+from effml.data.cache import check_directory_path
 from effml.io import atomic_write_json, atomic_write_text
 
 __all__ = ["Benchmark", "BENCHMARKS", "run_benchmark", "render_markdown"]
@@ -111,15 +112,18 @@ def run_benchmark(name: str, *, quick: bool = False, out: Path = Path("runs"), d
 
     The directory is created only once the measurement finished (a failed run writes nothing) and is never an
     existing one (a second run in the same second gets a ``-2`` suffix). Both files are written atomically.
-    Returns the path of ``result.md``. An unknown ``name`` raises ValueError listing the benchmarks.
+    Returns the path of ``result.md``. An unknown ``name``, or an ``out`` where a file stands in the way of the
+    directory, raises ValueError before anything is measured.
     """
     if name not in BENCHMARKS:
         raise ValueError(f"Unknown benchmark {name!r}; available benchmarks: {', '.join(sorted(BENCHMARKS))}.")
     benchmark = BENCHMARKS[name]
+    parent = Path(out) / f"bench-{name}"
+    check_directory_path(parent, f"--out {out}", "pass a directory as --out (nothing was measured).")
     started = _dt.datetime.now(_dt.timezone.utc)
     result = benchmark.run(quick=quick, device=device)
     result = {**result, "started_utc": started.isoformat(timespec="seconds")}
-    directory = _new_run_directory(Path(out) / f"bench-{name}", started)
+    directory = _new_run_directory(parent, started)
     atomic_write_json(directory / "result.json", result)
     markdown_path = directory / "result.md"
     atomic_write_text(markdown_path, render_markdown(name, result, benchmark.render))

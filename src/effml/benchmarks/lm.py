@@ -14,7 +14,7 @@ Every ratio is effml ÷ peer, computed from the absolute numbers stored next to 
 x-transformers training tokens/s on CPU; effml ≥ 1.0× HF generation tokens/s) are evaluated from the measurement.
 
 Peers are configured as close to effml's architecture (pre-norm RMSNorm, rotary over the whole head, SDPA, exact-GELU
-MLP of width 4·d, no biases, tied embeddings) as their options allow; ``DIFFERENCES`` lists what remains.
+MLP of width 4·d, no biases, tied embeddings) as their options allow; ``differences(config)`` lists what remains.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from effml.benchmarks.common import (format_bytes, format_rate, format_ratio, ge
                                      matmul_peak_summary, matmul_workload, missing_peer_note, paired_rate_ratios,
                                      peak_memory, ratio_entry, time_interleaved, verdict)
 
-__all__ = ["LMBenchConfig", "DEFAULT", "QUICK", "CONTENDERS", "DIFFERENCES", "TrainStep", "build_model",
+__all__ = ["LMBenchConfig", "DEFAULT", "QUICK", "CONTENDERS", "differences", "TrainStep", "build_model",
            "train_step_factory", "generate_factory", "run", "render"]
 
 EFFML, XT, HF = "effml", "x-transformers", "hf-gpt2"
@@ -43,17 +43,6 @@ TARGET = 1.0  # every target: effml at least as fast as the peer
 CONTENDERS = (EFFML, XT, HF)
 PEER_PACKAGES = {XT: "x-transformers", HF: "transformers"}
 
-DIFFERENCES = {
-    EFFML: "reference: pre-norm RMSNorm (fused F.rms_norm), rotary (rotate-half) on all head dims, fused q/k/v "
-           "projection, SDPA causal attention, exact-GELU MLP (4·d), no biases, tied embeddings.",
-    XT: "separate q, k, v projections (3 matmuls instead of 1 fused); RMSNorm as F.normalize(x)·√d·g (unfused, "
-        "no eps); interleaved-pair rotary (a feature permutation of rotate-half); tied head computed as "
-        "x @ Eᵀ then multiplied by tie_embedding_scale=1.0; default nn.Linear init. Otherwise the same: pre-norm, "
-        "rotary on all 64 head dims, SDPA (attn_flash), exact GELU, width 4·d, no biases, no absolute positions.",
-    HF: "GPT-2 architecture: learned absolute position embeddings (+max_seq_len·d parameters), LayerNorm with "
-        "bias instead of RMSNorm, biases on every projection, no rotary; fused q/k/v (Conv1D/addmm); "
-        "dropouts set to 0 and activation set to exact GELU to match effml; SDPA attention; tied embeddings.",
-}
 
 
 @dataclass(frozen=True)
@@ -99,14 +88,40 @@ class LMBenchConfig:
             for item in values:
                 if isinstance(item, bool) or not isinstance(item, (int, float)) or item < 0:
                     raise ValueError(f"LMBenchConfig.{field.name} must be non-negative numbers, got {value!r}.")
+        if self.n_heads < 1 or self.d_model % self.n_heads:
+            raise ValueError(f"LMBenchConfig: d_model {self.d_model} must be split into n_heads {self.n_heads} equal "
+                             "heads; give n_heads ≥ 1 dividing d_model.")
         if self.prompt_len + self.new_tokens > self.context:
             raise ValueError(f"LMBenchConfig: prompt_len + new_tokens = {self.prompt_len + self.new_tokens} exceeds "
                              f"the context {self.context}; every model is built with max_seq_len = context.")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head, d_model / n_heads (rotary covers all of them in every contender)."""
+        return self.d_model // self.n_heads
 
     def shape(self) -> dict[str, int]:
         """The model shape as JSON-ready keyword arguments of ``build_model``."""
         return {"vocab_size": self.vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
                 "n_heads": self.n_heads, "context": self.context}
+
+
+def differences(config: LMBenchConfig) -> dict[str, str]:
+    """Each contender's remaining differences from effml's architecture (one sentence each), stated for ``config``'s
+    shape, so that the report describes the models it measured (e.g. the head size d_model / n_heads)."""
+    head_dim = config.head_dim
+    return {
+        EFFML: f"reference: pre-norm RMSNorm (fused F.rms_norm), rotary (rotate-half) on all {head_dim} head dims, "
+               "fused q/k/v projection, SDPA causal attention, exact-GELU MLP (4·d), no biases, tied embeddings.",
+        XT: "separate q, k, v projections (3 matmuls instead of 1 fused); RMSNorm as F.normalize(x)·√d·g (unfused, "
+            "no eps); interleaved-pair rotary (a feature permutation of rotate-half); tied head computed as "
+            "x @ Eᵀ then multiplied by tie_embedding_scale=1.0; default nn.Linear init. Otherwise the same: pre-norm, "
+            f"rotary on all {head_dim} head dims, SDPA (attn_flash), exact GELU, width 4·d, no biases, no absolute "
+            "positions.",
+        HF: "GPT-2 architecture: learned absolute position embeddings (+max_seq_len·d parameters), LayerNorm with "
+            "bias instead of RMSNorm, biases on every projection, no rotary; fused q/k/v (Conv1D/addmm); "
+            "dropouts set to 0 and activation set to exact GELU to match effml; SDPA attention; tied embeddings.",
+    }
 
 
 DEFAULT = LMBenchConfig()
@@ -353,7 +368,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
         "config": {**dataclasses.asdict(config), "gen_batch_sizes": list(config.gen_batch_sizes),
                    "optimizer": "torch.optim.AdamW (default foreach implementation), same settings for all",
                    "loss": "F.cross_entropy over all B·T positions (same code for all)"},
-        "contenders": {name: {"differences": DIFFERENCES[name]} for name in CONTENDERS},
+        "contenders": {name: {"differences": text} for name, text in differences(config).items()},
     }
     _measure_training(config, device, result, skipped)
     _measure_generation(config, device, result, skipped)

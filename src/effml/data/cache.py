@@ -29,17 +29,40 @@ import numpy as np
 
 from effml.io import atomic_save_numpy, atomic_write_json
 
-__all__ = ["default_cache_dir", "cache_key", "entry_dir", "load_entry", "write_entry", "CACHE_FORMAT"]
+__all__ = ["default_cache_dir", "cache_key", "entry_dir", "load_entry", "write_entry", "CACHE_FORMAT",
+           "check_directory_path"]
 
 #: Bump when the on-disk layout changes; old entries then simply miss.
 CACHE_FORMAT = 1
 _MANIFEST = "manifest.json"
 
 
+def check_directory_path(path: str | os.PathLike[str], what: str, fix: str) -> None:
+    """Raise ValueError unless a directory can exist at ``path``: that is, unless ``path`` or one of its ancestors
+    exists as something other than a directory (a file), where ``mkdir`` would fail with NotADirectoryError or
+    FileExistsError. ``what`` names the setting that gave ``path`` (e.g. "--out runs"), ``fix`` ends the message.
+    Creates nothing, so callers can check before doing work whose results go there."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return
+        if candidate.exists() or candidate.is_symlink():
+            raise ValueError(f"{what}: {candidate} is a file, not a directory, so the directory {path} cannot be "
+                             f"made; {fix}")
+
+
 def default_cache_dir() -> Path:
-    """``$EFFML_CACHE`` if set, else ``~/.cache/effml``."""
+    """``$EFFML_CACHE`` if set, else ``~/.cache/effml``.
+
+    Raises ValueError naming EFFML_CACHE when it points at a file (or below one), before any cache work is done.
+    """
     configured = os.environ.get("EFFML_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "effml"
+    if not configured:
+        return Path.home() / ".cache" / "effml"
+    directory = Path(configured).expanduser()
+    check_directory_path(directory, f"EFFML_CACHE={configured}", "set EFFML_CACHE to a directory (it is created "
+                         "if missing), or unset it to use ~/.cache/effml.")
+    return directory
 
 
 def cache_key(payload: Any) -> str:
@@ -86,9 +109,12 @@ def write_entry(directory: str | os.PathLike[str], key: str, arrays: dict[str, n
                 meta: dict[str, Any]) -> None:
     """Write 1-D ``arrays`` (one ``<name>.npy`` each) and then the manifest, each file atomically.
 
-    ``meta`` must be JSON-serialisable; it comes back unchanged from :func:`load_entry`.
+    ``meta`` must be JSON-serialisable; it comes back unchanged from :func:`load_entry`. Raises ValueError when a
+    file stands where ``directory`` or one of its parents should be.
     """
     directory = Path(directory)
+    check_directory_path(directory, "cache entry", "move that file away, or set EFFML_CACHE (or the cache_dir "
+                         "argument) to another directory.")
     directory.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict[str, Any]] = {}
     for array_name, array in arrays.items():
