@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_numpy",
+    "check_directory_path",
     "fsync_directory",
 ]
 
@@ -120,3 +122,21 @@ def atomic_save_numpy(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """
     with atomic_open(path, "wb") as handle:
         np.save(handle, np.asarray(array), allow_pickle=False)
+
+
+def check_directory_path(path: str | os.PathLike[str], what: str, fix: str) -> None:
+    """Raise ValueError unless a directory can exist at ``path``: that is, unless ``path`` or one of its ancestors
+    exists as something other than a directory (a file), where ``mkdir`` would fail with NotADirectoryError or
+    FileExistsError. ``what`` names the setting that gave ``path`` (e.g. "--out runs"), ``fix`` ends the message.
+    Creates nothing, so callers can check before doing work whose results go there. One ``stat`` per path decides,
+    so a directory that another process creates meanwhile (DDP ranks filling one cache) is never taken for a file."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        try:
+            is_directory = stat.S_ISDIR(candidate.stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # absent, or below a file that an ancestor further up shows
+        if is_directory:
+            return
+        raise ValueError(f"{what}: {candidate} is a file, not a directory, so the directory {path} cannot be made; "
+                         f"{fix}")

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from effml.benchmarks.common import markdown_table
-from effml.data.cache import check_directory_path
-from effml.io import atomic_write_json, atomic_write_text
+from effml.io import atomic_write_json, atomic_write_text, check_directory_path
 
 __all__ = ["Benchmark", "BENCHMARKS", "run_benchmark", "render_markdown"]
 

@@ -22,38 +22,18 @@ import hashlib
 import json
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from effml.io import atomic_save_numpy, atomic_write_json
+from effml.io import atomic_save_numpy, atomic_write_json, check_directory_path
 
-__all__ = ["default_cache_dir", "cache_key", "entry_dir", "load_entry", "write_entry", "CACHE_FORMAT",
-           "check_directory_path"]
+__all__ = ["default_cache_dir", "cache_key", "entry_dir", "load_entry", "write_entry", "CACHE_FORMAT"]
 
 #: Bump when the on-disk layout changes; old entries then simply miss.
 CACHE_FORMAT = 1
 _MANIFEST = "manifest.json"
-
-
-def check_directory_path(path: str | os.PathLike[str], what: str, fix: str) -> None:
-    """Raise ValueError unless a directory can exist at ``path``: that is, unless ``path`` or one of its ancestors
-    exists as something other than a directory (a file), where ``mkdir`` would fail with NotADirectoryError or
-    FileExistsError. ``what`` names the setting that gave ``path`` (e.g. "--out runs"), ``fix`` ends the message.
-    Creates nothing, so callers can check before doing work whose results go there. One ``stat`` per path decides,
-    so a directory that another process creates meanwhile (DDP ranks filling one cache) is never taken for a file."""
-    path = Path(path)
-    for candidate in (path, *path.parents):
-        try:
-            is_directory = stat.S_ISDIR(candidate.stat().st_mode)
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # absent, or below a file that an ancestor further up shows
-        if is_directory:
-            return
-        raise ValueError(f"{what}: {candidate} is a file, not a directory, so the directory {path} cannot be made; "
-                         f"{fix}")
 
 
 def default_cache_dir() -> Path:

@@ -28,7 +28,7 @@ import torch
 
 from effml.config import apply_overrides, config_from_dict, config_to_dict
 from effml.experiments.base import PRESETS, Experiment, RunContext, get_experiment
-from effml.io import atomic_write_json, atomic_write_text
+from effml.io import atomic_write_json, atomic_write_text, check_directory_path
 from effml.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from effml.train.distributed import World, barrier, init_distributed
 from effml.train.loop import TrainingInterrupted
@@ -60,10 +60,7 @@ def environment(device: str, world: World) -> dict[str, Any]:
 def new_run_dir(out: Path, name: str) -> Path:
     """A fresh ``out/name/<UTC timestamp>`` directory (suffixed -2, -3, ... rather than reuse an existing one)."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    for parent in (out, out / name):
-        if parent.exists() and not parent.is_dir():
-            raise RunError(f"--out {out}: {parent} is a file, not a directory, so no run directory can be made in it; "
-                           "pass another --out.")
+    check_directory_path(out / name, f"--out {out}", "pass another --out.")
     base = out / name / stamp
     candidate, suffix = base, 1
     while True:
