@@ -202,8 +202,9 @@ class Compare(Claim):
 
     The per-seed improvement is ``d_s = baseline_s − arm_s`` for ``better="lower"`` (``arm_s − baseline_s`` for
     ``"higher"``), divided by ``|baseline_s|`` when ``relative``. Holds when the whole t-interval of mean(d) is
-    > ``margin``, fails when it is entirely < ``margin`` (touching it: inconclusive, see the module docstring). A negative relative margin states a tolerance:
-    ``better="lower", relative=True, margin=-0.05`` reads "at most 5% worse".
+    > ``margin``, fails when it is entirely < ``margin`` (touching it: inconclusive, see the module docstring). A
+    negative relative margin states a tolerance: ``better="lower", relative=True, margin=-0.05`` reads "at most 5%
+    worse".
     """
 
     kind: ClassVar[str] = "compare"
