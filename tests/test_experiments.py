@@ -8,6 +8,7 @@ from effml.config import ConfigError
 
 from effml.experiments import EXPERIMENTS, get_experiment
 from effml.experiments.base import PRESETS
+from effml.report import check_claim_list
 
 RECIPE_PRESETS = [(name, preset) for name, experiment in sorted(EXPERIMENTS.items())
                   for preset in experiment.presets]
@@ -31,3 +32,11 @@ def test_preset_config_is_valid_and_names_unique_arms(name: str, preset: str) ->
     assert len(experiment.seeds(config)) >= (1 if preset == "smoke" else 2)
     claim_names = [claim.name for claim in experiment.claims(config)]
     assert claim_names and len(set(claim_names)) == len(claim_names)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_preset_declares_a_valid_claim_list(name: str) -> None:
+    """Unique claim names and premises declared first (checked again by the runner before it trains)."""
+    experiment = EXPERIMENTS[name]
+    for preset in experiment.presets:
+        check_claim_list(experiment.claims(experiment.preset(preset)))

@@ -14,6 +14,7 @@ from effml.report import (
     Compare,
     Monotone,
     Threshold,
+    check_claim_list,
     claim_from_dict,
     evaluate_claims,
     t_critical,
@@ -314,3 +315,12 @@ def test_a_claim_whose_premise_does_not_hold_is_inconclusive_whatever_it_measure
         evaluate_claims(results)
     with pytest.raises(ValueError, match="requires"):
         Compare(name="x", statement="", metric="loss", arm="a", baseline="b", requires="")
+
+
+def test_claim_lists_need_unique_names_and_premises_declared_first() -> None:
+    first = Threshold("a", "s", metric="loss", arm="x")
+    check_claim_list([first, Threshold("b", "s", metric="loss", arm="x", requires="a")])
+    with pytest.raises(ValueError, match="Two claims are named 'a'"):
+        check_claim_list([first, Threshold("a", "s", metric="loss", arm="y")])
+    with pytest.raises(ValueError, match="requires claim 'a', which is not declared before it"):
+        check_claim_list([Threshold("b", "s", metric="loss", arm="x", requires="a"), first])

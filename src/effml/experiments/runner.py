@@ -170,7 +170,11 @@ def _refreshed_arms(experiment: Experiment, config: Any, arms: dict[str, Any]) -
 def _evaluation(experiment: Experiment, config: Any) -> dict[str, Any]:
     """The claims and plots of the recipe's current code. A resumed run takes them afresh, as it re-derives with the
     current code, so that its verdicts test today's claims on today's derived numbers."""
-    return {"claims": [claim.to_dict() for claim in experiment.claims(config)],
+    from effml.report import check_claim_list
+
+    claims = experiment.claims(config)
+    check_claim_list(claims)
+    return {"claims": [claim.to_dict() for claim in claims],
             "plots": [plot.to_dict() for plot in experiment.plots(config)]}
 
 

@@ -26,6 +26,7 @@ from effml.report.claims import (
     Compare,
     Monotone,
     Threshold,
+    check_claim_list,
     claim_from_dict,
     evaluate_claims,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Compare",
     "Monotone",
     "Threshold",
+    "check_claim_list",
     "claim_from_dict",
     "evaluate_claims",
     "Plot",

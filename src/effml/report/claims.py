@@ -43,6 +43,7 @@ __all__ = [
     "Compare",
     "Monotone",
     "Threshold",
+    "check_claim_list",
     "claim_from_dict",
     "evaluate_claims",
 ]
@@ -417,6 +418,21 @@ def claim_from_dict(data: dict[str, Any]) -> Claim:
     claim = spec_from_dict(data, _CLAIM_KINDS, "claim")
     assert isinstance(claim, Claim)
     return claim
+
+
+def check_claim_list(claims: list[Claim]) -> None:
+    """Raise ValueError unless the claims' names are unique and every ``requires`` names a claim declared before it
+    (what ``evaluate_claims`` relies on). The runner calls this before training, so that a recipe's mistake is not
+    found only when the report renders."""
+    seen: set[str] = set()
+    for claim in claims:
+        if claim.name in seen:
+            raise ValueError(f"Two claims are named {claim.name!r}; a claim's name identifies it (a premise's "
+                             "'requires' refers to it), so give each claim its own name.")
+        if claim.requires is not None and claim.requires not in seen:
+            raise ValueError(f"Claim {claim.name!r} requires claim {claim.requires!r}, which is not declared "
+                             "before it; declare the premise first.")
+        seen.add(claim.name)
 
 
 def evaluate_claims(results: dict[str, Any]) -> list[ClaimResult]:
