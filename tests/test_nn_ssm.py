@@ -298,6 +298,19 @@ def test_mamba2_manual_ssd_backward_option_gives_autograd_s_gradients() -> None:
         torch.testing.assert_close(manual, autograd, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_adamw_leaves_the_state_matrix_and_skip_undecayed(mixer: str) -> None:
+    """As in the Mamba reference: Mamba-1's A_log is (E, N), a matrix the shape rule alone would decay towards A = −1."""
+    import copy
+
+    from effml.optim import decay_groups
+
+    model = copy.deepcopy(_lm(mixer))  # the exemption must survive copies (growth copies blocks)
+    decayed = {name for group in decay_groups(model, 0.1) if group["weight_decay"] > 0 for name in group["names"]}
+    assert decayed and not any(name.endswith(("A_log", ".D")) for name in decayed)
+    assert any(name.endswith("in_proj.weight") for name in decayed)
+
+
 # --- the mamba_ssm kernel path, against stand-ins written from mamba_ssm's documented semantics -------------------
 def fake_selective_scan_fn(u, delta, A, B, C, D=None, return_last_state=False):
     """mamba_ssm's selective_scan_fn (its selective_scan_ref): u, delta (b, d, l), A (d, n), B, C (b, n, l)."""

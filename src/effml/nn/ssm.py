@@ -166,6 +166,10 @@ def _check_positive_int(owner: str, name: str, value: Any) -> None:
 class _SelectiveMixer(nn.Module):
     """What both mixers share: option checks, dt initialisation and the step/scan dispatch."""
 
+    #: parameters ``effml.optim.decay_groups`` leaves undecayed, as the Mamba reference does (Mamba-1's A_log is a
+    #: matrix, which the shape rule alone would decay)
+    no_weight_decay: tuple[str, ...] = ("A_log", "D")
+
     def _common_checks(self, owner: str, d_state: int, d_conv: int, expand: int, dt_min: float, dt_max: float,
                        chunk_size: int, scan: str, use_kernels: bool) -> None:
         for name, value in (("d_state", d_state), ("d_conv", d_conv), ("expand", expand),

@@ -1,8 +1,11 @@
 """AdamW with weight-decay parameter groups (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 1711.05101).
 
 Matrices (2-D and higher weights of linear and convolution layers) are decayed; vectors and scalars (norm gains, biases,
-learned residual scalars) and embedding tables are not, since decaying them shrinks quantities that carry no notion of
-capacity. Tied weights appear once, because ``named_parameters`` de-duplicates shared tensors.
+learned residual scalars), embedding tables and the parameters a module names in its class attribute
+``no_weight_decay`` (an SSM mixer's A_log and D, as in the Mamba reference: decaying A_log pulls every state's decay
+rate towards A = −1) are not, since decaying them
+shrinks quantities that carry no notion of capacity. Tied weights appear once, because ``named_parameters``
+de-duplicates shared tensors.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Each group carries ``names`` (parameter names, same order as ``params``) so that optimizers and checkpoints can
     address parameters by name rather than by position.
     """
-    embedding_params = {
-        id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)
-    }
+    exempt = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    exempt |= {id(getattr(module, name)) for module in model.modules()
+               for name in getattr(type(module), "no_weight_decay", ())}
     decay, no_decay = ([], []), ([], [])
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        target = decay if param.ndim >= 2 and id(param) not in embedding_params else no_decay
+        target = decay if param.ndim >= 2 and id(param) not in exempt else no_decay
         target[0].append(name)
         target[1].append(param)
     groups = []
