@@ -39,3 +39,32 @@ def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path) ->
                                                       strict=True):
             assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4)
         assert two["metrics"]["test_bpb"] == pytest.approx(one["metrics"]["test_bpb"], rel=1e-4)
+
+
+RANK_METRIC_SCRIPT = """
+import json, sys, torch
+from effml.train import TrainConfig, Trainer
+from effml.train.distributed import init_distributed
+world = init_distributed("cpu")
+model = torch.nn.Linear(2, 1)
+def loss_fn(model, batch, step):
+    return model(batch).square().mean(), {"rank_metric": float(world.rank)}
+result = Trainer(model, loss_fn, lambda index: torch.ones(4, 2), TrainConfig(steps=3, warmup_steps=1, log_every=1),
+                 quiet=True).fit()
+if world.rank == 0:
+    print(json.dumps(result.curves["rank_metric"]))
+"""
+
+
+@pytest.mark.slow
+def test_logged_training_metrics_are_means_over_ranks(tmp_path) -> None:
+    """Each rank's loss function sees its share of the batch; the logged metric is the mean over ranks (it was rank
+    0's alone), as the loss is."""
+    script = tmp_path / "rank_metric.py"
+    script.write_text(RANK_METRIC_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    curve = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert [value for _, value in curve] == [0.5, 0.5, 0.5]

@@ -399,9 +399,15 @@ class Trainer:
                     group["lr"] = group["base_lr"] * multiplier
                 started = time.perf_counter()
                 local_loss, metrics = self._train_step(step)
-                # One collective per step: the mean loss over ranks (for logging), and whether a rank saw a stop signal.
-                shared = all_reduce_sum(torch.tensor([local_loss, 1.0 if stop.requested else 0.0], dtype=torch.float64))
+                # One collective per step: the means over ranks of the loss and of the loss function's metrics (for
+                # logging: each rank saw its share of the batch), and whether a rank saw a stop signal. grad_norm is
+                # already global (DDP averaged the gradients).
+                names = sorted(name for name in metrics if name != "grad_norm")
+                shared = all_reduce_sum(torch.tensor([local_loss, 1.0 if stop.requested else 0.0,
+                                                      *(metrics[name] for name in names)], dtype=torch.float64))
                 loss, interrupted = float(shared[0]) / self.world.world_size, bool(shared[1] > 0)
+                metrics.update({name: float(value) / self.world.world_size
+                                for name, value in zip(names, shared[2:].tolist(), strict=True)})
                 if not math.isfinite(loss):
                     last = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
                     raise NonFiniteLoss(
