@@ -46,6 +46,14 @@ def test_rms_norm_matches_its_formula(path: str, monkeypatch: pytest.MonkeyPatch
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_rms_norm_without_the_hand_backward_has_second_derivatives() -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(6, eps=1e-3).double()
+    norm.hand_backward = False
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a: norm(a), (x,))
+
+
 def test_rms_norm_hand_written_backward_is_exact() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)

@@ -192,3 +192,11 @@ def test_gd_reading_of_a_layer_recovers_a_and_u_and_predicts_like_gd() -> None:
     batch = prompts(3, 8)
     gd = preconditioned_gd(batch.xs, batch.ys, batch.query, read_a.detach(), 3)
     assert torch.allclose(model(prompt_matrix(batch.xs, batch.ys, batch.query), readouts=True), gd, atol=1e-12)
+
+
+def test_prompt_transformer_refuses_an_ssm_mixer_it_would_ignore() -> None:
+    from effml.nn import PromptTransformer, TransformerConfig
+
+    with pytest.raises(ValueError, match="supports attention only"):
+        PromptTransformer(3, TransformerConfig(d_model=16, n_heads=2, n_layers=1, mixer="mamba2",
+                                               mixer_options={"headdim": 8}))

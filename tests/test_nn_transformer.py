@@ -276,6 +276,24 @@ def test_cache_layout_and_errors() -> None:
     assert cache.length == 6
 
 
+def test_a_cache_in_another_dtype_decodes_like_the_full_forward() -> None:
+    model = tiny_model().eval()
+    idx = tokens(2, 7)
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, dtype=torch.bfloat16)  # half the memory; keys and values rounded to bf16
+        pieces = [model(idx[:, :4], cache)] + [model(idx[:, t:t + 1], cache) for t in range(4, 7)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0.0, atol=5e-2)
+
+
+def test_small_integer_token_ids_are_accepted_and_bools_refused() -> None:
+    model = tiny_model()
+    idx = tokens(2, 5)
+    torch.testing.assert_close(model(idx.to(torch.uint8)), model(idx))
+    with pytest.raises(ValueError, match="integer tensor of token ids"):
+        model(idx > 3)
+
+
 def test_cache_rewrite_after_reset_gives_fresh_results() -> None:
     model = tiny_model()
     first, second = tokens(1, 6, seed=1), tokens(1, 6, seed=2)

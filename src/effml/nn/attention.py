@@ -128,7 +128,8 @@ class CausalSelfAttention(nn.Module):
             keys, values = cache.keys[cache_slot], cache.values[cache_slot]
             keys[:, :, start:end] = k
             values[:, :, start:end] = v
-            k, v = keys[:, :, :end], values[:, :, :end]
+            # (a cache may be kept in another dtype than the model computes in, e.g. bf16 to save memory)
+            k, v = keys[:, :, :end].to(q.dtype), values[:, :, :end].to(q.dtype)
             if seq == 1:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             elif start == 0:

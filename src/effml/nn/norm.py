@@ -60,7 +60,13 @@ class RMSNorm(nn.Module):
         eps: added to the mean square before the square root.
 
     Shapes: input (..., D) -> output (..., D).
+
+    On the CPU in float32/float64 the backward is the hand-written closed form (``_RMSNormFunction``), which is
+    once-differentiable: for second derivatives (gradient penalties, Hessian-vector products, ``torch.func``) set
+    ``hand_backward = False`` on the module (or the class), which uses autograd through the formula instead.
     """
+
+    hand_backward: bool = True
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -69,8 +75,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and x.dtype in _HAND_BACKWARD_DTYPES and torch.is_grad_enabled()
-                and (x.requires_grad or self.weight.requires_grad)):
+        if (self.hand_backward and x.device.type == "cpu" and x.dtype in _HAND_BACKWARD_DTYPES
+                and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return _RMSNormFunction.apply(x, self.weight, self.eps)
         if _HAS_FUSED_RMS_NORM:
             return F.rms_norm(x, (self.dim,), self.weight, self.eps)

@@ -42,6 +42,9 @@ class PromptTransformer(nn.Module):
         super().__init__()
         if config.residual != "plain":
             raise ValueError(f"PromptTransformer supports the plain residual only, got residual={config.residual!r}.")
+        if config.mixer != "attention":
+            raise ValueError(f"PromptTransformer supports attention only, got mixer={config.mixer!r}; its blocks read "
+                             "the prompt with rotary attention (use TransformerLM for SSM mixers).")
         self.d, self.config = d, config
         self.embed = nn.Linear(d + 1, config.d_model, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_base)

@@ -189,9 +189,11 @@ class TransformerLM(nn.Module):
             (B, T, vocab_size) logits, or (n_loops, B, T, vocab_size) when ``loop_readouts`` (the last entry equals
             the ordinary output).
         """
-        if idx.dim() != 2 or idx.is_floating_point() or idx.is_complex():
+        if idx.dim() != 2 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise ValueError(f"idx must be an integer tensor of token ids with shape (batch, seq), got dtype "
                              f"{idx.dtype} and shape {tuple(idx.shape)}.")
+        if idx.dtype not in (torch.int32, torch.int64):  # e.g. uint8 ids of a byte-level corpus
+            idx = idx.long()
         batch, seq = idx.shape
         offset = 0
         if cache is not None:
