@@ -236,7 +236,9 @@ class TransformerLM(nn.Module):
                   device: torch.device | str | None = None) -> KVCache | SSMCache:
         """An empty ``KVCache`` for ``batch_size`` sequences of up to ``max_len`` positions (default max_seq_len),
         one slot per (loop, layer) application, in the dtype/device of the model's weights unless given.
-        SSM mixers get an ``SSMCache`` instead (constant size: ``max_len`` is not needed)."""
+        SSM mixers get an ``SSMCache`` instead (constant size: ``max_len`` is not needed). Caches are for decoding,
+        under ``torch.no_grad``/``inference_mode`` (as ``generate`` runs): they are written in place, so autograd
+        cannot differentiate through several cached calls."""
         if self.config.mixer != "attention":
             return SSMCache(self.config.n_loops * len(self.blocks), batch_size)
         max_len = self.config.max_seq_len if max_len is None else max_len
