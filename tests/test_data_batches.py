@@ -1,13 +1,19 @@
-"""Batch sources: random training windows (determinism, shift, rank sharding) and fixed evaluation windows."""
+"""Batch sources: random training windows (determinism, shift, rank sharding), the rank-sharding helper every
+recipe's batches go through, and fixed evaluation windows."""
 
 from __future__ import annotations
+
+from collections import namedtuple
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from effml.data import WindowBatches, eval_windows
-from effml.data.batches import eval_window_starts
+from effml.data.batches import eval_window_starts, rank_share, shard_batches
+from effml.data.tasks import Copying
+from effml.data.tasks.regression import InContextRegression
 
 SEQ_LEN = 16
 
@@ -132,3 +138,103 @@ def test_eval_windows_validate_eagerly():
         eval_windows(np.arange(5), SEQ_LEN, batch_size=2)
     with pytest.raises(ValueError, match="max_windows"):
         eval_windows(np.arange(100), 4, batch_size=2, max_windows=0)
+
+
+def assert_same_batch(first, second) -> None:
+    """Two batches of the same structure (tensor, array, tuple or dataclass of them) hold equal values."""
+    if isinstance(first, torch.Tensor):
+        assert torch.equal(first, second)
+    elif isinstance(first, np.ndarray):
+        np.testing.assert_array_equal(first, second)
+    elif isinstance(first, (tuple, list)):
+        assert type(first) is type(second) and len(first) == len(second)
+        for a, b in zip(first, second, strict=True):
+            assert_same_batch(a, b)
+    else:
+        assert type(first) is type(second)
+        for name in vars(first):
+            assert_same_batch(getattr(first, name), getattr(second, name))
+
+
+def concatenate(shares: list):
+    """The rank shares of a batch joined along the batch axis (the inverse of rank_share over all ranks)."""
+    first = shares[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(shares)
+    if isinstance(first, np.ndarray):
+        return np.concatenate(shares)
+    if isinstance(first, tuple):
+        joined = [concatenate(list(parts)) for parts in zip(*shares, strict=True)]
+        return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
+    return type(first)(**{name: concatenate([vars(share)[name] for share in shares]) for name in vars(first)})
+
+
+def leading_size(batch) -> int:
+    """The batch size of a tensor, an array, or a tuple/dataclass of them (its first member's)."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return len(batch)
+    return leading_size(batch[0] if isinstance(batch, tuple) else next(iter(vars(batch).values())))
+
+
+Pair = namedtuple("Pair", ["images", "labels"])
+
+GLOBAL_BATCHES = {
+    "tensor": lambda: torch.arange(24.0).reshape(12, 2),
+    "array": lambda: np.arange(12) * 7,
+    "tuple": lambda: (torch.arange(12), torch.arange(36).reshape(12, 3)),
+    "namedtuple": lambda: Pair(torch.randn(12, 1, 4, 4, generator=torch.Generator().manual_seed(0)),
+                               torch.arange(12)),
+    "TaskBatch": lambda: Copying(length=3, n_symbols=4).sample(12, 5),
+    "RegressionBatch": lambda: InContextRegression(d=3, n_context=5).sample(12, 5),
+}
+
+
+@pytest.mark.parametrize("kind", GLOBAL_BATCHES)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_rank_shares_are_contiguous_and_concatenate_to_the_global_batch(kind, world_size) -> None:
+    global_batch = GLOBAL_BATCHES[kind]()
+    shares = [rank_share(global_batch, rank, world_size) for rank in range(world_size)]
+    for share in shares:
+        assert type(share) is type(global_batch) and leading_size(share) == 12 // world_size
+    # Equal sizes whose rank-order concatenation is the global batch: share r is exactly rows [r·B/W, (r+1)·B/W).
+    assert_same_batch(concatenate(shares), global_batch)
+
+
+@pytest.mark.parametrize("kind", GLOBAL_BATCHES)
+def test_a_world_of_one_gets_the_global_batch_itself(kind) -> None:
+    global_batch = GLOBAL_BATCHES[kind]()
+    assert rank_share(global_batch, 0, 1) is global_batch
+
+
+def test_rank_share_refuses_uneven_division_bad_ranks_and_ragged_batches() -> None:
+    batch = (torch.zeros(10, 3), torch.zeros(10))
+    with pytest.raises(ValueError, match="batch_size 10 does not divide by world_size 4"):
+        rank_share(batch, 0, 4)
+    with pytest.raises(ValueError, match="rank must be an int in"):
+        rank_share(batch, 2, 2)
+    with pytest.raises(ValueError, match="rank must be an int in"):
+        rank_share(batch, -1, 2)
+    with pytest.raises(ValueError, match="world_size must be a positive int"):
+        rank_share(batch, 0, 0)
+    with pytest.raises(ValueError, match="same leading"):
+        rank_share((torch.zeros(10), torch.zeros(8)), 0, 2)
+    with pytest.raises(ValueError, match="same leading"):
+        rank_share(torch.tensor(3.0), 0, 1)
+    with pytest.raises(ValueError, match="needs a tensor"):
+        rank_share({"inputs": torch.zeros(4)}, 0, 2)
+
+
+def test_shard_batches_hands_each_rank_its_share_of_every_index() -> None:
+    def global_batches(index: int) -> torch.Tensor:
+        return torch.arange(8) + 100 * index
+
+    assert shard_batches(global_batches, SimpleNamespace(rank=0, world_size=1)) is global_batches
+    halves = [shard_batches(global_batches, SimpleNamespace(rank=rank, world_size=2)) for rank in (0, 1)]
+    for index in (0, 3):
+        assert torch.equal(halves[0](index), torch.arange(4) + 100 * index)
+        assert torch.equal(halves[1](index), torch.arange(4, 8) + 100 * index)
+    with pytest.raises(ValueError, match="rank must be an int in"):
+        shard_batches(global_batches, SimpleNamespace(rank=2, world_size=2))  # refused before any batch is drawn
+    uneven = shard_batches(global_batches, SimpleNamespace(rank=0, world_size=3))
+    with pytest.raises(ValueError, match="does not divide by world_size 3"):
+        uneven(0)

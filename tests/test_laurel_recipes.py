@@ -1,4 +1,5 @@
-"""`laurel` and `laurel-vision` end to end (smoke presets through the CLI), their data, and `bench laurel`."""
+"""`laurel` and `laurel-vision` end to end (smoke presets through the CLI), their data (its sharding across ranks
+included), and `bench laurel`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from effml.benchmarks import run_benchmark
 from effml.benchmarks.laurel import PassStep
 from effml.cli import EXIT_USER_ERROR, main
-from effml.data.images import FASHION_MNIST_FILES, DataUnavailableError, load_fashion_mnist, read_idx
+from effml.data.images import (FASHION_MNIST_FILES, DataUnavailableError, ImageFolderBatches, ImageFolderSplit,
+                               load_fashion_mnist, read_idx)
 from effml.experiments import get_experiment
 from effml.nn.laurel import laurel_parameter_count
 from effml.nn.resnet import ResNet, ResNetConfig
@@ -129,6 +131,52 @@ def test_valid_size_0_evaluates_on_the_test_split(tmp_path, tiny_fashion_mnist) 
         (run,) = arm["runs"].values()
         assert run["metrics"]["valid_accuracy"] == run["metrics"]["test_accuracy"]
         assert run["metrics"]["valid_loss"] == pytest.approx(run["metrics"]["test_loss"])
+
+
+def test_vision_batches_give_each_rank_its_contiguous_half_and_one_process_its_old_batch(tiny_fashion_mnist) -> None:
+    """Rank r of 2 takes rows [r·B/2, (r+1)·B/2) of the one-process batch (as the LM batches do; before, ranks took
+    every other row and an uneven split went unnoticed), and one process draws exactly what it drew before."""
+    experiment = get_experiment("laurel-vision")
+    config = dataclasses.replace(experiment.preset("smoke"), data_dir=str(tiny_fashion_mnist), flip=True)
+    source, _, _ = experiment._data(config, seed=4)
+    splits = load_fashion_mnist(tiny_fashion_mnist, valid_size=config.valid_size)
+    half = config.batch_size // 2
+    for step in (0, 3):
+        rng = np.random.default_rng((4, step))  # the one-process draw, written out as the code did it before
+        chosen = rng.choice(len(splits.train_images), config.batch_size, replace=False)
+        mirror = rng.random(config.batch_size) < 0.5
+        images = np.where(mirror[:, None, None], splits.train_images[chosen][:, :, ::-1], splits.train_images[chosen])
+        whole_images, whole_labels = source.batch(step)
+        assert torch.equal(whole_images, torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 127.5 - 1.0)
+        assert torch.equal(whole_labels, torch.from_numpy(splits.train_labels[chosen]))
+        for rank in (0, 1):
+            share_images, share_labels = source.batch(step, rank, 2)
+            assert torch.equal(share_images, whole_images[rank * half:(rank + 1) * half])
+            assert torch.equal(share_labels, whole_labels[rank * half:(rank + 1) * half])
+    with pytest.raises(ValueError, match="does not divide by world_size 3"):
+        source.batch(0, 0, 3)
+
+
+def test_image_folder_batches_give_each_rank_its_contiguous_half(tmp_path) -> None:
+    from PIL import Image
+
+    for name in ("n01", "n02", "n03"):
+        (tmp_path / name).mkdir()
+        for index in range(3):
+            pixels = np.full((12, 12, 3), 20 * index + 60 * int(name[-1]), np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{index}.png")
+    split = ImageFolderSplit(tmp_path, size=8, resize=8)
+    source = ImageFolderBatches(split, batch_size=6, seed=1)
+    chosen = np.random.default_rng((1, 2)).choice(len(split), 6, replace=False)  # the one-process draw
+    whole_images, whole_labels = source.batch(2)
+    expected_images, expected_labels = split.batch(chosen)
+    assert torch.equal(whole_images, expected_images) and torch.equal(whole_labels, expected_labels)
+    for rank in (0, 1):
+        share_images, share_labels = source.batch(2, rank, 2)
+        assert torch.equal(share_images, whole_images[3 * rank:3 * rank + 3])
+        assert torch.equal(share_labels, whole_labels[3 * rank:3 * rank + 3])
+    with pytest.raises(ValueError, match="does not divide by world_size 4"):
+        source.batch(0, 1, 4)
 
 
 def test_a_negative_valid_size_is_refused_before_a_run_directory_exists(tmp_path, capsys) -> None:

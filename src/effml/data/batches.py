@@ -7,18 +7,26 @@ have seen. Under data parallelism, rank ``r`` of ``world_size`` takes the **cont
 ``[r * B/W, (r + 1) * B/W)`` of that global batch, so the ranks' shares are disjoint and their concatenation in
 rank order is the ``world_size=1`` batch.
 
+Sharding (:func:`rank_share`, :func:`shard_batches`): the same contiguous-share rule for any global batch — a tensor,
+an array, a tuple of them or a dataclass of them such as a synthetic task's batch — so every recipe that builds its
+own batches splits them across ranks exactly as :class:`WindowBatches` does.
+
 Evaluation (:func:`eval_windows`): non-overlapping windows ``tokens[i*T : i*T + T + 1]`` in order; a cap takes
 evenly spaced windows across the whole array.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["WindowBatches", "eval_windows", "eval_window_starts"]
+__all__ = ["WindowBatches", "eval_windows", "eval_window_starts", "rank_share", "shard_batches"]
+
+Batch = TypeVar("Batch")
 
 
 def _check_tokens(tokens: np.ndarray, seq_len: int, caller: str) -> np.ndarray:
@@ -44,6 +52,98 @@ def _windows_to_tensors(tokens: np.ndarray, starts: np.ndarray, seq_len: int) ->
     inputs = np.ascontiguousarray(windows[:, :-1])
     targets = np.ascontiguousarray(windows[:, 1:])
     return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def _check_world(rank: int, world_size: int) -> None:
+    """Raise ValueError unless ``world_size`` is a positive int and ``rank`` an int in ``[0, world_size)``."""
+    _check_positive_int(world_size, "world_size")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}.")
+
+
+def _check_share(batch_size: int, rank: int, world_size: int) -> None:
+    """Raise ValueError unless ``rank`` of ``world_size`` ranks can take an equal share of ``batch_size`` rows."""
+    _check_world(rank, world_size)
+    if batch_size % world_size:
+        raise ValueError(f"Global batch_size {batch_size} does not divide by world_size {world_size}; "
+                         "choose a batch_size that is a multiple of the number of processes.")
+
+
+def _batch_leaves(batch: Any) -> list[torch.Tensor | np.ndarray]:
+    """The tensors and arrays a batch is made of: itself, the items of a tuple/list, or a dataclass's fields."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return [batch]
+    if isinstance(batch, (tuple, list)):
+        return [leaf for item in batch for leaf in _batch_leaves(item)]
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return [leaf for item in dataclasses.fields(batch) for leaf in _batch_leaves(getattr(batch, item.name))]
+    return []
+
+
+def _take_rows(batch: Any, rows: slice) -> Any:
+    """``batch`` with every tensor/array in it replaced by ``leaf[rows]``; other values are kept as they are."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return batch[rows]
+    if isinstance(batch, (tuple, list)):
+        taken = [_take_rows(item, rows) for item in batch]
+        return type(batch)(*taken) if hasattr(batch, "_fields") else type(batch)(taken)  # namedtuples too
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{item.name: _take_rows(getattr(batch, item.name), rows)
+                                             for item in dataclasses.fields(batch) if item.init})
+    return batch
+
+
+def rank_share(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank ``rank``'s contiguous share of a global batch: rows ``[r * B/W, (r + 1) * B/W)`` of every tensor in it.
+
+    Args:
+        batch: the global batch — a tensor or numpy array of shape ``(B, ...)``, a tuple/list of them, or a dataclass
+            whose tensor/array fields all have shape ``(B, ...)`` (e.g. ``TaskBatch``, ``RegressionBatch``);
+            non-tensor fields are kept as they are.
+        rank, world_size: this process's place in the data-parallel world; ``B`` must divide by ``world_size``.
+
+    Returns:
+        A batch of the same structure whose tensors have shape ``(B // world_size, ...)``; the shares of ranks
+        ``0 .. W-1`` concatenated in rank order are the global batch. With ``world_size=1`` it is ``batch`` itself
+        (not a copy), so a single process trains on exactly what it did before sharding existed.
+
+    Raises:
+        ValueError: ``B`` not a multiple of ``world_size``, a rank outside ``[0, world_size)``, a batch holding no
+        tensor, or tensors whose leading sizes disagree.
+    """
+    leaves = _batch_leaves(batch)
+    if not leaves:
+        raise ValueError(f"rank_share needs a tensor, an array, or a tuple/list/dataclass of them; got "
+                         f"{type(batch).__name__}.")
+    sizes = {int(leaf.shape[0]) if leaf.ndim else None for leaf in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"rank_share: every tensor of a batch needs the same leading (batch) size, got "
+                         f"{sorted(sizes, key=str)}.")
+    batch_size = sizes.pop()
+    _check_share(batch_size, rank, world_size)
+    if world_size == 1:
+        return batch
+    per_rank = batch_size // world_size
+    return _take_rows(batch, slice(rank * per_rank, (rank + 1) * per_rank))
+
+
+def shard_batches(global_batches: Callable[[int], Batch], world: Any) -> Callable[[int], Batch]:
+    """``index -> this rank's share of global_batches(index)`` (:func:`rank_share`), for a Trainer's ``batches``.
+
+    ``world`` is an :class:`effml.train.distributed.World` (anything with int ``rank`` and ``world_size``). Every
+    rank draws the whole global batch and keeps its share: for batch functions that build examples from a seed this
+    is what makes a run over ``W`` ranks see exactly the examples of a one-process run, and for the small synthetic
+    tasks the recipes generate it costs little next to the training step. The world is checked here, once.
+    """
+    rank, world_size = world.rank, world.world_size
+    _check_world(rank, world_size)
+    if world_size == 1:
+        return global_batches
+
+    def batches(index: int) -> Batch:
+        return rank_share(global_batches(index), rank, world_size)
+
+    return batches
 
 
 class WindowBatches:
@@ -80,14 +180,7 @@ class WindowBatches:
             inputs, targets: int64 tensors of shape ``(batch_size // world_size, seq_len)`` with
             ``targets[:, t] == inputs[:, t + 1]`` and the last target the token after the window.
         """
-        _check_positive_int(world_size, "world_size")
-        if self.batch_size % world_size:
-            raise ValueError(f"Global batch_size {self.batch_size} does not divide by world_size {world_size}; "
-                             "choose a batch_size that is a multiple of the number of processes.")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}.")
-        per_rank = self.batch_size // world_size
-        starts = self.global_starts(step)[rank * per_rank:(rank + 1) * per_rank]
+        starts = rank_share(self.global_starts(step), rank, world_size)
         return _windows_to_tensors(self.tokens, starts, self.seq_len)
 
     def __repr__(self) -> str:

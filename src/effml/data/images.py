@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from effml.data.batches import rank_share
+
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "ImageSplits", "read_idx", "load_fashion_mnist",
            "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches", "DataUnavailableError",
            "IMAGE_EXTENSIONS"]
@@ -122,7 +124,9 @@ def _to_tensor(images: np.ndarray) -> Tensor:
 class ImageBatches:
     """Training batches as a pure function of the step: ``batch(step, rank, world_size)`` → (images (b, 1, H, W)
     float, labels (b,) int64), b = batch_size / world_size, drawn without replacement within the step from
-    ``np.random.default_rng((seed, step))``; with ``flip``, each image is mirrored horizontally with probability ½."""
+    ``np.random.default_rng((seed, step))``; with ``flip``, each image is mirrored horizontally with probability ½.
+    Rank ``r`` takes the contiguous share ``r`` of the global batch (:func:`effml.data.batches.rank_share`, as the LM
+    batches do), so the ranks' batches concatenated in rank order are the one-process batch."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, flip: bool = False) -> None:
         _check_batch_size(batch_size, len(images))
@@ -130,10 +134,10 @@ class ImageBatches:
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
         rng = np.random.default_rng((self.seed, step))
-        chosen = rng.choice(len(self.images), self.batch_size, replace=False)[rank::world_size]
+        chosen = rank_share(rng.choice(len(self.images), self.batch_size, replace=False), rank, world_size)
         images = self.images[chosen]
         if self.flip:
-            mirror = rng.random(self.batch_size)[rank::world_size] < 0.5
+            mirror = rank_share(rng.random(self.batch_size), rank, world_size) < 0.5
             images = np.where(mirror[:, None, None], images[:, :, ::-1], images)
         return _to_tensor(images), torch.from_numpy(self.labels[chosen])
 
@@ -215,7 +219,8 @@ class ImageFolderSplit:
 
 class ImageFolderBatches:
     """Training batches of an ``ImageFolderSplit`` as a pure function of the step (like ``ImageBatches``):
-    ``batch(step, rank, world_size)`` → (float (b, 3, size, size), labels (b,) int64), b = batch_size / world_size."""
+    ``batch(step, rank, world_size)`` → (float (b, 3, size, size), labels (b,) int64), b = batch_size / world_size,
+    rank ``r``'s contiguous share of the global batch; a rank loads only its own images."""
 
     def __init__(self, split: ImageFolderSplit, batch_size: int, seed: int) -> None:
         _check_batch_size(batch_size, len(split))
@@ -223,4 +228,5 @@ class ImageFolderBatches:
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
         rng = np.random.default_rng((self.seed, step))
-        return self.split.batch(rng.choice(len(self.split), self.batch_size, replace=False)[rank::world_size])
+        chosen = rng.choice(len(self.split), self.batch_size, replace=False)
+        return self.split.batch(rank_share(chosen, rank, world_size))
