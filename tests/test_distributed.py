@@ -15,30 +15,55 @@ from effml.cli import main
 ARGS = ["run", "lm-scaling", "--preset", "smoke", "--quiet", "--seeds", "1", "--set", "sizes=32x1,64x1"]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path) -> None:
+def single_and_two_process_results(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """``effml <args>`` in this process and under ``torchrun --nproc_per_node=2``: both runs' results.json, after
+    checking that the two-process run completed and that rank 1 created no run directory of its own."""
+    recipe = args[1]
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
-    assert main([*ARGS, "--out", str(single_out)]) == 0
+    assert main([*args, "--out", str(single_out)]) == 0
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effml",
-         *ARGS, "--out", str(ddp_out)],
+         *args, "--out", str(ddp_out)],
         capture_output=True, text=True, timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
 
-    run_dirs = list((ddp_out / "lm-scaling").iterdir())
+    run_dirs = list((ddp_out / recipe).iterdir())
     assert len(run_dirs) == 1  # rank 1 created no directory of its own
-    single = json.loads(next((single_out / "lm-scaling").iterdir()).joinpath("results.json").read_text())
+    single = json.loads(next((single_out / recipe).iterdir()).joinpath("results.json").read_text())
     ddp = json.loads(run_dirs[0].joinpath("results.json").read_text())
     assert ddp["environment"]["world_size"] == 2 and ddp["status"] == "complete"
+    return single, ddp
+
+
+def assert_same_training_losses(one: dict, two: dict, rel: float) -> None:
+    """Each rank takes half of the same global batch, and DDP averages gradients: the same optimisation as one
+    process, up to floating-point summation order."""
+    for (step_a, loss_a), (step_b, loss_b) in zip(one["curves"]["train_loss"], two["curves"]["train_loss"],
+                                                  strict=True):
+        assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=rel)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path) -> None:
+    single, ddp = single_and_two_process_results(ARGS, tmp_path)
     for arm in single["arms"]:
         one, two = single["arms"][arm]["runs"]["0"], ddp["arms"][arm]["runs"]["0"]
-        # Each rank takes half of the same global batch, and DDP averages gradients: the same optimisation, up to
-        # floating-point summation order.
-        for (step_a, loss_a), (step_b, loss_b) in zip(one["curves"]["train_loss"], two["curves"]["train_loss"],
-                                                      strict=True):
-            assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4)
+        assert_same_training_losses(one, two, rel=1e-4)
         assert two["metrics"]["test_bpb"] == pytest.approx(one["metrics"]["test_bpb"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_generated_task_recipe_trains_the_same_on_two_processes(tmp_path) -> None:
+    """looped-gd draws its prompts itself (not through WindowBatches): under torchrun each rank trains on its half
+    of the one-process batch, so the two runs follow the same losses and learn the same preconditioner."""
+    args = ["run", "looped-gd", "--preset", "smoke", "--quiet", "--seeds", "1", "--set", "attentions=restricted"]
+    single, ddp = single_and_two_process_results(args, tmp_path)
+    assert set(ddp["arms"]) == set(single["arms"]) == {"n8", "n32"}
+    for arm in single["arms"]:
+        one, two = single["arms"][arm]["runs"]["0"], ddp["arms"][arm]["runs"]["0"]
+        assert_same_training_losses(one, two, rel=1e-4)
+        assert two["metrics"]["precond_error"] == pytest.approx(one["metrics"]["precond_error"], rel=1e-3)
 
 
 RANK_METRIC_SCRIPT = """

@@ -1,5 +1,5 @@
-"""The looped-transformer recipes: `looped-depth` and `looped-gd` smoke presets end to end through the CLI, the
-depth-needed interpolation, and configuration errors."""
+"""The looped-transformer recipes: `looped-depth` and `looped-gd` smoke presets end to end through the CLI, their
+training batches under data parallelism, the depth-needed interpolation, and configuration errors."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from effml.cli import EXIT_USER_ERROR, main
+from effml.experiments.base import RunContext
 from effml.experiments.looped_depth import _line_fit, depth_needed
 from effml.report import VERDICTS
+from effml.train.distributed import World
 
 
 def smoke(recipe: str, out: Path) -> dict:
@@ -67,6 +70,33 @@ def test_looped_gd_smoke_end_to_end(tmp_path: Path) -> None:
             for prefix in ("", "rotated_", "rescaled_"):
                 assert [p[0] for p in run["curves"][f"{prefix}nmse_vs_loops"]] == [1, 2, 4]
             assert metrics["rotated_w2"] > 0 and metrics["rescaled_w2"] > 0
+
+
+@pytest.mark.parametrize(("recipe", "task_argument"), [("looped-gd", "n_contexts"), ("looped-depth", "kappas")])
+def test_training_prompts_are_sharded_across_ranks_and_unchanged_in_one_process(recipe, task_argument,
+                                                                                tmp_path: Path) -> None:
+    """Under torchrun each rank must train on its half of the global batch, not on a copy of the whole of it; one
+    process must keep training on exactly the prompts it drew before sharding existed."""
+    from effml.experiments import get_experiment
+    from effml.train.icl import PromptBatches
+
+    experiment = get_experiment(recipe)
+    config = experiment.preset("smoke")  # batch_size 16
+    task = experiment.task(config, getattr(config, task_argument)[0])
+
+    def batches(rank: int, world_size: int):
+        context = RunContext(run_dir=tmp_path, seed=3, device="cpu", world=World(rank=rank, world_size=world_size))
+        return experiment.training_batches(config, task, context)
+
+    single, first, second = batches(0, 1), batches(0, 2), batches(1, 2)
+    before = PromptBatches(task, config.batch_size, 3)  # the batches of the recipe before it sharded them
+    half = config.batch_size // 2
+    for index in (0, 5):
+        whole = single(index)
+        for name in ("xs", "ys", "query", "target", "covariance", "weights"):
+            assert torch.equal(getattr(whole, name), getattr(before(index), name))
+            assert torch.equal(getattr(first(index), name), getattr(whole, name)[:half])
+            assert torch.equal(getattr(second(index), name), getattr(whole, name)[half:])
 
 
 def test_depth_needed_interpolates_in_log_depth() -> None:

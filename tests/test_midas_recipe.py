@@ -8,13 +8,16 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from effml.cli import main
 from effml.config import ConfigError
+from effml.experiments.base import RunContext
 from effml.experiments.midas import (MidasConfig, MidasRecipe, budget_steps, compute_to_reach, depth_schedule,
-                                     modeled_seconds, primitive_tasks, training_flops)
+                                     finetune_batches, modeled_seconds, primitive_tasks, training_flops)
 from effml.nn import TransformerConfig, TransformerLM
 from effml.report import VERDICTS, CurvePlot, HeatmapPlot, plot_from_dict
+from effml.train.distributed import World
 from effml.train.growth import prop_alpha_stages
 
 
@@ -175,6 +178,27 @@ def test_primitives_follow_the_config() -> None:
     # one distractor: every variable-assignment prompt offers two digits, so chance is 1/2 at every depth
     assert [t.chance_accuracy for n, t in primitive_tasks(MidasConfig(distractors=1)).items() if "assign" in n] \
         == [0.5] * 3
+
+
+def test_finetune_batches_are_sharded_across_ranks_and_unchanged_in_one_process(tmp_path: Path) -> None:
+    """Under torchrun each rank fine-tunes on its half of the global batch (not on a copy of the whole of it); one
+    process keeps fine-tuning on exactly the sequences it drew before sharding existed: the primitives in turn."""
+    config = MidasRecipe().preset("smoke")  # finetune_batch 8
+    tasks = primitive_tasks(config)
+
+    def batches(rank: int, world_size: int):
+        context = RunContext(run_dir=tmp_path, seed=1, device="cpu", world=World(rank=rank, world_size=world_size))
+        return finetune_batches(config, tasks, context)
+
+    single, first, second = batches(0, 1), batches(0, 2), batches(1, 2)
+    half = config.finetune_batch // 2
+    for index in range(len(tasks) + 1):  # every primitive, then the first again
+        task = list(tasks.values())[index % len(tasks)]
+        whole, before = single(index), task.sample_every_answer(config.finetune_batch, 1_000_000 + index)  # old
+        for name in ("inputs", "targets", "loss_mask"):
+            assert torch.equal(getattr(whole, name), getattr(before, name))
+            assert torch.equal(getattr(first(index), name), getattr(whole, name)[:half])
+            assert torch.equal(getattr(second(index), name), getattr(whole, name)[half:])
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -210,6 +210,14 @@ class LoopedDepth(Experiment):
 
         return InContextRegression(d=config.d, n_context=config.n_context, covariance="diverse", kappa=kappa)
 
+    def training_batches(self, config: LoopedDepthConfig, task: Any, context: RunContext) -> Any:
+        """``index -> RegressionBatch``: this rank's share (``config.batch_size / world_size`` prompts) of the global
+        batch of ``config.batch_size`` prompts that a single process trains on at micro-batch ``index``."""
+        from effml.data.batches import shard_batches
+        from effml.train.icl import PromptBatches
+
+        return shard_batches(PromptBatches(task, config.batch_size, context.seed), context.world)
+
     def run_arm(self, config: LoopedDepthConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.train.icl import intra_op_threads
 
@@ -219,7 +227,7 @@ class LoopedDepth(Experiment):
     def _run_arm(self, config: LoopedDepthConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.data.tasks.base import derive_seed
         from effml.nn import LinearTransformer, LinearTransformerConfig, PromptTransformer, TransformerConfig
-        from effml.train.icl import PromptBatches, predict_readouts, query_mse_loss
+        from effml.train.icl import predict_readouts, query_mse_loss
 
         task = self.task(config, arm.info["kappa"])
         torch.manual_seed(context.seed)
@@ -238,7 +246,7 @@ class LoopedDepth(Experiment):
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
             return {"valid_nmse": task.evaluate(predict_readouts(model, context.device, dtype), 512, eval_seed)["nmse"]}
 
-        trainer = Trainer(model, query_mse_loss, PromptBatches(task, config.batch_size, context.seed), config.train,
+        trainer = Trainer(model, query_mse_loss, self.training_batches(config, task, context), config.train,
                           evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,
                           quiet=context.quiet, description=f"{self.name} {arm.name} seed {context.seed}")
         result = trainer.fit()

@@ -82,6 +82,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,8 +99,8 @@ from effml.train.growth import (OPTIMIZER_STATE_MODES, GrowthCallback, core_simi
                                 loop_similarity, prop_alpha_stages, stage_starts)
 from effml.train.lm import causal_lm_loss, heldout_nats_per_token
 
-__all__ = ["MidasConfig", "MidasRecipe", "ComputeMeter", "primitive_tasks", "answer_loss", "compute_to_reach",
-           "depth_schedule", "modeled_seconds"]
+__all__ = ["MidasConfig", "MidasRecipe", "ComputeMeter", "primitive_tasks", "finetune_batches", "answer_loss",
+           "compute_to_reach", "depth_schedule", "modeled_seconds"]
 
 BASELINE = "baseline"
 REDUCED = "midas-reduced"
@@ -335,6 +336,21 @@ def answer_loss(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, 
     return (losses * mask).sum() / mask.sum().clamp_min(1.0), {}
 
 
+def finetune_batches(config: MidasConfig, tasks: dict[str, Any], context: RunContext) -> Callable[[int], Any]:
+    """``index -> TaskBatch`` for the primitives' fine-tune: the primitives in turn (``tasks`` in order), each global
+    batch of ``config.finetune_batch`` sequences from its own seed; this rank keeps its share
+    (``finetune_batch / world_size`` sequences of ``(B, T)`` inputs, targets and every-answer loss mask)."""
+    from effml.data.batches import shard_batches
+
+    names = list(tasks)
+
+    def global_batch(index: int) -> Any:
+        task = tasks[names[index % len(names)]]
+        return task.sample_every_answer(config.finetune_batch, context.seed * 1_000_000 + index)
+
+    return shard_batches(global_batch, context.world)
+
+
 def compute_to_reach(losses: list[list[float]], compute: list[list[float]], target: float) -> float:
     """The compute at which a loss curve first reaches ``target``: linear interpolation between the two
     evaluations around the crossing; the first evaluation's compute if it is already there; NaN if never.
@@ -481,7 +497,6 @@ class MidasRecipe(Experiment):
         ``finetuned_over_chance``, the mean over primitives of accuracy − ``chance_accuracy``.
         """
         tasks = primitive_tasks(config)
-        names = list(tasks)
         eval_seed = 1_000_003 + context.seed  # hashed per batch by TokenTask.evaluate: disjoint from training seeds
 
         def accuracies(prefix: str) -> dict[str, float]:
@@ -495,15 +510,11 @@ class MidasRecipe(Experiment):
         if config.finetune_steps == 0:
             return metrics
 
-        def batch(index: int) -> Any:  # the primitives in turn, each batch from its own seed
-            task = tasks[names[index % len(names)]]
-            return task.sample_every_answer(config.finetune_batch, context.seed * 1_000_000 + index)
-
         finetune = TrainConfig(steps=config.finetune_steps, lr=config.finetune_lr,
                                warmup_steps=min(10, config.finetune_steps), weight_decay=0.0, log_every=10)
         torch.manual_seed(context.seed)
-        Trainer(model, answer_loss, batch, finetune, device=context.device, quiet=True,
-                description=f"{self.name} fine-tune").fit()
+        Trainer(model, answer_loss, finetune_batches(config, tasks, context), finetune, device=context.device,
+                quiet=True, description=f"{self.name} fine-tune").fit()
         metrics.update(accuracies("finetuned"))
         metrics["finetuned_over_chance"] = sum(metrics[f"finetuned_{name}"] - task.chance_accuracy
                                                for name, task in tasks.items()) / len(tasks)

@@ -300,9 +300,17 @@ class Mimetic(Experiment):
             apply_mimetic_init(model, conv_identity=config.conv_identity, **parts)
         return model
 
-    def run_arm(self, config: MimeticConfig, arm: Arm, context: RunContext) -> ArmRun:
+    def training_batches(self, config: MimeticConfig, task: Any, context: RunContext) -> Any:
+        """``index -> TaskBatch``: this rank's share (``config.batch_size / world_size`` sequences) of the global
+        batch of ``config.batch_size`` sequences drawn from ``derive_seed(context.seed, index)``, the batch a single
+        process trains on at micro-batch ``index``."""
+        from effml.data.batches import shard_batches
         from effml.data.tasks import derive_seed
 
+        return shard_batches(lambda index: task.sample(config.batch_size, derive_seed(context.seed, index)),
+                             context.world)
+
+    def run_arm(self, config: MimeticConfig, arm: Arm, context: RunContext) -> ArmRun:
         task = config.build_task(arm.info["task"], arm.info["length"], arm.info["vocab"])
         torch.manual_seed(context.seed)
         model = self.build_model(config, arm.info["task"], task.vocab_size, task.seq_len, arm.info["init"])
@@ -312,11 +320,9 @@ class Mimetic(Experiment):
             return task.evaluate(lambda inputs: model(inputs.to(device)).argmax(-1), config.eval_examples,
                                  _EVAL_SEED, batch_size=config.batch_size)
 
-        trainer = Trainer(model, masked_token_loss,
-                          lambda index: task.sample(config.batch_size, derive_seed(context.seed, index)),
-                          config.train, evaluate=evaluate, run_dir=context.run_dir, device=device,
-                          resume=context.resume, quiet=context.quiet,
-                          description=f"{self.name} {arm.name} seed {context.seed}")
+        trainer = Trainer(model, masked_token_loss, self.training_batches(config, task, context), config.train,
+                          evaluate=evaluate, run_dir=context.run_dir, device=device, resume=context.resume,
+                          quiet=context.quiet, description=f"{self.name} {arm.name} seed {context.seed}")
         result = trainer.fit()
         metrics = dict(result.final_metrics)
         metrics.update(length=float(arm.info["length"]), step_time_s=result.median_step_time)
