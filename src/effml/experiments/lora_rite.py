@@ -218,6 +218,19 @@ class LoRARiteRecipe(Experiment):
                      info={"method": "timing"})
         return arms[:4] + [timing] + arms[4:]
 
+    def check(self, config: LoRARiteConfig) -> None:
+        """SmolLM2's packages must be installed (or its fp32 copy cached) before a run directory is written."""
+        if config.model != "smollm2":
+            return
+        from effml.data.images import DataUnavailableError
+        from effml.nn.pretrained import check_smollm2_available
+
+        try:
+            check_smollm2_available()
+        except ModuleNotFoundError as error:
+            raise DataUnavailableError(f"lora-rite with model=smollm2 (the cpu and full presets): {error} Or run "
+                                       "--preset smoke, whose tiny model needs no download.") from None
+
     # -- one run -------------------------------------------------------------------------------------------------------
     def _base_model(self, config: LoRARiteConfig, seed: int) -> tuple[nn.Module, Any]:
         if config.model == "smollm2":

