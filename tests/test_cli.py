@@ -164,7 +164,7 @@ def test_resume_rejects_missing_foreign_and_corrupted_targets_without_changing_a
 
     # Settings cannot change on resume; hand-edited files get a message, not a KeyError.
     finished = snapshot(smoke_run)
-    for extra in (["--set", "train.steps=500"], ["--seeds", "7"], ["--preset", "full"]):
+    for extra in (["--set", "train.steps=500"], ["--seeds", "7"], ["--preset", "full"], ["--out", str(tmp_path)]):
         assert main(["run", "lm-scaling", "--resume", str(smoke_run), *extra]) == EXIT_USER_ERROR
         assert "cannot be combined with it" in capsys.readouterr().err
     assert snapshot(smoke_run) == finished

@@ -36,6 +36,8 @@ def test_overrides_are_parsed_by_field_type_and_leave_the_original_alone() -> No
     assert (new.flag, new.sizes, new.widths, new.name) == (True, ("p", "q", "r"), (3, 4), "hello")
     assert base == Outer()
     assert apply_overrides(base, ["inner.clip=2.5"]).inner.clip == 2.5
+    for spelling in ("[p,q]", '["p", "q"]', "p,q", "[p, q]"):  # bracketed bare words read as the plain list
+        assert apply_overrides(base, [f"sizes={spelling}"]).sizes == ("p", "q")
 
 
 def test_unknown_key_lists_the_valid_keys() -> None:

@@ -30,6 +30,7 @@ def single_and_two_process_results(args: list[str], tmp_path: Path) -> tuple[dic
 
     run_dirs = list((ddp_out / recipe).iterdir())
     assert len(run_dirs) == 1  # rank 1 created no directory of its own
+    assert completed.stdout.count("report: ") == 1  # and printed no second copy of the verdicts
     single = json.loads(next((single_out / recipe).iterdir()).joinpath("results.json").read_text())
     ddp = json.loads(run_dirs[0].joinpath("results.json").read_text())
     assert ddp["environment"]["world_size"] == 2 and ddp["status"] == "complete"

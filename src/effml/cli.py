@@ -32,18 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
     run.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    run.add_argument("--out", default="runs", help="parent directory of run directories (default: runs)")
-    run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--out", default=None, help="parent directory of run directories (default: runs)")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run, or re-derive a finished one with the current code (no "
+                          "retraining); takes the run's own preset and settings")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     report = commands.add_parser("report", help="re-render the report of a finished or interrupted run")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a run directory (runs/RECIPE/TIMESTAMP) or its results.json")
 
     bench = commands.add_parser("bench", help="run a benchmark against peer implementations")
     bench.add_argument("name", help="benchmark name (see `effml list`)")
     bench.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (checks that it runs)")
     bench.add_argument("--out", default="runs", help="where the benchmark's JSON and markdown go (default: runs)")
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     return parser
 
 
@@ -75,24 +77,28 @@ def _run(args: argparse.Namespace) -> int:
     from effml.experiments.runner import run_experiment
     from effml.report import load_results
     from effml.train import NonFiniteLoss, TrainingInterrupted
+    from effml.train.distributed import current_world
 
     _check_device(args.device)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: the number of seeds must be at least 1.")
-    if args.resume is not None and args.preset is not None:
-        raise ValueError(f"--resume {args.resume} continues the run with the preset it was started with, so --preset "
-                         "cannot be combined with it; drop --preset, or start a new run.")
+    given = [flag for flag, value in (("--preset", args.preset), ("--out", args.out)) if value is not None]
+    if args.resume is not None and given:
+        raise ValueError(f"--resume {args.resume} continues the run in its own directory with the preset it was "
+                         f"started with, so {' and '.join(given)} cannot be combined with it; drop "
+                         f"{'them' if len(given) > 1 else 'it'}, or start a new run.")
     try:
         run_dir = run_experiment(args.name, preset=args.preset or "cpu", overrides=args.overrides, seeds=args.seeds,
-                                 device=args.device, out=args.out, resume=args.resume, quiet=args.quiet)
+                                 device=args.device, out=args.out or "runs", resume=args.resume, quiet=args.quiet)
     except TrainingInterrupted as stop:
         print(f"effml: {stop}. Resume with: effml run {args.name} --resume {_run_dir_of(stop)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except NonFiniteLoss as error:
         print(f"effml: {error}", file=sys.stderr)
         return EXIT_NON_FINITE
-    _print_verdicts(load_results(run_dir))
-    print(f"report: {run_dir / 'report.md'}")
+    if current_world().is_main:  # under torchrun, one copy of the verdicts
+        _print_verdicts(load_results(run_dir))
+        print(f"report: {run_dir / 'report.md'}")
     return 0
 
 

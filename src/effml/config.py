@@ -104,8 +104,11 @@ def _parse(text: str, tp: Any, key: str) -> Any:
             args = typing.get_args(tp)
             item_type = args[0] if args else str
             stripped = text.strip()
-            if stripped.startswith("["):
-                items = json.loads(stripped)
+            if stripped.startswith("[") and stripped.endswith("]"):
+                try:
+                    items = json.loads(stripped)
+                except json.JSONDecodeError:  # [a,b] with bare words: the same as a,b
+                    items = [part.strip() for part in stripped[1:-1].split(",") if part.strip()]
                 parsed = [_parse(json.dumps(i) if not isinstance(i, str) else i, item_type, key) for i in items]
             else:
                 parsed = [_parse(part.strip(), item_type, key) for part in stripped.split(",") if part.strip()]
