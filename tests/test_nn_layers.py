@@ -222,3 +222,12 @@ def test_mlps_match_their_formulas() -> None:
     gate = x @ w_gate.T
     expected = (gate * torch.sigmoid(gate) * (x @ w_up.T)) @ swiglu.down_proj.weight.T
     torch.testing.assert_close(swiglu(x), expected)
+
+
+def test_rotary_in_real_arithmetic_under_torch_compile_equals_the_complex_product(monkeypatch) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8)
+    rotation = RotaryEmbedding(8, 16)(2, 5).unsqueeze(1)
+    eager = apply_rotary(x, rotation)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(apply_rotary(x, rotation), eager, rtol=1e-6, atol=1e-6)

@@ -301,3 +301,13 @@ def test_cache_rewrite_after_reset_gives_fresh_results() -> None:
     model(first, cache=cache)
     cache.reset()
     torch.testing.assert_close(model(second, cache=cache), model(second), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"residual": "laurel", "residual_options": {"variant": "rw+lr", "rank": 4}}])
+def test_torch_compile_traces_the_whole_model_as_one_graph(overrides: dict) -> None:
+    """Graph breaks (a max(default=) call, rotary's stride checks) split the compiled model into 11 graphs."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    explanation = dynamo.explain(tiny_model(**overrides))(tokens(2, 8))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

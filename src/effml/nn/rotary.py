@@ -30,6 +30,12 @@ def apply_rotary(x: Tensor, rotation: Tensor) -> Tensor:
     if dtype not in _COMPLEX_VIEWABLE:
         x = x.float()
     pairs = x.unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        # The same product in real arithmetic: the stride checks below would break the graph, and inductor fuses
+        # these elementwise ops anyway.
+        real, imag = pairs.unbind(-1)
+        cos, sin = rotation.real, rotation.imag
+        return torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2).to(dtype)
     # view_as_complex needs unit stride on the pair and even strides/offset elsewhere; fused q/k/v views satisfy it.
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.contiguous()

@@ -213,7 +213,7 @@ class TransformerLM(nn.Module):
                              f"{int(idx.min())} to {int(idx.max())}; the tokenizer and the model's vocab_size "
                              "disagree.") from None
         embedded = x
-        history_size = max((block.history_size for block in self.blocks), default=0)
+        history_size = max([0, *(block.history_size for block in self.blocks)])  # (torch.compile: no default=)
         history = StreamHistory(history_size) if history_size > 0 else None
         n_layers = len(self.blocks)
         readouts = []
