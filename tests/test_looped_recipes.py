@@ -12,7 +12,7 @@ import torch
 
 from effml.cli import EXIT_USER_ERROR, main
 from effml.experiments.base import RunContext
-from effml.experiments.looped_depth import _line_fit, depth_needed
+from effml.experiments.looped_depth import _line_fit, _unreached_slope, depth_needed
 from effml.report import VERDICTS
 from effml.train.distributed import World
 
@@ -159,3 +159,14 @@ def test_huge_finite_errors_of_a_diverged_model_still_summarise() -> None:
     summary = mean_interval([1e200, 3e200, 2e200])
     assert summary.mean == pytest.approx(2e200) and summary.std == pytest.approx(1e200)
     assert mean_interval([2.0, 2.0]).std == 0.0
+
+
+def test_a_depth_never_reached_gives_the_direction_of_growth_never_the_wrong_sign() -> None:
+    """κ ascending: unreached at the largest κ after rising depths grows (+inf); unreached at the smallest κ before
+    falling depths falls (−inf: it was reported +inf); mixed or nowhere reached is undecided (NaN)."""
+    inf = math.inf
+    assert _unreached_slope([1.0, 2.0, inf]) == inf
+    assert _unreached_slope([inf, 1.6, 1.0]) == -inf
+    assert math.isnan(_unreached_slope([1.0, inf, 2.0]))
+    assert math.isnan(_unreached_slope([2.0, 1.0, inf]))
+    assert math.isnan(_unreached_slope([inf, inf, inf]))

@@ -167,6 +167,12 @@ def test_derive_pairs_each_growth_arm_with_the_same_seeds_baseline() -> None:
         sum({1: 1.0, 2: 3.0}[d] for d in depths) / 36.0)
     assert base["curves"]["modeled_seconds"] == [[float(s), 3.0 * s] for s in evals]  # 3 s per step at depth 2
 
+    # A partial run whose step-time arm (run last) is missing keeps every quantity that needs no timing
+    del results["arms"]["step-times"]
+    partial = recipe.derive(config, results)["midas vs baseline"]["runs"]["0"]["metrics"]
+    assert partial["test_loss_gap"] == pytest.approx(0.8) and partial["flops_fraction"] == pytest.approx(0.7)
+    assert "time_fraction" not in partial and "time_saving" not in partial
+
 
 def test_primitives_follow_the_config() -> None:
     tasks = primitive_tasks(MidasConfig(shots=2, induction_length=10, induction_key_length=2, distractors=3))

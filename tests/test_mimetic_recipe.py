@@ -68,6 +68,22 @@ def test_largest_solved_is_the_longest_length_reaching_the_threshold() -> None:
     assert recipe.derive(config, results)["copying-v16-largest-solved-mimetic"]["runs"] == {}
 
 
+def test_solving_one_length_step_longer_on_every_seed_holds() -> None:
+    """"Solves longer" is strict: with lengths (3, 4), mimetic solving 4 and default 3 on every seed holds (a margin of
+    one length unit made this exact tie with the margin undecided)."""
+    from effml.report import evaluate_claims
+
+    recipe = Mimetic()
+    config = MimeticConfig(copy_lengths=(3, 4), tasks=("copying",), inits=("default", "mimetic"), seeds=2)
+    accuracy = {("default", 3): 0.99, ("default", 4): 0.2, ("mimetic", 3): 0.99, ("mimetic", 4): 0.99}
+    results = {"arms": {recipe.arm_name("copying", 16, n, init): {"runs": {seed: {"status": "complete", "metrics": {
+        "token_accuracy": value}} for seed in ("0", "1")}} for (init, n), value in accuracy.items()}}
+    results["derived"] = recipe.derive(config, results)
+    results["claims"] = [claim.to_dict() for claim in recipe.claims(config)]
+    verdicts = {outcome.name: outcome.verdict for outcome in evaluate_claims(results)}
+    assert verdicts["copying: mimetic solves longer"] == "holds"
+
+
 @pytest.mark.parametrize("ablation_lengths", ["longest", "all"])
 def test_ablations_train_at_the_claim_length_unless_asked_for_every_length(ablation_lengths) -> None:
     recipe = Mimetic()

@@ -28,6 +28,7 @@ step times, which were taken at different times under different load.
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -131,7 +132,8 @@ class LaurelRecipe(Experiment):
                                train=config.train)
 
     def derive(self, config: Any, results: dict[str, Any]) -> dict[str, Any]:
-        """The best LAuReL arm (best mean quality over complete seeds) against the extra layer, per seed."""
+        """The best LAuReL arm (best mean quality over the seeds every variant completed) against the extra layer,
+        per seed."""
         arms = results["arms"]
         base, deeper = self._baselines(config)
 
@@ -143,8 +145,10 @@ class LaurelRecipe(Experiment):
         candidates = {v: complete(v) for v in config.variants if complete(v)}
         if not candidates:
             return {}
-        best = max(candidates, key=lambda v: sign * sum(m[self.metric] for m in candidates[v].values())
-                   / len(candidates[v]))
+        # Compared on the seeds every variant has finished (in a partial run, one lucky seed must not make a best)
+        common = set.intersection(*(set(runs) for runs in candidates.values())) or None
+        best = max(candidates, key=lambda v: sign * statistics.fmean(
+            metrics[self.metric] for seed, metrics in candidates[v].items() if common is None or seed in common))
         base_runs, deeper_runs, best_runs = complete(base), complete(deeper), candidates[best]
         per_seed = {}
         for seed in sorted(set(base_runs) & set(deeper_runs) & set(best_runs), key=int):
@@ -165,8 +169,9 @@ class LaurelRecipe(Experiment):
     def claims(self, config: Any) -> list[Any]:
         from effml.report import Compare, Threshold
 
-        base, _ = self._baselines(config)
+        base, deeper = self._baselines(config)
         quality = "held-out loss" if self.metric.endswith("loss") else "test accuracy"
+        extra_helps = f"2a premise: one more {self.unit_name[:-1]} helps"
         return [
             Compare(name="1a RW beats the baseline",
                     statement=f"LAuReL-RW improves {quality} over the baseline "
@@ -175,10 +180,14 @@ class LaurelRecipe(Experiment):
             Threshold(name="1b RW adds under 0.01% parameters",
                       statement="LAuReL-RW adds under 0.01 % parameters to the baseline.",
                       metric="extra_params_pct", arm="rw", better="lower", threshold=RW_PARAM_PCT),
+            Compare(name=extra_helps,
+                    statement=f"Adding one {self.unit_name[:-1]} improves {quality} over the baseline (without a "
+                              "gain there is nothing for 2a to recover).",
+                    metric=self.metric, arm=deeper, baseline=base, better=self.better),
             Threshold(name="2a best variant recovers 60% of the extra layer's gain",
                       statement=f"The best LAuReL variant recovers at least {RECOVERED_SHARE:.0%} of the {quality} "
                                 "gain of adding a layer (per seed: gain(best) − 0.6·gain(extra layer) ≥ 0).",
-                      metric="gain_margin", arm=BEST, better="higher", threshold=0.0),
+                      metric="gain_margin", arm=BEST, better="higher", threshold=0.0, requires=extra_helps),
             Threshold(name="2b with at most 1/2.6 of its extra parameters",
                       statement="... while adding at most 1/2.6 of the extra layer's extra parameters.",
                       metric="param_ratio", arm=BEST, better="lower", threshold=PARAM_RATIO),

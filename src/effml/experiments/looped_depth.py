@@ -144,6 +144,22 @@ def arm_name(family: str, depth: int, kappa: float) -> str:
 _MAX_EXTRAPOLATED_DOUBLINGS = 10  # beyond 2^10 × the deepest trained model, call the depth needed infinite
 
 
+def _unreached_slope(needed: list[float]) -> float:
+    """The sign of growth when some κ's depth needed is infinite (never reached), κ ascending: +inf when the infinite
+    ones are the largest κ and the finite ones do not fall (depth grows beyond the depths tried), −inf when they are
+    the smallest κ and the finite ones do not rise (it falls), NaN otherwise. Non-finite, so a claim on it stays
+    inconclusive, but never with the wrong sign."""
+    reached = [math.isfinite(value) for value in needed]
+    finite = [value for value in needed if math.isfinite(value)]
+    if not finite:  # reached nowhere: no direction
+        return math.nan
+    if reached == sorted(reached, reverse=True) and finite == sorted(finite):
+        return math.inf
+    if reached == sorted(reached) and finite == sorted(finite, reverse=True):
+        return -math.inf
+    return math.nan
+
+
 def depth_needed(depths: list[int], errors: list[float], target: float) -> tuple[float, bool]:
     """The depth at which the error reaches ``target``: ``(depth, extrapolated)``.
 
@@ -307,8 +323,8 @@ class LoopedDepth(Experiment):
                     _, _, r2_sqrt = _line_fit([math.sqrt(k) for k in config.kappas], needed)
                     metrics.update(slope_per_ln_kappa=slope, intercept=intercept, r2_ln_kappa=r2_log,
                                    r2_sqrt_kappa=r2_sqrt)
-                else:
-                    metrics.update(slope_per_ln_kappa=math.inf, intercept=math.nan)
+                else:  # some κ never reached the target within the depths tried: no line to fit
+                    metrics.update(slope_per_ln_kappa=_unreached_slope(needed), intercept=math.nan)
                 fits[str(seed)] = {"status": "complete", "metrics": metrics}
             derived[f"depth-fit-{family}"] = {
                 "label": f"{family}: depth needed for nmse ≤ {config.target_nmse:g} ≈ a + b·ln κ", "runs": fits}

@@ -549,18 +549,22 @@ class MidasRecipe(Experiment):
 
         for seed in map(str, self.seeds(config)):
             runs = {name: complete(name, seed) for name in [*trained, STEP_TIMES]}
-            if runs[BASELINE] is None or runs[STEP_TIMES] is None:
+            if runs[BASELINE] is None:
                 continue
-            seconds_per_step = {int(key.rsplit("_", 1)[1]): value for key, value
-                                in runs[STEP_TIMES]["metrics"].items() if key.startswith("step_seconds_")}
+            # The step-time arm runs last: without it (a partial run) only the time-based quantities are missing.
+            timed = runs[STEP_TIMES] is not None
             total_seconds = {}
-            for name in trained:
-                if runs[name] is not None:
-                    info = by_name[name].info
-                    depths = depth_schedule(config, info["operator"], info["steps"])
-                    runs[name]["curves"]["modeled_seconds"] = modeled_seconds(
-                        depths, seconds_per_step, [int(step) for step, _ in runs[name]["curves"]["valid_loss"]])
-                    total_seconds[name] = modeled_seconds(depths, seconds_per_step, [info["steps"]])[0][1]
+            if timed:
+                seconds_per_step = {int(key.rsplit("_", 1)[1]): value for key, value
+                                    in runs[STEP_TIMES]["metrics"].items() if key.startswith("step_seconds_")}
+                for name in trained:
+                    if runs[name] is not None:
+                        info = by_name[name].info
+                        depths = depth_schedule(config, info["operator"], info["steps"])
+                        runs[name]["curves"]["modeled_seconds"] = modeled_seconds(
+                            depths, seconds_per_step, [int(step) for step, _ in runs[name]["curves"]["valid_loss"]])
+                        total_seconds[name] = modeled_seconds(depths, seconds_per_step, [info["steps"]])[0][1]
+            kinds = [(kind, metric) for kind, metric in savings_kinds if timed or kind != "modeled_seconds"]
             base = runs[BASELINE]
             for name in growth_arms:
                 run = runs[name]
@@ -570,13 +574,14 @@ class MidasRecipe(Experiment):
                 target = max(base["metrics"]["valid_loss"], run["metrics"]["valid_loss"])
                 metrics = {metric: 1.0 - compute_to_reach(run["curves"]["valid_loss"], run["curves"][kind], target)
                            / compute_to_reach(base["curves"]["valid_loss"], base["curves"][kind], target)
-                           for kind, metric in savings_kinds}
+                           for kind, metric in kinds}
                 metrics.update(
                     test_loss_gap=run["metrics"]["test_loss"] - base["metrics"]["test_loss"],
                     flops_fraction=run["metrics"]["flops"] / base["metrics"]["flops"],
-                    time_fraction=total_seconds[name] / total_seconds[BASELINE],
                     reached=float(run["metrics"]["valid_loss"] <= base["metrics"]["valid_loss"]),
                     final_loss_gap=run["metrics"]["valid_loss"] - base["metrics"]["valid_loss"])
+                if timed:
+                    metrics["time_fraction"] = total_seconds[name] / total_seconds[BASELINE]
                 derived[versus(name)]["runs"][seed] = {"status": "complete", "metrics": metrics}
         return derived
 

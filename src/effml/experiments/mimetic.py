@@ -374,7 +374,7 @@ class Mimetic(Experiment):
                         statement=f"Mimetic init solves longer {task} instances than default init (largest length "
                                   f"with ≥ {config.solve_accuracy:.0%} accuracy).",
                         metric="largest_solved", arm=self.largest_solved_name(task, vocab, "mimetic"),
-                        baseline=self.largest_solved_name(task, vocab, "default"), better="higher", margin=1.0),
+                        baseline=self.largest_solved_name(task, vocab, "default"), better="higher", margin=0.0),
             ]
             for ablation, part in (("state-only", "B/C"), ("bc-only", "state")):
                 if ablation in config.inits:

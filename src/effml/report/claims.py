@@ -249,7 +249,7 @@ class Compare(Claim):
         pair = f"{self.arm} vs {self.baseline} on {self.metric}"
         non_finite = _non_finite(self.arm, arm_values, seeds) + _non_finite(self.baseline, base_values, seeds)
         if non_finite:
-            return "inconclusive", f"{pair}: non-finite values (diverged?) at {', '.join(non_finite)}", "", numbers
+            return "inconclusive", f"{pair}: non-finite values (a diverged run, or a quantity not reached) at {', '.join(non_finite)}", "", numbers
         if len(seeds) < 2:
             return (
                 "inconclusive",
@@ -389,7 +389,7 @@ class Threshold(Claim):
         subject = f"{self.arm} {self.metric}"
         non_finite = _non_finite(self.arm, values, seeds)
         if non_finite:
-            evidence = f"{subject}: non-finite values (diverged?) at {', '.join(non_finite)}"
+            evidence = f"{subject}: non-finite values (a diverged run, or a quantity not reached) at {', '.join(non_finite)}"
             return self._result("inconclusive", evidence, numbers)
         if len(seeds) < 2:
             return self._result("inconclusive", f"{subject}: needs ≥ 2 seeds, have {len(seeds)}", numbers)
