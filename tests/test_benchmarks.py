@@ -263,3 +263,17 @@ def test_a_missing_peer_is_skipped_with_an_install_note_but_effml_errors_propaga
 
     with pytest.raises(ImportError, match="effml itself"):
         lm._available((lm.EFFML,), broken_effml, {}, lm.PEER_PACKAGES)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux resident-set counters needed")
+def test_cpu_peak_memory_reads_the_heap_a_step_holds_not_the_code_it_loads(monkeypatch) -> None:
+    """A step holding 64 MiB reads about 64 MiB; one that first runs many kernels on tiny tensors reads about nothing
+    (the resident-set high-water mark alone also counted the kernel code those calls read in: ~8-15 MiB)."""
+    from effml.benchmarks.common import peak_memory
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    readings = peak_memory({"64 MiB": ("memory_steps:allocate", {"mib": 64}),
+                            "kernels": ("memory_steps:first_use_of_many_kernels", {})}, steps=1)
+    assert readings["64 MiB"]["method"] == "linux-vmhwm-anonymous"
+    assert 60 * 2**20 <= readings["64 MiB"]["peak_bytes"] <= 72 * 2**20
+    assert readings["kernels"]["peak_bytes"] <= 3 * 2**20

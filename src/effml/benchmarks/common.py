@@ -10,12 +10,14 @@ Peak memory (``peak_memory``), what the number means:
   caching and fragmentation are not counted.
 - CPU: tracemalloc cannot see torch's allocations, so each contender is built in a *fresh Python subprocess* and
   the operating system's count is used: the resident-set high-water mark (Linux ``VmHWM``, reset just before the
-  steps through ``/proc/self/clear_refs``) reached while running the steps, minus the resident set just before them.
-  This is what the process really had to hold in RAM for the step: tensors plus allocator (glibc) overhead,
-  fragmentation and per-thread buffers, so it is an upper bound on tensor bytes and is only comparable between
-  contenders measured the same way. Where ``clear_refs`` is unavailable, ``getrusage`` max RSS is used, whose high-water
-  mark cannot be reset (then a step that stays below an earlier peak of the process reads as a smaller delta; the
-  result says which method was used).
+  steps through ``/proc/self/clear_refs``) reached while running the steps, less the file-backed pages resident
+  after them (``RssFile``, ``RssShmem``: torch's kernel code, which the first step reads in — 8–15 MiB that differ
+  between contenders running different code and once flipped a comparison), minus the anonymous memory
+  (``RssAnon``) just before them. This is the heap the process had to hold for the step: tensors plus allocator
+  (glibc) overhead, fragmentation and per-thread buffers — an upper bound on tensor bytes, only comparable between
+  contenders measured the same way (method ``linux-vmhwm-anonymous``). Where ``clear_refs`` is unavailable,
+  ``getrusage`` max RSS is used, whose high-water mark cannot be reset (then a step that stays below an earlier
+  peak of the process reads as a smaller delta; the result says which method was used).
 
 Matmul peak (``matmul_workload``, ``measure_matmul_peak``): the FLOP/s of one large square float32 matmul
 (2·n³ FLOPs), median of repeats, with the torch threads of this process — the denominator of model FLOPs
@@ -136,12 +138,17 @@ try:
         method = "linux-vmhwm-reset"
 except OSError:
     pass
-before = status_kib("VmRSS")
-if before is None:
-    before = maxrss_kib()
+anonymous = method == "linux-vmhwm-reset" and status_kib("RssAnon") is not None
+before = status_kib("RssAnon") if anonymous else (status_kib("VmRSS") or maxrss_kib())
 for _ in range(spec["steps"]):
     step()
-peak = status_kib("VmHWM") if method == "linux-vmhwm-reset" else maxrss_kib()
+if anonymous:
+    # VmHWM also counts file-backed pages (torch's kernel code, read in by the first step): take off those resident
+    # now, which are at least those resident at the peak, leaving a lower bound on the peak of anonymous memory.
+    peak = status_kib("VmHWM") - status_kib("RssFile") - (status_kib("RssShmem") or 0)
+    method = "linux-vmhwm-anonymous"
+else:
+    peak = status_kib("VmHWM") if method == "linux-vmhwm-reset" else maxrss_kib()
 print("EFFML-MEMORY " + json.dumps({"before_kib": before, "peak_kib": peak, "method": method}))
 """
 
