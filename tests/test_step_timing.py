@@ -47,3 +47,9 @@ def test_ratio_is_the_median_of_per_round_time_ratios() -> None:
     assert result["step_time_ratio_max"] == pytest.approx(15.0)
     assert result["step_time_ratio_min"] == pytest.approx(1.5)
     assert result["step_time_model_s"] == pytest.approx(3.0) and result["step_time_reference_s"] == pytest.approx(2.0)
+
+
+def test_ratio_refuses_no_rounds_naming_its_own_argument() -> None:
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+        step_time_ratio(model, torch.nn.Linear(2, 1), lambda m, b, s: (m(b).sum(), {}), torch.ones(1, 2), rounds=0)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effml.metrics.timing import paired_time_ratios, time_interleaved
+from effml.metrics.timing import paired_time_ratios, require_count, time_interleaved
 from effml.optim import build_adamw
 from effml.train.loop import TrainConfig, bf16_autocast, to_device
 
@@ -70,6 +70,8 @@ def step_time_ratio(model: nn.Module, reference: nn.Module, loss_fn: LossFn, bat
     Both models are trained for ``warmup + rounds`` steps in place, with ``train``'s optimizer settings (see
     ``TrainingStep``). ``clock``: seconds as a float (for tests).
     """
+    require_count("rounds", rounds, 1)
+    require_count("warmup", warmup, 0)
     steps = {"model": TrainingStep(model, loss_fn, batch, device, train),
              "reference": TrainingStep(reference, loss_fn, batch, device, train)}
     timings = time_interleaved(steps, repeats=rounds, warmup=warmup, device=device, clock=clock)
