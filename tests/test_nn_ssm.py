@@ -300,7 +300,7 @@ def test_mamba2_manual_ssd_backward_option_gives_autograd_s_gradients() -> None:
 
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_adamw_leaves_the_state_matrix_and_skip_undecayed(mixer: str) -> None:
-    """As in the Mamba reference: Mamba-1's A_log is (E, N), a matrix the shape rule alone would decay towards A = −1."""
+    """As in the Mamba reference: Mamba-1's A_log is (E, N), a matrix the shape rule alone would decay (to A = −1)."""
     import copy
 
     from effml.optim import decay_groups

@@ -130,6 +130,10 @@ def _non_finite(entry: str, values: dict[str, float], seeds: list[str]) -> list[
     return [f"{entry} seed {seed}" for seed in seeds if not math.isfinite(values[seed])]
 
 
+def _non_finite_text(where: list[str]) -> str:
+    return f"non-finite values (a diverged run, or a quantity not reached) at {', '.join(where)}"
+
+
 def _ci_text(interval: Interval, percent: bool = False, signed: bool = False) -> str:
     """``mean ± half-width (95% CI, n=3)``, optionally in percent and with an explicit + sign."""
     scale = 100.0 if percent else 1.0
@@ -249,7 +253,7 @@ class Compare(Claim):
         pair = f"{self.arm} vs {self.baseline} on {self.metric}"
         non_finite = _non_finite(self.arm, arm_values, seeds) + _non_finite(self.baseline, base_values, seeds)
         if non_finite:
-            return "inconclusive", f"{pair}: non-finite values (a diverged run, or a quantity not reached) at {', '.join(non_finite)}", "", numbers
+            return "inconclusive", f"{pair}: {_non_finite_text(non_finite)}", "", numbers
         if len(seeds) < 2:
             return (
                 "inconclusive",
@@ -389,7 +393,7 @@ class Threshold(Claim):
         subject = f"{self.arm} {self.metric}"
         non_finite = _non_finite(self.arm, values, seeds)
         if non_finite:
-            evidence = f"{subject}: non-finite values (a diverged run, or a quantity not reached) at {', '.join(non_finite)}"
+            evidence = f"{subject}: {_non_finite_text(non_finite)}"
             return self._result("inconclusive", evidence, numbers)
         if len(seeds) < 2:
             return self._result("inconclusive", f"{subject}: needs ≥ 2 seeds, have {len(seeds)}", numbers)
