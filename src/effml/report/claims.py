@@ -441,21 +441,19 @@ def check_claim_list(claims: list[Claim]) -> None:
 
 def evaluate_claims(results: dict[str, Any]) -> list[ClaimResult]:
     """Evaluate every claim declared in ``results["claims"]`` (a list of ``to_dict()`` outputs), in order; a claim
-    whose ``requires`` premise did not hold is reported inconclusive (ValueError if the premise is not declared
-    before it)."""
+    whose ``requires`` premise did not hold is reported inconclusive (ValueError from ``check_claim_list`` if the
+    premise is not declared before it, or two claims share a name)."""
     _check_results(results)
     declared = results.get("claims", [])
     if not isinstance(declared, list):
         raise TypeError(f"results['claims'] must be a list of claim dicts, got {type(declared).__name__}.")
+    claims = [claim_from_dict(entry) for entry in declared]
+    check_claim_list(claims)
     verdicts: dict[str, str] = {}
     evaluated = []
-    for entry in declared:
-        claim = claim_from_dict(entry)
+    for claim in claims:
         result = claim.evaluate(results)
         if claim.requires is not None:
-            if claim.requires not in verdicts:
-                raise ValueError(f"Claim {claim.name!r} requires claim {claim.requires!r}, which is not declared "
-                                 "before it; declare the premise first.")
             premise = verdicts[claim.requires]
             if premise != "holds":
                 result = replace(result, verdict="inconclusive",
