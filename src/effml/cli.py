@@ -82,14 +82,9 @@ def _run(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: the number of seeds must be at least 1.")
-    given = [flag for flag, value in (("--preset", args.preset), ("--out", args.out)) if value is not None]
-    if args.resume is not None and given:
-        raise ValueError(f"--resume {args.resume} continues the run in its own directory with the preset it was "
-                         f"started with, so {' and '.join(given)} cannot be combined with it; drop "
-                         f"{'them' if len(given) > 1 else 'it'}, or start a new run.")
     try:
-        run_dir = run_experiment(args.name, preset=args.preset or "cpu", overrides=args.overrides, seeds=args.seeds,
-                                 device=args.device, out=args.out or "runs", resume=args.resume, quiet=args.quiet)
+        run_dir = run_experiment(args.name, preset=args.preset, overrides=args.overrides, seeds=args.seeds,
+                                 device=args.device, out=args.out, resume=args.resume, quiet=args.quiet)
     except TrainingInterrupted as stop:
         print(f"effml: {stop}. Resume with: effml run {args.name} --resume {_run_dir_of(stop)}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -194,15 +194,18 @@ def _save(experiment: Experiment, config: Any, results: dict[str, Any], run_dir:
 def run_experiment(
     name: str,
     *,
-    preset: str = "cpu",
+    preset: str | None = None,
     overrides: Sequence[str] = (),
     seeds: int | None = None,
     device: str = "cpu",
-    out: str | Path = "runs",
+    out: str | Path | None = None,
     resume: str | Path | None = None,
     quiet: bool = False,
 ) -> Path:
-    """Run (or resume) recipe ``name`` and return its run directory. Rank 0 alone writes files."""
+    """Run (or resume) recipe ``name`` and return its run directory. Rank 0 alone writes files.
+
+    A new run takes ``preset`` (default "cpu"), ``overrides``, ``seeds`` and ``out`` (default "runs"); a resumed one
+    (``resume``) takes its own, so giving any of them with ``resume`` is a RunError."""
     experiment = get_experiment(name)
     world = init_distributed(device)
     if world.distributed and device.startswith("cuda"):
@@ -210,10 +213,12 @@ def run_experiment(
 
     if resume is not None:
         run_dir = Path(resume)
-        if overrides or seeds is not None:
-            raise RunError(f"--resume {run_dir} continues the run with the config it was started with, so --set and "
-                           "--seeds cannot be combined with it; drop them, or start a new run with the changed "
-                           "settings.")
+        given = [flag for flag, value in (("--preset", preset), ("--set", overrides or None), ("--seeds", seeds),
+                                          ("--out", out)) if value is not None]
+        if given:
+            raise RunError(f"--resume {run_dir} continues the run in its own directory with the preset and config it "
+                           f"was started with, so {', '.join(given)} cannot be combined with it; drop "
+                           f"{'them' if len(given) > 1 else 'it'}, or start a new run with the changed settings.")
         saved, results = _load_for_resume(run_dir)
         if saved.get("recipe") != name:
             raise RunError(f"--resume {run_dir} is a run of {saved.get('recipe')!r}, not {name!r}: "
@@ -226,13 +231,14 @@ def run_experiment(
             results.update(arms=_refreshed_arms(experiment, config, results["arms"]), **_evaluation(experiment, config))
         _verify_checkpoints(experiment, config, run_dir, results)
     else:
+        preset = preset or "cpu"
         if preset not in PRESETS or preset not in experiment.presets:
             raise RunError(f"Unknown preset {preset!r} for {name}; choose one of {', '.join(experiment.presets)}.")
         seeds_override = [] if seeds is None else [f"seeds={seeds}"]  # after --set: --seeds wins
         config = apply_overrides(experiment.preset(preset), [*overrides, *seeds_override])
         experiment.check(config)
         results = _empty_results(experiment, preset, config, device, world)  # its arms and seeds are checked too
-        run_dir = _broadcast_path(new_run_dir(Path(out), name) if world.is_main else None, world)
+        run_dir = _broadcast_path(new_run_dir(Path(out or "runs"), name) if world.is_main else None, world)
         if world.is_main:
             atomic_write_text(run_dir / "config.json", json.dumps(
                 {"recipe": name, "preset": preset, "overrides": list(overrides), "device": device,
