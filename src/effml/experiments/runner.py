@@ -106,8 +106,8 @@ def _load_for_resume(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | No
         raise RunError(f"--resume {run_dir}: config.json or results.json is corrupted ({error}); "
                        f"nothing was changed. Start a new run instead.") from error
     missing = [key for key in ("recipe", "preset", "config") if not isinstance(saved, dict) or key not in saved]
-    if missing or (results is not None and not isinstance(results.get("arms") if isinstance(results, dict) else None,
-                                                           dict)):
+    has_arms = results is None or (isinstance(results, dict) and isinstance(results.get("arms"), dict))
+    if missing or not has_arms:
         what = f"config.json lacks {', '.join(missing)}" if missing else "results.json has no per-arm results"
         raise RunError(f"--resume {run_dir}: {what}, so it was not written by effml's runner (or was edited by "
                        "hand); nothing was changed. Restore the file or start a new run instead.")
