@@ -77,8 +77,8 @@ def test_training_prompts_are_sharded_across_ranks_and_unchanged_in_one_process(
                                                                                 tmp_path: Path) -> None:
     """Under torchrun each rank must train on its half of the global batch, not on a copy of the whole of it; one
     process must keep training on exactly the prompts it drew before sharding existed."""
+    from effml.data.tasks import derive_seed
     from effml.experiments import get_experiment
-    from effml.train.icl import PromptBatches
 
     experiment = get_experiment(recipe)
     config = experiment.preset("smoke")  # batch_size 16
@@ -89,12 +89,11 @@ def test_training_prompts_are_sharded_across_ranks_and_unchanged_in_one_process(
         return experiment.training_batches(config, task, context)
 
     single, first, second = batches(0, 1), batches(0, 2), batches(1, 2)
-    before = PromptBatches(task, config.batch_size, 3)  # the batches of the recipe before it sharded them
     half = config.batch_size // 2
     for index in (0, 5):
-        whole = single(index)
+        whole, before = single(index), task.sample(config.batch_size, derive_seed(3, index))  # the old batch
         for name in ("xs", "ys", "query", "target", "covariance", "weights"):
-            assert torch.equal(getattr(whole, name), getattr(before(index), name))
+            assert torch.equal(getattr(whole, name), getattr(before, name))
             assert torch.equal(getattr(first(index), name), getattr(whole, name)[:half])
             assert torch.equal(getattr(second(index), name), getattr(whole, name)[half:])
 

@@ -7,7 +7,8 @@ have seen. Under data parallelism, rank ``r`` of ``world_size`` takes the **cont
 ``[r * B/W, (r + 1) * B/W)`` of that global batch, so the ranks' shares are disjoint and their concatenation in
 rank order is the ``world_size=1`` batch.
 
-Sharding (:func:`rank_share`, :func:`shard_batches`): the same contiguous-share rule for any global batch — a tensor,
+Sharding (:func:`rank_share`, :func:`shard_batches`, :func:`sampled_batches` for synthetic tasks): the same
+contiguous-share rule for any global batch — a tensor,
 an array, a tuple of them or a dataclass of them such as a synthetic task's batch — so every recipe that builds its
 own batches splits them across ranks exactly as :class:`WindowBatches` does.
 
@@ -24,7 +25,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["WindowBatches", "eval_windows", "eval_window_starts", "rank_share", "shard_batches"]
+__all__ = ["WindowBatches", "eval_windows", "eval_window_starts", "rank_share", "sampled_batches",
+           "shard_batches"]
 
 Batch = TypeVar("Batch")
 
@@ -144,6 +146,19 @@ def shard_batches(global_batches: Callable[[int], Batch], world: Any) -> Callabl
         return rank_share(global_batches(index), rank, world_size)
 
     return batches
+
+
+def sampled_batches(task: Any, batch_size: int, seed: int, world: Any) -> Callable[[int], Batch]:
+    """``index -> this rank's share of task.sample(batch_size, derive_seed(seed, index))``: a synthetic task's training
+    batches for a Trainer, fresh examples at every micro-batch ``index`` from its own seed (so a resumed run draws
+    exactly what an uninterrupted one would), sharded across ranks by :func:`shard_batches`.
+
+    ``task``: anything with ``sample(n, seed)`` returning a batch of ``n`` examples (a ``TokenTask``,
+    ``InContextRegression``); ``world``: as for :func:`shard_batches`.
+    """
+    from effml.data.tasks.base import derive_seed
+
+    return shard_batches(lambda index: task.sample(batch_size, derive_seed(seed, index)), world)
 
 
 class WindowBatches:

@@ -153,10 +153,9 @@ class LoopedGD(Experiment):
     def training_batches(self, config: LoopedGDConfig, task: Any, context: RunContext) -> Any:
         """``index -> RegressionBatch``: this rank's share (``config.batch_size / world_size`` prompts) of the global
         batch of ``config.batch_size`` prompts that a single process trains on at micro-batch ``index``."""
-        from effml.data.batches import shard_batches
-        from effml.train.icl import PromptBatches
+        from effml.data.batches import sampled_batches
 
-        return shard_batches(PromptBatches(task, config.batch_size, context.seed), context.world)
+        return sampled_batches(task, config.batch_size, context.seed, context.world)
 
     def run_arm(self, config: LoopedGDConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.train.icl import intra_op_threads

@@ -304,11 +304,9 @@ class Mimetic(Experiment):
         """``index -> TaskBatch``: this rank's share (``config.batch_size / world_size`` sequences) of the global
         batch of ``config.batch_size`` sequences drawn from ``derive_seed(context.seed, index)``, the batch a single
         process trains on at micro-batch ``index``."""
-        from effml.data.batches import shard_batches
-        from effml.data.tasks import derive_seed
+        from effml.data.batches import sampled_batches
 
-        return shard_batches(lambda index: task.sample(config.batch_size, derive_seed(context.seed, index)),
-                             context.world)
+        return sampled_batches(task, config.batch_size, context.seed, context.world)
 
     def run_arm(self, config: MimeticConfig, arm: Arm, context: RunContext) -> ArmRun:
         task = config.build_task(arm.info["task"], arm.info["length"], arm.info["vocab"])

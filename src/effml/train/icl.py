@@ -1,5 +1,6 @@
 """In-context regression objective and batches shared by the looped-transformer recipes (``looped-depth``,
-``looped-gd``): fresh synthetic prompts every step, squared error on the query prediction.
+``looped-gd``): squared error on the query prediction (their fresh prompts every step come from
+``effml.data.batches.sampled_batches``).
 
 The model maps a :class:`effml.data.tasks.regression.RegressionBatch`'s prompt matrix ``(B, d+1, n+1)`` to query
 predictions ``(B,)`` (``effml.nn.LinearTransformer``).
@@ -14,11 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from effml.data.tasks.base import derive_seed
-from effml.data.tasks.regression import InContextRegression, RegressionBatch
+from effml.data.tasks.regression import RegressionBatch
 from effml.nn.linear_attention import prompt_matrix
 
-__all__ = ["PromptBatches", "query_mse_loss", "predict_readouts", "intra_op_threads"]
+__all__ = ["query_mse_loss", "predict_readouts", "intra_op_threads"]
 
 
 @contextlib.contextmanager
@@ -34,17 +34,6 @@ def intra_op_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-class PromptBatches:
-    """``index -> RegressionBatch``: micro-batch ``index`` holds ``batch_size`` fresh prompts drawn from the seed
-    ``derive_seed(seed, index)``, so a resumed run sees exactly the prompts an uninterrupted one would."""
-
-    def __init__(self, task: InContextRegression, batch_size: int, seed: int) -> None:
-        self.task, self.batch_size, self.seed = task, batch_size, seed
-
-    def __call__(self, index: int) -> RegressionBatch:
-        return self.task.sample(self.batch_size, derive_seed(self.seed, index))
 
 
 def query_mse_loss(model: nn.Module, batch: RegressionBatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
