@@ -18,3 +18,31 @@ def isolated_token_cache():
         os.environ.pop("EFFML_CACHE", None)
     else:
         os.environ["EFFML_CACHE"] = previous
+
+
+@pytest.fixture
+def check_recipe_sharding(tmp_path):
+    """``check(training_batches, task, batch_size, seed, fields)``: a recipe's ``training_batches(task, context)``
+    gives rank r of 2 the r-th half of the one-process batch, and one process exactly the batch it drew before
+    sharding existed (``task.sample(batch_size, derive_seed(seed, index))``), on every field named in ``fields``."""
+    import torch
+
+    from effml.data.tasks import derive_seed
+    from effml.experiments.base import RunContext
+    from effml.train.distributed import World
+
+    def check(training_batches, task, batch_size: int, seed: int, fields: tuple[str, ...]) -> None:
+        def batches(rank: int, world_size: int):
+            world = World(rank=rank, world_size=world_size)
+            return training_batches(task, RunContext(run_dir=tmp_path, seed=seed, device="cpu", world=world))
+
+        single, first, second = batches(0, 1), batches(0, 2), batches(1, 2)
+        half = batch_size // 2
+        for index in (0, 5):
+            whole, before = single(index), task.sample(batch_size, derive_seed(seed, index))  # the old batch
+            for name in fields:
+                assert torch.equal(getattr(whole, name), getattr(before, name))
+                assert torch.equal(getattr(first(index), name), getattr(whole, name)[:half])
+                assert torch.equal(getattr(second(index), name), getattr(whole, name)[half:])
+
+    return check

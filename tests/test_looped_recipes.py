@@ -8,13 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from effml.cli import EXIT_USER_ERROR, main
-from effml.experiments.base import RunContext
 from effml.experiments.looped_depth import _line_fit, _unreached_slope, depth_needed
 from effml.report import VERDICTS
-from effml.train.distributed import World
 
 
 def smoke(recipe: str, out: Path) -> dict:
@@ -74,28 +71,16 @@ def test_looped_gd_smoke_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("recipe", "task_argument"), [("looped-gd", "n_contexts"), ("looped-depth", "kappas")])
 def test_training_prompts_are_sharded_across_ranks_and_unchanged_in_one_process(recipe, task_argument,
-                                                                                tmp_path: Path) -> None:
+                                                                                check_recipe_sharding) -> None:
     """Under torchrun each rank must train on its half of the global batch, not on a copy of the whole of it; one
     process must keep training on exactly the prompts it drew before sharding existed."""
-    from effml.data.tasks import derive_seed
     from effml.experiments import get_experiment
 
     experiment = get_experiment(recipe)
     config = experiment.preset("smoke")  # batch_size 16
     task = experiment.task(config, getattr(config, task_argument)[0])
-
-    def batches(rank: int, world_size: int):
-        context = RunContext(run_dir=tmp_path, seed=3, device="cpu", world=World(rank=rank, world_size=world_size))
-        return experiment.training_batches(config, task, context)
-
-    single, first, second = batches(0, 1), batches(0, 2), batches(1, 2)
-    half = config.batch_size // 2
-    for index in (0, 5):
-        whole, before = single(index), task.sample(config.batch_size, derive_seed(3, index))  # the old batch
-        for name in ("xs", "ys", "query", "target", "covariance", "weights"):
-            assert torch.equal(getattr(whole, name), getattr(before, name))
-            assert torch.equal(getattr(first(index), name), getattr(whole, name)[:half])
-            assert torch.equal(getattr(second(index), name), getattr(whole, name)[half:])
+    check_recipe_sharding(lambda task, context: experiment.training_batches(config, task, context), task,
+                          config.batch_size, 3, ("xs", "ys", "query", "target", "covariance", "weights"))
 
 
 def test_depth_needed_interpolates_in_log_depth() -> None:

@@ -12,10 +12,8 @@ import torch
 
 from effml.cli import main
 from effml.config import ConfigError
-from effml.data.tasks import MQAR, Copying, derive_seed
-from effml.experiments.base import RunContext
+from effml.data.tasks import MQAR, Copying
 from effml.experiments.mimetic import INITS, Mimetic, MimeticConfig, masked_token_loss
-from effml.train.distributed import World
 
 
 @pytest.fixture(scope="module")
@@ -194,25 +192,15 @@ def test_masked_loss_counts_only_answer_positions() -> None:
 
 
 @pytest.mark.parametrize("task_name", ["copying", "mqar"])
-def test_training_batches_are_sharded_across_ranks_and_unchanged_in_one_process(task_name, tmp_path: Path) -> None:
+def test_training_batches_are_sharded_across_ranks_and_unchanged_in_one_process(task_name,
+                                                                                 check_recipe_sharding) -> None:
     """Under torchrun each rank trains on its half of the global batch (not on a copy of the whole of it); one
     process keeps training on exactly the sequences it drew before sharding existed."""
     recipe = Mimetic()
     config = recipe.preset("smoke")  # batch_size 8
     task = config.build_task(task_name, config.claim_length(task_name))
-
-    def batches(rank: int, world_size: int):
-        context = RunContext(run_dir=tmp_path, seed=2, device="cpu", world=World(rank=rank, world_size=world_size))
-        return recipe.training_batches(config, task, context)
-
-    single, first, second = batches(0, 1), batches(0, 2), batches(1, 2)
-    half = config.batch_size // 2
-    for index in (0, 7):
-        whole, before = single(index), task.sample(config.batch_size, derive_seed(2, index))  # the old batch
-        for name in ("inputs", "targets", "loss_mask"):
-            assert torch.equal(getattr(whole, name), getattr(before, name))
-            assert torch.equal(getattr(first(index), name), getattr(whole, name)[:half])
-            assert torch.equal(getattr(second(index), name), getattr(whole, name)[half:])
+    check_recipe_sharding(lambda task, context: recipe.training_batches(config, task, context), task,
+                          config.batch_size, 2, ("inputs", "targets", "loss_mask"))
 
 
 @pytest.mark.parametrize("overrides, message", [
