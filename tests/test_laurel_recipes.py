@@ -323,7 +323,8 @@ def test_2a_is_undecided_when_the_extra_layer_does_not_help_and_best_is_chosen_o
     base, deeper = recipe._baselines(config)
 
     def arm(values: dict[str, float], extra: float = 0.0) -> dict:
-        return {"runs": {seed: {"status": "complete", "metrics": {"test_loss": value, "extra_params": extra + 1}}
+        return {"runs": {seed: {"status": "complete", "metrics": {"test_loss": value, "valid_loss": value,
+                                                                  "extra_params": extra + 1}}
                          for seed, value in values.items()}}
 
     worse = {"0": 2.05, "1": 2.06, "2": 2.07}  # the extra layer is worse than the baseline on every seed
@@ -338,3 +339,42 @@ def test_2a_is_undecided_when_the_extra_layer_does_not_help_and_best_is_chosen_o
     assert verdicts["2a premise: one more layer helps"].verdict == "fails"
     two_a = verdicts["2a best variant recovers 60% of the extra layer's gain"]
     assert two_a.verdict == "inconclusive" and "needs '2a premise" in two_a.evidence
+
+
+def test_best_variant_is_chosen_on_validation_and_judged_on_test() -> None:
+    """Choosing the best variant on the test values that claim 2a then judges favours the luckiest variant; the
+    choice is made on validation values (a run's metric, or for older runs the last point of its curve)."""
+    recipe = get_experiment("laurel")
+    config = dataclasses.replace(recipe.preset("smoke"), variants=("rw", "rw+lr", "lr"))
+    base, deeper = recipe._baselines(config)
+
+    def arm(test: float, valid: float | None, in_curve: bool = False) -> dict:
+        metrics = {"test_loss": test, "extra_params": 1.0}
+        curves = {}
+        if in_curve:
+            curves["valid_loss"] = [[2.0, valid + 1.0], [4.0, valid]]
+        elif valid is not None:
+            metrics["valid_loss"] = valid
+        return {"runs": {seed: {"status": "complete", "metrics": dict(metrics), "curves": curves}
+                         for seed in ("0", "1")}}
+
+    # rw+lr is best on test (2.00), rw on validation (1.90); lr's validation value is in its curve only: 1.95
+    results = {"arms": {base: arm(2.10, 2.0), deeper: arm(2.05, 1.95), "rw": arm(2.03, 1.90),
+                        "rw+lr": arm(2.00, 1.99), "lr": arm(2.01, 1.95, in_curve=True)}}
+    best = recipe.derive(config, results)["best-laurel"]
+    assert best["variant"] == "rw" and "by mean valid_loss (judged on test_loss): rw" in best["label"]
+    assert best["runs"]["0"]["metrics"]["gain_of_best"] == pytest.approx(2.10 - 2.03)  # judged on test
+    results["arms"]["lr"] = arm(2.01, 1.80, in_curve=True)
+    assert recipe.derive(config, results)["best-laurel"]["variant"] == "lr"
+
+
+def test_without_a_validation_split_the_derived_label_says_the_choice_is_made_on_test() -> None:
+    recipe = get_experiment("laurel-vision")
+    config = recipe.preset("smoke")
+    base, deeper = recipe._baselines(config)
+    arm = {"runs": {seed: {"status": "complete", "metrics": {"test_accuracy": 80.0, "valid_accuracy": 80.0,
+                                                               "extra_params": 1.0}} for seed in ("0", "1")}}
+    results = {"arms": {name: arm for name in (base, deeper, *config.variants)}}
+    assert "no validation split" not in recipe.derive(config, results)["best-laurel"]["label"]
+    label = recipe.derive(dataclasses.replace(config, valid_size=0), results)["best-laurel"]["label"]
+    assert "no validation split (valid_size=0)" in label

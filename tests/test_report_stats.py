@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from effml.report.stats import fit_power_law, format_mean_spread, format_number, mean_interval, t_critical
+from effml.report.stats import best_by_mean, fit_power_law, format_mean_spread, format_number, mean_interval, t_critical
 
 # Two-sided critical values from published Student-t tables (3 decimals).
 PUBLISHED_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 20: 2.086, 30: 2.042}
@@ -159,3 +159,15 @@ def test_format_number_significant_digits() -> None:
     assert format_number(12384.4) == "12384"
     assert format_number(1.5e-7) == "1.5e-07"
     assert format_number(7) == "7"
+
+
+def test_best_by_mean_compares_on_common_seeds_ranks_diverged_last_and_keeps_the_first_of_a_tie() -> None:
+    # b alone has seed 2, a lucky one: on the common seeds 0 and 1 a is better
+    values = {"a": {"0": 1.0, "1": 1.0, "2": 1.0}, "b": {"0": 1.1, "1": 1.1}, "c": {"0": 1.2, "1": 1.2, "2": -9.0}}
+    assert best_by_mean(values, "lower") == "a" and best_by_mean(values, "higher") == "c"
+    assert best_by_mean({"x": {"0": 1.0}, "y": {"1": 0.5}}, "lower") == "y"  # no common seed: each on its own
+    assert best_by_mean({"x": {"0": math.nan}, "y": {"0": 5.0}}, "lower") == "y"
+    assert best_by_mean({"x": {"0": math.inf}, "y": {"0": 5.0}}, "higher") == "y"
+    assert best_by_mean({"x": {"0": 1.0}, "y": {"0": 1.0}}, "higher") == "x"
+    with pytest.raises(ValueError, match="better"):
+        best_by_mean(values, "smaller")

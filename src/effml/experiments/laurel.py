@@ -14,8 +14,9 @@ Both recipes train the same arms for several seeds, with the same data order per
 
 Reported per run: the quality metric (held-out loss for `laurel`, test accuracy for `laurel-vision`), ``extra_params``
 (absolute and % over the L-layer baseline) and the median ``step_time_s``. The derived entry ``best-laurel`` takes the
-LAuReL arm with the best mean quality and, per seed, the fraction of the extra layer's gain it recovers and its
-extra parameters as a fraction of the extra layer's.
+LAuReL arm with the best mean *validation* quality (chosen on validation, judged on test: choosing on the test values
+that claim 2a then judges would favour the luckiest variant) and, per seed, the fraction of the extra layer's test
+gain it recovers and its extra parameters as a fraction of the extra layer's.
 
 Claims (issue #3): (1) RW improves on the L-layer baseline (1a) with under 0.01 % extra parameters (1b); (2) the best
 variant recovers at least 60 % of the extra layer's gain (2a, stated linearly per seed as
@@ -28,7 +29,6 @@ step times, which were taken at different times under different load.
 from __future__ import annotations
 
 import os
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -69,11 +69,13 @@ def _check_variants(owner: str, variants: tuple[str, ...]) -> None:
 class LaurelRecipe(Experiment):
     """What both LAuReL recipes share: arms, extra-parameter accounting, the derived best variant and the claims.
 
-    Subclasses set ``metric`` and ``better`` (the quality metric and its direction) and implement ``build_model``
-    (the baseline with a given depth, or the L-layer model with a LAuReL variant) and ``run_arm``.
+    Subclasses set ``metric``, ``selection_metric`` and ``better`` (the test and validation quality metrics and their
+    direction) and implement ``build_model`` (the baseline with a given depth, or the L-layer model with a LAuReL
+    variant) and ``run_arm``.
     """
 
-    metric: ClassVar[str]
+    metric: ClassVar[str]  # the test metric every claim on quality is judged on
+    selection_metric: ClassVar[str]  # its validation counterpart, which chooses the best variant
     better: ClassVar[str]
 
     unit: ClassVar[str] = "L"  # arm-name suffix of the depth: L layers (LM) or B residual blocks (ResNet)
@@ -131,25 +133,40 @@ class LaurelRecipe(Experiment):
         return step_time_ratio(laurel, baseline, loss_fn, batch, rounds=config.timing_rounds, device=context.device,
                                train=config.train)
 
+    def selection_note(self, config: Any) -> str:
+        """Appended to the derived label when the validation values that choose the best variant do not come from a
+        split of their own (empty by default)."""
+        return ""
+
     def derive(self, config: Any, results: dict[str, Any]) -> dict[str, Any]:
-        """The best LAuReL arm (best mean quality over the seeds every variant completed) against the extra layer,
-        per seed."""
+        """The best LAuReL arm against the extra layer, per seed. The best is chosen by mean *validation* quality
+        (``selection_metric``) over the seeds every variant completed, and judged (claim 2a) on test quality
+        (``metric``): choosing and judging on the same values would favour whichever variant was luckiest on them."""
+        from effml.report import best_by_mean
+
         arms = results["arms"]
         base, deeper = self._baselines(config)
 
-        def complete(name: str) -> dict[str, dict[str, float]]:
+        def complete(name: str) -> dict[str, dict[str, Any]]:
             runs = arms.get(name, {}).get("runs", {})
-            return {seed: run["metrics"] for seed, run in runs.items() if run.get("status") == "complete"}
+            return {seed: run for seed, run in runs.items() if run.get("status") == "complete"}
+
+        def validation(run: dict[str, Any]) -> float | None:
+            """The run's final validation value: its metric, else the last point of its curve (older runs)."""
+            value = run.get("metrics", {}).get(self.selection_metric)
+            if value is None and run.get("curves", {}).get(self.selection_metric):
+                value = run["curves"][self.selection_metric][-1][1]
+            return value
 
         sign = -1.0 if self.better == "lower" else 1.0  # gain = sign · (arm − baseline) > 0 when the arm is better
-        candidates = {v: complete(v) for v in config.variants if complete(v)}
-        if not candidates:
+        chosen_on = {v: {seed: value for seed, run in complete(v).items() if (value := validation(run)) is not None}
+                     for v in config.variants}
+        chosen_on = {v: values for v, values in chosen_on.items() if values}
+        if not chosen_on:
             return {}
-        # Compared on the seeds every variant has finished (in a partial run, one lucky seed must not make a best)
-        common = set.intersection(*(set(runs) for runs in candidates.values())) or None
-        best = max(candidates, key=lambda v: sign * statistics.fmean(
-            metrics[self.metric] for seed, metrics in candidates[v].items() if common is None or seed in common))
-        base_runs, deeper_runs, best_runs = complete(base), complete(deeper), candidates[best]
+        best = best_by_mean(chosen_on, self.better)
+        base_runs, deeper_runs, best_runs = (
+            {seed: run["metrics"] for seed, run in complete(name).items()} for name in (base, deeper, best))
         per_seed = {}
         for seed in sorted(set(base_runs) & set(deeper_runs) & set(best_runs), key=int):
             layer_gain = sign * (deeper_runs[seed][self.metric] - base_runs[seed][self.metric])
@@ -163,8 +180,9 @@ class LaurelRecipe(Experiment):
             if layer_gain != 0.0:
                 metrics["recovered_fraction"] = best_gain / layer_gain
             per_seed[seed] = {"status": "complete", "metrics": metrics}
-        return {BEST: {"label": f"best LAuReL variant by mean {self.metric}: {best}, against {deeper}",
-                       "variant": best, "runs": per_seed}}
+        label = (f"best LAuReL variant by mean {self.selection_metric} (judged on {self.metric}): {best}, against "
+                 f"{deeper}{self.selection_note(config)}")
+        return {BEST: {"label": label, "variant": best, "runs": per_seed}}
 
     def claims(self, config: Any) -> list[Any]:
         from effml.report import Compare, Threshold
@@ -275,6 +293,7 @@ class LaurelLM(LaurelRecipe):
                    "layer (held-out loss, extra params, step time)")
     presets = {"smoke": _lm_smoke, "cpu": _lm_cpu, "full": _lm_full}
     metric = "test_loss"
+    selection_metric = "valid_loss"
     better = "lower"
 
     def build_model(self, config: LaurelLMConfig, extra_layer: bool, variant: str | None) -> torch.nn.Module:
@@ -407,12 +426,22 @@ class LaurelVision(LaurelRecipe):
                    "RW/LR/PA vs the baseline and vs one more block (test accuracy, extra params, step time)")
     presets = {"smoke": _vision_smoke, "cpu": _vision_cpu, "full": _vision_full}
     metric = "test_accuracy"
+    selection_metric = "valid_accuracy"
     better = "higher"
     unit = "B"
     unit_name = "blocks"
 
     def depth(self, config: LaurelVisionConfig) -> int:
         return sum(config.blocks)
+
+    def selection_note(self, config: LaurelVisionConfig) -> str:
+        if config.dataset == "imagenet":
+            return (" — no validation split (ImageNet's val/ is the test split): valid_accuracy is measured on it, "
+                    "so the best variant is chosen on the values claim 2a judges")
+        if config.valid_size == 0:
+            return (" — no validation split (valid_size=0): valid_accuracy is measured on the test split, so the best "
+                    "variant is chosen on the values claim 2a judges")
+        return ""
 
     def check(self, config: LaurelVisionConfig) -> None:
         # Here rather than in the config: the `full` preset is built before `--set data_dir=...` applies.

@@ -342,6 +342,8 @@ class LoRARiteRecipe(Experiment):
     def derive(self, config: LoRARiteConfig, results: dict[str, Any]) -> dict[str, Any]:
         """Tuned arms (one LR per method, by mean validation loss over seeds; flagged at a grid edge) and, per seed, the
         imbalance shifts."""
+        from effml.report import best_by_mean
+
         arms = self.arms(config)
 
         def run(arm: Arm, seed: int) -> dict[str, Any] | None:
@@ -357,9 +359,8 @@ class LoRARiteRecipe(Experiment):
             label = f"{_METHOD_LABELS[method]} at its best LR (lowest mean validation loss over seeds)"
             tuned: dict[str, Any] = {}
             if finished:
-                mean_valid = [statistics.fmean(seed_runs[i]["valid_loss"] for seed_runs in finished.values())
-                              for i in range(len(sweep))]
-                best = min(range(len(sweep)), key=mean_valid.__getitem__)
+                best = best_by_mean({i: {seed: seed_runs[i]["valid_loss"] for seed, seed_runs in finished.items()}
+                                     for i in range(len(sweep))}, "lower")
                 lr = sweep[best].info["lr"]
                 at_edge = len(grid) < 3 or lr in (grid[0], grid[-1])
                 for seed, seed_runs in finished.items():

@@ -32,7 +32,7 @@ from effml.report.claims import (
 )
 from effml.report.plots import CurvePlot, HeatmapPlot, MetricPlot, Plot, plot_from_dict
 from effml.report.render import load_results, render_report, write_report
-from effml.report.stats import Interval, fit_power_law, mean_interval, t_critical
+from effml.report.stats import Interval, best_by_mean, fit_power_law, mean_interval, t_critical
 
 __all__ = [
     "VERDICTS",
@@ -56,4 +56,5 @@ __all__ = [
     "t_critical",
     "mean_interval",
     "fit_power_law",
+    "best_by_mean",
 ]

@@ -5,6 +5,7 @@
   with its continued fraction (Abramowitz & Stegun 26.5.8) by the modified Lentz method.
 * ``mean_interval`` — mean, sample standard deviation and the t-interval on the mean of a handful of seeds.
 * ``fit_power_law`` — least-squares fit of y ≈ a·x^(−α) in log-log space (scaling-law exponents).
+* ``best_by_mean`` — which of several candidates (a recipe's variants, learning rates) has the best mean over seeds.
 * ``format_number`` / ``format_mean_spread`` — numbers to sensible significant digits for tables and evidence text.
 
 Pure standard library: importing this module costs nothing.
@@ -13,7 +14,7 @@ Pure standard library: importing this module costs nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,6 +23,7 @@ __all__ = [
     "t_critical",
     "mean_interval",
     "fit_power_law",
+    "best_by_mean",
     "format_number",
     "format_mean_spread",
 ]
@@ -194,6 +196,31 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]
     sxy = math.fsum((lx - mean_lx) * (ly - mean_ly) for lx, ly in zip(log_x, log_y, strict=True))
     slope = sxy / sxx
     return math.exp(mean_ly - slope * mean_lx), -slope
+
+
+def best_by_mean(values: Mapping[Hashable, Mapping[str, float]], better: str) -> Hashable:
+    """The candidate whose values have the best mean: the lowest for ``better="lower"``, the highest for "higher".
+
+    ``values``: candidate → {seed: value}, at least one candidate, each with at least one seed. Means are taken over
+    the seeds every candidate has, so that in a partial run one lucky seed cannot make a candidate best (over each
+    candidate's own seeds when they share none). A non-finite mean (a diverged run) ranks last; ties go to the
+    candidate listed first. Recipes choose on validation values and report the choice on test values, so that the
+    choice does not inflate what is reported (the winner's curse).
+    """
+    if better not in ("lower", "higher"):
+        raise ValueError(f"best_by_mean: better must be 'lower' or 'higher', got {better!r}.")
+    if not values or not all(values.values()):
+        raise ValueError(f"best_by_mean needs at least one candidate and one value per candidate, got {values!r}.")
+    common = set.intersection(*(set(seeds) for seeds in values.values()))
+    sign = -1.0 if better == "lower" else 1.0
+
+    def score(candidate: Hashable) -> float:
+        seeds = values[candidate]
+        mean = math.fsum(value for seed, value in seeds.items() if not common or seed in common) / len(
+            common or seeds)
+        return sign * mean if math.isfinite(mean) else -math.inf
+
+    return max(values, key=score)
 
 
 def format_number(value: float, digits: int = 4) -> str:
