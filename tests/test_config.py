@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from effml.config import ConfigError, apply_overrides, check_positive, config_from_dict, config_to_dict, dotted_keys
+from effml.config import (ConfigError, apply_overrides, check_distinct, check_positive, config_from_dict,
+                          config_to_dict, dotted_keys)
 
 
 @dataclass(frozen=True)
@@ -95,3 +96,11 @@ def test_overrides_are_validated_together_in_any_order_and_the_last_value_wins()
     assert apply_overrides(Run(), ["seeds=2", "seeds=3"]).seeds == 3
     with pytest.raises(ConfigError, match="warmup 50 exceeds steps 10"):
         apply_overrides(Run(), ["schedule.steps=10"])
+
+
+def test_distinct_check_names_the_repeat_and_entries_equal_under_a_key() -> None:
+    check_distinct("recipe", "sizes", ("a", "b"))
+    with pytest.raises(ConfigError, match=r"recipe\.sizes = \['a', 'b', 'a'\] lists 'a' twice: .*List each once"):
+        check_distinct("recipe", "sizes", ("a", "b", "a"))
+    with pytest.raises(ConfigError, match=r"lists 'RW' and 'rw', which are the same \('rw'\): one arm each"):
+        check_distinct("recipe", "variants", ("RW", "lr", "rw"), key=str.lower, why="one arm each")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from effml.config import ConfigError
@@ -40,3 +42,10 @@ def test_every_preset_declares_a_valid_claim_list(name: str) -> None:
     experiment = EXPERIMENTS[name]
     for preset in experiment.presets:
         check_claim_list(experiment.claims(experiment.preset(preset)))
+
+
+def test_lm_scaling_names_a_size_given_twice() -> None:
+    """Two spellings of one size were refused only as 'not in increasing size', which hid the repeat."""
+    config = get_experiment("lm-scaling").preset("smoke")
+    with pytest.raises(ConfigError, match=r"sizes = .* lists '48x2' and '048x2', which are the same \(\(48, 2\)\)"):
+        dataclasses.replace(config, sizes=("48x2", "048x2", "96x3"))

@@ -114,6 +114,10 @@ def test_line_fit_slope_and_r2() -> None:
     (["looped-gd", "--set", "test_loops=-1,2,4"], "test_loops = \\(-1, 2, 4\\): every test loop count must be pos"),
     (["looped-gd", "--set", "init_std=0"], "claim \\(1a\\) would test nothing"),
     (["looped-gd", "--set", "attentions=unrestricted"], "include 'restricted'"),
+    # a repeated entry ran the same arms twice under one name, or the same shifted test twice
+    (["looped-gd", "--set", "attentions=restricted,restricted"], "attentions = .* lists 'restricted' twice"),
+    (["looped-depth", "--set", "families=multi,looped,looped"], "families = .* lists 'looped' twice"),
+    (["looped-depth", "--set", "shift_scales=1.25,1.25"], "shift_scales = .* lists 1.25 twice"),
 ])
 def test_bad_recipe_settings_exit_2_and_write_nothing(arguments, expected, tmp_path: Path, capsys) -> None:
     import re

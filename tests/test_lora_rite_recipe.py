@@ -104,6 +104,8 @@ def test_tuned_lr_is_flagged_only_at_the_edges_of_its_grid() -> None:
     ("imbalance=0.5", "imbalance must be > 1"),
     ("model=gpt2", "model"),
     ("rite_lrs=0.001,-0.1", "rite_lrs must be a non-empty list of distinct positive"),
+    ("methods=adam,rite,adam", "methods = ['adam', 'rite', 'adam'] lists 'adam' twice"),
+    ("adam_lrs=0.001,0.001", "adam_lrs = [0.001, 0.001] lists 0.001 twice"),
 ])
 def test_bad_settings_exit_2_with_a_message(override: str, message: str, tmp_path, capsys) -> None:
     assert main(["run", "lora-rite", "--preset", "smoke", "--quiet", "--out", str(tmp_path), "--set",

@@ -12,13 +12,14 @@ import json
 import types
 import math
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 __all__ = [
     "ConfigError",
     "apply_overrides",
     "check_choice",
+    "check_distinct",
     "check_positive",
     "check_range",
     "config_from_dict",
@@ -53,6 +54,21 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> N
     choices = list(choices)
     if value not in choices:
         raise ConfigError(f"{owner}.{name} = {value!r} is not allowed: choose one of {', '.join(map(repr, choices))}.")
+
+
+def check_distinct(owner: str, name: str, values: Iterable[Any], *, key: Callable[[Any], Any] | None = None,
+                   why: str = "each entry is its own arm, so a repeat would run it twice under one name") -> None:
+    """Raise ConfigError if two entries of the list field ``values`` are equal, or, with ``key``, equal under it
+    (two spellings of one variant, two learning rates printed alike in arm names); ``why`` says why that is wrong."""
+    values = list(values)
+    seen: dict[Any, Any] = {}
+    for value in values:
+        same = key(value) if key is not None else value
+        if same in seen:
+            first = seen[same]
+            repeat = f"{value!r} twice" if first == value else f"{first!r} and {value!r}, which are the same ({same!r})"
+            raise ConfigError(f"{owner}.{name} = {values!r} lists {repeat}: {why}. List each once.")
+        seen[same] = value
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from effml.config import ConfigError, check_choice, check_positive
+from effml.config import ConfigError, check_choice, check_distinct, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.experiments.lm_training import load_byte_corpus, train_lm
 from effml.train import TrainConfig
@@ -58,8 +58,8 @@ def _check_variants(owner: str, variants: tuple[str, ...]) -> None:
             canonical.append("+".join(parse_variant(variant)))
         except ValueError as error:
             raise ConfigError(f"{owner}.variants: {error}") from None
-    if len(set(canonical)) != len(canonical):
-        raise ConfigError(f"{owner}.variants {variants!r} lists a variant twice; list each once.")
+    check_distinct(owner, "variants", variants, key=lambda variant: "+".join(parse_variant(variant)),
+                   why="each variant is one arm")
     missing = [v for v in ("rw", "rw+lr") if v not in canonical]
     if missing:
         raise ConfigError(f"{owner}.variants {variants!r} lacks {missing}: the claims are about RW and RW+LR, so keep "

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from effml.config import ConfigError, check_choice, check_positive
+from effml.config import ConfigError, check_choice, check_distinct, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.experiments.lm_training import load_byte_corpus, train_lm
 from effml.train import TrainConfig
@@ -65,6 +65,7 @@ class LMScalingConfig:
                 raise ConfigError(f"lm-scaling size {size!r}: width {width} is not a multiple of head_dim "
                                   f"{self.head_dim}; pick widths divisible by it or change head_dim.")
             check_positive("lm-scaling", "depth", depth)
+        check_distinct("lm-scaling", "sizes", self.sizes, key=parse_size, why="each size is one arm")
         check_choice("lm-scaling", "mlp", self.mlp, ("gelu", "swiglu"))
         check_choice("lm-scaling", "tokenizer", self.tokenizer, ("byte",))
         if self.max_bytes is not None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from effml.config import ConfigError, check_positive
+from effml.config import ConfigError, check_distinct, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.train import TrainConfig, Trainer
 
@@ -92,6 +92,7 @@ class LoopedGDConfig:
         if "restricted" not in self.attentions or not set(self.attentions) <= {"restricted", "unrestricted"}:
             raise ConfigError(f"{owner}.attentions = {self.attentions!r}: the claims are about the restricted layer, "
                               "so include 'restricted'; 'unrestricted' may be added.")
+        check_distinct(owner, "attentions", self.attentions, why="each attention trains one arm per context size")
         if self.init_scale == 0:
             raise ConfigError(f"{owner}.init_scale = 0 makes the layer's GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ undefined "
                               "at the start; use a positive init_scale.")

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effml.config import ConfigError, check_choice, check_positive
+from effml.config import ConfigError, check_choice, check_distinct, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.train import TrainConfig, Trainer
 from effml.train.distributed import main_first
@@ -110,9 +110,11 @@ class LoRARiteConfig:
             check_positive("lora-rite", "max_bytes", self.max_bytes)
         for method in METHODS:
             lrs = getattr(self, f"{method}_lrs")
-            if not lrs or any(not (isinstance(lr, (int, float)) and lr > 0) for lr in lrs) or len(set(lrs)) < len(lrs):
+            if not lrs or any(not (isinstance(lr, (int, float)) and lr > 0) for lr in lrs):
                 raise ConfigError(f"lora-rite {method}_lrs must be a non-empty list of distinct positive learning "
                                   f"rates, got {lrs!r}.")
+            check_distinct("lora-rite", f"{method}_lrs", lrs)
+        check_distinct("lora-rite", "methods", self.methods, why="each method is one sweep of arms")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not {"adam", "rite"} <= set(self.methods):
             raise ConfigError(f"lora-rite methods {self.methods!r}: each must be one of {', '.join(METHODS)}, and "
