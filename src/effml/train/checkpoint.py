@@ -7,7 +7,8 @@ Layout under a checkpoint directory::
       step-00000120/
         model.safetensors    model weights (tied tensors stored once, aliases recorded in state.json)
         optimizer.safetensors  every tensor of the optimizer's state_dict, keyed "state/<param>/<key>"
-        rng.safetensors      torch (and CUDA) generator states, so dropout continues bit for bit
+        rng.safetensors      torch (and CUDA) generator states, so dropout continues bit for bit: rank 0's as
+                             "torch"/"cuda", rank r's of a data-parallel run as "torch.rank<r>"/"cuda.rank<r>"
         state.json           step, the optimizer's non-tensor state, caller extras, and a manifest of every file's
                              size and SHA-256
 

@@ -11,11 +11,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "init_distributed", "current_world", "all_reduce_sum", "all_reduce_max", "barrier", "main_first"]
+__all__ = ["World", "init_distributed", "current_world", "all_reduce_sum", "all_reduce_max", "all_gather_objects",
+           "barrier", "main_first"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,15 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank; ``[value]`` in a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return gathered
+    return [value]
 
 
 def barrier() -> None:

@@ -8,7 +8,8 @@ boundaries that may change the model and the optimizer (growth, loss-mix schedul
 The loop adds what every recipe needs and none should rewrite: gradient accumulation and clipping, periodic
 evaluation, metrics to JSONL, atomic checkpoints with exact resume, a clean stop on SIGINT/SIGTERM (checkpoint, then
 `TrainingInterrupted`), a stop on a non-finite loss (`NonFiniteLoss`, the last good checkpoint kept), DDP across
-``torchrun`` processes, bf16 autocast on CUDA, and a progress bar.
+``torchrun`` processes (the same initial weights on every rank, but each rank's own random stream for dropout from
+the start of training), bf16 autocast on CUDA, and a progress bar.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import torch
 from torch import nn
 
 from effml.config import check_positive
+from effml.data.tasks.base import derive_seed
 from effml.io import atomic_write_text
 from effml.optim import WarmupCosine, build_adamw
 from effml.train.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint,
                                     save_checkpoint)
-from effml.train.distributed import World, all_reduce_sum, current_world
+from effml.train.distributed import World, all_gather_objects, all_reduce_sum, current_world
 
 __all__ = [
     "TrainConfig",
@@ -160,6 +162,13 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
     return batch
 
 
+def _rng_key(generator: str, rank: int) -> str:
+    """Where ``rank``'s state of ``generator`` ("torch": the CPU one, "cuda") lies in a checkpoint's rng tensors:
+    rank 0's under the bare name (so a one-process checkpoint is what it always was), rank r's under
+    ``"<generator>.rank<r>"``."""
+    return generator if rank == 0 else f"{generator}.rank{rank}"
+
+
 def _scalar(value: Any) -> float:
     return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
 
@@ -282,12 +291,15 @@ class Trainer:
         return records
 
     def save(self) -> Path | None:
-        """Checkpoint the current state (rank 0 writes; other ranks return None)."""
-        if self.checkpoint_dir is None or not self.world.is_main:
+        """Checkpoint the current state. Every rank must call it (they hand rank 0 their generator states, so that
+        each rank's random stream resumes exactly); rank 0 writes and returns the path, other ranks return None."""
+        if self.checkpoint_dir is None:
             return None
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        states = all_gather_objects(self._rng_state())
+        if not self.world.is_main:
+            return None
+        rng = {_rng_key(generator, rank): tensor
+               for rank, state in enumerate(states) for generator, tensor in state.items()}
         extra = {
             "callbacks": [{"callback": _callback_name(cb), "state": cb.state_dict()} for cb in self.callbacks],
             "step_times": self._step_times,
@@ -296,17 +308,47 @@ class Trainer:
                                 rng=rng, extra=extra)
         return save_checkpoint(self.checkpoint_dir, checkpoint, keep_last=self.config.keep_checkpoints)
 
-    def _restore(self) -> None:
-        if self.checkpoint_dir is None or latest_checkpoint(self.checkpoint_dir) is None:
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's generator states: "torch" (CPU) and, when training on CUDA, "cuda" (of ``self.device``)."""
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _own_random_stream(self) -> None:
+        """Give each rank of a data-parallel world a random stream of its own (dropout masks, ...) from here on.
+
+        Every rank seeds the global generators alike so as to build the same initial model; left so, every rank would
+        draw the same dropout masks for its own shard of the batch. Each rank reseeds (CPU and CUDA generators) with
+        ``derive_seed(s, rank)``, where s is drawn from the stream the ranks share. A world of one is left untouched,
+        so one process draws exactly what it always drew.
+        """
+        if not self.world.distributed:
             return
+        shared = int(torch.randint(0, 2**62, (1,)).item())
+        torch.manual_seed(derive_seed(shared, self.world.rank))
+
+    def _restore_rng(self, rng: dict[str, torch.Tensor]) -> None:
+        """Continue this rank's random stream where the checkpoint left it. A checkpoint that lacks this rank's states
+        (written by a smaller world, or by an effml that saved rank 0's alone) gives rank 0's, branched off as a fresh
+        start would (`_own_random_stream`)."""
+        saved_rank = self.world.rank if _rng_key("torch", self.world.rank) in rng else 0
+        torch.set_rng_state(rng[_rng_key("torch", saved_rank)])
+        if _rng_key("cuda", saved_rank) in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng[_rng_key("cuda", saved_rank)], self.device)
+        if saved_rank != self.world.rank:
+            self._own_random_stream()
+
+    def _restore(self) -> bool:
+        """Load the latest checkpoint when there is one; return whether there was."""
+        if self.checkpoint_dir is None or latest_checkpoint(self.checkpoint_dir) is None:
+            return False
         checkpoint = load_checkpoint(self.checkpoint_dir, map_location=self.device)
         self._restore_callbacks(checkpoint.extra.get("callbacks", []))
         self.model.load_state_dict(checkpoint.model)
         if checkpoint.optimizer is not None:
             self.optimizer.load_state_dict(checkpoint.optimizer)
-        torch.set_rng_state(checkpoint.rng["torch"])
-        if "cuda" in checkpoint.rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint.rng["cuda"], self.device)
+        self._restore_rng(checkpoint.rng)
         self.step = checkpoint.step
         self._step_times = list(checkpoint.extra.get("step_times", []))
         # Forget what was logged after the checkpoint: the resumed run logs those steps again. A training record
@@ -316,6 +358,7 @@ class Trainer:
                          if r["step"] < self.step or (r["step"] == self.step and "train_loss" not in r)]
         if self.world.is_main and self.metrics_path is not None:
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self._records))
+        return True
 
     def _restore_callbacks(self, saved: list[Any]) -> None:
         """Hand each callback the state saved by the callback of its class (the n-th of a class gets the n-th saved
@@ -377,11 +420,12 @@ class Trainer:
 
         self._step_times: list[float] = []
         self._records: list[dict[str, Any]] = []
-        if self.resume:
-            self._restore()
-        elif self.metrics_path is not None and self.world.is_main:
+        restored = self.resume and self._restore()
+        if not self.resume and self.metrics_path is not None and self.world.is_main:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.metrics_path, "")
+        if not restored:
+            self._own_random_stream()
         for callback in self.callbacks:
             callback.on_train_start(self)
         cfg = self.config
@@ -428,13 +472,14 @@ class Trainer:
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
                     last_eval = self._evaluate()
                     self._log({"step": self.step, **last_eval})
-                saved = None
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
-                    saved = self.save()
+                checkpoint_step = ((cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+                                   or self.step == cfg.steps)
+                saved = self.save() if checkpoint_step else None
                 progress.update(1)
                 if interrupted and self.step < cfg.steps:
-                    progress.close()  # (a second save of the same step would replace the one LATEST names)
-                    raise TrainingInterrupted(self.step, saved or self.save())
+                    progress.close()  # (a second save of the same step would replace the one LATEST names; every
+                    # rank decides alike, since save is collective and only rank 0's returns a path)
+                    raise TrainingInterrupted(self.step, saved if checkpoint_step else self.save())
         progress.close()
         if not last_eval:  # resumed from a checkpoint written at the very end
             last_eval = self._evaluate()
