@@ -100,7 +100,7 @@ def test_overrides_are_validated_together_in_any_order_and_the_last_value_wins()
 
 def test_distinct_check_names_the_repeat_and_entries_equal_under_a_key() -> None:
     check_distinct("recipe", "sizes", ("a", "b"))
-    with pytest.raises(ConfigError, match=r"recipe\.sizes = \['a', 'b', 'a'\] lists 'a' twice: .*List each once"):
+    with pytest.raises(ConfigError, match=r"recipe\.sizes = \['a', 'b', 'a'\] lists 'a' twice: .*list each once"):
         check_distinct("recipe", "sizes", ("a", "b", "a"))
     with pytest.raises(ConfigError, match=r"lists 'RW' and 'rw', which are the same \('rw'\): one arm each"):
         check_distinct("recipe", "variants", ("RW", "lr", "rw"), key=str.lower, why="one arm each")

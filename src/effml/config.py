@@ -57,9 +57,11 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> N
 
 
 def check_distinct(owner: str, name: str, values: Iterable[Any], *, key: Callable[[Any], Any] | None = None,
-                   why: str = "each entry is its own arm, so a repeat would run it twice under one name") -> None:
+                   why: str = "each entry is its own arm, so a repeat would run it twice under one name; list each "
+                              "once") -> None:
     """Raise ConfigError if two entries of the list field ``values`` are equal, or, with ``key``, equal under it
-    (two spellings of one variant, two learning rates printed alike in arm names); ``why`` says why that is wrong."""
+    (two spellings of one variant, two learning rates printed alike in arm names); ``why`` says why that is wrong
+    and what to do."""
     values = list(values)
     seen: dict[Any, Any] = {}
     for value in values:
@@ -67,7 +69,7 @@ def check_distinct(owner: str, name: str, values: Iterable[Any], *, key: Callabl
         if same in seen:
             first = seen[same]
             repeat = f"{value!r} twice" if first == value else f"{first!r} and {value!r}, which are the same ({same!r})"
-            raise ConfigError(f"{owner}.{name} = {values!r} lists {repeat}: {why}. List each once.")
+            raise ConfigError(f"{owner}.{name} = {values!r} lists {repeat}: {why}.")
         seen[same] = value
 
 

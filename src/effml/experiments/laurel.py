@@ -59,7 +59,7 @@ def _check_variants(owner: str, variants: tuple[str, ...]) -> None:
         except ValueError as error:
             raise ConfigError(f"{owner}.variants: {error}") from None
     check_distinct(owner, "variants", variants, key=lambda variant: "+".join(parse_variant(variant)),
-                   why="each variant is one arm")
+                   why="each variant is one arm; list each once")
     missing = [v for v in ("rw", "rw+lr") if v not in canonical]
     if missing:
         raise ConfigError(f"{owner}.variants {variants!r} lacks {missing}: the claims are about RW and RW+LR, so keep "

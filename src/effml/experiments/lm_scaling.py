@@ -65,7 +65,7 @@ class LMScalingConfig:
                 raise ConfigError(f"lm-scaling size {size!r}: width {width} is not a multiple of head_dim "
                                   f"{self.head_dim}; pick widths divisible by it or change head_dim.")
             check_positive("lm-scaling", "depth", depth)
-        check_distinct("lm-scaling", "sizes", self.sizes, key=parse_size, why="each size is one arm")
+        check_distinct("lm-scaling", "sizes", self.sizes, key=parse_size, why="each size is one arm; list each once")
         check_choice("lm-scaling", "mlp", self.mlp, ("gelu", "swiglu"))
         check_choice("lm-scaling", "tokenizer", self.tokenizer, ("byte",))
         if self.max_bytes is not None:

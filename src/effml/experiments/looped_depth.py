@@ -99,9 +99,11 @@ class LoopedDepthConfig:
                               "both are needed; 'softmax' may be added.")
         for family in self.families:
             check_choice(owner, "families", family, FAMILIES)
-        check_distinct(owner, "families", self.families, why="each family trains one arm per depth and κ")
+        check_distinct(owner, "families", self.families,
+                       why="each family trains one arm per depth and κ; list each once")
         check_distinct(owner, "shift_scales", self.shift_scales,
-                       why="each scale is one shifted test (shift_nmse@i), so a repeat measures the same thing twice")
+                       why="each scale is one shifted test (shift_nmse@i), so a repeat measures the same thing "
+                           "twice; list each once")
         if self.softmax_width % self.softmax_heads or (self.softmax_width // self.softmax_heads) % 2:
             raise ConfigError(f"{owner}: softmax_width={self.softmax_width} must split into softmax_heads="
                               f"{self.softmax_heads} heads of even size (rotary attention).")

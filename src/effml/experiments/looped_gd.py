@@ -92,7 +92,8 @@ class LoopedGDConfig:
         if "restricted" not in self.attentions or not set(self.attentions) <= {"restricted", "unrestricted"}:
             raise ConfigError(f"{owner}.attentions = {self.attentions!r}: the claims are about the restricted layer, "
                               "so include 'restricted'; 'unrestricted' may be added.")
-        check_distinct(owner, "attentions", self.attentions, why="each attention trains one arm per context size")
+        check_distinct(owner, "attentions", self.attentions,
+                       why="each attention trains one arm per context size; list each once")
         if self.init_scale == 0:
             raise ConfigError(f"{owner}.init_scale = 0 makes the layer's GD reading A = −(P[d+1,d+1]·Q₁₁)ᵀ undefined "
                               "at the start; use a positive init_scale.")

@@ -114,7 +114,7 @@ class LoRARiteConfig:
                 raise ConfigError(f"lora-rite {method}_lrs must be a non-empty list of distinct positive learning "
                                   f"rates, got {lrs!r}.")
             check_distinct("lora-rite", f"{method}_lrs", lrs)
-        check_distinct("lora-rite", "methods", self.methods, why="each method is one sweep of arms")
+        check_distinct("lora-rite", "methods", self.methods, why="each method is one sweep of arms; list each once")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not {"adam", "rite"} <= set(self.methods):
             raise ConfigError(f"lora-rite methods {self.methods!r}: each must be one of {', '.join(METHODS)}, and "
@@ -124,6 +124,14 @@ class LoRARiteConfig:
                               f"{self.imbalance!r}.")
         if self.imbalance_lr is not None:
             check_positive("lora-rite", "imbalance_lr", self.imbalance_lr)
+        for method in METHODS:  # arm names print a learning rate with %g: rates equal to 6 digits would share an arm
+            named = set(getattr(self, f"{method}_lrs"))
+            if self.imbalance_lr is not None and method in ("adam", "rite"):  # the reference arms' rate
+                named.add(self.imbalance_lr)
+            check_distinct("lora-rite", f"{method}_lrs" + (" and imbalance_lr" if self.imbalance_lr in named else ""),
+                           sorted(named), key=_lr_text,
+                           why=f"arm names show a learning rate to 6 significant digits ({method}-lr0.001), so these "
+                               "two would be one arm; use learning rates that differ within 6 significant digits")
         if self.train.grad_clip != 0.0:
             raise ConfigError("lora-rite needs train.grad_clip=0: clipping the raw gradients by their global norm "
                               "depends on the factorization and would break LoRA-RITE's invariance (LoRA-RITE clips "
