@@ -139,3 +139,16 @@ def test_token_dtype_is_smallest_unsigned_type_holding_all_ids():
         assert smaller is None or np.iinfo(smaller).max < vocab_size - 1
     with pytest.raises(ValueError):
         token_dtype(0)
+
+
+def test_decoding_an_id_outside_the_vocabulary_names_it_and_the_vocabulary_size(bpe: BPETokenizer):
+    """BPETokenizer.decode dropped an unknown id silently (decode([V]) was '')."""
+    size = bpe.vocab_size
+    assert bpe.decode([size - 1]) == bpe.decode(np.array([size - 1]))  # the last id is in the vocabulary
+    for ids in ([size], [0, size + 5], [-1]):
+        with pytest.raises(ValueError, match=rf"BPETokenizer.decode: id {ids[-1]} is outside the vocabulary of "
+                                             rf"{size} ids \(valid ids are 0..{size - 1}\)"):
+            bpe.decode(ids)
+    with pytest.raises(ValueError, match=r"ByteTokenizer.decode: id 300 \(and 1 more\) is outside the vocabulary of "
+                                         r"256 ids"):
+        ByteTokenizer().decode([97, 300, -2])

@@ -59,14 +59,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size {vocab_size} does not fit in uint32; use a smaller vocabulary.")
 
 
-def _as_id_list(ids: Sequence[int] | np.ndarray) -> list[int]:
+def _as_id_list(ids: Sequence[int] | np.ndarray, owner: str, vocab_size: int) -> list[int]:
+    """``ids`` (shape ``(n,)``) as a list of ints, each checked to lie in ``[0, vocab_size)``; ``owner`` names the
+    tokenizer in messages."""
     array = np.asarray(ids)
     if array.ndim != 1:
         raise ValueError(f"decode expects a 1-D sequence of ids, got an array of shape {array.shape}; "
                          "decode one sequence at a time.")
     if array.size and not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"decode expects integer ids, got dtype {array.dtype}.")
-    return array.astype(np.int64).tolist()
+    id_list = array.astype(np.int64).tolist()
+    outside = [i for i in id_list if not 0 <= i < vocab_size]
+    if outside:
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise ValueError(f"{owner}.decode: id {outside[0]}{more} is outside the vocabulary of {vocab_size} ids "
+                         f"(valid ids are 0..{vocab_size - 1}); these ids did not come from this tokenizer, so decode "
+                         "them with the tokenizer (and model vocabulary) that produced them.")
+    return id_list
 
 
 class ByteTokenizer:
@@ -83,10 +92,7 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Ids in ``[0, 256)`` → text (``errors="replace"`` for byte sequences that are not valid UTF-8)."""
-        id_list = _as_id_list(ids)
-        if id_list and (min(id_list) < 0 or max(id_list) > 255):
-            raise ValueError(f"ByteTokenizer ids must be in [0, 256), got values in [{min(id_list)}, {max(id_list)}].")
-        return bytes(id_list).decode("utf-8", errors="replace")
+        return bytes(_as_id_list(ids, "ByteTokenizer", self.vocab_size)).decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -163,8 +169,8 @@ class BPETokenizer:
         return [np.asarray(enc.ids, dtype=np.int64) for enc in self._tokenizer.encode_batch(list(texts))]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Ids → text, keeping the separator token as its character."""
-        return self._tokenizer.decode(_as_id_list(ids), skip_special_tokens=False)
+        """Ids (shape ``(n,)``, each in ``[0, vocab_size)``) → text, keeping the separator token as its character."""
+        return self._tokenizer.decode(_as_id_list(ids, "BPETokenizer", self.vocab_size), skip_special_tokens=False)
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
