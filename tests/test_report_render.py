@@ -17,6 +17,7 @@ from effml.report import (
     MetricPlot,
     Threshold,
     load_results,
+    partial_run_warning,
     plot_from_dict,
     render_report,
     write_report,
@@ -228,3 +229,22 @@ def test_rendering_does_not_modify_the_results(tmp_path: Path) -> None:
     before = copy.deepcopy(results)
     render_report(results, tmp_path)
     assert results == before
+
+
+def test_partial_results_carry_one_warning_line_that_report_md_shows_above_the_claims(tmp_path: Path) -> None:
+    """`effml report` printed the verdicts of a partial run without saying so; the line is available to it now, in
+    report.md's words."""
+    results = make_results()
+    assert partial_run_warning(results) == ""
+    assert "WARNING" not in render_report(results, tmp_path)
+    del results["arms"]["large"]["runs"]["2"]
+    results["status"] = "partial"
+    warning = partial_run_warning(results)
+    assert warning == ("WARNING: partial results (run status 'partial'; 1 of 3 arms lack complete seeds): the verdicts "
+                       "count only the complete runs and may change when the run is resumed or finished.")
+    text = render_report(results, tmp_path)
+    claims = text[text.index("## Claims"):text.index("## Arms")]
+    assert claims.splitlines()[2] == f"> {warning}"
+    results["arms"]["large"]["runs"]["1"]["status"] = "failed"  # a status 'complete' with a failed seed is flagged too
+    results["status"] = "complete"
+    assert "(run status 'complete'; 1 of 3 arms lack complete seeds)" in partial_run_warning(results)

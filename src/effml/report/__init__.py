@@ -31,7 +31,7 @@ from effml.report.claims import (
     evaluate_claims,
 )
 from effml.report.plots import CurvePlot, HeatmapPlot, MetricPlot, Plot, plot_from_dict
-from effml.report.render import load_results, render_report, write_report
+from effml.report.render import load_results, partial_run_warning, render_report, write_report
 from effml.report.stats import Interval, best_by_mean, fit_power_law, mean_interval, t_critical
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "render_report",
     "write_report",
     "load_results",
+    "partial_run_warning",
     "Interval",
     "t_critical",
     "mean_interval",

@@ -21,7 +21,7 @@ from effml.report.claims import VERDICTS, ClaimResult, evaluate_claims, seed_sor
 from effml.report.plots import Plot, plot_from_dict
 from effml.report.stats import format_mean_spread, format_number, mean_interval
 
-__all__ = ["RESULTS_FILE", "REPORT_FILE", "render_report", "write_report", "load_results"]
+__all__ = ["RESULTS_FILE", "REPORT_FILE", "render_report", "write_report", "load_results", "partial_run_warning"]
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -118,21 +118,40 @@ def _title_section(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _missing_section(results: dict[str, Any]) -> str:
-    """What a partial run has not finished: per arm, the seeds without a complete run and why."""
-    problems = []
+def _gaps(results: dict[str, Any]) -> dict[str, str]:
+    """Per arm with something unfinished: what (``"no runs"``, or ``"seed 1 partial, seed 2 not started"``)."""
+    gaps = {}
     for name, arm in _dict_of_dicts(results.get("arms")).items():
         runs = _runs(arm)
         if not runs:
-            problems.append(f"- `{name}`: no runs")
+            gaps[name] = "no runs"
             continue
-        gaps = []
+        unfinished = []
         for seed in _expected_seeds(results, arm):
             status = runs[seed].get("status", "complete") if seed in runs else "not started"
             if status != "complete":
-                gaps.append(f"seed {seed} {status}")
-        if gaps:
-            problems.append(f"- `{name}`: " + ", ".join(gaps))
+                unfinished.append(f"seed {seed} {status}")
+        if unfinished:
+            gaps[name] = ", ".join(unfinished)
+    return gaps
+
+
+def partial_run_warning(results: dict[str, Any]) -> str:
+    """One line warning that the verdicts come from a run that is not complete (its status is not "complete", or an
+    arm lacks complete seeds), or "" for a complete run. report.md shows it above the claims and ``effml report``
+    prints it above the verdicts, in the same words."""
+    status = results.get("status", "complete")
+    gaps = _gaps(results)
+    if not gaps and status == "complete":
+        return ""
+    arms = len(_dict_of_dicts(results.get("arms")))
+    return (f"WARNING: partial results (run status {status!r}; {len(gaps)} of {arms} arms lack complete seeds): the "
+            "verdicts count only the complete runs and may change when the run is resumed or finished.")
+
+
+def _missing_section(results: dict[str, Any]) -> str:
+    """What a partial run has not finished: per arm, the seeds without a complete run and why."""
+    problems = [f"- `{name}`: {what}" for name, what in _gaps(results).items()]
     if not problems and results.get("status", "complete") == "complete":
         return ""
     lines = ["## Missing measurements", ""]
@@ -143,8 +162,10 @@ def _missing_section(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _claims_section(claim_results: list[ClaimResult]) -> str:
+def _claims_section(claim_results: list[ClaimResult], warning: str) -> str:
     lines = ["## Claims", ""]
+    if warning:
+        lines += [f"> {warning}", ""]
     if not claim_results:
         return "\n".join(lines + ["No claims declared."])
     counts = {verdict: sum(r.verdict == verdict for r in claim_results) for verdict in VERDICTS}
@@ -287,7 +308,7 @@ def render_report(results: dict[str, Any], run_dir: Path) -> str:
     sections = [
         _title_section(results),
         _missing_section(results),
-        _claims_section(claim_results),
+        _claims_section(claim_results, partial_run_warning(results)),
         _arms_section(results),
         _derived_section(results),
         _plots_section(plots, results),
