@@ -6,6 +6,8 @@ import json
 import math
 import statistics
 import time
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 import effml.benchmarks as benchmarks
 from effml.benchmarks import BENCHMARKS, Benchmark, run_benchmark
 from effml.benchmarks.common import get_path, ratio_entry, verdict
-from effml.metrics.timing import paired_rate_ratios, paired_time_ratios, time_interleaved
+from effml.metrics.timing import paired_rate_ratios, paired_time_ratios, round_order, time_interleaved
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,7 @@ class FakeClock:
         return self.now
 
 
-def test_interleaving_rotates_the_order_and_takes_the_median_per_contender() -> None:
+def test_interleaving_varies_the_order_and_takes_the_median_per_contender() -> None:
     clock, log = FakeClock(), []
     # Per-call durations: "a" has one huge outlier, "b" is steady, "c" alternates; the medians are known exactly.
     durations = {"a": iter([9.0, 1.0, 100.0, 1.0, 1.0, 1.0]), "b": iter([9.0, 2.0, 2.0, 2.0, 2.0, 2.0]),
@@ -183,11 +185,45 @@ def test_interleaving_rotates_the_order_and_takes_the_median_per_contender() -> 
     results = time_interleaved({name: workload(name) for name in "abc"}, repeats=5, warmup=1, clock=clock)
     assert log[:3] == ["a", "b", "c"]  # the warm-up round, untimed
     rounds = [log[3 + 3 * r: 6 + 3 * r] for r in range(5)]
-    assert rounds == [list("abc"), list("bca"), list("cab"), list("abc"), list("bca")]
+    assert rounds == [list("abc"), list("cba"), list("bca"), list("acb"), list("cab")]
     assert results["a"].samples == (1.0, 100.0, 1.0, 1.0, 1.0) and results["a"].median == 1.0
     assert results["b"].median == 2.0 and results["c"].median == 3.0 and results["c"].maximum == 5.0
-    assert results["a"].positions == (0, 2, 1, 0, 2)
+    assert results["a"].positions == (0, 2, 2, 0, 1)
     assert set(results["b"].as_dict()) >= {"median_s", "samples_s"}
+
+
+def neighbour_counts(orders) -> Counter:
+    """How often each (earlier, next) pair of contenders ran back to back within a round, over ``orders``."""
+    return Counter(pair for order in orders for pair in pairwise(order))
+
+
+@pytest.mark.parametrize("count", range(1, 8))
+def test_round_orders_balance_positions_and_neighbours(count) -> None:
+    """Over a cycle of rounds (count rounds, or 2·count for an odd count) every contender takes every position equally
+    often and runs right after every other contender equally often; the cycle then repeats."""
+    cycle = count if count % 2 == 0 else 2 * count
+    orders = [round_order(count, r) for r in range(cycle)]
+    assert all(sorted(order) == list(range(count)) for order in orders)
+    positions = Counter((position, index) for order in orders for position, index in enumerate(order))
+    assert len(positions) == count * count and set(positions.values()) == {cycle // count}
+    neighbours = neighbour_counts(orders)
+    assert len(neighbours) == count * (count - 1)
+    assert set(neighbours.values()) <= {cycle // count}
+    assert [round_order(count, r) for r in range(cycle, 2 * cycle)] == orders
+
+
+def test_no_contender_always_follows_the_same_neighbour_and_two_alternate() -> None:
+    """A rotation (abc, bca, cab) kept "b" right after "a" in every round; with balanced rounds each of three
+    contenders follows each other one in 2 of 6 rounds. Two contenders still take turns going first."""
+    log: list[str] = []
+    time_interleaved({name: (lambda name=name: log.append(name)) for name in "abc"}, repeats=6, warmup=0,
+                     clock=FakeClock())
+    rounds = [log[3 * r: 3 * r + 3] for r in range(6)]
+    assert neighbour_counts(rounds) == {(x, y): 2 for x in "abc" for y in "abc" if x != y}
+    pair: list[str] = []
+    time_interleaved({"x": lambda: pair.append("x"), "y": lambda: pair.append("y")}, repeats=4, warmup=0,
+                     clock=FakeClock())
+    assert pair == list("xyyxxyyx")
 
 
 def test_sleeping_callables_are_ranked_with_a_plausible_ratio() -> None:

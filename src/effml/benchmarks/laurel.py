@@ -4,7 +4,7 @@ For each width d in the config, effml's ``TransformerLM`` is built once per resi
 variant (around both sub-layers of every block) — with the same shape, and measured in one process:
 
 1. Time of a forward + cross-entropy + backward pass on the same random batch, all residuals of a width timed
-   interleaved round-robin (``effml.benchmarks.common.time_interleaved``).
+   interleaved in balanced rounds (``effml.benchmarks.common.time_interleaved``).
 2. Peak memory of that pass (one fresh subprocess per contender, ``effml.benchmarks.common.peak_memory``).
 
 3. Peer: the low-rank augmentation alone against the LAuReL block of Hugging Face's Gemma 3n

@@ -3,7 +3,7 @@
 Measured, all in one process (memory: one fresh subprocess per contender, see ``effml.benchmarks.common``):
 
 1. Training throughput, tokens/s of a full step — forward, cross-entropy, backward, ``torch.optim.AdamW`` step — on
-   the same random batch, with the same optimizer settings and torch threads, contenders interleaved round-robin.
+   the same random batch, with the same optimizer settings and torch threads, contenders interleaved in balanced rounds.
 2. Peak memory of a training step (beyond the built model and batch).
 3. Greedy generation tokens/s with a KV cache: ``effml.decode.generate`` vs ``GPT2LMHeadModel.generate``
    (use_cache=True), same prompt length and number of new tokens, at each batch size of the config.

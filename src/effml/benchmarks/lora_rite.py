@@ -4,7 +4,7 @@ Workload: ``layers`` square linear layers of width ``d`` wrapped by PEFT LoRA of
 peers' home). Every parameter's gradient is filled once with fixed random values; a contender's unit of work is one
 ``optimizer.step()`` over all adapters (forward and backward are identical for the three and excluded). Contenders:
 ``lora-rite`` (``effml.optim.LoRARite.from_model``), ``adam`` (``torch.optim.AdamW`` over the adapters) and
-``loraplus`` (PEFT's ``create_loraplus_optimizer`` around AdamW). Steps are timed interleaved round-robin
+``loraplus`` (PEFT's ``create_loraplus_optimizer`` around AdamW). Steps are timed interleaved in balanced rounds
 (``effml.benchmarks.common.time_interleaved``). Memory: the bytes of optimizer state each one keeps after its steps
 (sum over its state tensors: exact and deterministic, unlike resident-set readings).
 

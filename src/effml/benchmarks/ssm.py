@@ -1,7 +1,7 @@
 """``effml bench ssm``: effml's selective SSMs against ``mambapy`` (pure-PyTorch Mamba), and against effml's own
 transformer as the sequence grows.
 
-Measured in one process, contenders interleaved round-robin (``effml.benchmarks.common.time_interleaved``):
+Measured in one process, contenders interleaved in balanced rounds (``effml.benchmarks.common.time_interleaved``):
 
 1. Training throughput (tokens/s of forward + MSE loss + backward + ``torch.optim.AdamW`` step) of a residual stack of
    Mamba-1 layers, ``x ← x + mixer(RMSNorm(x))`` × n_layers on (B, T, d_model) inputs: effml's ``Mamba1Mixer``

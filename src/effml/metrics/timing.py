@@ -1,10 +1,12 @@
-"""Timing that stays fair on a busy machine: contenders interleaved round-robin, medians, paired per-round ratios.
+"""Timing that stays fair on a busy machine: contenders interleaved in balanced rounds, medians, paired ratios.
 
 ``time_interleaved``: every contender is first called ``warmup`` times, then ``repeats`` *rounds* are run; in each
-round every contender is called once, in an order rotated by one place per round, and the wall time of each call is
-taken with ``time.perf_counter`` (``torch.cuda.synchronize`` before and after on CUDA). A slow patch of the machine
-(another process, thermal throttling, a page-cache flush) then falls on all contenders of a round alike instead of on
-whichever happened to be measured then, and nobody is always first (cold caches) or last. ``paired_rate_ratios``
+round every contender is called once, in the order ``round_order`` gives (the rows of a balanced Latin square in
+turn), and the wall time of each call is taken with ``time.perf_counter`` (``torch.cuda.synchronize`` before and after
+on CUDA). A slow patch of the machine (another process, thermal throttling, a page-cache flush) then falls on all
+contenders of a round alike instead of on whichever happened to be measured then; nobody is always first (cold caches)
+or last, and nobody always runs right after the same neighbour (whose caches and clock state it would inherit: a plain
+rotation of 3+ contenders keeps every neighbour fixed). ``paired_rate_ratios``
 and ``paired_time_ratios`` turn two contenders' per-round times into per-round ratios (of rates, or of times), which
 are far less noisy than a quotient of medians.
 
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimingResult", "paired_rate_ratios", "paired_time_ratios", "require_count", "synchronize",
+__all__ = ["TimingResult", "paired_rate_ratios", "paired_time_ratios", "require_count", "round_order", "synchronize",
            "time_interleaved"]
 
 
@@ -64,10 +66,29 @@ def require_count(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
 
 
+def round_order(count: int, round_index: int) -> list[int]:
+    """The order in which round ``round_index`` (>= 0) calls ``count`` (>= 1) contenders, as contender indices.
+
+    The rounds take in turn the rows of a Williams design (a Latin square balanced for neighbours): row r is
+    ``(w + r) mod count`` for w = 0, 1, count-1, 2, count-2, ...; for an odd ``count`` each row is followed by its
+    reverse. Over every cycle of rounds (``count`` rounds when ``count`` is even, ``2·count`` when odd) each contender
+    runs in every position of a round equally often (once or twice), and right after each other contender equally
+    often, so none always inherits the caches and clocks that the same neighbour left. Two contenders alternate who
+    goes first. Deterministic: the same ``(count, round_index)`` always gives the same order.
+    """
+    require_count("count", count, 1)
+    require_count("round_index", round_index, 0)
+    base = [0] + [(j + 1) // 2 if j % 2 else count - j // 2 for j in range(1, count)]
+    reverse = count % 2 == 1 and round_index % 2 == 1
+    row = round_index // 2 if count % 2 else round_index
+    order = [(w + row) % count for w in base]
+    return order[::-1] if reverse else order
+
+
 def time_interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
                      device: str | torch.device = "cpu",
                      clock: Callable[[], float] = time.perf_counter) -> dict[str, TimingResult]:
-    """Time zero-argument callables against each other, interleaved round-robin (see the module docstring).
+    """Time zero-argument callables against each other, interleaved in balanced rounds (see the module docstring).
 
     Args:
         contenders: name -> callable; each call is one unit of work (e.g. one training step).
@@ -77,8 +98,9 @@ def time_interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: in
         clock: seconds as a float; injectable for tests.
 
     Returns:
-        name -> ``TimingResult``, in the order of ``contenders``. Round r calls the contenders starting from index
-        r mod n, so each is first equally often when ``repeats`` is a multiple of n.
+        name -> ``TimingResult``, in the order of ``contenders``. Round r calls them in the order ``round_order(n, r)``
+        (n contenders; warm-ups in the given order), so that each runs first, and right after each other contender,
+        equally often when ``repeats`` is a multiple of n (n even) or of 2n (n odd).
     """
     if not contenders:
         raise ValueError("time_interleaved needs at least one contender.")
@@ -92,8 +114,8 @@ def time_interleaved(contenders: Mapping[str, Callable[[], Any]], *, repeats: in
     samples: dict[str, list[float]] = {name: [] for name in names}
     positions: dict[str, list[int]] = {name: [] for name in names}
     for round_index in range(repeats):
-        shift = round_index % len(names)
-        for position, name in enumerate(names[shift:] + names[:shift]):
+        for position, index in enumerate(round_order(len(names), round_index)):
+            name = names[index]
             synchronize(device)
             start = clock()
             contenders[name]()
