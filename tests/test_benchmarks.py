@@ -14,7 +14,7 @@ import pytest
 
 import effml.benchmarks as benchmarks
 from effml.benchmarks import BENCHMARKS, Benchmark, run_benchmark
-from effml.benchmarks.common import get_path, ratio_entry, verdict
+from effml.benchmarks.common import format_ratio, get_path, ratio_entry, verdict
 from effml.metrics.timing import paired_rate_ratios, paired_time_ratios, round_order, time_interleaved
 
 
@@ -248,6 +248,31 @@ def test_ratio_entry_refuses_a_zero_denominator_and_names_missing_paths() -> Non
         ratio_entry(result, ("x", "a"), ("x", "zero"), better="higher")
     with pytest.raises(KeyError, match="x/missing"):
         ratio_entry(result, ("x", "a"), ("x", "missing"), better="higher")
+
+
+def test_a_ratio_of_a_zero_reading_marked_unmeasured_is_nan_and_reads_not_measured() -> None:
+    result = {"x": {"a": 1.0, "zero": 0}}
+    for top, bottom in (("a", "zero"), ("zero", "a")):
+        entry = ratio_entry(result, ("x", top), ("x", bottom), better="lower", zero_is_unmeasured=True)
+        assert math.isnan(entry["value"]) and entry["not_measured"] == "x/zero read 0"
+        assert format_ratio(entry) == "not measured" and verdict(entry, 1.0) == "not measured"
+
+
+def test_a_zero_cpu_peak_memory_reading_leaves_the_benchmark_finished(monkeypatch, tmp_path) -> None:
+    """Where /proc/self/clear_refs is unavailable the step's peak can read 0 bytes: the memory ratios of the finished
+    `lm` run are then NaN and the markdown says "not measured" (dividing by the 0 used to abort the run)."""
+    from effml.benchmarks import lm
+
+    def zero_readings(factories, *, device="cpu", steps=2):
+        return {name: {"peak_bytes": 0, "method": "getrusage-maxrss", "steps": steps} for name in factories}
+
+    monkeypatch.setattr(lm, "peak_memory", zero_readings)
+    path = run_benchmark("lm", quick=True, out=tmp_path)
+    result = json.loads((path.parent / "result.json").read_text())
+    ratios = [name for name in result["ratios"] if name.startswith("memory_ratio_vs_")]
+    assert ratios and all(math.isnan(result["ratios"][name]["value"]) for name in ratios)
+    rows = [line for line in path.read_text().splitlines() if line.startswith(f"| {lm.XT} |")]
+    assert rows and rows[0].endswith("| not measured |")
 
 
 def test_paired_rate_ratios_pair_rounds_and_scale_by_work() -> None:

@@ -17,7 +17,9 @@ Peak memory (``peak_memory``), what the number means:
   (glibc) overhead, fragmentation and per-thread buffers — an upper bound on tensor bytes, only comparable between
   contenders measured the same way (method ``linux-vmhwm-anonymous``). Where ``clear_refs`` is unavailable,
   ``getrusage`` max RSS is used, whose high-water mark cannot be reset (then a step that stays below an earlier
-  peak of the process reads as a smaller delta; the result says which method was used).
+  peak of the process reads as a smaller delta, down to 0; the result says which method was used). A reading of
+  0 bytes therefore means "not measured": memory ratios built from one (``ratio_entry(..., zero_is_unmeasured=
+  True)``) are NaN and print as "not measured" instead of aborting the finished benchmark.
 
 Matmul peak (``matmul_workload``, ``measure_matmul_peak``): the FLOP/s of one large square float32 matmul
 (2·n³ FLOPs), median of repeats, with the torch threads of this process — the denominator of model FLOPs
@@ -28,6 +30,7 @@ interleaved with the model step it is compared with.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -283,16 +286,23 @@ def get_path(result: Mapping[str, Any], path: Sequence[str]) -> Any:
 
 
 def ratio_entry(result: Mapping[str, Any], numerator: Sequence[str], denominator: Sequence[str], *,
-                better: str, per_round: Sequence[float] | None = None) -> dict[str, Any]:
+                better: str, per_round: Sequence[float] | None = None,
+                zero_is_unmeasured: bool = False) -> dict[str, Any]:
     """A ratio computed from two absolute numbers already in ``result`` (so the JSON can be checked against itself).
 
     Returns {"value": numerator ÷ denominator, "numerator": path, "denominator": path, "better": "higher"|"lower"},
     plus, when ``per_round`` ratios are given (see ``paired_rate_ratios``), "per_round": {"median", "min", "max",
-    "rounds", "rounds_at_least_1"}.
+    "rounds", "rounds_at_least_1"}. A zero denominator raises ValueError, unless ``zero_is_unmeasured`` (readings
+    where 0 means the method saw nothing, as CPU peak memory can): then a zero on either side makes "value" NaN and
+    adds "not_measured" naming the zero reading(s).
     """
     if better not in ("higher", "lower"):
         raise ValueError(f"better must be 'higher' or 'lower', got {better!r}.")
     top, bottom = get_path(result, numerator), get_path(result, denominator)
+    zeros = [path for path, value in ((numerator, top), (denominator, bottom)) if value == 0]
+    if zero_is_unmeasured and zeros:
+        return {"value": math.nan, "numerator": list(numerator), "denominator": list(denominator), "better": better,
+                "not_measured": " and ".join("/".join(path) for path in zeros) + " read 0"}
     if not bottom:
         raise ValueError(f"cannot form a ratio: the denominator {'/'.join(denominator)} is {bottom!r}.")
     entry = {"value": top / bottom, "numerator": list(numerator), "denominator": list(denominator), "better": better}
@@ -308,11 +318,14 @@ def verdict(entry: Mapping[str, Any], threshold: float) -> str:
 
     The quotient of medians decides, unless the entry has per-round ratios whose median falls on the other side of
     the threshold: the two estimates then disagree, the difference is within the machine's noise, and the answer
-    is ``"inconclusive"`` rather than a verdict the next run might flip.
+    is ``"inconclusive"`` rather than a verdict the next run might flip. A NaN value (see ``ratio_entry``) gives
+    ``"not measured"``.
     """
     def meets(value: float) -> bool:
         return value >= threshold if entry["better"] == "higher" else value <= threshold
 
+    if math.isnan(entry["value"]):
+        return "not measured"
     headline = meets(entry["value"])
     if "per_round" in entry and meets(entry["per_round"]["median"]) != headline:
         return "inconclusive"
@@ -332,15 +345,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def format_ratio(entry: Mapping[str, Any] | None) -> str:
+def format_ratio(entry: Mapping[str, Any] | None, digits: int = 2) -> str:
     """A ratio entry as ``value×``, followed for timed ratios by the per-round median and range:
-    ``1.05× (rounds: 1.07× [0.98–1.12])``; ``–`` when the ratio was not measured."""
+    ``1.05× (rounds: 1.07× [0.98–1.12])`` (``digits`` decimals); ``–`` when there is no entry, ``not measured``
+    when its value is NaN (a reading of 0, see ``ratio_entry``)."""
     if entry is None:
         return "–"
-    text = f"{entry['value']:.2f}×"
+    if math.isnan(entry["value"]):
+        return "not measured"
+    text = f"{entry['value']:.{digits}f}×"
     if "per_round" in entry:
         rounds = entry["per_round"]
-        text += f" (rounds: {rounds['median']:.2f}× [{rounds['min']:.2f}–{rounds['max']:.2f}])"
+        text += f" (rounds: {rounds['median']:.{digits}f}× [{rounds['min']:.{digits}f}–{rounds['max']:.{digits}f}])"
     return text
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from effml.benchmarks.common import (format_bytes, machine_info, markdown_table, missing_peer_note,
+from effml.benchmarks.common import (format_bytes, format_ratio, machine_info, markdown_table, missing_peer_note,
                                      package_version, paired_time_ratios, peak_memory, ratio_entry, time_interleaved,
                                      verdict)
 from effml.train.loop import bf16_autocast
@@ -229,7 +229,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
                 better="lower", per_round=per_round)
             ratios[f"memory_{name}_d{width}"] = ratio_entry(
                 result, ("widths", width, "memory", name, "peak_bytes"),
-                ("widths", width, "memory", PLAIN, "peak_bytes"), better="lower")
+                ("widths", width, "memory", PLAIN, "peak_bytes"), better="lower", zero_is_unmeasured=True)
         for name in config.compiled:
             per_round = paired_time_ratios(section["compiled_time"][name]["samples_s"],
                                            section["compiled_time"][PLAIN]["samples_s"])
@@ -248,11 +248,6 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     return result
 
 
-def _time_ratio_text(entry: dict[str, Any]) -> str:
-    rounds = entry["per_round"]
-    return f"{entry['value']:.3f}× (rounds: {rounds['median']:.3f}× [{rounds['min']:.3f}–{rounds['max']:.3f}])"
-
-
 def render(result: dict[str, Any]) -> str:
     """Markdown: per width, each contender's params, median pass time, memory and its ratios to the plain residual
     (eager), then the same times with the models under ``torch.compile`` where measured."""
@@ -264,8 +259,8 @@ def render(result: dict[str, Any]) -> str:
             if name == PLAIN:
                 time_ratio = memory_ratio = "1.00× (ref)"
             else:
-                time_ratio = _time_ratio_text(result["ratios"][f"time_{name}_d{width}"])
-                memory_ratio = f"{result['ratios'][f'memory_{name}_d{width}']['value']:.3f}×"
+                time_ratio = format_ratio(result["ratios"][f"time_{name}_d{width}"], digits=3)
+                memory_ratio = format_ratio(result["ratios"][f"memory_{name}_d{width}"], digits=3)
             extra = numbers["params"] - section["time"][PLAIN]["params"]
             rows.append([name, f"{numbers['params']:,}", f"+{extra:,}", f"{numbers['median_s'] * 1e3:.2f}",
                          format_bytes(memory.get("peak_bytes")), time_ratio, memory_ratio])
@@ -275,7 +270,7 @@ def render(result: dict[str, Any]) -> str:
         if "compiled_time" in section:
             rows = [[name, f"{numbers['median_s'] * 1e3:.2f}",
                      "1.00× (ref)" if name == PLAIN else
-                     _time_ratio_text(result["ratios"][f"compiled_time_{name}_d{width}"])]
+                     format_ratio(result["ratios"][f"compiled_time_{name}_d{width}"], digits=3)]
                     for name, numbers in section["compiled_time"].items()]
             backend = result["config"].get("compile_backend")
             sections.append(f"### d_model = {width}, whole model under `torch.compile` (backend {backend})\n\n"

@@ -329,7 +329,8 @@ def _add_ratios(config: LMBenchConfig, device: str, result: dict[str, Any]) -> N
             ratios[f"train_ratio_vs_{label}"] = _speed_ratio(result, ("train",), peer)
         if peer in memory:
             ratios[f"memory_ratio_vs_{label}"] = ratio_entry(result, ("memory", EFFML, "peak_bytes"),
-                                                             ("memory", peer, "peak_bytes"), better="lower")
+                                                             ("memory", peer, "peak_bytes"), better="lower",
+                                                             zero_is_unmeasured=True)
     for key, contenders in generation.items():
         if EFFML in contenders and HF in contenders:
             ratios[f"generate_ratio_vs_hf_gpt2_{key}"] = _speed_ratio(result, ("generation", key), HF)
