@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue an interrupted run, or re-derive a finished one with the current code (no "
                           "retraining); takes the run's own preset and settings")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="run N (arm, seed) runs at once in separate processes, splitting the threads among them "
+                          "(default 1): for the CPU presets of small models, which one run cannot spread over every "
+                          "core; refused for recipes whose claims compare times")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     report = commands.add_parser("report", help="re-render the report of a finished or interrupted run")
@@ -84,9 +88,13 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds {args.seeds}: the number of seeds must be at least 1.")
     try:
         run_dir = run_experiment(args.name, preset=args.preset, overrides=args.overrides, seeds=args.seeds,
-                                 device=args.device, out=args.out, resume=args.resume, quiet=args.quiet)
-    except TrainingInterrupted as stop:
-        print(f"effml: {stop}. Resume with: effml run {args.name} --resume {_run_dir_of(stop)}", file=sys.stderr)
+                                 device=args.device, out=args.out, resume=args.resume, quiet=args.quiet,
+                                 jobs=args.jobs)
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        if isinstance(stop, KeyboardInterrupt) and not hasattr(stop, "run_dir"):
+            raise  # before the run directory existed: nothing to resume
+        print(f"effml: {str(stop) or 'interrupted'}. Resume with: effml run {args.name} --resume "
+              f"{_run_dir_of(stop)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except NonFiniteLoss as error:
         print(f"effml: {error}", file=sys.stderr)
@@ -98,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_dir_of(stop: object) -> str:
+    if getattr(stop, "run_dir", None):  # set by the runner
+        return str(stop.run_dir)
     checkpoint = getattr(stop, "checkpoint", None)
     # checkpoint = RUN_DIR/<arm>/seed-N/checkpoints/step-XXXXXXXX
     return str(Path(checkpoint).parents[3]) if checkpoint else "<run directory>"

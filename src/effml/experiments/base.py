@@ -57,6 +57,9 @@ class Experiment(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     presets: ClassVar[dict[str, Callable[[], Any]]]  # preset name → config factory (a validated dataclass)
+    #: Whether a claim compares measured times (step time, wall clock): then runs must not share the machine, and
+    #: the runner refuses ``--jobs`` > 1.
+    claims_on_time: ClassVar[bool] = False
 
     def preset(self, name: str) -> Any:
         """The config of preset ``name`` (clear error listing the presets otherwise)."""

@@ -77,6 +77,7 @@ class LaurelRecipe(Experiment):
     metric: ClassVar[str]  # the test metric every claim on quality is judged on
     selection_metric: ClassVar[str]  # its validation counterpart, which chooses the best variant
     better: ClassVar[str]
+    claims_on_time = True  # claim 3: RW+LR's step-time overhead
 
     unit: ClassVar[str] = "L"  # arm-name suffix of the depth: L layers (LM) or B residual blocks (ResNet)
     unit_name: ClassVar[str] = "layers"

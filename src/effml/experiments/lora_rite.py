@@ -209,6 +209,7 @@ class LoRARiteRecipe(Experiment):
     description = ("LoRA fine-tuning of SmolLM2 on Shakespeare: LoRA-RITE vs Adam vs LoRA+, LR sweep, imbalanced "
                    "factor init")
     presets = {"smoke": _smoke, "cpu": _cpu, "full": _full}
+    claims_on_time = True  # a RITE step costs at most 1.5× an Adam step
 
     def arms(self, config: LoRARiteConfig) -> list[Arm]:
         """Claim-1 arms first (reference LR, balanced and imbalanced), the paired timing arm, then the rest of the

@@ -396,6 +396,7 @@ class MidasRecipe(Experiment):
     name = "midas"
     description = "MIDAS / gradual stacking vs full-depth training: loss vs compute, reasoning primitives, loopiness"
     presets = {"smoke": _smoke, "cpu": _cpu, "full": _full}
+    claims_on_time = True  # claim 1 counts wall-clock compute
 
     def arms(self, config: MidasConfig) -> list[Arm]:
         stages = f"{config.n_stages} stages of {config.block_size}-layer blocks, Prop-{config.alpha:g}"

@@ -20,27 +20,33 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from effml.config import apply_overrides, config_from_dict, config_to_dict
-from effml.experiments.base import PRESETS, Experiment, RunContext, get_experiment
+from effml.experiments.base import PRESETS, ArmRun, Experiment, RunContext, get_experiment
+from effml.experiments.parallel import Unit, run_in_workers
 from effml.io import atomic_write_json, atomic_write_text, check_directory_path
 from effml.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from effml.train.distributed import World, barrier, init_distributed
 from effml.train.loop import TrainingInterrupted
 
-__all__ = ["run_experiment", "RunError", "new_run_dir", "environment"]
+__all__ = ["run_experiment", "RunError", "new_run_dir", "environment", "threads_per_run"]
 
 
 class RunError(RuntimeError):
     """A run cannot start or resume; the message says why and what to do."""
 
 
-def environment(device: str, world: World) -> dict[str, Any]:
+def threads_per_run(jobs: int) -> int:
+    """Torch threads each of ``jobs`` concurrent runs gets: this process's threads split among them (at least 1)."""
+    return max(1, torch.get_num_threads() // jobs)
+
+
+def environment(device: str, world: World, jobs: int = 1) -> dict[str, Any]:
     """The facts a reader needs to interpret timings and reproduce the run."""
     info = {
         "torch": torch.__version__,
@@ -48,7 +54,8 @@ def environment(device: str, world: World) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        "threads": threads_per_run(jobs),
+        "jobs": jobs,
         "device": device,
         "world_size": world.world_size,
     }
@@ -142,14 +149,15 @@ def _has_progress(run_dir: Path, results: dict[str, Any]) -> bool:
     return finished or any(run_dir.glob("*/seed-*/checkpoints/LATEST"))
 
 
-def _empty_results(experiment: Experiment, preset: str, config: Any, device: str, world: World) -> dict[str, Any]:
+def _empty_results(experiment: Experiment, preset: str, config: Any, device: str, world: World,
+                   jobs: int) -> dict[str, Any]:
     return {
         "recipe": experiment.name,
         "description": experiment.description,
         "preset": preset,
         "status": "partial",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(device, world),
+        "environment": environment(device, world, jobs),
         "config": config_to_dict(config),
         "arms": _refreshed_arms(experiment, config, {}),
         "derived": {},
@@ -191,6 +199,32 @@ def _save(experiment: Experiment, config: Any, results: dict[str, Any], run_dir:
         atomic_write_json(run_dir / "results.json", results)
 
 
+def _run_here(experiment: Experiment, config: Any, units: Sequence[Unit]) -> Iterator[tuple[Unit, ArmRun]]:
+    """Yield ``(unit, ArmRun)`` for each unit, run one after the other in this process (on every rank together)."""
+    for unit in units:
+        if unit.context.world.is_main:
+            unit.context.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        yield unit, experiment.run_arm(config, unit.arm, unit.context)
+
+
+def _check_jobs(experiment: Experiment, jobs: int, device: str, world: World) -> None:
+    """Raise RunError unless ``jobs`` runs may share this machine at once (see effml.experiments.parallel)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise RunError(f"--jobs {jobs!r}: the number of runs at once must be an int ≥ 1.")
+    if jobs == 1:
+        return
+    if world.distributed:
+        raise RunError(f"--jobs {jobs} cannot be combined with torchrun, whose ranks already share every run; "
+                       "drop --jobs.")
+    if device != "cpu":
+        raise RunError(f"--jobs {jobs} runs several runs at once on the CPU's cores; with --device {device} they "
+                       "would share one accelerator. Drop --jobs, or run with --device cpu.")
+    if experiment.claims_on_time:
+        raise RunError(f"{experiment.name}'s claims compare measured times, which runs sharing the cores would "
+                       f"distort; run it without --jobs (one run at a time).")
+
+
 def run_experiment(
     name: str,
     *,
@@ -201,13 +235,17 @@ def run_experiment(
     out: str | Path | None = None,
     resume: str | Path | None = None,
     quiet: bool = False,
+    jobs: int = 1,
 ) -> Path:
     """Run (or resume) recipe ``name`` and return its run directory. Rank 0 alone writes files.
 
     A new run takes ``preset`` (default "cpu"), ``overrides``, ``seeds`` and ``out`` (default "runs"); a resumed one
-    (``resume``) takes its own, so giving any of them with ``resume`` is a RunError."""
+    (``resume``) takes its own, so giving any of them with ``resume`` is a RunError. ``jobs`` > 1 runs that many
+    (arm, seed) runs at once in worker processes, the torch threads split among them (effml.experiments.parallel);
+    the runs and their results are the same, up to the float rounding a different thread count may bring."""
     experiment = get_experiment(name)
     world = init_distributed(device)
+    _check_jobs(experiment, jobs, device, world)
     if world.distributed and device.startswith("cuda"):
         device = f"cuda:{world.local_rank}"
 
@@ -226,7 +264,7 @@ def run_experiment(
         preset = saved["preset"]
         config = config_from_dict(experiment.config_class, saved["config"])
         if results is None:
-            results = _empty_results(experiment, preset, config, device, world)
+            results = _empty_results(experiment, preset, config, device, world, jobs)
         else:
             results.update(arms=_refreshed_arms(experiment, config, results["arms"]), **_evaluation(experiment, config))
         _verify_checkpoints(experiment, config, run_dir, results)
@@ -237,42 +275,45 @@ def run_experiment(
         seeds_override = [] if seeds is None else [f"seeds={seeds}"]  # after --set: --seeds wins
         config = apply_overrides(experiment.preset(preset), [*overrides, *seeds_override])
         experiment.check(config)
-        results = _empty_results(experiment, preset, config, device, world)  # its arms and seeds are checked too
+        results = _empty_results(experiment, preset, config, device, world, jobs)  # its arms and seeds are checked too
         run_dir = _broadcast_path(new_run_dir(Path(out or "runs"), name) if world.is_main else None, world)
         if world.is_main:
             atomic_write_text(run_dir / "config.json", json.dumps(
                 {"recipe": name, "preset": preset, "overrides": list(overrides), "device": device,
                  "config": config_to_dict(config)}, indent=2))
 
+    units = [Unit(arm, RunContext(run_dir=subdir, seed=seed, device=device, world=world, quiet=quiet or jobs > 1,
+                                  resume=(subdir / "checkpoints" / "LATEST").exists()))
+             for arm in experiment.arms(config) for seed in experiment.arm_seeds(config, arm)
+             if results["arms"][arm.name]["runs"].get(_seed_key(seed), {}).get("status") != "complete"
+             for subdir in [_run_subdir(run_dir, arm.name, seed)]]
+    threads = threads_per_run(jobs)
     if world.is_main and not quiet:
-        print(f"effml: {name} ({preset}) → {run_dir}", file=sys.stderr)
-    arms = experiment.arms(config)
-    for arm in arms:
-        for seed in experiment.arm_seeds(config, arm):
-            arm_entry = results["arms"][arm.name]
-            if arm_entry["runs"].get(_seed_key(seed), {}).get("status") == "complete":
-                continue
-            subdir = _run_subdir(run_dir, arm.name, seed)
-            context = RunContext(run_dir=subdir, seed=seed, device=device, world=world,
-                                 resume=(subdir / "checkpoints" / "LATEST").exists(), quiet=quiet)
-            if world.is_main:
-                subdir.mkdir(parents=True, exist_ok=True)
-            barrier()
-            try:
-                outcome = experiment.run_arm(config, arm, context)
-            except TrainingInterrupted:
-                if world.is_main:
-                    _save(experiment, config, results, run_dir, status="partial", render=True)
-                raise
-            except (ValueError, FileNotFoundError):  # a user error only the data could reveal (a corpus, a size)
-                if world.is_main and resume is None and not _has_progress(run_dir, results):
-                    shutil.rmtree(run_dir, ignore_errors=True)  # made by this call, holding nothing to resume
-                raise
+        at_once = f", {jobs} at a time with {threads} thread{'s' * (threads > 1)} each" if jobs > 1 else ""
+        print(f"effml: {name} ({preset}) → {run_dir}: {len(units)} runs to do{at_once}", file=sys.stderr)
+    finished = (_run_here(experiment, config, units) if jobs == 1
+                else run_in_workers(experiment, config, units, jobs=jobs, threads=threads))
+    try:
+        for count, (unit, outcome) in enumerate(finished, start=1):
+            arm_entry = results["arms"][unit.arm.name]
             arm_entry["params"] = outcome.params
-            arm_entry["runs"][_seed_key(seed)] = {"status": "complete", "metrics": outcome.metrics,
-                                                  "curves": outcome.curves}
+            arm_entry["runs"][_seed_key(unit.context.seed)] = {"status": "complete", "metrics": outcome.metrics,
+                                                               "curves": outcome.curves}
+            arm_entry["runs"] = dict(sorted(arm_entry["runs"].items(), key=lambda run: int(run[0])))  # (--jobs)
             if world.is_main:
                 _save(experiment, config, results, run_dir, status="partial", render=False)
+                if jobs > 1 and not quiet:
+                    print(f"effml: [{count}/{len(units)}] {unit.arm.name}, seed {unit.context.seed}: done",
+                          file=sys.stderr)
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        if world.is_main:
+            _save(experiment, config, results, run_dir, status="partial", render=True)
+        stop.run_dir = run_dir  # (for the CLI's "resume with" line)
+        raise
+    except (ValueError, FileNotFoundError):  # a user error only the data could reveal (a corpus, a size)
+        if world.is_main and resume is None and not _has_progress(run_dir, results):
+            shutil.rmtree(run_dir, ignore_errors=True)  # made by this call, holding nothing to resume
+        raise
     if world.is_main:
         _save(experiment, config, results, run_dir, status="complete", render=True)
     barrier()
