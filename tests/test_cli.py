@@ -59,7 +59,8 @@ def test_report_re_renders_the_same_report(smoke_run: Path, capsys) -> None:
     before = (smoke_run / "report.md").read_text()
     assert main(["report", str(smoke_run)]) == 0
     assert (smoke_run / "report.md").read_text() == before
-    assert "loss falls with size" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "loss falls with size" in printed and "WARNING" not in printed
 
 
 def test_resume_of_a_finished_run_changes_no_result(smoke_run: Path, tmp_path) -> None:
@@ -209,7 +210,7 @@ def test_report_accepts_the_results_file_and_out_must_be_a_directory(smoke_run, 
     assert a_file.read_text() == "not a directory"
 
 
-def test_sigterm_checkpoints_and_resume_completes_the_run(tmp_path) -> None:
+def test_sigterm_checkpoints_and_resume_completes_the_run(tmp_path, capsys) -> None:
     out = tmp_path / "runs"
     command = [sys.executable, "-m", "effml", *SMOKE, "--out", str(out), "--set", "train.steps=400",
                "--set", "train.checkpoint_every=5"]
@@ -226,6 +227,8 @@ def test_sigterm_checkpoints_and_resume_completes_the_run(tmp_path) -> None:
     (run_dir,) = (out / "lm-scaling").iterdir()
     assert f"--resume {run_dir}" in stderr
     assert json.loads((run_dir / "results.json").read_text())["status"] == "partial"
+    assert main(["report", str(run_dir)]) == 0
+    assert capsys.readouterr().out.startswith("WARNING: partial results")  # above the verdicts, as in report.md
 
     assert main(["run", "lm-scaling", "--quiet", "--resume", str(run_dir)]) == 0
     results = json.loads((run_dir / "results.json").read_text())

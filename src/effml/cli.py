@@ -114,8 +114,10 @@ def _run_dir_of(stop: object) -> str:
 
 
 def _print_verdicts(results: dict) -> None:
-    from effml.report import evaluate_claims
+    from effml.report import evaluate_claims, partial_run_warning
 
+    if warning := partial_run_warning(results):
+        print(warning)
     for outcome in evaluate_claims(results):
         print(f"[{outcome.verdict:^12}] {outcome.name}: {outcome.evidence}")
 
