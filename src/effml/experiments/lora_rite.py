@@ -331,7 +331,7 @@ class LoRARiteRecipe(Experiment):
         Both optimizers hold the same adapters at their reference learning rates (the values the adapters reach do
         not change the cost of a step). A step is zero_grad, forward, loss, backward and the optimizer's step (under
         bf16 autocast on CUDA, as in the trainer), timed by ``effml.metrics.timing.time_interleaved``: one warm-up
-        step each, then ``timing_rounds`` rounds of one step each in rotated order; the ratio is the median of the
+        step each, then ``timing_rounds`` rounds of one step each in balanced orders; the ratio is the median of the
         per-round ratios RITE / Adam (their spread is the curve ``step_time_ratio``).
         """
         from effml.metrics.timing import paired_time_ratios, time_interleaved

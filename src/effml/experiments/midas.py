@@ -26,7 +26,7 @@ primitive alone; the ``baseline learns the primitives`` claim reports whether th
 
 Wall-clock. The arms train one after another, so the load of a shared machine drifts between them and their
 measured seconds are not comparable. The ``step-times`` arm therefore times one optimizer step (forward, backward,
-clipping, AdamW) of the model at each depth ``b, 2b, …, k·b`` round-robin (`time_interleaved`: all depths see the
+clipping, AdamW) of the model at each depth ``b, 2b, …, k·b`` in balanced rounds (`time_interleaved`: all depths see the
 same load) and keeps the median seconds per depth; an arm's *modeled* wall-clock at step ``s`` is
 ``Σ_{t<s} seconds(depth at step t)`` (same seed's timing pass); the measured seconds are kept as a curve and as the
 ``measured_time_saving`` derived metric.
@@ -423,7 +423,7 @@ class MidasRecipe(Experiment):
         return TransformerLM(model_config(config, n_layers))
 
     def _time_steps(self, config: MidasConfig, context: RunContext) -> ArmRun:
-        """Median seconds of one training step at every depth ``b, 2b, …, k·b``, timed round-robin."""
+        """Median seconds of one training step at every depth ``b, 2b, …, k·b``, timed interleaved."""
         from effml.data import WindowBatches
         from effml.train.step_timing import TrainingStep
 

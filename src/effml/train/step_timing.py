@@ -3,8 +3,8 @@
 A recipe whose claim is about speed ("RW+LR adds at most 5 % step time") cannot take the median step time of two arms
 trained one after the other: the load on a shared machine drifts between them. ``step_time_ratio`` instead builds the
 models side by side in one process and times one training step of each (zero_grad, forward, loss, backward, AdamW
-step on the same batch) interleaved round-robin (``effml.metrics.timing.time_interleaved``), so that both calls of a
-round see the same machine; the result is the per-round ratio of times, summarised by its median.
+step on the same batch) interleaved in balanced rounds (``effml.metrics.timing.time_interleaved``), so that both calls
+of a round see the same machine; the result is the per-round ratio of times, summarised by its median.
 """
 
 from __future__ import annotations
