@@ -208,7 +208,8 @@ def test_training_batches_are_sharded_across_ranks_and_unchanged_in_one_process(
     ({"inits": ("mimetic", "bc-only")}, "including 'default'"), ({"copy_lengths": (16, 8)}, "increasing"),
     ({"mqar_pairs": (8, 128)}, "mqar_keys"), ({"headdim": 48}, "headdim"),
     ({"ablation_lengths": "some"}, "ablation_lengths"), ({"vocab_lengths": "some"}, "vocab_lengths"),
-    ({"copy_vocab_sizes": (16,)}, "repeat the main"), ({"copy_vocab_sizes": (1,)}, "at least 2 symbols"),
+    ({"copy_vocab_sizes": (16,)}, "must differ from the main one"), ({"copy_vocab_sizes": (1,)}, "at least 2 symbols"),
+    ({"inits": ("default", "mimetic", "mimetic")}, "'mimetic' twice"), ({"tasks": ("mqar", "mqar")}, "'mqar' twice"),
     ({"mqar_vocab_sizes": (32, 8)}, "increasing"), ({"mqar_pairs": (8, 16), "mqar_vocab_sizes": (8,)}, "mqar_pairs"),
 ])
 def test_bad_configs_are_rejected_with_the_field_named(overrides, message) -> None:

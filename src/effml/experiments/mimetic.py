@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from effml.config import ConfigError, check_choice, check_positive, check_range
+from effml.config import ConfigError, check_choice, check_distinct, check_positive, check_range
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.train import TrainConfig, Trainer
 
@@ -116,16 +116,16 @@ class MimeticConfig:
                 or "mimetic" not in self.inits:
             raise ConfigError(f"mimetic.inits = {self.inits!r}: choose from {tuple(INITS)}, including 'default' and "
                               "'mimetic' (the claims compare them).")
+        for name in ("tasks", "inits"):
+            check_distinct(owner, name, getattr(self, name))
         for name in ("copy_lengths", "mqar_pairs", "copy_vocab_sizes", "mqar_vocab_sizes"):
             values = getattr(self, name)
             if (not values and name in ("copy_lengths", "mqar_pairs")) \
                     or any(not isinstance(v, int) or v < 1 for v in values) or list(values) != sorted(set(values)):
                 raise ConfigError(f"mimetic.{name} = {values!r} must be distinct positive ints in increasing order.")
         for task in TASK_NAMES:
-            vocabularies = self.vocabularies(task)
-            if len(set(vocabularies)) < len(vocabularies):
-                raise ConfigError(f"mimetic: the extra {task} vocabularies {vocabularies[1:]} repeat the main one "
-                                  f"({vocabularies[0]}); list only other sizes.")
+            check_distinct(owner, f"{task} vocabularies (main, then extra)", self.vocabularies(task),
+                           why="the extra vocabularies must differ from the main one; list only other sizes")
         if min(self.copy_vocab_sizes, default=2) < 2:
             raise ConfigError(f"mimetic.copy_vocab_sizes = {self.copy_vocab_sizes!r}: copying needs at least 2 "
                               "symbols per vocabulary.")
