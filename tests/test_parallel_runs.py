@@ -163,14 +163,16 @@ def test_a_stop_signal_to_the_parent_interrupts_the_busy_runs(tmp_path) -> None:
     units = _units(tmp_path, 3)
     finished = run_in_workers(StandIn(), StandInConfig(), units, jobs=2, threads=1)
 
-    def ctrl_c_once_both_train() -> None:
+    def ctrl_c_twice_once_both_train() -> None:  # (an impatient user: the workers get one SIGINT each)
         while not all((u.context.run_dir / "checkpoints" / "LATEST").exists() for u in units[:2]):
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
 
     import threading
 
-    threading.Thread(target=ctrl_c_once_both_train, daemon=True).start()
+    threading.Thread(target=ctrl_c_twice_once_both_train, daemon=True).start()
     with pytest.raises(TrainingInterrupted) as raised:
         list(finished)
     assert raised.value.checkpoint is not None and raised.value.step < 10_000

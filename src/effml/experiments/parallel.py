@@ -96,6 +96,7 @@ class _Worker:
     connection: Connection
     unit: Unit | None = None
     alive: bool = True
+    stopping: bool = False  # sent its one SIGINT (a second could cut short the report of the first)
 
     def assign(self, experiment: Experiment, config: Any, unit: Unit) -> None:
         self.unit = unit
@@ -128,7 +129,8 @@ class _Outcome:
 
 
 class _ForwardStopSignals:
-    """While active, SIGINT/SIGTERM to the parent mark a stop and forward SIGINT to every busy worker."""
+    """While active, SIGINT/SIGTERM to the parent mark a stop and forward SIGINT to every busy worker, once each (a
+    second Ctrl-C of an impatient user reaches the parent alone)."""
 
     def __init__(self, workers: list[_Worker], outcome: _Outcome) -> None:
         self.workers, self.outcome = workers, outcome
@@ -146,7 +148,8 @@ class _ForwardStopSignals:
 
     def stop_busy_workers(self) -> None:
         for worker in self.workers:
-            if worker.unit is not None and worker.alive:
+            if worker.unit is not None and worker.alive and not worker.stopping:
+                worker.stopping = True
                 try:
                     os.kill(worker.process.pid, signal.SIGINT)
                 except ProcessLookupError:
