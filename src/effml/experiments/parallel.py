@@ -18,7 +18,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import threading
 import traceback
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext
-from effml.train.loop import TrainingInterrupted
+from effml.train.loop import StopSignals, TrainingInterrupted
 
 __all__ = ["Unit", "run_in_workers"]
 
@@ -128,21 +127,16 @@ class _Outcome:
     abandoned: int = 0  # runs stopped before their trainer's loop (no checkpoint)
 
 
-class _ForwardStopSignals:
+class _ForwardStopSignals(StopSignals):
     """While active, SIGINT/SIGTERM to the parent mark a stop and forward SIGINT to every busy worker, once each (a
     second Ctrl-C of an impatient user reaches the parent alone)."""
 
     def __init__(self, workers: list[_Worker], outcome: _Outcome) -> None:
+        super().__init__()
         self.workers, self.outcome = workers, outcome
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _ForwardStopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        super()._handle(signum, frame)
         self.outcome.stop_requested = True
         self.stop_busy_workers()
 
@@ -154,10 +148,6 @@ class _ForwardStopSignals:
                     os.kill(worker.process.pid, signal.SIGINT)
                 except ProcessLookupError:
                     pass
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *, jobs: int,

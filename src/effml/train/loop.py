@@ -173,14 +173,15 @@ def _scalar(value: Any) -> float:
     return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-class _StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the loop polls between steps (main thread only; a no-op elsewhere)."""
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop polls between steps (main thread only; a no-op elsewhere);
+    subclasses extend ``_handle`` (effml.experiments.parallel forwards the stop to its workers)."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopSignals:
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -433,7 +434,7 @@ class Trainer:
         progress = tqdm(total=cfg.steps, initial=self.step, desc=self.description, leave=False,
                         disable=self.quiet or not self.world.is_main, dynamic_ncols=True)
         last_eval: dict[str, float] = {}
-        with _StopSignals() as stop:
+        with StopSignals() as stop:
             while self.step < cfg.steps:
                 step = self.step
                 for callback in self.callbacks:
