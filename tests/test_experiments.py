@@ -9,7 +9,7 @@ import pytest
 from effml.config import ConfigError
 
 from effml.experiments import EXPERIMENTS, get_experiment
-from effml.experiments.base import PRESETS
+from effml.experiments.base import PRESETS, Arm, Experiment
 from effml.report import check_claim_list
 
 RECIPE_PRESETS = [(name, preset) for name, experiment in sorted(EXPERIMENTS.items())
@@ -49,3 +49,33 @@ def test_lm_scaling_names_a_size_given_twice() -> None:
     config = get_experiment("lm-scaling").preset("smoke")
     with pytest.raises(ConfigError, match=r"sizes = .* lists '48x2' and '048x2', which are the same \(\(48, 2\)\)"):
         dataclasses.replace(config, sizes=("48x2", "048x2", "96x3"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TwinConfig:
+    seed: int = 0
+    seeds: int = 1
+
+
+class _Twins(Experiment):
+    """A recipe whose two arms share a name, as a config repeating a list entry could make."""
+
+    name, description, presets = "twins", "two arms of one name", {"smoke": _TwinConfig}
+
+    def arms(self, config: _TwinConfig) -> list[Arm]:
+        return [Arm("same", "first"), Arm("same", "second")]
+
+    def run_arm(self, config, arm, context):
+        raise AssertionError("nothing may run")
+
+    def claims(self, config: _TwinConfig) -> list:
+        return []
+
+
+def test_arms_sharing_a_name_are_refused_before_anything_is_written(tmp_path, monkeypatch) -> None:
+    from effml.experiments.runner import RunError, run_experiment
+
+    monkeypatch.setitem(EXPERIMENTS, "twins", _Twins())
+    with pytest.raises(RunError, match="several arms the name\\(s\\) same"):
+        run_experiment("twins", preset="smoke", out=tmp_path)
+    assert not any(tmp_path.iterdir())

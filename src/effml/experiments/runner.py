@@ -168,8 +168,15 @@ def _empty_results(experiment: Experiment, preset: str, config: Any, device: str
 def _refreshed_arms(experiment: Experiment, config: Any, arms: dict[str, Any]) -> dict[str, Any]:
     """``arms`` (the results' per-arm entries) with every arm of the recipe's current code present and its label, info
     and seeds taken afresh, keeping the runs already done. A resumed run re-derives with the current code, so an arm it
-    added or a seed count it changed must show in the document; entries of arms it dropped are kept as they were."""
-    for arm in experiment.arms(config):
+    added or a seed count it changed must show in the document; entries of arms it dropped are kept as they were.
+    Raises RunError if two arms share a name (one would silently take the other's results)."""
+    arm_list = experiment.arms(config)
+    names = [arm.name for arm in arm_list]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise RunError(f"{experiment.name}: the config gives several arms the name(s) {', '.join(repeated)}, so their "
+                       "results would overwrite each other; a list setting (--set) probably repeats an entry or two "
+                       "entries that name the same thing. Make the entries distinct.")
+    for arm in arm_list:
         entry = arms.setdefault(arm.name, {"params": None, "runs": {}})
         entry.update(label=arm.label, info=dict(arm.info), seeds=experiment.arm_seeds(config, arm))
     return arms
