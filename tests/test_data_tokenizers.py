@@ -152,3 +152,16 @@ def test_decoding_an_id_outside_the_vocabulary_names_it_and_the_vocabulary_size(
     with pytest.raises(ValueError, match=r"ByteTokenizer.decode: id 300 \(and 1 more\) is outside the vocabulary of "
                                          r"256 ids"):
         ByteTokenizer().decode([97, 300, -2])
+
+
+def test_a_hugging_face_tokenizer_refuses_to_decode_ids_outside_its_vocabulary(bpe: BPETokenizer):
+    """HFTokenizer (effml.nn.pretrained) checks ids as effml's own tokenizers do, instead of leaving an unknown id to
+    the wrapped tokenizer (which may drop it silently)."""
+    transformers = pytest.importorskip("transformers")
+    from effml.nn.pretrained import HFTokenizer
+
+    wrapped = HFTokenizer(transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer), "test-bpe")
+    ids = bpe.encode("def f(x):\n    return x\n")
+    assert wrapped.decode(ids) == bpe.decode(ids)
+    with pytest.raises(ValueError, match=rf"HFTokenizer.decode: id {wrapped.vocab_size} is outside the vocabulary"):
+        wrapped.decode([*ids, wrapped.vocab_size])

@@ -20,7 +20,7 @@ import numpy as np
 
 from effml.io import atomic_write_text
 
-__all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "DOCUMENT_SEPARATOR", "token_dtype"]
+__all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "DOCUMENT_SEPARATOR", "token_dtype", "decodable_ids"]
 
 #: Text placed between documents when a corpus is joined: the ASCII "file separator" control character
 #: (one UTF-8 byte, absent from ordinary text). ByteTokenizer encodes it as byte 28; BPETokenizer reserves it
@@ -59,7 +59,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size {vocab_size} does not fit in uint32; use a smaller vocabulary.")
 
 
-def _as_id_list(ids: Sequence[int] | np.ndarray, owner: str, vocab_size: int) -> list[int]:
+def decodable_ids(ids: Sequence[int] | np.ndarray, owner: str, vocab_size: int) -> list[int]:
     """``ids`` (shape ``(n,)``) as a list of ints, each checked to lie in ``[0, vocab_size)``; ``owner`` names the
     tokenizer in messages."""
     array = np.asarray(ids)
@@ -92,7 +92,7 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Ids in ``[0, 256)`` → text (``errors="replace"`` for byte sequences that are not valid UTF-8)."""
-        return bytes(_as_id_list(ids, "ByteTokenizer", self.vocab_size)).decode("utf-8", errors="replace")
+        return bytes(decodable_ids(ids, "ByteTokenizer", self.vocab_size)).decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -170,7 +170,7 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Ids (shape ``(n,)``, each in ``[0, vocab_size)``) → text, keeping the separator token as its character."""
-        return self._tokenizer.decode(_as_id_list(ids, "BPETokenizer", self.vocab_size), skip_special_tokens=False)
+        return self._tokenizer.decode(decodable_ids(ids, "BPETokenizer", self.vocab_size), skip_special_tokens=False)
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"

@@ -61,7 +61,9 @@ class HFTokenizer:
                 for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
     def decode(self, ids: Any) -> str:
-        return self.tokenizer.decode([int(i) for i in ids])
+        from effml.data.tokenizers import decodable_ids
+
+        return self.tokenizer.decode(decodable_ids(ids, "HFTokenizer", self.vocab_size))
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.fingerprint!r}, vocab_size={self.vocab_size})"
