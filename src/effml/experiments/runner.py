@@ -229,7 +229,7 @@ def _check_jobs(experiment: Experiment, jobs: int, device: str, world: World) ->
                        "would share one accelerator. Drop --jobs, or run with --device cpu.")
     if experiment.claims_on_time:
         raise RunError(f"{experiment.name}'s claims compare measured times, which runs sharing the cores would "
-                       f"distort; run it without --jobs (one run at a time).")
+                       "distort; run it without --jobs (one run at a time).")
 
 
 def run_experiment(
