@@ -1,10 +1,11 @@
 """Several (arm, seed) runs of a recipe at once, each in its own process: ``effml run NAME --jobs N``.
 
 The small models of the CPU presets use two cores hardly better than one (mimetic's copying model: 53 ms per step
-with two threads, 55 ms with one), so N single-thread processes finish N runs in about the time one run takes with
-N threads. ``run_in_workers`` starts ``jobs`` spawned worker processes with ``threads`` torch threads each and hands
-them the runs one at a time; each worker calls ``Experiment.run_arm`` exactly as a sequential run does (same
-directories, checkpoints and resume) and sends back its ``ArmRun``. The parent alone writes results.
+with two threads, 55 ms with one; two single-thread processes side by side, 64 ms each), so N single-thread
+processes finish N runs in little more than the time one run takes with N threads. ``run_in_workers`` starts
+``jobs`` spawned worker processes with ``threads`` torch threads each and hands them the runs one at a time; each
+worker calls ``Experiment.run_arm`` exactly as a sequential run does (same directories, checkpoints and resume) and
+sends back its ``ArmRun``. The parent alone writes results.
 
 Stopping. Workers sit in their own process group, so a Ctrl-C at the terminal reaches the parent only; the parent then
 hands out no more runs and forwards one SIGINT to every busy worker, whose trainer checkpoints at its next step
@@ -30,7 +31,7 @@ import torch
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext
 from effml.train.loop import StopSignals, TrainingInterrupted
 
-__all__ = ["Unit", "run_in_workers"]
+__all__ = ["Unit", "WorkerError", "run_in_workers"]
 
 
 @dataclass(frozen=True)
