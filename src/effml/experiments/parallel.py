@@ -120,28 +120,27 @@ class _Worker:
 
 @dataclass
 class _Outcome:
-    """What stopped the pool early, if anything."""
+    """How the runs that did not finish ended."""
 
-    stop_requested: bool = False
     failure: BaseException | None = None
     interruptions: list[tuple[int, Any]] = field(default_factory=list)  # (step, checkpoint) of interrupted runs
     abandoned: int = 0  # runs stopped before their trainer's loop (no checkpoint)
 
 
 class _ForwardStopSignals(StopSignals):
-    """While active, SIGINT/SIGTERM to the parent mark a stop and forward SIGINT to every busy worker, once each (a
-    second Ctrl-C of an impatient user reaches the parent alone)."""
+    """While active, SIGINT/SIGTERM to the parent request a stop (``requested``) and forward SIGINT to every busy
+    worker, once each (a second Ctrl-C of an impatient user reaches the parent alone)."""
 
-    def __init__(self, workers: list[_Worker], outcome: _Outcome) -> None:
+    def __init__(self, workers: list[_Worker]) -> None:
         super().__init__()
-        self.workers, self.outcome = workers, outcome
+        self.workers = workers
 
     def _handle(self, signum: int, frame: Any) -> None:
-        super()._handle(signum, frame)
-        self.outcome.stop_requested = True
-        self.stop_busy_workers()
+        self.stop()
 
-    def stop_busy_workers(self) -> None:
+    def stop(self) -> None:
+        """Hand out no more runs, and have the busy ones checkpoint and stop."""
+        self.requested = True
         for worker in self.workers:
             if worker.unit is not None and worker.alive and not worker.stopping:
                 worker.stopping = True
@@ -171,9 +170,9 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
             child_end.close()
             workers.append(_Worker(process, parent_end))
         pending = deque(units)
-        with _ForwardStopSignals(workers, outcome) as signals:
+        with _ForwardStopSignals(workers) as signals:
             while True:
-                if not outcome.stop_requested:
+                if not signals.requested:
                     for worker in workers:
                         if pending and worker.unit is None and worker.alive:
                             worker.assign(experiment, config, pending.popleft())
@@ -197,9 +196,7 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
                         outcome.abandoned += 1
                     elif outcome.failure is None:
                         outcome.failure = _with_remote_traceback(*message[1:], unit)
-                    if not outcome.stop_requested:
-                        outcome.stop_requested = True
-                        signals.stop_busy_workers()
+                    signals.stop()
     finally:
         _shut_down(workers)
     if outcome.failure is not None:
