@@ -91,10 +91,11 @@ def _run(args: argparse.Namespace) -> int:
                                  device=args.device, out=args.out, resume=args.resume, quiet=args.quiet,
                                  jobs=args.jobs)
     except (TrainingInterrupted, KeyboardInterrupt) as stop:
-        if isinstance(stop, KeyboardInterrupt) and not hasattr(stop, "run_dir"):
-            raise  # before the run directory existed: nothing to resume
-        print(f"effml: {str(stop) or 'interrupted'}. Resume with: effml run {args.name} --resume "
-              f"{_run_dir_of(stop)}", file=sys.stderr)
+        run_dir = getattr(stop, "run_dir", None)  # set by the runner once the run directory exists
+        if run_dir is None:
+            raise  # stopped before: nothing to resume
+        print(f"effml: {str(stop) or 'interrupted'}. Resume with: effml run {args.name} --resume {run_dir}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except NonFiniteLoss as error:
         print(f"effml: {error}", file=sys.stderr)
@@ -103,14 +104,6 @@ def _run(args: argparse.Namespace) -> int:
         _print_verdicts(load_results(run_dir))
         print(f"report: {run_dir / 'report.md'}")
     return 0
-
-
-def _run_dir_of(stop: object) -> str:
-    if getattr(stop, "run_dir", None):  # set by the runner
-        return str(stop.run_dir)
-    checkpoint = getattr(stop, "checkpoint", None)
-    # checkpoint = RUN_DIR/<arm>/seed-N/checkpoints/step-XXXXXXXX
-    return str(Path(checkpoint).parents[3]) if checkpoint else "<run directory>"
 
 
 def _print_verdicts(results: dict) -> None:
