@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 from effml.train.distributed import World
 
-__all__ = ["Arm", "ArmRun", "RunContext", "Experiment", "EXPERIMENTS", "register", "get_experiment", "PRESETS"]
+__all__ = ["Arm", "ArmRun", "RunContext", "Experiment", "TaskExperiment", "EXPERIMENTS", "register", "get_experiment",
+           "PRESETS"]
 
 PRESETS = ("smoke", "cpu", "full")
 
@@ -110,6 +111,18 @@ class Experiment(ABC):
     def plots(self, config: Any) -> list[Any]:
         """Plot specs (`effml.report` plot objects)."""
         return []
+
+
+class TaskExperiment(Experiment):
+    """A recipe trained on a generated task (``effml.data.tasks``), its config giving the global ``batch_size``."""
+
+    def training_batches(self, config: Any, task: Any, context: RunContext) -> Any:
+        """``index -> batch``: this rank's share (``config.batch_size / world_size`` examples) of the global batch of
+        ``config.batch_size`` examples drawn from ``derive_seed(context.seed, index)``, the batch a single process
+        trains on at micro-batch ``index`` (``effml.data.batches.sampled_batches``)."""
+        from effml.data.batches import sampled_batches
+
+        return sampled_batches(task, config.batch_size, context.seed, context.world)
 
 
 EXPERIMENTS: dict[str, Experiment] = {}

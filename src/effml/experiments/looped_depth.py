@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from effml.config import ConfigError, check_choice, check_distinct, check_positive
-from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
+from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, register
 from effml.train import TrainConfig, Trainer
 
 __all__ = ["LoopedDepthConfig", "LoopedDepth", "depth_needed", "FAMILIES"]
@@ -204,7 +204,7 @@ def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 
 @register
-class LoopedDepth(Experiment):
+class LoopedDepth(TaskExperiment):
     name = "looped-depth"
     description = ("multi-layer vs looped linear attention on in-context regression with task diversity: depth needed "
                    "vs κ, robustness to shift, monotone read-outs (arXiv 2410.21698)")
@@ -230,13 +230,6 @@ class LoopedDepth(Experiment):
         from effml.data.tasks.regression import InContextRegression
 
         return InContextRegression(d=config.d, n_context=config.n_context, covariance="diverse", kappa=kappa)
-
-    def training_batches(self, config: LoopedDepthConfig, task: Any, context: RunContext) -> Any:
-        """``index -> RegressionBatch``: this rank's share (``config.batch_size / world_size`` prompts) of the global
-        batch of ``config.batch_size`` prompts that a single process trains on at micro-batch ``index``."""
-        from effml.data.batches import sampled_batches
-
-        return sampled_batches(task, config.batch_size, context.seed, context.world)
 
     def run_arm(self, config: LoopedDepthConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.train.icl import intra_op_threads

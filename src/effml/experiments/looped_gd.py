@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from effml.config import ConfigError, check_distinct, check_positive
-from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
+from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, register
 from effml.train import TrainConfig, Trainer
 
 __all__ = ["LoopedGDConfig", "LoopedGD"]
@@ -134,7 +134,7 @@ def _rise(values: list[float]) -> float:
 
 
 @register
-class LoopedGD(Experiment):
+class LoopedGD(TaskExperiment):
     name = "looped-gd"
     description = ("a looped restricted linear-attention layer learns multi-step preconditioned GD with A → Σ*⁻¹ "
                    "(arXiv 2410.08292)")
@@ -151,13 +151,6 @@ class LoopedGD(Experiment):
 
         return InContextRegression(d=config.d, n_context=n_context, covariance="fixed", spectrum=config.spectrum,
                                    basis_seed=config.basis_seed, weight_prior="inverse-covariance")
-
-    def training_batches(self, config: LoopedGDConfig, task: Any, context: RunContext) -> Any:
-        """``index -> RegressionBatch``: this rank's share (``config.batch_size / world_size`` prompts) of the global
-        batch of ``config.batch_size`` prompts that a single process trains on at micro-batch ``index``."""
-        from effml.data.batches import sampled_batches
-
-        return sampled_batches(task, config.batch_size, context.seed, context.world)
 
     def run_arm(self, config: LoopedGDConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.train.icl import intra_op_threads

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from effml.config import ConfigError, check_choice, check_distinct, check_positive, check_range
-from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
+from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, register
 from effml.train import TrainConfig, Trainer
 
 __all__ = ["MimeticConfig", "Mimetic", "INITS", "masked_token_loss"]
@@ -241,7 +241,7 @@ def _full() -> MimeticConfig:
 
 
 @register
-class Mimetic(Experiment):
+class Mimetic(TaskExperiment):
     name = "mimetic"
     description = ("mimetic init vs default init of a Mamba LM on copying and MQAR over lengths and vocabularies "
                    "(arXiv 2410.11135)")
@@ -302,14 +302,6 @@ class Mimetic(Experiment):
         if parts is not None:
             apply_mimetic_init(model, conv_identity=config.conv_identity, **parts)
         return model
-
-    def training_batches(self, config: MimeticConfig, task: Any, context: RunContext) -> Any:
-        """``index -> TaskBatch``: this rank's share (``config.batch_size / world_size`` sequences) of the global
-        batch of ``config.batch_size`` sequences drawn from ``derive_seed(context.seed, index)``, the batch a single
-        process trains on at micro-batch ``index``."""
-        from effml.data.batches import sampled_batches
-
-        return sampled_batches(task, config.batch_size, context.seed, context.world)
 
     def run_arm(self, config: MimeticConfig, arm: Arm, context: RunContext) -> ArmRun:
         task = config.build_task(arm.info["task"], arm.info["length"], arm.info["vocab"])
