@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import math
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
