@@ -7,7 +7,9 @@ helper here is a no-op, so single-process code needs no special cases.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +51,18 @@ def init_distributed(device: str) -> World:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
+        atexit.register(_leave_process_group)
     return World(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _leave_process_group() -> None:
+    """At exit, free what still holds the backend's work (a finished trainer's DDP wrapper, kept in reference cycles)
+    and destroy the process group while the interpreter is whole. Left to the interpreter's teardown, freeing them
+    aborted a finished rank now and then ("terminate called without an active exception", exit code -6, so torchrun
+    reported the whole run as failed: about 1 run in 3 for bare gloo collectives, 1 in 10 with DDP, on torch 2.13)."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def current_world() -> World:
