@@ -61,6 +61,9 @@ class Experiment(ABC):
     #: Whether a claim compares measured times (step time, wall clock): then runs must not share the machine, and
     #: the runner refuses ``--jobs`` > 1.
     claims_on_time: ClassVar[bool] = False
+    #: Whether its runs may shard the model with FSDP (``--set train.data_parallel=fsdp``): its code after training
+    #: calls the model the same number of times on every rank and reads no parameter values from it.
+    supports_fsdp: ClassVar[bool] = False
 
     def preset(self, name: str) -> Any:
         """The config of preset ``name`` (clear error listing the presets otherwise)."""

@@ -123,6 +123,7 @@ class LMScaling(Experiment):
     name = "lm-scaling"
     description = "effml's decoder LM at several sizes on stdlib code: held-out bits/byte vs parameters, power-law fit"
     presets = {"smoke": _smoke, "cpu": _cpu, "full": _full}
+    supports_fsdp = True
 
     def arms(self, config: LMScalingConfig) -> list[Arm]:
         arms = []

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from effml.config import apply_overrides, config_from_dict, config_to_dict
-from effml.experiments.base import PRESETS, ArmRun, Experiment, RunContext, get_experiment
+from effml.experiments.base import EXPERIMENTS, PRESETS, ArmRun, Experiment, RunContext, get_experiment
 from effml.experiments.parallel import Unit, run_in_workers
 from effml.io import atomic_write_json, atomic_write_text, check_directory_path
 from effml.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -232,6 +232,15 @@ def _check_jobs(experiment: Experiment, jobs: int, device: str, world: World) ->
                        "distort; run it without --jobs (one run at a time).")
 
 
+def _check_data_parallel(experiment: Experiment, config: Any) -> None:
+    """Raise RunError if ``config`` asks for FSDP from a recipe that cannot run on a sharded model."""
+    if getattr(getattr(config, "train", None), "data_parallel", "ddp") == "fsdp" and not experiment.supports_fsdp:
+        able = ", ".join(sorted(name for name, recipe in EXPERIMENTS.items() if recipe.supports_fsdp))
+        raise RunError(f"{experiment.name} cannot train a sharded model (train.data_parallel=fsdp): after training it "
+                       "reads parameter values or runs code that FSDP does not support. Drop the setting (DDP "
+                       f"replicates the model on every rank); recipes that support FSDP: {able}.")
+
+
 def run_experiment(
     name: str,
     *,
@@ -281,6 +290,7 @@ def run_experiment(
             raise RunError(f"Unknown preset {preset!r} for {name}; choose one of {', '.join(experiment.presets)}.")
         seeds_override = [] if seeds is None else [f"seeds={seeds}"]  # after --set: --seeds wins
         config = apply_overrides(experiment.preset(preset), [*overrides, *seeds_override])
+        _check_data_parallel(experiment, config)
         experiment.check(config)
         results = _empty_results(experiment, preset, config, device, world, jobs)  # its arms and seeds are checked too
         run_dir = _broadcast_path(new_run_dir(Path(out or "runs"), name) if world.is_main else None, world)

@@ -259,6 +259,8 @@ class GrowthCallback(Callback):
         optimizer_factory: ``model -> optimizer`` over the grown model; None uses the trainer's AdamW settings.
     """
 
+    replaces_model = True
+
     operator: str | GrowthOperator
     n_stages: int
     block_size: int

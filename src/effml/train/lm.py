@@ -6,6 +6,7 @@ compares models across tokenizers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -30,16 +31,26 @@ def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
 @torch.no_grad()
 def heldout_nats_per_token(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
                            max_windows: int | None, world: World, device: torch.device | str = "cpu") -> float:
-    """Mean cross-entropy (nats/token) over fixed held-out windows; ranks share the windows and sum their totals."""
-    from effml.data import eval_windows
+    """Mean cross-entropy (nats/token) over fixed held-out windows; ranks share the windows and sum their totals.
 
+    Every rank calls ``model`` equally often (a rank left one batch short repeats a batch and discards it), as a
+    model sharded with FSDP needs every rank in each forward."""
+    from effml.data import eval_window_starts, eval_windows
+
+    n_batches = math.ceil(len(eval_window_starts(len(tokens), seq_len, max_windows)) / batch_size)
+    forwards = math.ceil(n_batches / world.world_size)
     total = torch.zeros(2, dtype=torch.float64)
+    spare: torch.Tensor | None = None
     for index, (inputs, targets) in enumerate(eval_windows(tokens, seq_len, batch_size, max_windows)):
+        spare = inputs if spare is None else spare
         if index % world.world_size != world.rank:
             continue
         logits = model(inputs.to(device))
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
         total += torch.tensor([loss.item(), targets.numel()], dtype=torch.float64)
+        forwards -= 1
+    for _ in range(forwards):
+        model(spare.to(device))
     all_reduce_sum(total)
     if total[1] == 0:
         raise ValueError(f"The held-out split has fewer than {seq_len + 1} tokens: no window to evaluate on.")

@@ -9,7 +9,8 @@ The loop adds what every recipe needs and none should rewrite: gradient accumula
 evaluation, metrics to JSONL, atomic checkpoints with exact resume, a clean stop on SIGINT/SIGTERM (checkpoint, then
 `TrainingInterrupted`), a stop on a non-finite loss (`NonFiniteLoss`, the last good checkpoint kept), DDP across
 ``torchrun`` processes (the same initial weights on every rank, but each rank's own random stream for dropout from
-the start of training), bf16 autocast on CUDA, and a progress bar.
+the start of training), or FSDP with ``TrainConfig.data_parallel="fsdp"`` (effml.train.parallelism), bf16 autocast on
+CUDA, and a progress bar.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from effml.config import check_positive
+from effml.config import check_choice, check_positive
 from effml.data.tasks.base import derive_seed
 from effml.io import atomic_write_text
 from effml.optim import WarmupCosine, build_adamw
 from effml.train.checkpoint import (Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint,
                                     save_checkpoint)
 from effml.train.distributed import World, all_gather_objects, all_reduce_sum, current_world
+from effml.train.parallelism import DATA_PARALLEL, data_parallel
 
 __all__ = [
     "TrainConfig",
@@ -72,9 +74,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: checkpoint only at the end and on interruption
     log_every: int = 10
     keep_checkpoints: int = 1
+    data_parallel: str = "ddp"  # under torchrun: "ddp" replicates the model on every rank, "fsdp" shards it
 
     def __post_init__(self) -> None:
         owner = "train"
+        check_choice(owner, "data_parallel", self.data_parallel, DATA_PARALLEL)
         check_positive(owner, "steps", self.steps)
         check_positive(owner, "lr", self.lr)
         check_positive(owner, "warmup_steps", self.warmup_steps, allow_zero=True)
@@ -107,8 +111,11 @@ class Callback:
     """Hooks at step boundaries. Any hook may replace ``trainer.model`` / ``trainer.optimizer`` (see Trainer.set_model).
 
     ``state_dict``/``load_state_dict`` are saved in checkpoints; ``load_state_dict`` runs *before* the model weights are
-    loaded, so a callback that grew the model can grow it again to the checkpoint's shape first.
+    loaded, so a callback that grew the model can grow it again to the checkpoint's shape first. One that replaces the
+    model sets ``replaces_model``: FSDP shards a model once, so the trainer refuses such a callback under it.
     """
+
+    replaces_model: ClassVar[bool] = False
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
@@ -170,7 +177,11 @@ def _rng_key(generator: str, rank: int) -> str:
 
 
 def _scalar(value: Any) -> float:
-    return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    if hasattr(value, "full_tensor"):  # a DTensor, e.g. the gradient norm over FSDP shards
+        value = value.full_tensor()
+    return float(value.detach().float().item())
 
 
 class StopSignals:
@@ -199,13 +210,15 @@ class Trainer:
     """Runs the loop for one (arm, seed): see the module docstring.
 
     Args:
-        model: the model to train (plain module; the trainer wraps it in DDP when the world has several ranks).
+        model: the model to train (plain module; on several ranks the trainer wraps it in DDP, or shards it in place
+            with FSDP when ``config.data_parallel`` is "fsdp").
         loss_fn: ``(model, batch, step) -> (scalar loss, {name: value})``; called with the (possibly DDP) model.
         batches: ``micro_batch_index -> batch``; index = step · grad_accum + micro. Must be deterministic.
         config: optimisation settings.
         evaluate: ``(model, step) -> {name: value}`` run in eval mode without gradients, every ``eval_every`` steps
             and at the end; it must reduce across ranks itself if it shards work.
-        optimizer: defaults to AdamW with weight-decay groups from ``config``.
+        optimizer: defaults to AdamW with weight-decay groups from ``config``; one passed in must not have stepped
+            (under FSDP its parameters are replaced by their shards, by name).
         schedule: step → learning-rate multiplier; defaults to warmup + cosine from ``config``.
         callbacks: step-boundary hooks.
         run_dir: where checkpoints/ and metrics.jsonl go (rank 0 writes); None keeps nothing on disk.
@@ -240,6 +253,12 @@ class Trainer:
         self.schedule = schedule or WarmupCosine(config.steps, config.warmup_steps, config.min_lr_ratio)
         self.callbacks = list(callbacks)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.parallel = data_parallel(config.data_parallel)
+        replacing = [type(cb).__name__ for cb in callbacks if cb.replaces_model]
+        if replacing and self.parallel.name == "fsdp" and self.world.distributed:
+            raise ValueError(f"train.data_parallel='fsdp' shards the model once, at the start of training, but "
+                             f"{', '.join(replacing)} replaces it during training (growth); train with "
+                             "train.data_parallel='ddp'.")
         self.autocast_dtype = torch.bfloat16 if (bf16 and self.device.type == "cuda") else None
         self.resume, self.quiet, self.description = resume, quiet, description
         self.step = 0
@@ -250,16 +269,12 @@ class Trainer:
 
     # -- model and optimizer replacement (growth callbacks use this) -------------------------------------------------
     def set_model(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Install a (new) model and optimizer; wraps the model in DDP when training on several ranks."""
+        """Install a (new) model and optimizer, wrapped (DDP) or sharded (FSDP) when training on several ranks."""
         self.model = model.to(self.device)
         self.optimizer = optimizer
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
-        if self.world.distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        else:
-            self.train_model = self.model
+        self.train_model = self.parallel.wrap(self.model, optimizer, self.world)
 
     # -- files ---------------------------------------------------------------------------------------------------------
     @property
@@ -293,10 +308,12 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current state. Every rank must call it (they hand rank 0 their generator states, so that
-        each rank's random stream resumes exactly); rank 0 writes and returns the path, other ranks return None."""
+        each rank's random stream resumes exactly, and under FSDP their shards); rank 0 writes and returns the path,
+        other ranks return None."""
         if self.checkpoint_dir is None:
             return None
         states = all_gather_objects(self._rng_state())
+        model_state, optimizer_state = self.parallel.full_state(self.model, self.optimizer, self.world)
         if not self.world.is_main:
             return None
         rng = {_rng_key(generator, rank): tensor
@@ -305,8 +322,7 @@ class Trainer:
             "callbacks": [{"callback": _callback_name(cb), "state": cb.state_dict()} for cb in self.callbacks],
             "step_times": self._step_times,
         }
-        checkpoint = Checkpoint(step=self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                                rng=rng, extra=extra)
+        checkpoint = Checkpoint(step=self.step, model=model_state, optimizer=optimizer_state, rng=rng, extra=extra)
         return save_checkpoint(self.checkpoint_dir, checkpoint, keep_last=self.config.keep_checkpoints)
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
@@ -344,11 +360,9 @@ class Trainer:
         """Load the latest checkpoint when there is one; return whether there was."""
         if self.checkpoint_dir is None or latest_checkpoint(self.checkpoint_dir) is None:
             return False
-        checkpoint = load_checkpoint(self.checkpoint_dir, map_location=self.device)
+        checkpoint = load_checkpoint(self.checkpoint_dir, map_location=self.parallel.checkpoint_device(self.device))
         self._restore_callbacks(checkpoint.extra.get("callbacks", []))
-        self.model.load_state_dict(checkpoint.model)
-        if checkpoint.optimizer is not None:
-            self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.parallel.load_full_state(self.model, self.optimizer, checkpoint.model, checkpoint.optimizer, self.world)
         self._restore_rng(checkpoint.rng)
         self.step = checkpoint.step
         self._step_times = list(checkpoint.extra.get("step_times", []))
@@ -389,10 +403,8 @@ class Trainer:
         summed: dict[str, float] = {}
         for micro in range(accum):
             batch = to_device(self.batches(step * accum + micro), self.device)
-            sync = contextlib.nullcontext()
-            if self.world.distributed and micro < accum - 1:
-                sync = self.train_model.no_sync()  # type: ignore[operator]
-            with sync:
+            last = micro == accum - 1
+            with contextlib.nullcontext() if last else self.parallel.no_sync(self.train_model, self.world):
                 with self._autocast():
                     loss, metrics = self.loss_fn(self.train_model, batch, step)
                 (loss / accum).backward()
