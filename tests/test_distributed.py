@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from effml.cli import main
 
@@ -94,3 +95,57 @@ def test_logged_training_metrics_are_means_over_ranks(tmp_path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     curve = json.loads(completed.stdout.strip().splitlines()[-1])
     assert [value for _, value in curve] == [0.5, 0.5, 0.5]
+
+
+MASKED_LOSS_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+from effml.data.batches import shard_batches
+from effml.data.tasks.base import TaskBatch
+from effml.experiments.midas import answer_loss
+from effml.experiments.mimetic import masked_token_loss
+from effml.train import TrainConfig, Trainer
+from effml.train.distributed import init_distributed
+
+world = init_distributed("cpu")
+
+
+def global_batch(index):
+    tokens = torch.randint(0, 16, (4, 9), generator=torch.Generator().manual_seed(index))
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[:2, :7] = True  # rank 0's half of the batch has 14 answer tokens, rank 1's half 2
+    mask[2:, 7] = True
+    return TaskBatch(inputs=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=mask)
+
+
+report = {}
+for name, loss_fn in (("midas", answer_loss), ("mimetic", masked_token_loss)):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+    result = Trainer(model, loss_fn, shard_batches(global_batch, world),
+                     TrainConfig(steps=4, lr=1e-2, warmup_steps=1, log_every=1), quiet=True).fit()
+    report[name] = {"losses": result.curves["train_loss"], "weights": [p.tolist() for p in model.parameters()]}
+if world.rank == 0:
+    print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_masked_losses_average_over_every_ranks_answer_tokens(tmp_path) -> None:
+    """The answer masks leave rank 0 seven times as many tokens as rank 1. DDP averages the ranks' gradients, so
+    without weighting each rank's mean by its share of the tokens (`token_share`) rank 1's two tokens counted as
+    much as rank 0's fourteen; with it, two processes follow the one-process run on the whole batch."""
+    script = tmp_path / "masked.py"
+    script.write_text(MASKED_LOSS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run(command + [str(script)], capture_output=True, text=True, timeout=300, env=env)
+            for command in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc_per_node=2"])]
+    for completed in runs:
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    one, two = (json.loads(completed.stdout.strip().splitlines()[-1]) for completed in runs)
+    for loss in ("midas", "mimetic"):
+        for (step_a, loss_a), (step_b, loss_b) in zip(one[loss]["losses"], two[loss]["losses"], strict=True):
+            assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-5)
+        for weight_a, weight_b in zip(one[loss]["weights"], two[loss]["weights"], strict=True):
+            assert torch.allclose(torch.tensor(weight_b), torch.tensor(weight_a), rtol=1e-5, atol=1e-6)

@@ -97,7 +97,7 @@ from effml.metrics.timing import time_interleaved
 from effml.train import Callback, TrainConfig, Trainer
 from effml.train.growth import (OPTIMIZER_STATE_MODES, GrowthCallback, core_similarity, layer_similarity,
                                 loop_similarity, prop_alpha_stages, stage_starts)
-from effml.train.lm import causal_lm_loss, heldout_nats_per_token
+from effml.train.lm import causal_lm_loss, heldout_nats_per_token, token_share
 
 __all__ = ["MidasConfig", "MidasRecipe", "ComputeMeter", "primitive_tasks", "finetune_batches", "answer_loss",
            "compute_to_reach", "depth_schedule", "modeled_seconds"]
@@ -329,11 +329,12 @@ class ComputeMeter(Callback):
 
 
 def answer_loss(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean cross-entropy over the answer positions of a `TaskBatch` (``loss_mask``); model: (B, T) → (B, T, V)."""
+    """Mean cross-entropy over the answer positions of a `TaskBatch` (``loss_mask``), over every rank's answers under
+    torchrun (`token_share`); model: (B, T) → (B, T, V)."""
     logits = model(batch.inputs)
     losses = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none")
     mask = batch.loss_mask.flatten().float()
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0), {}
+    return (losses * mask).sum() / mask.sum().clamp_min(1.0) * token_share(batch.loss_mask), {}
 
 
 def finetune_batches(config: MidasConfig, tasks: dict[str, Any], context: RunContext) -> Callable[[int], Any]:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from effml.config import ConfigError, check_choice, check_distinct, check_positive, check_range
 from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, register
 from effml.train import TrainConfig, Trainer
+from effml.train.lm import token_share
 
 __all__ = ["MimeticConfig", "Mimetic", "INITS", "masked_token_loss"]
 
@@ -61,11 +62,12 @@ _EVAL_SEED = 2_410_111_35
 
 def masked_token_loss(model: torch.nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """Cross-entropy on the answer positions of a ``TaskBatch`` (inputs, targets, loss_mask all (B, T)), and the
-    teacher-forced accuracy there."""
+    teacher-forced accuracy there; both over every rank's answers under torchrun (`token_share`)."""
     logits = model(batch.inputs)[batch.loss_mask].float()
     targets = batch.targets[batch.loss_mask]
-    loss = F.cross_entropy(logits, targets)
-    return loss, {"train_accuracy": (logits.argmax(-1) == targets).float().mean()}
+    share = token_share(batch.loss_mask)
+    loss = F.cross_entropy(logits, targets) * share
+    return loss, {"train_accuracy": (logits.argmax(-1) == targets).float().mean() * share}
 
 
 @dataclass(frozen=True)

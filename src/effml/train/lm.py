@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effml.train.distributed import World, all_reduce_sum
+from effml.train.distributed import World, all_reduce_sum, current_world
 
-__all__ = ["causal_lm_loss", "heldout_nats_per_token"]
+__all__ = ["causal_lm_loss", "heldout_nats_per_token", "token_share"]
 
 
 def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
@@ -26,6 +26,22 @@ def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
     logits = model(inputs)
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     return loss, {}
+
+
+def token_share(mask: torch.Tensor) -> torch.Tensor:
+    """Weight for a rank's mean loss over the positions of ``mask`` (any shape, bool) that makes data parallelism
+    average over every rank's tokens: n_r / mean over ranks of n_r', where n_r counts this rank's True positions.
+
+    DDP and FSDP average the ranks' gradients; when masks leave the ranks different numbers of tokens, the plain mean
+    of their per-rank means is not the mean over the global batch that one process takes. Multiplying each rank's
+    mean by this weight makes it so. It is a collective (every rank must call it, once per micro-batch) and exactly
+    1.0 in a world of one (or with equal counts), so single-process runs are unchanged to the bit. Returns a float32
+    scalar on ``mask``'s device, without gradient.
+    """
+    count = mask.sum().to(torch.float32)
+    world_size = current_world().world_size
+    mean_count = all_reduce_sum(count.clone()) / world_size if world_size > 1 else count
+    return count / mean_count.clamp_min(1.0)
 
 
 @torch.no_grad()
