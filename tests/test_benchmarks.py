@@ -250,17 +250,22 @@ def test_ratio_entry_refuses_a_zero_denominator_and_names_missing_paths() -> Non
         ratio_entry(result, ("x", "a"), ("x", "missing"), better="higher")
 
 
-def test_a_ratio_of_a_zero_reading_marked_unmeasured_is_nan_and_reads_not_measured() -> None:
+def test_a_ratio_of_a_zero_reading_marked_unmeasured_is_null_and_reads_not_measured() -> None:
     result = {"x": {"a": 1.0, "zero": 0}}
     for top, bottom in (("a", "zero"), ("zero", "a")):
         entry = ratio_entry(result, ("x", top), ("x", bottom), better="lower", zero_is_unmeasured=True)
-        assert math.isnan(entry["value"]) and entry["not_measured"] == "x/zero read 0"
+        assert entry["value"] is None and entry["not_measured"] == "x/zero read 0"
         assert format_ratio(entry) == "not measured" and verdict(entry, 1.0) == "not measured"
+
+
+def _refuse_nan(constant: str) -> None:
+    raise AssertionError(f"result.json holds {constant}, which strict JSON readers reject")
 
 
 def test_a_zero_cpu_peak_memory_reading_leaves_the_benchmark_finished(monkeypatch, tmp_path) -> None:
     """Where /proc/self/clear_refs is unavailable the step's peak can read 0 bytes: the memory ratios of the finished
-    `lm` run are then NaN and the markdown says "not measured" (dividing by the 0 used to abort the run)."""
+    `lm` run are then null (strict JSON: a bare NaN was written before) and the markdown says "not measured"
+    (dividing by the 0 used to abort the run)."""
     from effml.benchmarks import lm
 
     def zero_readings(factories, *, device="cpu", steps=2):
@@ -268,9 +273,9 @@ def test_a_zero_cpu_peak_memory_reading_leaves_the_benchmark_finished(monkeypatc
 
     monkeypatch.setattr(lm, "peak_memory", zero_readings)
     path = run_benchmark("lm", quick=True, out=tmp_path)
-    result = json.loads((path.parent / "result.json").read_text())
+    result = json.loads((path.parent / "result.json").read_text(), parse_constant=_refuse_nan)
     ratios = [name for name in result["ratios"] if name.startswith("memory_ratio_vs_")]
-    assert ratios and all(math.isnan(result["ratios"][name]["value"]) for name in ratios)
+    assert ratios and all(result["ratios"][name]["value"] is None for name in ratios)
     rows = [line for line in path.read_text().splitlines() if line.startswith(f"| {lm.XT} |")]
     assert rows and rows[0].endswith("| not measured |")
 

@@ -23,8 +23,8 @@ __all__ = ["Benchmark", "BENCHMARKS", "run_benchmark", "render_markdown"]
 
 def _default_render(result: dict[str, Any]) -> str:
     ratios = result.get("ratios", {})
-    rows = [[f"`{name}`", f"{entry['value']:.3g}", "/".join(entry["numerator"]), "/".join(entry["denominator"])]
-            for name, entry in ratios.items()]
+    rows = [[f"`{name}`", "not measured" if entry["value"] is None else f"{entry['value']:.3g}",
+             "/".join(entry["numerator"]), "/".join(entry["denominator"])] for name, entry in ratios.items()]
     return "## Ratios\n\n" + markdown_table(["ratio", "value", "numerator", "denominator"], rows) + "\n"
 
 

@@ -30,7 +30,6 @@ interleaved with the model step it is compared with.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -293,15 +292,15 @@ def ratio_entry(result: Mapping[str, Any], numerator: Sequence[str], denominator
     Returns {"value": numerator ÷ denominator, "numerator": path, "denominator": path, "better": "higher"|"lower"},
     plus, when ``per_round`` ratios are given (see ``paired_rate_ratios``), "per_round": {"median", "min", "max",
     "rounds", "rounds_at_least_1"}. A zero denominator raises ValueError, unless ``zero_is_unmeasured`` (readings
-    where 0 means the method saw nothing, as CPU peak memory can): then a zero on either side makes "value" NaN and
-    adds "not_measured" naming the zero reading(s).
+    where 0 means the method saw nothing, as CPU peak memory can): then a zero on either side makes "value" None
+    (null in result.json, which stays strict JSON) and adds "not_measured" naming the zero reading(s).
     """
     if better not in ("higher", "lower"):
         raise ValueError(f"better must be 'higher' or 'lower', got {better!r}.")
     top, bottom = get_path(result, numerator), get_path(result, denominator)
     zeros = [path for path, value in ((numerator, top), (denominator, bottom)) if value == 0]
     if zero_is_unmeasured and zeros:
-        return {"value": math.nan, "numerator": list(numerator), "denominator": list(denominator), "better": better,
+        return {"value": None, "numerator": list(numerator), "denominator": list(denominator), "better": better,
                 "not_measured": " and ".join("/".join(path) for path in zeros) + " read 0"}
     if not bottom:
         raise ValueError(f"cannot form a ratio: the denominator {'/'.join(denominator)} is {bottom!r}.")
@@ -318,13 +317,13 @@ def verdict(entry: Mapping[str, Any], threshold: float) -> str:
 
     The quotient of medians decides, unless the entry has per-round ratios whose median falls on the other side of
     the threshold: the two estimates then disagree, the difference is within the machine's noise, and the answer
-    is ``"inconclusive"`` rather than a verdict the next run might flip. A NaN value (see ``ratio_entry``) gives
-    ``"not measured"``.
+    is ``"inconclusive"`` rather than a verdict the next run might flip. A value of None (see ``ratio_entry``)
+    gives ``"not measured"``.
     """
     def meets(value: float) -> bool:
         return value >= threshold if entry["better"] == "higher" else value <= threshold
 
-    if math.isnan(entry["value"]):
+    if entry["value"] is None:
         return "not measured"
     headline = meets(entry["value"])
     if "per_round" in entry and meets(entry["per_round"]["median"]) != headline:
@@ -348,10 +347,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def format_ratio(entry: Mapping[str, Any] | None, digits: int = 2) -> str:
     """A ratio entry as ``value×``, followed for timed ratios by the per-round median and range:
     ``1.05× (rounds: 1.07× [0.98–1.12])`` (``digits`` decimals); ``–`` when there is no entry, ``not measured``
-    when its value is NaN (a reading of 0, see ``ratio_entry``)."""
+    when its value is None (a reading of 0, see ``ratio_entry``)."""
     if entry is None:
         return "–"
-    if math.isnan(entry["value"]):
+    if entry["value"] is None:
         return "not measured"
     text = f"{entry['value']:.{digits}f}×"
     if "per_round" in entry:
