@@ -113,12 +113,18 @@ def test_fsdp_shards_the_model_trains_as_ddp_and_resumes_exactly(tmp_path) -> No
 
 
 @pytest.mark.slow
-def test_a_recipe_trains_a_sharded_model_as_one_process_does(tmp_path) -> None:
-    args = ["run", "lm-scaling", "--preset", "smoke", "--quiet", "--seeds", "1", "--set", "sizes=32x1,64x1",
-            "--set", "eval_windows=24"]  # 3 batches of 8: rank 1 evaluates one fewer and runs a spare forward
+@pytest.mark.parametrize(("recipe", "settings", "counts"), [
+    ("lm-scaling", ["sizes=32x1,64x1", "eval_windows=24"], ["non_embedding_params"]),  # 24 windows, 3 batches of 8:
+    # rank 1 evaluates one batch fewer and runs a spare forward
+    ("laurel", ["variants=rw,rw+lr,rw+lr+pa", "pa_map=low-rank"], ["extra_params"]),  # scalar α, β shards too
+])
+def test_a_recipe_trains_a_sharded_model_as_one_process_does(tmp_path, recipe, settings, counts) -> None:
+    args = ["run", recipe, "--preset", "smoke", "--quiet", "--seeds", "1"]
+    for setting in settings:
+        args += ["--set", setting]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     _torchrun("-m", "effml", *args, "--set", "train.data_parallel=fsdp", "--out", str(tmp_path / "fsdp"))
-    one, fsdp = (json.loads(next((tmp_path / out / "lm-scaling").iterdir()).joinpath("results.json").read_text())
+    one, fsdp = (json.loads(next((tmp_path / out / recipe).iterdir()).joinpath("results.json").read_text())
                  for out in ("one", "fsdp"))
     assert fsdp["status"] == "complete" and fsdp["environment"]["world_size"] == 2
     for arm in one["arms"]:
@@ -126,9 +132,10 @@ def test_a_recipe_trains_a_sharded_model_as_one_process_does(tmp_path) -> None:
         for (step_a, loss_a), (step_b, loss_b) in zip(a["curves"]["train_loss"], b["curves"]["train_loss"],
                                                       strict=True):
             assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4)
-        for metric in ("valid_loss", "test_bpb"):
+        for metric in ("valid_loss", "test_loss"):
             assert b["metrics"][metric] == pytest.approx(a["metrics"][metric], rel=1e-4)
-        assert b["metrics"]["non_embedding_params"] == a["metrics"]["non_embedding_params"]
+        for count in counts:
+            assert b["metrics"][count] == a["metrics"][count]
 
 
 def test_recipes_that_cannot_shard_refuse_fsdp_before_writing(tmp_path, capsys) -> None:
@@ -136,7 +143,7 @@ def test_recipes_that_cannot_shard_refuse_fsdp_before_writing(tmp_path, capsys) 
                  "--out", str(tmp_path)])
     assert code == 2
     message = capsys.readouterr().err
-    assert "midas cannot train a sharded model" in message and "lm-scaling" in message
+    assert "midas cannot train a sharded model" in message and "laurel, lm-scaling" in message
     assert not any(tmp_path.iterdir())
 
 

@@ -289,6 +289,7 @@ def _lm_full() -> LaurelLMConfig:
 
 @register
 class LaurelLM(LaurelRecipe):
+    supports_fsdp = True
     name = "laurel"
     description = ("LAuReL (arXiv 2411.07501) on effml's LM, stdlib code: RW/LR/PA vs the baseline and vs one more "
                    "layer (held-out loss, extra params, step time)")
