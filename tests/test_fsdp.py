@@ -53,14 +53,15 @@ def run(name, data_parallel, resume=False, callbacks=()):
         result = trainer.fit()
     except KeyboardInterrupt:
         return None
+    weights = {name: t.tolist() for name, t in trainer.model.state_dict().items()} if data_parallel == "ddp" else {}
     return {"losses": result.curves["train_loss"], "grad_norms": result.curves["grad_norm"], "local": local,
-            "full": full}
+            "full": full, "weights": weights}
 
 
 report = {"ddp": run("ddp", "ddp"), "fsdp": run("fsdp", "fsdp")}
 run("split", "fsdp", callbacks=[CrashAfter()])
 report["resumed"] = run("split", "fsdp", resume=True)
-report["ddp_from_fsdp"] = run("split", "ddp", resume=True)  # the finished run: nothing left but the evaluation
+report["ddp_from_fsdp"] = run("split", "ddp", resume=True)  # the finished run, loaded into a replicated model
 try:
     run("grown", "fsdp", callbacks=[GrowthCallback("midas", n_stages=2, block_size=1, alpha=1.0, total_steps=6)])
 except ValueError as error:
@@ -105,6 +106,8 @@ def test_fsdp_shards_the_model_trains_as_ddp_and_resumes_exactly(tmp_path) -> No
     assert set(final["fsdp"].model) == set(final["ddp"].model)
     for name, tensor in final["fsdp"].model.items():
         assert torch.equal(final["split"].model[name], tensor), name
+        for rank in ranks:  # and DDP resumed it on every rank
+            assert torch.equal(torch.tensor(rank["ddp_from_fsdp"]["weights"][name]), tensor), name
         assert torch.allclose(final["ddp"].model[name], tensor, rtol=1e-4, atol=1e-6), name
     assert final["fsdp"].optimizer["param_groups"] == final["ddp"].optimizer["param_groups"]
     for index, state in final["fsdp"].optimizer["state"].items():
