@@ -104,6 +104,9 @@ def test_fsdp_shards_the_model_trains_as_ddp_and_resumes_exactly(tmp_path) -> No
     final = {name: load_checkpoint(tmp_path / name / "checkpoints") for name in ("ddp", "fsdp", "split")}
     assert final["split"].step == final["fsdp"].step == 6
     assert set(final["fsdp"].model) == set(final["ddp"].model)
+    aliases = {name: json.loads((tmp_path / name / "checkpoints" / "step-00000006" / "state.json").read_text())
+               ["aliases"] for name in ("ddp", "fsdp")}
+    assert aliases["fsdp"] == aliases["ddp"] == {"lm_head.weight": "tok_emb.weight"}  # the tied head stored once
     for name, tensor in final["fsdp"].model.items():
         assert torch.equal(final["split"].model[name], tensor), name
         for rank in ranks:  # and DDP resumed it on every rank

@@ -151,7 +151,7 @@ class Sharded(DataParallel):
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
         if not world.is_main:
             return {}, {}
-        return model_state, _keyed_by_index(optimizer_state, _parameter_names(model, optimizer))
+        return _tied(model_state, model), _keyed_by_index(optimizer_state, _parameter_names(model, optimizer))
 
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
                         optimizer_state: dict[str, Any] | None, world: World) -> None:
@@ -170,6 +170,17 @@ class Sharded(DataParallel):
 
     def checkpoint_device(self, device: torch.device) -> torch.device:
         return torch.device("cpu")  # every rank reads the full tensors: keep them off the accelerator
+
+
+def _tied(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with every name of a shared parameter (a tied LM head) pointing at one tensor, as in the plain
+    module's state_dict: gathered, they arrive as separate copies, which a checkpoint would store twice."""
+    first: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        source = first.setdefault(id(parameter), name)
+        if source != name and source in state and name in state:
+            state[name] = state[source]
+    return state
 
 
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
