@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from effml.train import TrainConfig
 from effml.train.step_timing import TrainingStep, step_time_ratio
 
 
@@ -53,3 +54,20 @@ def test_ratio_refuses_no_rounds_naming_its_own_argument() -> None:
     model = torch.nn.Linear(2, 1)
     with pytest.raises(ValueError, match="rounds must be an int >= 1"):
         step_time_ratio(model, torch.nn.Linear(2, 1), lambda m, b, s: (m(b).sum(), {}), torch.ones(1, 2), rounds=0)
+
+
+def test_a_training_step_compiles_the_model_as_the_recipes_trainer_does() -> None:
+    """With ``train.compile`` set, the timed step is the compiled one (what claim 3 of laurel should time on a GPU)."""
+    called_with = []
+
+    def loss_fn(model, batch, step):
+        called_with.append(type(model).__name__)
+        return model(batch).square().mean(), {}
+
+    model = torch.nn.Linear(3, 1)
+    step = TrainingStep(model, loss_fn, torch.ones(2, 3), train=TrainConfig(compile="aot_eager"))
+    before = model.weight.detach().clone()
+    step()
+    step()
+    assert called_with == ["OptimizedModule", "OptimizedModule"]
+    assert not torch.equal(model.weight, before)  # the compiled module trains the model's own parameters

@@ -63,12 +63,13 @@ class InterruptAt(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path) -> None:
-    straight = Trainer(tiny_model(), causal_lm_loss, batches(), config(), evaluate=evaluate,
+@pytest.mark.parametrize("backend", ["", "aot_eager"])  # eager, and compiled (aot_eager needs no C compiler)
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, backend) -> None:
+    straight = Trainer(tiny_model(), causal_lm_loss, batches(), config(compile=backend), evaluate=evaluate,
                        run_dir=tmp_path / "straight", quiet=True)
     reference = straight.fit()
 
-    interrupted = Trainer(tiny_model(), causal_lm_loss, batches(), config(), evaluate=evaluate,
+    interrupted = Trainer(tiny_model(), causal_lm_loss, batches(), config(compile=backend), evaluate=evaluate,
                           run_dir=tmp_path / "split", quiet=True, callbacks=[InterruptAt(6)])
     with pytest.raises(TrainingInterrupted) as stop:
         interrupted.fit()
@@ -76,7 +77,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path) -> None:
     assert 7 <= stop.value.step < 12 and stop.value.checkpoint.name == f"step-{stop.value.step:08d}"
 
     # A fresh process would build the model from scratch (another seed, even): the checkpoint must win.
-    resumed = Trainer(tiny_model(seed=123), causal_lm_loss, batches(), config(), evaluate=evaluate,
+    resumed = Trainer(tiny_model(seed=123), causal_lm_loss, batches(), config(compile=backend), evaluate=evaluate,
                       run_dir=tmp_path / "split", quiet=True, resume=True)
     result = resumed.fit()
     assert result.curves["train_loss"] == reference.curves["train_loss"]
@@ -85,6 +86,23 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path) -> None:
         assert torch.equal(a, b), name
     logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "train_loss" in r] == list(range(12))
+
+
+def test_a_compiled_training_step_follows_the_eager_one_and_checkpoints_plain_names(tmp_path) -> None:
+    runs = {backend: Trainer(tiny_model(dropout=0.0), causal_lm_loss, batches(), config(steps=4, compile=backend),
+                             run_dir=tmp_path / (backend or "eager"), quiet=True)
+            for backend in ("", "aot_eager")}
+    assert isinstance(runs["aot_eager"].train_model, torch._dynamo.eval_frame.OptimizedModule)
+    losses = {backend: trainer.fit().curves["train_loss"] for backend, trainer in runs.items()}
+    for (step_a, loss_a), (step_b, loss_b) in zip(losses[""], losses["aot_eager"], strict=True):
+        assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-5)
+    saved = load_checkpoint(tmp_path / "aot_eager" / "checkpoints").model
+    assert set(saved) == set(runs[""].model.state_dict())  # no "_orig_mod." prefixes
+
+
+def test_an_unknown_compile_backend_lists_the_backends() -> None:
+    with pytest.raises(ValueError, match=r"train.compile = 'inductr' is not allowed: choose one of .*'inductor'"):
+        TrainConfig(compile="inductr")
 
 
 class CrashAfter(Callback):

@@ -50,6 +50,7 @@ __all__ = [
     "LossFn",
     "to_device",
     "bf16_autocast",
+    "compiled",
 ]
 
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, Any]]]
@@ -75,10 +76,13 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 1
     data_parallel: str = "ddp"  # under torchrun: "ddp" replicates the model on every rank, "fsdp" shards it
+    compile: str = ""  # a torch.compile backend for the training step's model ("inductor"); "" runs it eagerly
 
     def __post_init__(self) -> None:
         owner = "train"
         check_choice(owner, "data_parallel", self.data_parallel, DATA_PARALLEL)
+        if self.compile:
+            check_choice(owner, "compile", self.compile, ["", *torch.compiler.list_backends(exclude_tags=())])
         check_positive(owner, "steps", self.steps)
         check_positive(owner, "lr", self.lr)
         check_positive(owner, "warmup_steps", self.warmup_steps, allow_zero=True)
@@ -153,6 +157,13 @@ def bf16_autocast(device: str | torch.device, enabled: bool = True) -> contextli
     if not enabled or torch.device(device).type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+
+def compiled(model: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile(model, backend=backend)``, or ``model`` itself when ``backend`` is "" (eager). The compiled
+    wrapper shares ``model``'s parameters and hands attribute look-ups (``no_sync``, ...) on to it; state_dicts are
+    taken from ``model``, so checkpoints keep plain names."""
+    return torch.compile(model, backend=backend) if backend else model
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -269,12 +280,13 @@ class Trainer:
 
     # -- model and optimizer replacement (growth callbacks use this) -------------------------------------------------
     def set_model(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Install a (new) model and optimizer, wrapped (DDP) or sharded (FSDP) when training on several ranks."""
+        """Install a (new) model and optimizer, wrapped (DDP) or sharded (FSDP) when training on several ranks, and
+        compiled when ``config.compile`` names a backend (the loss function gets that; evaluation runs eagerly)."""
         self.model = model.to(self.device)
         self.optimizer = optimizer
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
-        self.train_model = self.parallel.wrap(self.model, optimizer, self.world)
+        self.train_model = compiled(self.parallel.wrap(self.model, optimizer, self.world), self.config.compile)
 
     # -- files ---------------------------------------------------------------------------------------------------------
     @property

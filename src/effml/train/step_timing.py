@@ -19,7 +19,7 @@ from torch import nn
 
 from effml.metrics.timing import paired_time_ratios, require_count, time_interleaved
 from effml.optim import build_adamw
-from effml.train.loop import TrainConfig, bf16_autocast, to_device
+from effml.train.loop import TrainConfig, bf16_autocast, compiled, to_device
 
 __all__ = ["TrainingStep", "step_time_ratio"]
 
@@ -31,14 +31,16 @@ class TrainingStep:
     ``loss_fn(model, batch, step) -> (loss, metrics)`` (under bf16 autocast on CUDA), backward, gradient clipping,
     the optimizer's step; callable.
 
-    ``train``: the recipe's ``TrainConfig`` (its lr, weight decay, betas and ``grad_clip``); without it AdamW at lr 1e-4
-    and no clipping, so the weights barely move and every call does the same work. ``optimizer``: step this one
+    ``train``: the recipe's ``TrainConfig`` (its lr, weight decay, betas, ``grad_clip`` and ``compile``: the loss
+    function gets the compiled model, as in the trainer); without it AdamW at lr 1e-4, no clipping and eager mode, so
+    the weights barely move and every call does the same work. ``optimizer``: step this one
     (already built over ``model``'s parameters) instead of a new AdamW.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any, device: str | torch.device = "cpu",
                  train: TrainConfig | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model.to(device).train()
+        self.step_model = compiled(self.model, train.compile if train is not None else "")
         self.loss_fn = loss_fn
         self.batch = to_device(batch, device)
         self.grad_clip = train.grad_clip if train is not None else 0.0
@@ -53,7 +55,7 @@ class TrainingStep:
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         with bf16_autocast(self.device):
-            loss, _ = self.loss_fn(self.model, self.batch, 0)
+            loss, _ = self.loss_fn(self.step_model, self.batch, 0)
         loss.backward()
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
