@@ -9,8 +9,8 @@ The loop adds what every recipe needs and none should rewrite: gradient accumula
 evaluation, metrics to JSONL, atomic checkpoints with exact resume, a clean stop on SIGINT/SIGTERM (checkpoint, then
 `TrainingInterrupted`), a stop on a non-finite loss (`NonFiniteLoss`, the last good checkpoint kept), DDP across
 ``torchrun`` processes (the same initial weights on every rank, but each rank's own random stream for dropout from
-the start of training), or FSDP with ``TrainConfig.data_parallel="fsdp"`` (effml.train.parallelism), bf16 autocast on
-CUDA, and a progress bar.
+the start of training), or FSDP with ``TrainConfig.data_parallel="fsdp"`` (effml.train.parallelism), ``torch.compile``
+of the training step's model with ``TrainConfig.compile``, bf16 autocast on CUDA, and a progress bar.
 """
 
 from __future__ import annotations
