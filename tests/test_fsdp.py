@@ -156,3 +156,17 @@ def test_recipes_that_cannot_shard_refuse_fsdp_before_writing(tmp_path, capsys) 
 def test_an_unknown_data_parallel_strategy_lists_the_choices() -> None:
     with pytest.raises(ValueError, match=r"train.data_parallel = 'zero' is not allowed: choose one of 'ddp', 'fsdp'"):
         TrainConfig(data_parallel="zero")
+
+
+def test_shard_units_are_the_layer_stacks_elements_innermost_first_then_the_model() -> None:
+    from effml.nn import TransformerConfig, TransformerLM
+    from effml.train.parallelism import shard_units
+
+    lm = TransformerLM(TransformerConfig(vocab_size=32, d_model=16, n_layers=3, n_heads=2, max_seq_len=8))
+    assert shard_units(lm) == [*lm.blocks, lm]
+
+    shared, inner = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    outer = torch.nn.Sequential(torch.nn.ModuleList([inner]), torch.nn.ReLU())
+    model = torch.nn.Sequential(torch.nn.ModuleList([shared, shared, outer, torch.nn.ReLU()]))
+    units = shard_units(model)
+    assert units == [inner, shared, outer, model]  # a shared layer once; no unit without parameters

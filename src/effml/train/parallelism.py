@@ -92,10 +92,11 @@ class Replicated(DataParallel):
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP gathers one at a time, innermost first: every element (with parameters) of every
     ``nn.ModuleList`` in ``model`` — a transformer's blocks, a ResNet stage's blocks — and then ``model`` itself, which
-    keeps what is left (embeddings, final norm, a tied head)."""
-    units = [(name.count("."), element) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
-             for element in module if any(True for _ in element.parameters())]
-    return [element for _, element in sorted(units, key=lambda unit: -unit[0])] + [model]
+    keeps what is left (embeddings, final norm, a tied head). A module listed twice (weights shared across layers)
+    is one unit."""
+    units = {id(element): (name.count("."), element) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) for element in module if any(True for _ in element.parameters())}
+    return [element for _, element in sorted(units.values(), key=lambda unit: -unit[0])] + [model]
 
 
 class Sharded(DataParallel):
