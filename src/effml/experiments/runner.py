@@ -236,9 +236,9 @@ def _check_data_parallel(experiment: Experiment, config: Any) -> None:
     """Raise RunError if ``config`` asks for FSDP from a recipe that cannot run on a sharded model."""
     if getattr(getattr(config, "train", None), "data_parallel", "ddp") == "fsdp" and not experiment.supports_fsdp:
         able = ", ".join(sorted(name for name, recipe in EXPERIMENTS.items() if recipe.supports_fsdp))
-        raise RunError(f"{experiment.name} cannot train a sharded model (train.data_parallel=fsdp): after training it "
-                       "reads parameter values or runs code that FSDP does not support. Drop the setting (DDP "
-                       f"replicates the model on every rank); recipes that support FSDP: {able}.")
+        raise RunError(f"{experiment.name} cannot train a sharded model (train.data_parallel=fsdp): it grows the "
+                       "model, reads its parameter values or runs code that FSDP does not support. Drop the setting "
+                       f"(DDP replicates the model on every rank); recipes that support FSDP: {able}.")
 
 
 def run_experiment(

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from effml.config import check_choice, check_positive
+from effml.config import ConfigError, check_choice, check_positive
 from effml.data.tasks.base import derive_seed
 from effml.io import atomic_write_text
 from effml.optim import WarmupCosine, build_adamw
@@ -81,8 +81,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         owner = "train"
         check_choice(owner, "data_parallel", self.data_parallel, DATA_PARALLEL)
-        if self.compile:
-            check_choice(owner, "compile", self.compile, ["", *torch.compiler.list_backends(exclude_tags=())])
+        if self.compile and self.compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise ConfigError(f"train.compile = {self.compile!r} is not a torch.compile backend: choose one of "
+                              f"{', '.join(map(repr, torch.compiler.list_backends()))} (or a debugging backend such as "
+                              "'aot_eager'), or '' to train eagerly.")
         check_positive(owner, "steps", self.steps)
         check_positive(owner, "lr", self.lr)
         check_positive(owner, "warmup_steps", self.warmup_steps, allow_zero=True)
@@ -223,7 +225,8 @@ class Trainer:
     Args:
         model: the model to train (plain module; on several ranks the trainer wraps it in DDP, or shards it in place
             with FSDP when ``config.data_parallel`` is "fsdp").
-        loss_fn: ``(model, batch, step) -> (scalar loss, {name: value})``; called with the (possibly DDP) model.
+        loss_fn: ``(model, batch, step) -> (scalar loss, {name: value})``; called with the model as trained
+            (DDP-wrapped, FSDP-sharded and/or compiled, as configured).
         batches: ``micro_batch_index -> batch``; index = step · grad_accum + micro. Must be deterministic.
         config: optimisation settings.
         evaluate: ``(model, step) -> {name: value}`` run in eval mode without gradients, every ``eval_every`` steps
