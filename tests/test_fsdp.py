@@ -40,12 +40,12 @@ def batch(index):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def run(name, data_parallel, resume=False, callbacks=()):
+def run(name, data_parallel, resume=False, callbacks=(), compile=""):
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=8))
     full = sum(p.numel() for p in model.parameters())
     config = TrainConfig(steps=6, lr=1e-2, warmup_steps=1, grad_accum=2, grad_clip=0.5, checkpoint_every=3,
-                         log_every=1, data_parallel=data_parallel)
+                         log_every=1, data_parallel=data_parallel, compile=compile)
     trainer = Trainer(model, causal_lm_loss, batch, config, run_dir=f"{out}/{name}", resume=resume, quiet=True,
                       callbacks=callbacks)
     local = sum(getattr(p, "to_local", lambda: p)().numel() for p in trainer.model.parameters())
@@ -58,7 +58,8 @@ def run(name, data_parallel, resume=False, callbacks=()):
             "full": full, "weights": weights}
 
 
-report = {"ddp": run("ddp", "ddp"), "fsdp": run("fsdp", "fsdp")}
+report = {"ddp": run("ddp", "ddp"), "fsdp": run("fsdp", "fsdp"),
+          "fsdp_compiled": run("fsdp-compiled", "fsdp", compile="aot_eager")}
 run("split", "fsdp", callbacks=[CrashAfter()])
 report["resumed"] = run("split", "fsdp", resume=True)
 report["ddp_from_fsdp"] = run("split", "ddp", resume=True)  # the finished run, loaded into a replicated model
@@ -80,7 +81,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_fsdp_shards_the_model_trains_as_ddp_and_resumes_exactly(tmp_path) -> None:
+def test_fsdp_shards_the_model_trains_as_ddp_compiled_or_not_and_resumes_exactly(tmp_path) -> None:
     script = tmp_path / "fsdp.py"
     script.write_text(SCRIPT)
     _torchrun(str(script), str(tmp_path))
@@ -95,6 +96,8 @@ def test_fsdp_shards_the_model_trains_as_ddp_and_resumes_exactly(tmp_path) -> No
             assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-5)
         for (_, norm_a), (_, norm_b) in zip(ddp["grad_norms"], fsdp["grad_norms"], strict=True):
             assert norm_b == pytest.approx(norm_a, rel=1e-5)
+        for (_, loss_a), (_, loss_b) in zip(fsdp["losses"], rank["fsdp_compiled"]["losses"], strict=True):
+            assert loss_b == pytest.approx(loss_a, rel=1e-5)  # torch.compile of the sharded model
         assert [step for step, _ in rank["resumed"]["losses"]] == list(range(6))
         assert rank["resumed"]["losses"] == fsdp["losses"]  # steps 3-5 continued from the checkpoint exactly
         assert "GrowthCallback replaces it" in rank["growth_error"]
