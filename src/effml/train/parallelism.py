@@ -143,7 +143,7 @@ class Sharded(DataParallel):
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                    world: World) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if not world.distributed:
-            return model.state_dict(), optimizer.state_dict()
+            return Replicated().full_state(model, optimizer, world)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
