@@ -53,7 +53,7 @@ def run(name, data_parallel, resume=False, callbacks=(), compile=""):
         result = trainer.fit()
     except KeyboardInterrupt:
         return None
-    weights = {name: t.tolist() for name, t in trainer.model.state_dict().items()} if data_parallel == "ddp" else {}
+    weights = {key: t.tolist() for key, t in trainer.model.state_dict().items()} if data_parallel == "ddp" else {}
     return {"losses": result.curves["train_loss"], "grad_norms": result.curves["grad_norm"], "local": local,
             "full": full, "weights": weights}
 
@@ -67,6 +67,13 @@ try:
     run("grown", "fsdp", callbacks=[GrowthCallback("midas", n_stages=2, block_size=1, alpha=1.0, total_steps=6)])
 except ValueError as error:
     report["growth_error"] = str(error)
+try:
+    model = TransformerLM(TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=8))
+    foreign = torch.nn.Parameter(torch.zeros(3))
+    Trainer(model, causal_lm_loss, batch, TrainConfig(steps=1, warmup_steps=0, data_parallel="fsdp"),
+            optimizer=torch.optim.SGD([*model.parameters(), foreign], lr=0.1), quiet=True)
+except RuntimeError as error:
+    report["foreign_error"] = str(error)
 with open(f"{out}/rank{world.rank}.json", "w") as handle:
     json.dump(report, handle)
 """
@@ -101,6 +108,7 @@ def test_fsdp_shards_the_model_trains_as_ddp_compiled_or_not_and_resumes_exactly
         assert [step for step, _ in rank["resumed"]["losses"]] == list(range(6))
         assert rank["resumed"]["losses"] == fsdp["losses"]  # steps 3-5 continued from the checkpoint exactly
         assert "GrowthCallback replaces it" in rank["growth_error"]
+        assert "holds 1 tensor(s) that are not parameters of the model" in rank["foreign_error"]
 
     # Checkpoints hold the full model (names as in the plain module), so one process can load them; the resumed
     # run ends where the uninterrupted one does, to the bit.

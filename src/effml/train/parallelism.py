@@ -119,6 +119,11 @@ class Sharded(DataParallel):
             raise RuntimeError("train.data_parallel='fsdp' replaces the model's parameters by their shards, so the "
                                "optimizer must not have stepped yet; pass a fresh optimizer to the Trainer.")
         names = {id(parameter): name for name, parameter in model.named_parameters()}
+        foreign = sum(id(parameter) not in names for group in optimizer.param_groups for parameter in group["params"])
+        if foreign:
+            raise RuntimeError(f"train.data_parallel='fsdp' shards the model's own parameters, but the optimizer also "
+                               f"holds {foreign} tensor(s) that are not parameters of the model; give the optimizer "
+                               "only model.parameters() (register extra tensors as parameters of a submodule).")
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         mesh = init_device_mesh(device.type, (world.world_size,))
         for unit in shard_units(model):
