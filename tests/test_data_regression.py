@@ -147,3 +147,20 @@ def test_evaluate_scores_oracle_zero_and_per_readout_predictions() -> None:
 def test_bad_parameters_are_refused_with_a_clear_message(params, message) -> None:
     with pytest.raises(ValueError, match=message):
         InContextRegression(**params)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])  # 4 ranks, 3 batches: one rank scores nothing
+def test_ranks_split_a_regression_evaluation_and_their_sums_give_the_one_process_metrics(world_size) -> None:
+    task = InContextRegression(d=3, n_context=10)
+
+    def predict(batch) -> torch.Tensor:  # two read-outs: predicting 0, and half the target
+        return torch.stack([torch.zeros_like(batch.target), 0.5 * batch.target])
+
+    one = task.evaluate(predict, n=50, seed=2, batch_size=20)
+    shards = [task.evaluation_sums(predict, n=50, seed=2, batch_size=20, rank=rank, world_size=world_size)
+              for rank in range(world_size)]
+    combined = task.metrics_from_sums(shards, n=50)
+    assert combined.keys() == one.keys()
+    for name, value in one.items():
+        assert combined[name] == pytest.approx(value, rel=1e-12), name
+    assert one["nmse@1"] == pytest.approx(1.0) and one["nmse@2"] == pytest.approx(0.25)

@@ -150,3 +150,22 @@ def test_registry_and_build_task_errors():
         build_task("mqar", n_pairs=10, n_queries=2, n_keys=5)
     with pytest.raises(ValueError, match="length"):
         build_task("copying", length=0)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 6])  # 6 ranks, 5 batches: one rank scores nothing
+def test_ranks_split_an_evaluation_and_their_sums_give_the_one_process_metrics(world_size) -> None:
+    task = Copying(length=6, n_symbols=5)
+
+    def predict(inputs: torch.Tensor) -> torch.Tensor:
+        """Copies odd symbols right and answers 0 for even ones: some answers right, some wrong."""
+        copied = torch.roll(inputs, task.length, dims=1)
+        return copied * (copied % 2)
+
+    one = task.evaluate(predict, n=37, seed=4, batch_size=8)
+    shards = [task.evaluation_sums(predict, n=37, seed=4, batch_size=8, rank=rank, world_size=world_size)
+              for rank in range(world_size)]
+    assert task.metrics_from_sums(shards, n=37) == one
+    assert sum(shard["answer_tokens"] for shard in shards) == 37 * task.length  # each example scored once
+    assert 0 < one["token_accuracy"] < 1 and 0 < one["sequence_accuracy"] < 1
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\)"):
+        task.evaluation_sums(predict, n=37, seed=4, rank=2, world_size=2)

@@ -58,7 +58,8 @@ def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path) ->
 @pytest.mark.slow
 def test_a_generated_task_recipe_trains_the_same_on_two_processes(tmp_path) -> None:
     """looped-gd draws its prompts itself (not through WindowBatches): under torchrun each rank trains on its half
-    of the one-process batch, so the two runs follow the same losses and learn the same preconditioner."""
+    of the one-process batch, so the two runs follow the same losses and learn the same preconditioner, and each
+    evaluates half of the held-out prompts, giving the one-process errors."""
     args = ["run", "looped-gd", "--preset", "smoke", "--quiet", "--seeds", "1", "--set", "attentions=restricted"]
     single, ddp = single_and_two_process_results(args, tmp_path)
     assert set(ddp["arms"]) == set(single["arms"]) == {"n8", "n32"}
@@ -66,6 +67,9 @@ def test_a_generated_task_recipe_trains_the_same_on_two_processes(tmp_path) -> N
         one, two = single["arms"][arm]["runs"]["0"], ddp["arms"][arm]["runs"]["0"]
         assert_same_training_losses(one, two, rel=1e-4)
         assert two["metrics"]["precond_error"] == pytest.approx(one["metrics"]["precond_error"], rel=1e-3)
+        # Held-out prompts are split between the ranks (evaluate_sharded) and their sums combined.
+        for metric in ("valid_nmse", "nmse", "rotated_nmse", "gd_mismatch"):
+            assert two["metrics"][metric] == pytest.approx(one["metrics"][metric], rel=1e-3), metric
 
 
 RANK_METRIC_SCRIPT = """

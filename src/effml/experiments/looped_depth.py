@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from effml.config import ConfigError, check_choice, check_distinct, check_positive
-from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, register
+from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, evaluate_sharded, register
 from effml.train import TrainConfig, Trainer
 
 __all__ = ["LoopedDepthConfig", "LoopedDepth", "depth_needed", "FAMILIES"]
@@ -257,7 +257,8 @@ class LoopedDepth(TaskExperiment):
         eval_seed = derive_seed(context.seed, 1_000_003)  # held-out prompts: a stream training never draws from
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-            return {"valid_nmse": task.evaluate(predict_readouts(model, context.device, dtype), 512, eval_seed)["nmse"]}
+            predict = predict_readouts(model, context.device, dtype)
+            return {"valid_nmse": evaluate_sharded(task, predict, 512, eval_seed, context.world)["nmse"]}
 
         trainer = Trainer(model, query_mse_loss, self.training_batches(config, task, context), config.train,
                           evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,
@@ -267,7 +268,7 @@ class LoopedDepth(TaskExperiment):
         test_seed = derive_seed(context.seed, 2_000_003)
         predict = predict_readouts(model, context.device, dtype)
         metrics: dict[str, float] = dict(result.final_metrics)
-        measured = task.evaluate(predict, config.eval_prompts, test_seed)
+        measured = evaluate_sharded(task, predict, config.eval_prompts, test_seed, context.world)
         depth = arm.info["depth"]
         readouts = [measured.get(f"nmse@{k}", measured["nmse"]) for k in range(1, depth + 1)]
         metrics["nmse"] = measured["nmse"]
@@ -277,7 +278,7 @@ class LoopedDepth(TaskExperiment):
         shift_curve = [[0.0, measured["nmse"]]]
         for index, scale in enumerate(config.shift_scales):
             shifted = task.shifted(scale=scale)
-            shift_nmse = shifted.evaluate(predict, config.eval_prompts, test_seed)["nmse"]
+            shift_nmse = evaluate_sharded(shifted, predict, config.eval_prompts, test_seed, context.world)["nmse"]
             w2 = task.shift_size(shifted, n=2048, seed=0)  # same prompts for every seed: one x per shift
             metrics[f"shift_nmse@{index + 1}"] = shift_nmse
             metrics[f"shift_w2@{index + 1}"] = w2

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from effml.config import ConfigError, check_distinct, check_positive
-from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, register
-from effml.train import TrainConfig, Trainer
+from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, evaluate_sharded, register
+from effml.train import TrainConfig, Trainer, World
 
 __all__ = ["LoopedGDConfig", "LoopedGD"]
 
@@ -178,7 +178,8 @@ class LoopedGD(TaskExperiment):
         eval_seed = derive_seed(context.seed, 1_000_003)
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-            return {"valid_nmse": task.evaluate(predict_readouts(model, context.device), 512, eval_seed)["nmse"]}
+            predict = predict_readouts(model, context.device)
+            return {"valid_nmse": evaluate_sharded(task, predict, 512, eval_seed, context.world)["nmse"]}
 
         trainer = Trainer(model, query_mse_loss, self.training_batches(config, task, context), config.train,
                           evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,
@@ -205,14 +206,14 @@ class LoopedGD(TaskExperiment):
                                               batch.query.double().cpu(), preconditioner, config.loops)[-1]
             return torch.stack([model_prediction, gd_prediction])
 
-        metrics["gd_mismatch"] = self._prediction_gap(task, mismatch, config.eval_prompts, test_seed)
+        metrics["gd_mismatch"] = self._prediction_gap(task, mismatch, config.eval_prompts, test_seed, context.world)
         rotated, rescaled = task.shifted(rotation=config.ood_rotation), task.shifted(scale=config.ood_scale)
         metrics["rotated_w2"] = task.shift_size(rotated, n=1, seed=0)
         metrics["rescaled_w2"] = task.shift_size(rescaled, n=1, seed=0)
         curves = dict(result.curves)
         for prefix, distribution in (("", task), ("rotated_", rotated), ("rescaled_", rescaled)):
             predict = predict_readouts(model, context.device, torch.float64, n_loops=config.test_loops[-1])
-            measured = distribution.evaluate(predict, config.eval_prompts, test_seed)
+            measured = evaluate_sharded(distribution, predict, config.eval_prompts, test_seed, context.world)
             per_loop = [measured[f"nmse@{k}"] for k in config.test_loops]
             metrics.update({f"{prefix}nmse_loops@{k}": v for k, v in zip(config.test_loops, per_loop, strict=True)})
             metrics[f"{prefix}nmse"] = measured[f"nmse@{config.loops}"]  # as trained: `loops` loops
@@ -223,17 +224,20 @@ class LoopedGD(TaskExperiment):
         return ArmRun(params=sum(p.numel() for p in model.parameters()), metrics=metrics, curves=curves)
 
     @staticmethod
-    def _prediction_gap(task, predict_pair, n: int, seed: int) -> float:
-        """Σ (first − second)² / Σ y² over ``n`` evaluation prompts; predict_pair returns ``(2, B)``."""
+    def _prediction_gap(task, predict_pair, n: int, seed: int, world: World) -> float:
+        """Σ (first − second)² / Σ y² over ``n`` evaluation prompts, split among ``world``'s ranks; predict_pair
+        returns ``(2, B)``."""
         from effml.data.tasks.base import evaluation_batches
+        from effml.train.distributed import all_gather_objects
 
         gap = energy = 0.0
-        for size, batch_seed in evaluation_batches(n, seed, 256):
+        for size, batch_seed in evaluation_batches(n, seed, 256, world.rank, world.world_size):
             batch = task.sample(size, batch_seed)
             first, second = predict_pair(batch)
             gap += float(((first - second) ** 2).sum())
             energy += float((batch.target.double() ** 2).sum())
-        return gap / energy
+        sums = all_gather_objects((gap, energy))
+        return sum(rank_gap for rank_gap, _ in sums) / sum(rank_energy for _, rank_energy in sums)
 
     def claims(self, config: LoopedGDConfig) -> list[Any]:
         from effml.report import Monotone, Threshold

@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effml.config import ConfigError, check_choice, check_positive, check_range
-from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
+from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, evaluate_sharded, register
 from effml.experiments.lm_training import heldout_evaluator, load_byte_corpus
 from effml.metrics.timing import time_interleaved
 from effml.train import Callback, TrainConfig, Trainer
@@ -504,8 +504,9 @@ class MidasRecipe(Experiment):
         def accuracies(prefix: str) -> dict[str, float]:
             model.eval()
             with torch.no_grad():
-                return {f"{prefix}_{name}": task.evaluate(lambda x: model(x.to(context.device)).argmax(-1),
-                                                          config.task_examples, eval_seed)["sequence_accuracy"]
+                return {f"{prefix}_{name}": evaluate_sharded(task, lambda x: model(x.to(context.device)).argmax(-1),
+                                                             config.task_examples, eval_seed,
+                                                             context.world)["sequence_accuracy"]
                         for name, task in tasks.items()}
 
         metrics = accuracies("fewshot")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from effml.config import ConfigError, check_choice, check_distinct, check_positive, check_range
-from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, register
+from effml.experiments.base import Arm, ArmRun, RunContext, TaskExperiment, evaluate_sharded, register
 from effml.train import TrainConfig, Trainer
 from effml.train.lm import token_share
 
@@ -312,8 +312,8 @@ class Mimetic(TaskExperiment):
         device = context.device
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-            return task.evaluate(lambda inputs: model(inputs.to(device)).argmax(-1), config.eval_examples,
-                                 _EVAL_SEED, batch_size=config.batch_size)
+            return evaluate_sharded(task, lambda inputs: model(inputs.to(device)).argmax(-1), config.eval_examples,
+                                    _EVAL_SEED, context.world, batch_size=config.batch_size)
 
         trainer = Trainer(model, masked_token_loss, self.training_batches(config, task, context), config.train,
                           evaluate=evaluate, run_dir=context.run_dir, device=device, resume=context.resume,

@@ -10,7 +10,9 @@
 
 Evaluation examples are drawn batch by batch: batch ``k`` uses the seed :func:`derive_seed` ``(seed, k)``, a
 64-bit SeedSequence hash, so an evaluation never reuses the small integer seeds a training loop typically passes
-to :meth:`Task.sample` (e.g. the step number).
+to :meth:`Task.sample` (e.g. the step number). Data-parallel ranks can split an evaluation: rank ``r`` of ``W``
+scores batches ``k ≡ r (mod W)`` with ``evaluation_sums`` (additive statistics), and ``metrics_from_sums`` combines
+every rank's; ``evaluate`` is the two in one process.
 """
 
 from __future__ import annotations
@@ -71,13 +73,19 @@ def check_int_param(task: str, param: str, value: Any, minimum: int = 1) -> None
         raise ValueError(f"Task {task!r}: parameter {param} must be an int >= {minimum}, got {value!r}.")
 
 
-def evaluation_batches(n: int, seed: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    """``(size, seed)`` of each evaluation batch: ``ceil(n / batch_size)`` batches holding ``n`` examples in all."""
+def evaluation_batches(n: int, seed: int, batch_size: int, rank: int = 0,
+                       world_size: int = 1) -> Iterator[tuple[int, int]]:
+    """``(size, seed)`` of each evaluation batch: ``ceil(n / batch_size)`` batches holding ``n`` examples in all, or,
+    for ``rank`` of ``world_size``, the batches ``k`` with ``k % world_size == rank`` (the same sizes and seeds)."""
     _check_count(n, "n (number of evaluation examples)")
     _check_count(batch_size, "batch_size")
     _check_seed(seed)
+    _check_count(world_size, "world_size")
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}.")
     for index, first in enumerate(range(0, n, batch_size)):
-        yield min(batch_size, n - first), derive_seed(seed, index)
+        if index % world_size == rank:
+            yield min(batch_size, n - first), derive_seed(seed, index)
 
 
 class Task(ABC):
@@ -133,7 +141,6 @@ class TokenTask(Task):
         return TaskBatch(inputs=sequences[:, :-1].contiguous(), targets=sequences[:, 1:].contiguous(),
                          loss_mask=torch.from_numpy(np.asarray(answer_mask, dtype=bool)))
 
-    @torch.no_grad()
     def evaluate(self, predict: Callable[[torch.Tensor], torch.Tensor], n: int, seed: int,
                  batch_size: int = 64) -> dict[str, float]:
         """Teacher-forced accuracy of ``predict`` on ``n`` examples.
@@ -147,8 +154,15 @@ class TokenTask(Task):
             ``token_accuracy``: correct answer tokens / answer tokens; ``sequence_accuracy``: fraction of examples
             whose answer tokens are all correct.
         """
+        return self.metrics_from_sums([self.evaluation_sums(predict, n, seed, batch_size)], n)
+
+    @torch.no_grad()
+    def evaluation_sums(self, predict: Callable[[torch.Tensor], torch.Tensor], n: int, seed: int,
+                        batch_size: int = 64, rank: int = 0, world_size: int = 1) -> dict[str, int]:
+        """The counts behind :meth:`evaluate` over this rank's share of the ``n`` examples (see
+        :func:`evaluation_batches`): ``correct_tokens``, ``answer_tokens``, ``correct_sequences``."""
         correct_tokens = answer_tokens = correct_sequences = 0
-        for size, batch_seed in evaluation_batches(n, seed, batch_size):
+        for size, batch_seed in evaluation_batches(n, seed, batch_size, rank, world_size):
             batch = self.sample(size, batch_seed)
             predictions = torch.as_tensor(predict(batch.inputs)).cpu()
             if predictions.shape != batch.targets.shape:
@@ -159,7 +173,14 @@ class TokenTask(Task):
             correct_tokens += int(hits.sum())
             answer_tokens += int(batch.loss_mask.sum())
             correct_sequences += int((hits | ~batch.loss_mask).all(dim=1).sum())
-        return {"token_accuracy": correct_tokens / max(answer_tokens, 1), "sequence_accuracy": correct_sequences / n}
+        return {"correct_tokens": correct_tokens, "answer_tokens": answer_tokens,
+                "correct_sequences": correct_sequences}
+
+    def metrics_from_sums(self, sums: list[dict[str, int]], n: int) -> dict[str, float]:
+        """:meth:`evaluate`'s metrics from every rank's :meth:`evaluation_sums` of the same ``n`` examples."""
+        total = {key: sum(rank_sums[key] for rank_sums in sums) for key in sums[0]}
+        return {"token_accuracy": total["correct_tokens"] / max(total["answer_tokens"], 1),
+                "sequence_accuracy": total["correct_sequences"] / n}
 
 
 #: Task classes by name; filled by :func:`register_task`.

@@ -29,6 +29,7 @@ Because the random draws do not depend on these parameters, the same seed gives 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -232,7 +233,6 @@ class InContextRegression(Task):
 
     # -- evaluation ------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, predict: Callable[[RegressionBatch], torch.Tensor], n: int, seed: int,
                  batch_size: int = 256) -> dict[str, float]:
         """Query-prediction error of ``predict`` on ``n`` prompts.
@@ -245,9 +245,17 @@ class InContextRegression(Task):
             ``mse``: mean squared error; ``nmse``: ``Σ (ŷ − y)² / Σ y²`` (0 is perfect, 1 is predicting 0). With
             ``(K, B)`` predictions, ``mse@k`` and ``nmse@k`` for ``k = 1 … K`` as well (``mse``/``nmse`` are the last).
         """
+        return self.metrics_from_sums([self.evaluation_sums(predict, n, seed, batch_size)], n)
+
+    @torch.no_grad()
+    def evaluation_sums(self, predict: Callable[[RegressionBatch], torch.Tensor], n: int, seed: int,
+                        batch_size: int = 256, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        """The sums behind :meth:`evaluate` over this rank's share of the ``n`` prompts (see
+        ``evaluation_batches``): ``squared_errors`` (float64 ``(K,)``, one per read-out; None for a rank left
+        without a batch) and ``target_energy`` (Σ y²)."""
         squared_errors: torch.Tensor | None = None
         target_energy = 0.0
-        for size, batch_seed in evaluation_batches(n, seed, batch_size):
+        for size, batch_seed in evaluation_batches(n, seed, batch_size, rank, world_size):
             batch = self.sample(size, batch_seed)
             predictions = torch.as_tensor(predict(batch)).detach().cpu().double()
             if predictions.dim() == 1:
@@ -258,7 +266,13 @@ class InContextRegression(Task):
             errors = ((predictions - batch.target.double()) ** 2).sum(dim=1)
             squared_errors = errors if squared_errors is None else squared_errors + errors
             target_energy += float((batch.target.double() ** 2).sum())
-        assert squared_errors is not None
+        return {"squared_errors": squared_errors, "target_energy": target_energy}
+
+    def metrics_from_sums(self, sums: list[dict[str, Any]], n: int) -> dict[str, float]:
+        """:meth:`evaluate`'s metrics from every rank's :meth:`evaluation_sums` of the same ``n`` prompts."""
+        errors = [rank_sums["squared_errors"] for rank_sums in sums if rank_sums["squared_errors"] is not None]
+        squared_errors = functools.reduce(torch.add, errors)
+        target_energy = sum(rank_sums["target_energy"] for rank_sums in sums)
         mse = (squared_errors / n).tolist()
         metrics = {"mse": mse[-1], "nmse": mse[-1] * n / target_energy}
         if len(mse) > 1:
