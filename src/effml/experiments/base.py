@@ -133,7 +133,8 @@ def evaluate_sharded(task: Any, predict: Callable[[Any], Any], n: int, seed: int
     """``task.evaluate(predict, n, seed, **options)`` with the ``n`` examples split among ``world``'s ranks: each
     scores its batches (``task.evaluation_sums``) and every rank combines all ranks' sums (one all-gather), so
     evaluation takes 1/N of the time on N ranks and gives one process's numbers. In a world of one it is
-    ``task.evaluate`` itself. Every rank must call it."""
+    ``task.evaluate`` itself. Every rank must call it. Ranks may call ``predict`` a different number of times, so it
+    suits replicated (DDP) models, not FSDP-sharded ones (whose forward needs every rank)."""
     if not world.distributed:
         return task.evaluate(predict, n, seed, **options)
     from effml.train.distributed import all_gather_objects
