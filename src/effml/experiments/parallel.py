@@ -162,15 +162,17 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-flight
     workers: list[_Worker] = []
     outcome = _Outcome()
-    try:
-        for _ in range(min(jobs, len(units))):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(target=_worker_main, args=(child_end, threads), daemon=True)
-            process.start()
-            child_end.close()
-            workers.append(_Worker(process, parent_end))
-        pending = deque(units)
-        with _ForwardStopSignals(workers) as signals:
+    pending = deque(units)
+    # The handler stays in place until the workers are shut down: a second Ctrl-C during the shutdown is absorbed
+    # (it raised KeyboardInterrupt in the joins below, losing the interruption's checkpoint).
+    with _ForwardStopSignals(workers) as signals:
+        try:
+            for _ in range(min(jobs, len(units))):
+                parent_end, child_end = context.Pipe()
+                process = context.Process(target=_worker_main, args=(child_end, threads), daemon=True)
+                process.start()
+                child_end.close()
+                workers.append(_Worker(process, parent_end))
             while True:
                 if not signals.requested:
                     for worker in workers:
@@ -197,8 +199,8 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
                     elif outcome.failure is None:
                         outcome.failure = _with_remote_traceback(*message[1:], unit)
                     signals.stop()
-    finally:
-        _shut_down(workers)
+        finally:
+            _shut_down(workers)
     if outcome.failure is not None:
         raise outcome.failure
     if outcome.interruptions:
