@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from effml.data.images import (FASHION_MNIST_FILES, DataUnavailableError, ImageBatches, ImageFolderBatches,
-                               ImageFolderSplit, load_fashion_mnist, read_idx)
+                               ImageFolderSplit, eval_image_batches, load_fashion_mnist, read_idx)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -117,3 +117,10 @@ def test_batch_size_above_the_image_count_is_refused_at_construction(tmp_path) -
         ImageBatches(np.zeros((3, 28, 28), np.uint8), np.zeros(3, np.int64), batch_size=4, seed=0)
     images, labels = ImageFolderBatches(split, batch_size=3, seed=0).batch(0)
     assert images.shape == (3, 3, 8, 8) and labels.tolist() == [0, 0, 0]
+
+
+def test_evaluation_batches_of_the_ranks_partition_the_split() -> None:
+    images, labels = np.arange(37 * 4, dtype=np.uint8).reshape(37, 2, 2), np.arange(37)
+    seen = sorted(int(label) for rank in range(3)
+                  for _, batch_labels in eval_image_batches(images, labels, 5, rank, 3) for label in batch_labels)
+    assert seen == list(range(37))

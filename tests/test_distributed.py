@@ -153,3 +153,37 @@ def test_masked_losses_average_over_every_ranks_answer_tokens(tmp_path) -> None:
             assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-5)
         for weight_a, weight_b in zip(one[loss]["weights"], two[loss]["weights"], strict=True):
             assert torch.allclose(torch.tensor(weight_b), torch.tensor(weight_a), rtol=1e-5, atol=1e-6)
+
+
+CLASSIFICATION_SCRIPT = """
+import json, numpy as np, torch
+from effml.data.images import eval_image_batches
+from effml.train.classify import classification_metrics
+from effml.train.distributed import init_distributed
+
+world = init_distributed("cpu")
+rng = np.random.default_rng(0)
+images, labels = rng.integers(0, 256, (37, 28, 28), dtype=np.uint8), rng.integers(0, 10, 37)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+shares = classification_metrics(model, eval_image_batches(images, labels, 8, world.rank, world.world_size), "cpu",
+                                world)
+whole = classification_metrics(model, eval_image_batches(images, labels, 8), "cpu")
+if world.rank == 0:
+    print(json.dumps({"shares": shares, "whole": whole}))
+"""
+
+
+@pytest.mark.slow
+def test_image_classification_is_evaluated_in_shares_that_add_up_to_the_whole_split(tmp_path) -> None:
+    """laurel-vision's ranks each score every other evaluation batch (rank 0 three of five, rank 1 two) and add
+    their sums: the metrics of the whole split, which every rank used to score in full."""
+    script = tmp_path / "classify.py"
+    script.write_text(CLASSIFICATION_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["shares"]["accuracy"] == result["whole"]["accuracy"]
+    assert result["shares"]["loss"] == pytest.approx(result["whole"]["loss"], rel=1e-12)

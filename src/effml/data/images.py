@@ -142,9 +142,10 @@ class ImageBatches:
         return _to_tensor(images), torch.from_numpy(self.labels[chosen])
 
 
-def eval_image_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
-    """Consecutive (images, labels) batches over a whole split, in order."""
-    for start in range(0, len(images), batch_size):
+def eval_image_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1):
+    """Consecutive (images, labels) batches over a whole split, in order; for ``rank`` of ``world_size``, every
+    ``world_size``-th of them from the ``rank``-th (the ranks' shares partition the split)."""
+    for start in range(rank * batch_size, len(images), batch_size * world_size):
         yield _to_tensor(images[start:start + batch_size]), torch.from_numpy(labels[start:start + batch_size])
 
 

@@ -37,7 +37,7 @@ import torch
 from effml.config import ConfigError, check_choice, check_distinct, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.experiments.lm_training import load_byte_corpus, train_lm
-from effml.train import TrainConfig
+from effml.train import TrainConfig, World
 
 __all__ = ["LaurelLMConfig", "LaurelLM", "LaurelVisionConfig", "LaurelVision", "BEST", "RECOVERED_SHARE",
            "PARAM_RATIO"]
@@ -468,8 +468,10 @@ class LaurelVision(LaurelRecipe):
                                    stem="imagenet" if imagenet else "small", stem_stride=config.stem_stride,
                                    **residual))
 
-    def _data(self, config: LaurelVisionConfig, seed: int) -> tuple[Any, Any, Any]:
-        """(training batch source, valid batches factory or None, test batches factory)."""
+    def _data(self, config: LaurelVisionConfig, seed: int, world: World | None = None) -> tuple[Any, Any, Any]:
+        """(training batch source, valid batches factory or None, test batches factory); the factories yield
+        ``world``'s rank's share of the evaluation batches (all of them in a world of one, the default)."""
+        world = world or World()
         from pathlib import Path
 
         from effml.data.images import (ImageBatches, ImageFolderBatches, ImageFolderSplit, eval_image_batches,
@@ -480,27 +482,29 @@ class LaurelVision(LaurelRecipe):
             val = ImageFolderSplit(Path(config.data_dir) / "val", classes=train.classes)  # train's labels
 
             def val_batches():
-                for start in range(0, len(val), config.eval_batch_size):
+                step = config.eval_batch_size
+                for start in range(world.rank * step, len(val), step * world.world_size):
                     yield val.batch(range(start, min(start + config.eval_batch_size, len(val))))
 
             return ImageFolderBatches(train, config.batch_size, seed), None, val_batches
         splits = load_fashion_mnist(config.data_dir, valid_size=config.valid_size)
         source = ImageBatches(splits.train_images, splits.train_labels, config.batch_size, seed, flip=config.flip)
+        share = {"batch_size": config.eval_batch_size, "rank": world.rank, "world_size": world.world_size}
         valid = None if config.valid_size == 0 else (  # no validation split: evaluations use the test split
-            lambda: eval_image_batches(splits.valid_images, splits.valid_labels, config.eval_batch_size))
-        return source, valid, lambda: eval_image_batches(splits.test_images, splits.test_labels, config.eval_batch_size)
+            lambda: eval_image_batches(splits.valid_images, splits.valid_labels, **share))
+        return source, valid, lambda: eval_image_batches(splits.test_images, splits.test_labels, **share)
 
     def run_arm(self, config: LaurelVisionConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.train import Trainer
         from effml.train.classify import classification_loss, classification_metrics
 
-        source, valid, test = self._data(config, context.seed)
+        world = context.world
+        source, valid, test = self._data(config, context.seed, world)
         torch.manual_seed(context.seed)
         model = self.build_model(config, arm.info["extra_layer"], arm.info["variant"])
-        world = context.world
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-            measured = classification_metrics(model, (valid or test)(), context.device)
+            measured = classification_metrics(model, (valid or test)(), context.device, world)
             return {"valid_loss": measured["loss"], "valid_accuracy": measured["accuracy"]}
 
         trainer = Trainer(model, classification_loss, lambda index: source.batch(index, world.rank, world.world_size),
@@ -508,7 +512,7 @@ class LaurelVision(LaurelRecipe):
                           resume=context.resume, quiet=context.quiet,
                           description=f"{self.name} {arm.name} seed {context.seed}")
         result = trainer.fit()
-        measured = classification_metrics(model, test(), context.device)
+        measured = classification_metrics(model, test(), context.device, world)
         metrics = dict(result.final_metrics)
         metrics.update(test_loss=measured["loss"], test_accuracy=measured["accuracy"],
                        step_time_s=result.median_step_time,
