@@ -46,3 +46,30 @@ def check_recipe_sharding(tmp_path):
                 assert torch.equal(getattr(second(index), name), getattr(whole, name)[half:])
 
     return check
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """``torchrun(*args, script=None, ranks=2) -> stdout``: ``torchrun --standalone --nproc_per_node=ranks *args``
+    with effml importable and one thread per process (``script``: Python source written to a file under tmp_path
+    and run before ``args``); fails the test with the end of stderr unless every rank exits with 0."""
+    import itertools
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    names = itertools.count()
+
+    def run(*args: str, script: str | None = None, ranks: int = 2) -> str:
+        if script is not None:
+            path = tmp_path / f"script{next(names)}.py"
+            path.write_text(script)
+            args = (str(path), *args)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+        completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc_per_node={ranks}", *args], capture_output=True, text=True, timeout=300,
+                                   env=env)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        return completed.stdout
+
+    return run

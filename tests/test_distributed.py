@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,22 +13,17 @@ from effml.cli import main
 ARGS = ["run", "lm-scaling", "--preset", "smoke", "--quiet", "--seeds", "1", "--set", "sizes=32x1,64x1"]
 
 
-def single_and_two_process_results(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+def single_and_two_process_results(args: list[str], tmp_path: Path, torchrun) -> tuple[dict, dict]:
     """``effml <args>`` in this process and under ``torchrun --nproc_per_node=2``: both runs' results.json, after
     checking that the two-process run completed and that rank 1 created no run directory of its own."""
     recipe = args[1]
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     assert main([*args, "--out", str(single_out)]) == 0
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effml",
-         *args, "--out", str(ddp_out)],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    stdout = torchrun("-m", "effml", *args, "--out", str(ddp_out))
 
     run_dirs = list((ddp_out / recipe).iterdir())
     assert len(run_dirs) == 1  # rank 1 created no directory of its own
-    assert completed.stdout.count("report: ") == 1  # and printed no second copy of the verdicts
+    assert stdout.count("report: ") == 1  # and printed no second copy of the verdicts
     single = json.loads(next((single_out / recipe).iterdir()).joinpath("results.json").read_text())
     ddp = json.loads(run_dirs[0].joinpath("results.json").read_text())
     assert ddp["environment"]["world_size"] == 2 and ddp["status"] == "complete"
@@ -47,8 +39,8 @@ def assert_same_training_losses(one: dict, two: dict, rel: float) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path) -> None:
-    single, ddp = single_and_two_process_results(ARGS, tmp_path)
+def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path, torchrun) -> None:
+    single, ddp = single_and_two_process_results(ARGS, tmp_path, torchrun)
     for arm in single["arms"]:
         one, two = single["arms"][arm]["runs"]["0"], ddp["arms"][arm]["runs"]["0"]
         assert_same_training_losses(one, two, rel=1e-4)
@@ -56,12 +48,12 @@ def test_two_process_ddp_matches_one_process_and_only_rank_0_writes(tmp_path) ->
 
 
 @pytest.mark.slow
-def test_a_generated_task_recipe_trains_the_same_on_two_processes(tmp_path) -> None:
+def test_a_generated_task_recipe_trains_the_same_on_two_processes(tmp_path, torchrun) -> None:
     """looped-gd draws its prompts itself (not through WindowBatches): under torchrun each rank trains on its half
     of the one-process batch, so the two runs follow the same losses and learn the same preconditioner, and each
     evaluates half of the held-out prompts, giving the one-process errors."""
     args = ["run", "looped-gd", "--preset", "smoke", "--quiet", "--seeds", "1", "--set", "attentions=restricted"]
-    single, ddp = single_and_two_process_results(args, tmp_path)
+    single, ddp = single_and_two_process_results(args, tmp_path, torchrun)
     assert set(ddp["arms"]) == set(single["arms"]) == {"n8", "n32"}
     for arm in single["arms"]:
         one, two = single["arms"][arm]["runs"]["0"], ddp["arms"][arm]["runs"]["0"]
@@ -88,16 +80,10 @@ if world.rank == 0:
 
 
 @pytest.mark.slow
-def test_logged_training_metrics_are_means_over_ranks(tmp_path) -> None:
+def test_logged_training_metrics_are_means_over_ranks(torchrun) -> None:
     """Each rank's loss function sees its share of the batch; the logged metric is the mean over ranks (it was rank
     0's alone), as the loss is."""
-    script = tmp_path / "rank_metric.py"
-    script.write_text(RANK_METRIC_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                str(script)], capture_output=True, text=True, timeout=300, env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    curve = json.loads(completed.stdout.strip().splitlines()[-1])
+    curve = json.loads(torchrun(script=RANK_METRIC_SCRIPT).strip().splitlines()[-1])
     assert [value for _, value in curve] == [0.5, 0.5, 0.5]
 
 
@@ -135,19 +121,12 @@ if world.rank == 0:
 
 
 @pytest.mark.slow
-def test_masked_losses_average_over_every_ranks_answer_tokens(tmp_path) -> None:
+def test_masked_losses_average_over_every_ranks_answer_tokens(torchrun) -> None:
     """The answer masks leave rank 0 seven times as many tokens as rank 1. DDP averages the ranks' gradients, so
     without weighting each rank's mean by its share of the tokens (`token_share`) rank 1's two tokens counted as
     much as rank 0's fourteen; with it, two processes follow the one-process run on the whole batch."""
-    script = tmp_path / "masked.py"
-    script.write_text(MASKED_LOSS_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    runs = [subprocess.run(command + [str(script)], capture_output=True, text=True, timeout=300, env=env)
-            for command in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                               "--nproc_per_node=2"])]
-    for completed in runs:
-        assert completed.returncode == 0, completed.stderr[-3000:]
-    one, two = (json.loads(completed.stdout.strip().splitlines()[-1]) for completed in runs)
+    one, two = (json.loads(torchrun(script=MASKED_LOSS_SCRIPT, ranks=ranks).strip().splitlines()[-1])
+                for ranks in (1, 2))
     for loss in ("midas", "mimetic"):
         for (step_a, loss_a), (step_b, loss_b) in zip(one[loss]["losses"], two[loss]["losses"], strict=True):
             assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-5)
@@ -175,15 +154,9 @@ if world.rank == 0:
 
 
 @pytest.mark.slow
-def test_image_classification_is_evaluated_in_shares_that_add_up_to_the_whole_split(tmp_path) -> None:
+def test_image_classification_is_evaluated_in_shares_that_add_up_to_the_whole_split(torchrun) -> None:
     """laurel-vision's ranks each score every other evaluation batch (rank 0 three of five, rank 1 two) and add
     their sums: the metrics of the whole split, which every rank used to score in full."""
-    script = tmp_path / "classify.py"
-    script.write_text(CLASSIFICATION_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                str(script)], capture_output=True, text=True, timeout=300, env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result = json.loads(torchrun(script=CLASSIFICATION_SCRIPT).strip().splitlines()[-1])
     assert result["shares"]["accuracy"] == result["whole"]["accuracy"]
     assert result["shares"]["loss"] == pytest.approx(result["whole"]["loss"], rel=1e-12)

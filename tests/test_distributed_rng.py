@@ -4,10 +4,6 @@ a resumed run continues every rank's random stream exactly."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 DROPOUT_SCRIPT = """
 import json, sys, torch
@@ -65,16 +61,11 @@ with open(f"{out}/rank{world.rank}.json", "w") as handle:
 """
 
 
-def test_ranks_draw_their_own_dropout_masks_and_resume_continues_each_ranks_stream(tmp_path) -> None:
+def test_ranks_draw_their_own_dropout_masks_and_resume_continues_each_ranks_stream(tmp_path, torchrun) -> None:
     """Every rank seeds alike to build the same model; it used to keep that shared stream, so both ranks dropped
     the same units of their halves of the batch. Now the masks differ between ranks, the initial weights do not, and
     a run resumed from the step-3 checkpoint draws, on every rank, the masks of the uninterrupted run."""
-    script = tmp_path / "dropout.py"
-    script.write_text(DROPOUT_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    torchrun(str(tmp_path), script=DROPOUT_SCRIPT)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
     first, second = (rank["straight"] for rank in ranks)

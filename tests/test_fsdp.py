@@ -5,10 +5,6 @@ one process can load; recipes that cannot train a sharded model refuse it before
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -79,19 +75,9 @@ with open(f"{out}/rank{world.rank}.json", "w") as handle:
 """
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                *args], capture_output=True, text=True, timeout=300, env=env)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed
-
-
 @pytest.mark.slow
-def test_fsdp_shards_the_model_trains_as_ddp_compiled_or_not_and_resumes_exactly(tmp_path) -> None:
-    script = tmp_path / "fsdp.py"
-    script.write_text(SCRIPT)
-    _torchrun(str(script), str(tmp_path))
+def test_fsdp_shards_the_model_trains_as_ddp_compiled_or_not_and_resumes_exactly(tmp_path, torchrun) -> None:
+    torchrun(str(tmp_path), script=SCRIPT)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
     for rank in ranks:
@@ -135,12 +121,12 @@ def test_fsdp_shards_the_model_trains_as_ddp_compiled_or_not_and_resumes_exactly
     # rank 1 evaluates one batch fewer and runs a spare forward
     ("laurel", ["variants=rw,rw+lr,rw+lr+pa", "pa_map=low-rank"], ["extra_params"]),  # scalar α, β shards too
 ])
-def test_a_recipe_trains_a_sharded_model_as_one_process_does(tmp_path, recipe, settings, counts) -> None:
+def test_a_recipe_trains_a_sharded_model_as_one_process_does(tmp_path, torchrun, recipe, settings, counts) -> None:
     args = ["run", recipe, "--preset", "smoke", "--quiet", "--seeds", "1"]
     for setting in settings:
         args += ["--set", setting]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    _torchrun("-m", "effml", *args, "--set", "train.data_parallel=fsdp", "--out", str(tmp_path / "fsdp"))
+    torchrun("-m", "effml", *args, "--set", "train.data_parallel=fsdp", "--out", str(tmp_path / "fsdp"))
     one, fsdp = (json.loads(next((tmp_path / out / recipe).iterdir()).joinpath("results.json").read_text())
                  for out in ("one", "fsdp"))
     assert fsdp["status"] == "complete" and fsdp["environment"]["world_size"] == 2
