@@ -160,3 +160,30 @@ def test_image_classification_is_evaluated_in_shares_that_add_up_to_the_whole_sp
     result = json.loads(torchrun(script=CLASSIFICATION_SCRIPT).strip().splitlines()[-1])
     assert result["shares"]["accuracy"] == result["whole"]["accuracy"]
     assert result["shares"]["loss"] == pytest.approx(result["whole"]["loss"], rel=1e-12)
+
+
+@pytest.mark.parametrize(("device", "backend", "cuda_device"), [("cpu", "gloo", None),
+                                                                 ("cuda", "cpu:gloo,cuda:nccl", 1)])
+def test_ranks_join_a_group_with_a_backend_for_cpu_tensors_on_gpus_too(monkeypatch, device, backend,
+                                                                        cuda_device) -> None:
+    """On GPUs the trainer still reduces CPU tensors (the per-step loss and stop flag, held-out sums), which a
+    NCCL-only group refuses; the group pairs NCCL with gloo. The calls are checked against stand-ins (no GPUs here),
+    and torch parses the composite backend into one backend per device type."""
+    import atexit
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from effml.train.distributed import init_distributed
+
+    calls: dict = {}
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.update(backend=backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.update(cuda_device=index))
+    monkeypatch.setattr(atexit, "register", lambda function: None)
+    world = init_distributed(device)
+    assert (world.rank, world.world_size, world.local_rank) == (1, 2, 1)
+    assert calls == {"backend": backend, **({"cuda_device": cuda_device} if cuda_device is not None else {})}
+    assert set(BackendConfig(backend).get_device_backend_map()) >= {"cpu"}

@@ -289,11 +289,11 @@ def _lm_full() -> LaurelLMConfig:
 
 @register
 class LaurelLM(LaurelRecipe):
-    supports_fsdp = True
     name = "laurel"
     description = ("LAuReL (arXiv 2411.07501) on effml's LM, stdlib code: RW/LR/PA vs the baseline and vs one more "
                    "layer (held-out loss, extra params, step time)")
     presets = {"smoke": _lm_smoke, "cpu": _lm_cpu, "full": _lm_full}
+    supports_fsdp = True
     metric = "test_loss"
     selection_metric = "valid_loss"
     better = "lower"
@@ -471,11 +471,12 @@ class LaurelVision(LaurelRecipe):
     def _data(self, config: LaurelVisionConfig, seed: int, world: World | None = None) -> tuple[Any, Any, Any]:
         """(training batch source, valid batches factory or None, test batches factory); the factories yield
         ``world``'s rank's share of the evaluation batches (all of them in a world of one, the default)."""
-        world = world or World()
         from pathlib import Path
 
         from effml.data.images import (ImageBatches, ImageFolderBatches, ImageFolderSplit, eval_image_batches,
                                        load_fashion_mnist)
+
+        world = world or World()
 
         if config.dataset == "imagenet":
             train = ImageFolderSplit(Path(config.data_dir) / "train")

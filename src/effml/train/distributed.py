@@ -1,8 +1,8 @@
 """Process-group set-up for data-parallel training under ``torchrun``.
 
 ``torchrun --nproc_per_node=N -m effml run ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` reads them
-and joins a process group (gloo on the CPU, NCCL on CUDA). Without them everything runs as a world of one, and every
-helper here is a no-op, so single-process code needs no special cases.
+and joins a process group (gloo on the CPU; on CUDA, NCCL for GPU tensors and gloo for CPU ones). Without them
+everything runs as a world of one, and every helper here is a no-op, so single-process code needs no special cases.
 """
 
 from __future__ import annotations
@@ -47,12 +47,18 @@ def init_distributed(device: str) -> World:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
+        if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        # On GPUs, NCCL carries the CUDA tensors and gloo the CPU ones: the trainer's per-step loss/stop reduction and
+        # the held-out sums are CPU tensors, which a NCCL-only group refuses ("no backend for device type cpu").
+        dist.init_process_group(backend=_backend(device))
         atexit.register(_leave_process_group)
     return World(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _backend(device: str) -> str:
+    """The process group's backend(s) for training on ``device``: gloo on the CPU; NCCL and gloo on CUDA."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
 
 
 def _leave_process_group() -> None:
