@@ -182,8 +182,23 @@ def test_ranks_join_a_group_with_a_backend_for_cpu_tensors_on_gpus_too(monkeypat
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.update(backend=backend))
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.update(cuda_device=index))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(atexit, "register", lambda function: None)
     world = init_distributed(device)
     assert (world.rank, world.world_size, world.local_rank) == (1, 2, 1)
     assert calls == {"backend": backend, **({"cuda_device": cuda_device} if cuda_device is not None else {})}
     assert set(BackendConfig(backend).get_device_backend_map()) >= {"cpu"}
+
+
+def test_more_gpu_ranks_than_gpus_is_a_clear_error_before_joining(monkeypatch) -> None:
+    import torch.distributed as dist
+
+    from effml.train.distributed import init_distributed
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: pytest.fail("joined a group it cannot use"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"local rank 1 .* 1 GPU\(s\).*--nproc_per_node=1"):
+        init_distributed("cuda")

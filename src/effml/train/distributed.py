@@ -48,6 +48,12 @@ def init_distributed(device: str) -> World:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device.startswith("cuda"):
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise ValueError(f"torchrun started local rank {local_rank} with --device cuda, but this machine has "
+                                 f"{gpus} GPU(s) and each rank needs one of its own (NCCL refuses two ranks on one "
+                                 f"GPU). Start at most {gpus} process(es) per node (--nproc_per_node={gpus}), or "
+                                 "train on the CPU (--device cpu).")
             torch.cuda.set_device(local_rank)
         # On GPUs, NCCL carries the CUDA tensors and gloo the CPU ones: the trainer's per-step loss/stop reduction and
         # the held-out sums are CPU tensors, which a NCCL-only group refuses ("no backend for device type cpu").
