@@ -269,9 +269,9 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.parallel = data_parallel(config.data_parallel)
         replacing = [type(cb).__name__ for cb in callbacks if cb.replaces_model]
-        if replacing and self.parallel.name == "fsdp" and self.world.distributed:
-            raise ValueError(f"train.data_parallel='fsdp' shards the model once, at the start of training, but "
-                             f"{', '.join(replacing)} replaces it during training (growth); train with "
+        if replacing and self.world.distributed and not self.parallel.allows_model_replacement:
+            raise ValueError(f"train.data_parallel='{self.parallel.name}' shards the model once, at the start of "
+                             f"training, but {', '.join(replacing)} replaces it during training (growth); train with "
                              "train.data_parallel='ddp'.")
         self.autocast_dtype = torch.bfloat16 if (bf16 and self.device.type == "cuda") else None
         self.resume, self.quiet, self.description = resume, quiet, description

@@ -36,6 +36,8 @@ class DataParallel(ABC):
     are collectives where the docstring says so (every rank must call them, in the same order)."""
 
     name: ClassVar[str]
+    #: Whether a callback may replace the model mid-run (growth): ``wrap`` then runs again on the new model.
+    allows_model_replacement: ClassVar[bool] = True
 
     @abstractmethod
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn.Module:
@@ -103,6 +105,7 @@ class Sharded(DataParallel):
     """FSDP2: parameters, gradients and optimizer state sharded over the ranks (see the module docstring)."""
 
     name = "fsdp"
+    allows_model_replacement = False  # the model is sharded once, at the start of training
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> nn.Module:
         if not world.distributed:
