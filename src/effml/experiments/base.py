@@ -17,18 +17,28 @@ from typing import Any, ClassVar
 from effml.train.distributed import World
 
 __all__ = ["Arm", "ArmRun", "RunContext", "Experiment", "TaskExperiment", "EXPERIMENTS", "register", "get_experiment",
-           "PRESETS"]
+           "PRESETS", "run_subdir"]
 
 PRESETS = ("smoke", "cpu", "full")
 
 
+def run_subdir(run_dir: Path, arm: str, seed: int) -> Path:
+    """The directory of arm ``arm``'s run with seed ``seed`` in the recipe run ``run_dir`` (``<arm>/seed-<n>``)."""
+    return run_dir / arm / f"seed-{seed}"
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One configuration compared in a recipe (the method, a baseline, one model size, ...)."""
+    """One configuration compared in a recipe (the method, a baseline, one model size, ...).
+
+    ``needs`` names arms whose run with the same seed must be complete before this arm's run starts, e.g. a teacher
+    trained in its own arm, whose weights this arm's run loads from ``context.arm_run_dir("teacher")``. Each must be
+    listed before this arm in ``Experiment.arms`` and have every seed this arm has (the runner checks both)."""
 
     name: str
     label: str
     info: dict[str, Any] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -41,6 +51,12 @@ class RunContext:
     world: World
     resume: bool = False
     quiet: bool = False
+
+    def arm_run_dir(self, arm: str) -> Path:
+        """The run directory of arm ``arm``'s run with this seed in the same recipe run: for ``run_dir``
+        ``runs/salt/20260101-000000/student/seed-2``, ``arm_run_dir("teacher")`` is
+        ``runs/salt/20260101-000000/teacher/seed-2``. A run reads a needed arm's results there (``Arm.needs``)."""
+        return run_subdir(self.run_dir.parents[1], arm, self.seed)
 
 
 @dataclass

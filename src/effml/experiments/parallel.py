@@ -3,8 +3,9 @@
 The small models of the CPU presets use two cores hardly better than one (mimetic's copying model: 53 ms per step
 with two threads, 55 ms with one; two single-thread processes side by side, 64 ms each), so N single-thread
 processes finish N runs in little more than the time one run takes with N threads. ``run_in_workers`` starts
-``jobs`` spawned worker processes with ``threads`` torch threads each and hands them the runs one at a time; each
-worker calls ``Experiment.run_arm`` exactly as a sequential run does (same directories, checkpoints and resume) and
+``jobs`` spawned worker processes with ``threads`` torch threads each and hands them the runs one at a time, in
+order except that a run waits until the runs of its seed that it needs (``Arm.needs``) have finished; each worker
+calls ``Experiment.run_arm`` exactly as a sequential run does (same directories, checkpoints and resume) and
 sends back its ``ArmRun``. The parent alone writes results.
 
 Stopping. Workers sit in their own process group, so a Ctrl-C at the terminal reaches the parent only; the parent then
@@ -20,7 +21,6 @@ import multiprocessing
 import os
 import signal
 import traceback
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -153,7 +153,9 @@ class _ForwardStopSignals(StopSignals):
 def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *, jobs: int,
                    threads: int) -> Iterator[tuple[Unit, ArmRun]]:
     """Yield ``(unit, ArmRun)`` as each unit finishes, running up to ``jobs`` of them at once in spawned processes
-    with ``threads`` torch threads each, handed out in the order given.
+    with ``threads`` torch threads each. An idle worker gets the first unit, in the order given, that is ready: none of
+    the units its arm needs (``Arm.needs``, same seed) is waiting or running; one absent from ``units`` counts as
+    complete (a resumed run's finished runs). While no unit is ready, the pool waits for a busy one to finish.
 
     After a stop (see the module docstring) the units that finished are yielded, then TrainingInterrupted is raised
     (with the first interrupted run's step and checkpoint), or KeyboardInterrupt if no run had a checkpoint to stop
@@ -162,7 +164,7 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-flight
     workers: list[_Worker] = []
     outcome = _Outcome()
-    pending = deque(units)
+    pending = list(units)
     # The handler stays in place until the workers are shut down: a second Ctrl-C during the shutdown is absorbed
     # (it raised KeyboardInterrupt in the joins below, losing the interruption's checkpoint).
     with _ForwardStopSignals(workers) as signals:
@@ -176,10 +178,14 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
             while True:
                 if not signals.requested:
                     for worker in workers:
-                        if pending and worker.unit is None and worker.alive:
-                            worker.assign(experiment, config, pending.popleft())
+                        if worker.unit is None and worker.alive and (index := _first_ready(pending, workers)) >= 0:
+                            worker.assign(experiment, config, pending.pop(index))
                 busy = [worker for worker in workers if worker.unit is not None]
                 if not busy:
+                    if pending and not signals.requested:  # (the runner's check of Arm.needs rules this out)
+                        raise RuntimeError("the runs left need each other: " + ", ".join(
+                            f"arm {unit.arm.name!r} (needs {', '.join(unit.arm.needs)}), seed {unit.context.seed}"
+                            for unit in pending))
                     break
                 ready = set(wait([w.connection for w in busy] + [w.process.sentinel for w in busy]))
                 for worker in busy:
@@ -208,6 +214,14 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
         raise TrainingInterrupted(step, checkpoint)
     if pending or outcome.abandoned:
         raise KeyboardInterrupt
+
+
+def _first_ready(pending: list[Unit], workers: list[_Worker]) -> int:
+    """The index in ``pending`` of the first unit that needs no unit still pending or busy; -1 if there is none."""
+    busy = [worker.unit for worker in workers if worker.unit is not None]
+    unfinished = {(unit.arm.name, unit.context.seed) for unit in [*pending, *busy]}
+    return next((index for index, unit in enumerate(pending)
+                 if not any((need, unit.context.seed) in unfinished for need in unit.arm.needs)), -1)
 
 
 def _with_remote_traceback(error: BaseException, remote_traceback: str, unit: Unit) -> BaseException:

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from effml.config import apply_overrides, config_from_dict, config_to_dict
-from effml.experiments.base import EXPERIMENTS, PRESETS, ArmRun, Experiment, RunContext, get_experiment
+from effml.experiments.base import (EXPERIMENTS, PRESETS, Arm, ArmRun, Experiment, RunContext, get_experiment,
+                                    run_subdir)
 from effml.experiments.parallel import Unit, run_in_workers
 from effml.io import atomic_write_json, atomic_write_text, check_directory_path
 from effml.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -94,10 +95,6 @@ def _seed_key(seed: int) -> str:
     return str(seed)
 
 
-def _run_subdir(run_dir: Path, arm: str, seed: int) -> Path:
-    return run_dir / arm / f"seed-{seed}"
-
-
 def _load_for_resume(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Read and check config.json and results.json of a run directory; raise RunError without writing anything."""
     if not run_dir.is_dir():
@@ -128,7 +125,7 @@ def _verify_checkpoints(experiment: Experiment, config: Any, run_dir: Path, resu
             done = results["arms"].get(arm.name, {}).get("runs", {}).get(_seed_key(seed), {})
             if done.get("status") == "complete":
                 continue
-            checkpoints = _run_subdir(run_dir, arm.name, seed) / "checkpoints"
+            checkpoints = run_subdir(run_dir, arm.name, seed) / "checkpoints"
             if not checkpoints.exists():
                 continue
             try:
@@ -169,17 +166,40 @@ def _refreshed_arms(experiment: Experiment, config: Any, arms: dict[str, Any]) -
     """``arms`` (the results' per-arm entries) with every arm of the recipe's current code present and its label, info
     and seeds taken afresh, keeping the runs already done. A resumed run re-derives with the current code, so an arm it
     added or a seed count it changed must show in the document; entries of arms it dropped are kept as they were.
-    Raises RunError if two arms share a name (one would silently take the other's results)."""
+    Raises RunError if two arms share a name (one would silently take the other's results), ValueError if an arm's
+    ``needs`` cannot be met (`_check_needs`)."""
     arm_list = experiment.arms(config)
     names = [arm.name for arm in arm_list]
     if repeated := sorted({name for name in names if names.count(name) > 1}):
         raise RunError(f"{experiment.name}: the config gives several arms the name(s) {', '.join(repeated)}, so their "
                        "results would overwrite each other; a list setting (--set) probably repeats an entry or two "
                        "entries that name the same thing. Make the entries distinct.")
+    seeds = {arm.name: experiment.arm_seeds(config, arm) for arm in arm_list}
+    _check_needs(experiment, arm_list, seeds)
     for arm in arm_list:
         entry = arms.setdefault(arm.name, {"params": None, "runs": {}})
-        entry.update(label=arm.label, info=dict(arm.info), seeds=experiment.arm_seeds(config, arm))
+        entry.update(label=arm.label, info=dict(arm.info), seeds=seeds[arm.name])
     return arms
+
+
+def _check_needs(experiment: Experiment, arm_list: Sequence[Arm], seeds: dict[str, list[int]]) -> None:
+    """Raise ValueError unless each arm's ``needs`` names arms listed before it that have every seed it has (``seeds``:
+    arm name → its seeds), so that the run each of its runs needs exists and comes first (`Arm.needs`)."""
+    names = [arm.name for arm in arm_list]
+    for position, arm in enumerate(arm_list):
+        for need in arm.needs:
+            problem = f"{experiment.name}: arm {arm.name!r} needs arm {need!r}"
+            if need not in names:
+                raise ValueError(f"{problem}, which is not one of the recipe's arms ({', '.join(names)}). Name an "
+                                 f"arm of {type(experiment).__name__}.arms(config) in {arm.name!r}'s Arm.needs.")
+            if names.index(need) >= position:
+                raise ValueError(f"{problem}, which {type(experiment).__name__}.arms(config) lists "
+                                 f"{'as that arm itself' if need == arm.name else 'after it'}. List every needed arm "
+                                 f"before the arms that need it, and no arm in its own Arm.needs.")
+            if missing := sorted(set(seeds[arm.name]) - set(seeds[need])):
+                raise ValueError(f"{problem}'s run of each of its seeds, but {need!r} has no run with seed(s) "
+                                 f"{', '.join(map(str, missing))}. Make arm_seeds(config, arm) give {need!r} every "
+                                 f"seed of {arm.name!r}.")
 
 
 def _evaluation(experiment: Experiment, config: Any) -> dict[str, Any]:
@@ -207,7 +227,9 @@ def _save(experiment: Experiment, config: Any, results: dict[str, Any], run_dir:
 
 
 def _run_here(experiment: Experiment, config: Any, units: Sequence[Unit]) -> Iterator[tuple[Unit, ArmRun]]:
-    """Yield ``(unit, ArmRun)`` for each unit, run one after the other in this process (on every rank together)."""
+    """Yield ``(unit, ArmRun)`` for each unit, run one after the other in this process (on every rank together). The
+    units come arm by arm in the recipe's order, so the runs an arm needs (``Arm.needs``: arms listed before it) are
+    complete before its own runs start."""
     for unit in units:
         if unit.context.world.is_main:
             unit.context.run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +325,7 @@ def run_experiment(
                                   resume=(subdir / "checkpoints" / "LATEST").exists()))
              for arm in experiment.arms(config) for seed in experiment.arm_seeds(config, arm)
              if results["arms"][arm.name]["runs"].get(_seed_key(seed), {}).get("status") != "complete"
-             for subdir in [_run_subdir(run_dir, arm.name, seed)]]
+             for subdir in [run_subdir(run_dir, arm.name, seed)]]
     threads = threads_per_run(jobs)
     if world.is_main and not quiet:
         at_once = f", {jobs} at a time with {threads} thread{'s' * (threads > 1)} each" if jobs > 1 else ""
