@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["WindowBatches", "eval_windows", "eval_window_starts", "rank_share", "sampled_batches",
-           "shard_batches"]
+           "shard_batches", "windows_to_tensors"]
 
 Batch = TypeVar("Batch")
 
@@ -48,7 +48,7 @@ def _check_positive_int(value: int, what: str) -> None:
         raise ValueError(f"{what} must be a positive int, got {value!r}.")
 
 
-def _windows_to_tensors(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def windows_to_tensors(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather ``tokens[s : s + seq_len + 1]`` for each start → (inputs, targets), each int64 ``(len(starts), T)``."""
     windows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
     inputs = np.ascontiguousarray(windows[:, :-1])
@@ -196,7 +196,7 @@ class WindowBatches:
             ``targets[:, t] == inputs[:, t + 1]`` and the last target the token after the window.
         """
         starts = rank_share(self.global_starts(step), rank, world_size)
-        return _windows_to_tensors(self.tokens, starts, self.seq_len)
+        return windows_to_tensors(self.tokens, starts, self.seq_len)
 
     def __repr__(self) -> str:
         return (f"WindowBatches(n_tokens={len(self.tokens)}, batch_size={self.batch_size}, seq_len={self.seq_len}, "
@@ -230,5 +230,5 @@ def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_windows:
     array = _check_tokens(tokens, seq_len, "eval_windows")
     _check_positive_int(batch_size, "eval_windows batch_size")
     starts = eval_window_starts(len(array), seq_len, max_windows)  # validated now, not at first next()
-    return (_windows_to_tensors(array, starts[first:first + batch_size], seq_len)
+    return (windows_to_tensors(array, starts[first:first + batch_size], seq_len)
             for first in range(0, len(starts), batch_size))

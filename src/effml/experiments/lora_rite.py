@@ -48,7 +48,7 @@ from effml.config import ConfigError, check_choice, check_distinct, check_positi
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.train import TrainConfig, Trainer
 from effml.train.distributed import main_first
-from effml.train.lm import causal_lm_loss, heldout_nats_per_token
+from effml.train.lm import causal_lm_loss, heldout_nats_per_token, logits_of
 
 __all__ = ["LoRARiteConfig", "LoRARiteRecipe", "AdapterLM"]
 
@@ -182,8 +182,7 @@ class AdapterLM(nn.Module):
         self.model = model
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        output = self.model(inputs)
-        return output.logits if hasattr(output, "logits") else output
+        return logits_of(self.model(inputs))
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}

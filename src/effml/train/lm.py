@@ -16,7 +16,13 @@ from torch import nn
 
 from effml.train.distributed import World, all_reduce_sum, current_world
 
-__all__ = ["causal_lm_loss", "heldout_nats_per_token", "token_share"]
+__all__ = ["causal_lm_loss", "heldout_nats_per_token", "logits_of", "token_share"]
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The (B, T, V) logits of a causal LM's forward: ``output.logits`` for a Hugging Face model's output, else the
+    output itself (effml's models return the logits)."""
+    return output.logits if hasattr(output, "logits") else output
 
 
 def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
