@@ -8,6 +8,7 @@ from effml.experiments import (  # noqa: F401  (importing a recipe module regist
     lora_rite,
     midas,
     mimetic,
+    salt,
 )
 from effml.experiments.base import EXPERIMENTS, Arm, ArmRun, Experiment, RunContext, get_experiment, register
 

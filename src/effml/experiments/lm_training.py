@@ -14,6 +14,7 @@ import torch
 
 from effml.experiments.base import RunContext
 from effml.train import TrainConfig, Trainer
+from effml.train.loop import LossFn
 from effml.train.distributed import World, main_first
 from effml.train.lm import causal_lm_loss, heldout_nats_per_token
 
@@ -41,8 +42,13 @@ def heldout_evaluator(corpus: Any, seq_len: int, batch_size: int, eval_windows: 
 
 
 def train_lm(model: torch.nn.Module, corpus: Any, *, seq_len: int, batch_size: int, eval_windows: int,
-             train: TrainConfig, context: RunContext, description: str) -> tuple[dict[str, float], dict[str, Any]]:
+             train: TrainConfig, context: RunContext, description: str, loss: LossFn = causal_lm_loss,
+             batches: Callable[[int], Any] | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """Train ``model`` (token ids (B, T) → logits (B, T, V)) on ``corpus.train`` windows and measure it.
+
+    ``loss`` is the trainer's loss function (next-token cross-entropy by default) and ``batches`` its batch source
+    ``index -> this rank's (inputs, targets)`` (by default random windows of ``corpus.train`` drawn from the seed,
+    `WindowBatches`).
 
     Returns ``(metrics, curves)``: the trainer's final metrics plus ``test_loss`` (nats/token over the whole test
     split), ``test_bpb``, ``step_time_s`` (median seconds per optimizer step) and ``tokens_per_s``; ``curves`` as
@@ -50,11 +56,15 @@ def train_lm(model: torch.nn.Module, corpus: Any, *, seq_len: int, batch_size: i
     """
     from effml.data import WindowBatches
 
-    source = WindowBatches(corpus.train, batch_size, seq_len, seed=context.seed)
     world = context.world
+    if batches is None:
+        source = WindowBatches(corpus.train, batch_size, seq_len, seed=context.seed)
+
+        def batches(index: int) -> Any:
+            return source.batch(index, world.rank, world.world_size)
 
     evaluate = heldout_evaluator(corpus, seq_len, batch_size, eval_windows, world, context.device)
-    trainer = Trainer(model, causal_lm_loss, lambda index: source.batch(index, world.rank, world.world_size), train,
+    trainer = Trainer(model, loss, batches, train,
                       evaluate=evaluate, run_dir=context.run_dir, device=context.device, resume=context.resume,
                       quiet=context.quiet, description=description)
     result = trainer.fit()
