@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 import pytest
+
+from effml.train import Callback
+
+
+class InterruptAt(Callback):
+    """Sends this process SIGINT after a given step, as a user's Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def interrupt_at() -> type[InterruptAt]:
+    """The `InterruptAt` Trainer callback class: ``interrupt_at(step)`` stops a run like Ctrl-C after ``step``."""
+    return InterruptAt
 
 
 @pytest.fixture(scope="session", autouse=True)

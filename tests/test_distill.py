@@ -17,7 +17,7 @@ import effml.train.distill as distill
 from effml.config import ConfigError
 from effml.data.batches import WindowBatches, windows_to_tensors
 from effml.nn import TransformerConfig, TransformerLM
-from effml.train import TrainConfig, Trainer
+from effml.train import TrainConfig, Trainer, TrainingInterrupted
 from effml.train.distill import (
     DistillationLoss,
     KDSchedule,
@@ -507,3 +507,33 @@ def test_two_ranks_agree_on_the_selection_and_split_each_batch(tokens, monkeypat
         for whole, a, b in zip(single(index), first(index), second(index), strict=True):
             assert a.shape == (BATCH // 2, SEQ)
             assert torch.equal(torch.cat([a, b]), whole)
+
+
+# -- resume ------------------------------------------------------------------------------------------------------------
+def salt_ds_trainer(run_dir, tokens: np.ndarray, starts: np.ndarray | None, callbacks=()) -> Trainer:
+    """SALT_DS on a tiny LM: 8 steps, distillation (and selected windows) for the first 4, a checkpoint every 2."""
+    teacher = tiny_lm(11, d_model=16)
+    windows = SelectedWindows(base_batches(tokens), None if starts is not None else teacher, 4, World(), seed=5,
+                              starts=starts)
+    config = TrainConfig(steps=8, lr=3e-3, warmup_steps=1, log_every=1, checkpoint_every=2)
+    return Trainer(tiny_lm(12), DistillationLoss(teacher, KDSchedule(0.5, kd_steps=4)), windows, config,
+                   run_dir=run_dir, quiet=True, callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize("interrupt_after", [1, 4])  # stopped inside the distillation stage, or after it
+def test_an_interrupted_salt_ds_run_resumes_bit_identically(tmp_path, tokens, interrupt_at, interrupt_after):
+    """Resumed with the kept starts saved before training (no scoring again), the run equals an uninterrupted one:
+    the loss is stateless apart from the step, and the batches are a function of the micro-batch index."""
+    straight = salt_ds_trainer(tmp_path / "straight", tokens, None)
+    reference = straight.fit()
+    first = salt_ds_trainer(tmp_path / "split", tokens, None, [interrupt_at(interrupt_after)])
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    resumed = salt_ds_trainer(tmp_path / "split", tokens, first.batches.starts)
+    resumed.resume = True
+    result = resumed.fit()
+    for name in ("train_loss", "kd_weight", "kd", "ce"):
+        assert result.curves[name] == reference.curves[name], name
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+

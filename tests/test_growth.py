@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -165,15 +163,6 @@ class DepthLog(Callback):
         self.depths.append(len(trainer.model.blocks))
 
 
-class InterruptAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def growth_trainer(run_dir, seed: int = 0, extra=()) -> Trainer:
     # 3 stages of 1 layer over 12 steps, Prop-1: stage lengths 2, 4, 6 (growth before steps 2 and 6).
     config = TrainConfig(steps=12, lr=3e-3, warmup_steps=2, checkpoint_every=0, eval_every=0, log_every=1)
@@ -193,11 +182,11 @@ def test_the_trainer_grows_at_the_stage_boundaries_and_the_lr_schedule_continues
 
 
 @pytest.mark.parametrize("interrupt_after", [2, 4])  # checkpoints mid-stage (step 4) or at the boundary (step 6)
-def test_resume_mid_stage_and_across_a_boundary_is_bit_identical(tmp_path, interrupt_after: int) -> None:
+def test_resume_mid_stage_and_across_a_boundary_is_bit_identical(tmp_path, interrupt_after: int, interrupt_at) -> None:
     straight = growth_trainer(tmp_path / "straight")
     reference = straight.fit()
 
-    split = growth_trainer(tmp_path / "split", extra=[InterruptAt(interrupt_after)])
+    split = growth_trainer(tmp_path / "split", extra=[interrupt_at(interrupt_after)])
     with pytest.raises(TrainingInterrupted) as stop:
         split.fit()
     assert stop.value.step == interrupt_after + 2  # the signal is honoured after the next step

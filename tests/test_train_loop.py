@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -52,25 +50,14 @@ def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
     return {"valid_loss": float(loss)}
 
 
-class InterruptAt(Callback):
-    """Sends this process SIGINT after a given step, as a user's Ctrl-C would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 @pytest.mark.parametrize("backend", ["", "aot_eager"])  # eager, and compiled (aot_eager needs no C compiler)
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, backend) -> None:
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, backend, interrupt_at) -> None:
     straight = Trainer(tiny_model(), causal_lm_loss, batches(), config(compile=backend), evaluate=evaluate,
                        run_dir=tmp_path / "straight", quiet=True)
     reference = straight.fit()
 
     interrupted = Trainer(tiny_model(), causal_lm_loss, batches(), config(compile=backend), evaluate=evaluate,
-                          run_dir=tmp_path / "split", quiet=True, callbacks=[InterruptAt(6)])
+                          run_dir=tmp_path / "split", quiet=True, callbacks=[interrupt_at(6)])
     with pytest.raises(TrainingInterrupted) as stop:
         interrupted.fit()
     # The signal is honoured at the next step boundary: the run stops early and checkpoints where it stopped.
@@ -155,13 +142,14 @@ class StepCounter(Callback):
         self.count = state["count"]
 
 
-def test_callback_states_follow_their_class_when_a_stateless_callback_is_added_on_resume(tmp_path) -> None:
+def test_callback_states_follow_their_class_when_a_stateless_callback_is_added_on_resume(tmp_path,
+                                                                                        interrupt_at) -> None:
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path, quiet=True,
                 callbacks=[StepCounter(), CrashAfter(5)]).fit()
     counter = StepCounter()
     Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path, quiet=True, resume=True,
-            callbacks=[InterruptAt(10**6), counter]).fit()
+            callbacks=[interrupt_at(10**6), counter]).fit()
     assert counter.count == 12  # 4 steps before the step-4 checkpoint, 8 after it
 
 
@@ -182,10 +170,10 @@ def test_resume_tolerates_a_metrics_line_cut_short_by_a_kill(tmp_path) -> None:
                 resume=True).fit()
 
 
-def test_an_interrupt_at_a_checkpoint_step_reuses_that_checkpoint(tmp_path) -> None:
+def test_an_interrupt_at_a_checkpoint_step_reuses_that_checkpoint(tmp_path, interrupt_at) -> None:
     """A second save of the same step would delete the directory LATEST names before renaming the new one in."""
     trainer = Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path, quiet=True,
-                      callbacks=[InterruptAt(2)])  # honoured at the end of step 3: 4 steps done, a checkpoint step
+                      callbacks=[interrupt_at(2)])  # honoured at the end of step 3: 4 steps done, a checkpoint step
     saves = []
     save = trainer.save
     trainer.save = lambda: saves.append(trainer.step) or save()  # type: ignore[method-assign]

@@ -12,7 +12,6 @@ spread over seeds.
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,19 +20,14 @@ import torch
 from effml.config import ConfigError, check_choice, check_distinct, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.experiments.lm_training import load_byte_corpus, train_lm
+from effml.experiments.lm_training import parse_size as parse_width_depth
 from effml.train import TrainConfig
 
 __all__ = ["LMScalingConfig", "LMScaling", "parse_size"]
 
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """``"128x4"`` → (d_model=128, n_layers=4)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ConfigError(f"lm-scaling size {text!r} is not of the form WIDTHxDEPTH (for example 128x4).")
-    return int(match.group(1)), int(match.group(2))
+    return parse_width_depth(text, "lm-scaling size")
 
 
 @dataclass(frozen=True)

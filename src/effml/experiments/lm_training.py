@@ -7,18 +7,30 @@ metrics every LM recipe reports (valid/test nats per token and bits per byte, me
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from effml.config import ConfigError
 from effml.experiments.base import RunContext
 from effml.train import TrainConfig, Trainer
 from effml.train.loop import LossFn
 from effml.train.distributed import World, main_first
 from effml.train.lm import causal_lm_loss, heldout_nats_per_token
 
-__all__ = ["load_byte_corpus", "heldout_evaluator", "train_lm"]
+__all__ = ["load_byte_corpus", "heldout_evaluator", "train_lm", "parse_size"]
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_size(text: str, what: str) -> tuple[int, int]:
+    """A model size ``"128x4"`` → (d_model=128, n_layers=4); ``what`` names the setting in the error."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"{what} {text!r} is not of the form WIDTHxDEPTH (for example 128x4).")
+    return int(match.group(1)), int(match.group(2))
 
 
 def load_byte_corpus(name: str, max_bytes: int | None, world: World) -> Any:

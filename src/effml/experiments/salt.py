@@ -11,7 +11,8 @@ in five ways, every student arm from the same initial weights and batches:
   them, the distillation stage as long as ``salt``'s), which is how the paper's "reaches the baseline with fewer
   steps" is tested here: by final loss, as midas's reduced run is.
 
-Claims, stated before the first run of the cpu preset (runs/ is not the place; see the README's `salt` row):
+Claims, fixed before the cpu preset was first run (its scale was then chosen on run time and on the premise that the
+teacher ends below the student's early loss, on other seeds; the README's `salt` row):
 (1) SALT leads early: at the end of the distillation stage its held-out loss is below the baseline's at that step;
 (2) SALT with ``reduced_fraction`` of the steps ends at or below the baseline's final loss (so it saves at least
 1 − reduced_fraction of the student's steps; its FLOPs, the teacher's forward passes included, are reported);
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ import torch
 
 from effml.config import ConfigError, check_choice, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
-from effml.experiments.lm_training import load_byte_corpus, train_lm
+from effml.experiments.lm_training import load_byte_corpus, parse_size, train_lm
 from effml.io import atomic_open, atomic_save_numpy
 from effml.train import TrainConfig
 from effml.train.distill import TRANSITIONS, DistillationLoss, KDSchedule, SelectedWindows
@@ -48,17 +48,6 @@ TEACHER, BASELINE, KD_THROUGHOUT, SALT, SALT_DS, REDUCED = (
 STUDENTS = (BASELINE, KD_THROUGHOUT, SALT, SALT_DS, REDUCED)
 TEACHER_FILE = "teacher.pt"
 SELECTION_FILE = "selected_starts.npy"
-
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-def parse_size(owner: str, text: str) -> tuple[int, int]:
-    """``"96x3"`` → (d_model=96, n_layers=3)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ConfigError(f"{owner} = {text!r} is not of the form WIDTHxDEPTH (for example 96x3).")
-    return int(match.group(1)), int(match.group(2))
-
 
 @dataclass(frozen=True)
 class SaltConfig:
@@ -92,7 +81,7 @@ class SaltConfig:
         for name in ("head_dim", "seq_len", "batch_size", "eval_windows", "seeds", "top_k", "temperature"):
             check_positive(owner, name, getattr(self, name))
         for name in ("teacher_size", "student_size"):
-            width, depth = parse_size(f"{owner}.{name}", getattr(self, name))
+            width, depth = parse_size(getattr(self, name), f"{owner}.{name} =")
             check_positive(owner, f"{name} depth", depth)
             if width % self.head_dim:
                 raise ConfigError(f"{owner}.{name} = {getattr(self, name)!r}: width {width} is not a multiple of "
@@ -147,7 +136,7 @@ def model_config(config: SaltConfig, size: str) -> Any:
     """The byte-level `TransformerConfig` of ``size`` (``WIDTHxDEPTH``)."""
     from effml.nn import TransformerConfig
 
-    width, depth = parse_size("salt size", size)
+    width, depth = parse_size(size, "salt size")
     return TransformerConfig(vocab_size=256, d_model=width, n_layers=depth, n_heads=width // config.head_dim,
                              max_seq_len=config.seq_len)
 
