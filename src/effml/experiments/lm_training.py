@@ -16,9 +16,9 @@ import torch
 from effml.config import ConfigError
 from effml.experiments.base import RunContext
 from effml.train import TrainConfig, Trainer
-from effml.train.loop import LossFn
 from effml.train.distributed import World, main_first
 from effml.train.lm import causal_lm_loss, heldout_nats_per_token
+from effml.train.loop import LossFn
 
 __all__ = ["load_byte_corpus", "heldout_evaluator", "train_lm", "parse_size"]
 

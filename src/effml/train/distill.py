@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effml.config import ConfigError, check_choice, check_positive
-from effml.data.batches import WindowBatches, windows_to_tensors, rank_share
+from effml.data.batches import WindowBatches, rank_share, windows_to_tensors
 from effml.data.tasks.base import derive_seed
 from effml.train.distributed import World, all_gather_objects
 from effml.train.lm import logits_of
