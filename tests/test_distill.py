@@ -537,3 +537,26 @@ def test_an_interrupted_salt_ds_run_resumes_bit_identically(tmp_path, tokens, in
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
+
+
+# -- Hugging Face models -----------------------------------------------------------------------------------------------
+def tiny_llama(seed: int, hidden: int, layers: int) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=SEQ)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_salt_trains_a_hugging_face_student_from_a_hugging_face_teacher(tmp_path, tokens):
+    """The user's own HF causal LMs, unwrapped: the stage distils (kd > 0), then trains plainly; SALT_DS scores
+    windows with the HF teacher as with an effml LM."""
+    student, teacher = tiny_llama(0, hidden=32, layers=2), tiny_llama(1, hidden=16, layers=1)
+    windows = SelectedWindows(base_batches(tokens), teacher, 2, World(), seed=0)
+    config = TrainConfig(steps=4, lr=3e-3, warmup_steps=1, log_every=1)
+    result = Trainer(student, DistillationLoss(teacher, KDSchedule(0.5, kd_steps=2)), windows, config,
+                     run_dir=tmp_path, quiet=True).fit()
+    kd = [value for _, value in result.curves["kd"]]
+    assert kd[0] > 0 and kd[1] > 0 and kd[2:] == [0.0, 0.0]
+    assert all(math.isfinite(loss) for _, loss in result.curves["train_loss"])
