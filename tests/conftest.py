@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,21 @@ class InterruptAt(Callback):
 def interrupt_at() -> type[InterruptAt]:
     """The `InterruptAt` Trainer callback class: ``interrupt_at(step)`` stops a run like Ctrl-C after ``step``."""
     return InterruptAt
+
+
+@pytest.fixture(scope="session")
+def run_smoke(tmp_path_factory) -> Callable[..., Path]:
+    """``run_smoke(recipe, *options)``: runs the recipe's smoke preset through the CLI (quietly, with ``options``)
+    into a fresh directory and returns its run directory."""
+    from effml.cli import main
+
+    def run(recipe: str, *options: str) -> Path:
+        out = tmp_path_factory.mktemp("runs")
+        assert main(["run", recipe, "--preset", "smoke", "--quiet", *options, "--out", str(out)]) == 0
+        (run_dir,) = (out / recipe).iterdir()
+        return run_dir
+
+    return run
 
 
 @pytest.fixture(scope="session", autouse=True)

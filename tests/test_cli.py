@@ -25,11 +25,8 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    assert main([*SMOKE, "--out", str(out)]) == 0
-    (run_dir,) = (out / "lm-scaling").iterdir()
-    return run_dir
+def smoke_run(run_smoke) -> Path:
+    return run_smoke("lm-scaling")
 
 
 def test_list_names_every_recipe_with_its_presets(capsys) -> None:

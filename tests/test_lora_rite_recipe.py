@@ -18,11 +18,8 @@ pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["run", "lora-rite", "--preset", "smoke", "--quiet", "--out", str(out)]) == 0
-    (run_dir,) = (out / "lora-rite").iterdir()
-    return run_dir
+def smoke_run(run_smoke) -> Path:
+    return run_smoke("lora-rite")
 
 
 def test_smoke_run_reports_every_claim_with_a_computed_verdict(smoke_run: Path) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from effml.cli import main
 from effml.config import ConfigError
 from effml.experiments.base import RunContext
 from effml.experiments.midas import (MidasConfig, MidasRecipe, budget_steps, compute_to_reach, depth_schedule,
@@ -22,11 +21,8 @@ from effml.train.growth import prop_alpha_stages
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["run", "midas", "--preset", "smoke", "--quiet", "--out", str(out)]) == 0
-    (run_dir,) = (out / "midas").iterdir()
-    return run_dir
+def smoke_run(run_smoke) -> Path:
+    return run_smoke("midas")
 
 
 def test_smoke_run_reports_every_claim_with_a_computed_verdict(smoke_run: Path) -> None:

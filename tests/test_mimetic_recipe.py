@@ -10,18 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from effml.cli import main
 from effml.config import ConfigError
 from effml.data.tasks import MQAR, Copying
 from effml.experiments.mimetic import INITS, Mimetic, MimeticConfig, masked_token_loss
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["run", "mimetic", "--preset", "smoke", "--quiet", "--out", str(out)]) == 0
-    (run_dir,) = (out / "mimetic").iterdir()
-    return run_dir
+def smoke_run(run_smoke) -> Path:
+    return run_smoke("mimetic")
 
 
 def test_smoke_run_completes_with_computed_verdicts(smoke_run: Path) -> None:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from effml.cli import main
 from effml.config import ConfigError
 from effml.experiments.base import RunContext
 from effml.experiments.salt import SELECTION_FILE, TEACHER_FILE, SaltConfig, SaltRecipe
@@ -22,11 +21,8 @@ STUDENTS = ["baseline", "kd-throughout", "salt", "salt-ds", "salt-reduced"]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["run", "salt", "--preset", "smoke", "--quiet", "--out", str(out)]) == 0
-    (run_dir,) = (out / "salt").iterdir()
-    return run_dir
+def smoke_run(run_smoke) -> Path:
+    return run_smoke("salt")
 
 
 @pytest.fixture(scope="module")
