@@ -120,6 +120,7 @@ def test_fsdp_shards_the_model_trains_as_ddp_compiled_or_not_and_resumes_exactly
     ("lm-scaling", ["sizes=32x1,64x1", "eval_windows=24"], ["non_embedding_params"]),  # 24 windows, 3 batches of 8:
     # rank 1 evaluates one batch fewer and runs a spare forward
     ("laurel", ["variants=rw,rw+lr,rw+lr+pa", "pa_map=low-rank"], ["extra_params"]),  # scalar α, β shards too
+    ("salt", [], []),  # students load the sharded teacher's full checkpoint; SALT_DS gathers the teacher's scores
 ])
 def test_a_recipe_trains_a_sharded_model_as_one_process_does(tmp_path, torchrun, recipe, settings, counts) -> None:
     args = ["run", recipe, "--preset", "smoke", "--quiet", "--seeds", "1"]

@@ -12,10 +12,12 @@ import torch
 
 from effml.config import ConfigError
 from effml.experiments.base import RunContext
-from effml.experiments.salt import SELECTION_FILE, TEACHER_FILE, SaltConfig, SaltRecipe
+from effml.experiments.lm_training import load_byte_corpus
+from effml.experiments.salt import SELECTION_FILE, SaltConfig, SaltRecipe
 from effml.report import VERDICTS, evaluate_claims
 from effml.train import TrainConfig
 from effml.train.distributed import World
+from effml.train.lm import heldout_nats_per_token
 
 STUDENTS = ["baseline", "kd-throughout", "salt", "salt-ds", "salt-reduced"]
 
@@ -46,9 +48,12 @@ def test_smoke_run_reports_every_claim_with_a_computed_verdict(smoke_run: Path, 
     report = (smoke_run / "report.md").read_text()
     assert all(claim.name in report for claim in claims)
     assert (smoke_run / "valid_loss.png").stat().st_size > 1000
+    corpus = load_byte_corpus(config.corpus, config.max_bytes, World())
     for seed in ("0", "1"):
-        teacher = torch.load(smoke_run / "teacher" / f"seed-{seed}" / TEACHER_FILE, weights_only=True)
-        assert sum(t.numel() for t in teacher.values()) > 0
+        # the students' teacher is the trained one: its test loss is the teacher arm's
+        teacher = SaltRecipe()._teacher(config, _context(smoke_run, int(seed))).eval()
+        test_loss = heldout_nats_per_token(teacher, corpus.test, config.seq_len, config.batch_size, None, World())
+        assert test_loss == pytest.approx(results["arms"]["teacher"]["runs"][seed]["metrics"]["test_loss"], rel=1e-6)
         kept = np.load(smoke_run / "salt-ds" / f"seed-{seed}" / SELECTION_FILE)
         assert kept.shape == (config.kd_steps * config.batch_size,)
         for arm in STUDENTS:  # every student arm evaluated at the end of the distillation stage

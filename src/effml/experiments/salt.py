@@ -37,7 +37,7 @@ import torch
 from effml.config import ConfigError, check_choice, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.experiments.lm_training import load_byte_corpus, parse_size, train_lm
-from effml.io import atomic_open, atomic_save_numpy
+from effml.io import atomic_save_numpy
 from effml.train import TrainConfig
 from effml.train.distill import TRANSITIONS, DistillationLoss, KDSchedule, SelectedWindows
 
@@ -46,7 +46,6 @@ __all__ = ["SaltConfig", "SaltRecipe", "TEACHER", "BASELINE", "REDUCED"]
 TEACHER, BASELINE, KD_THROUGHOUT, SALT, SALT_DS, REDUCED = (
     "teacher", "baseline", "kd-throughout", "salt", "salt-ds", "salt-reduced")
 STUDENTS = (BASELINE, KD_THROUGHOUT, SALT, SALT_DS, REDUCED)
-TEACHER_FILE = "teacher.pt"
 SELECTION_FILE = "selected_starts.npy"
 
 @dataclass(frozen=True)
@@ -177,6 +176,7 @@ class SaltRecipe(Experiment):
     name = "salt"
     description = "SALT: distil a small LM into a larger one early in training, then train plainly (stdlib code)"
     presets = {"smoke": _smoke, "cpu": _cpu, "full": _full}
+    supports_fsdp = True
 
     def arms(self, config: SaltConfig) -> list[Arm]:
         kd = f"ω={config.kd_weight:g}, τ={config.temperature:g}"
@@ -205,11 +205,8 @@ class SaltRecipe(Experiment):
         description = f"{self.name} {arm.name} seed {context.seed}"
         common = dict(seq_len=config.seq_len, batch_size=config.batch_size, eval_windows=config.eval_windows,
                       context=context, description=description)
-        if arm.name == TEACHER:
+        if arm.name == TEACHER:  # its final checkpoint (the full model, under DDP or FSDP) is what the students load
             metrics, curves = train_lm(model, corpus, train=config.teacher_train, **common)
-            if context.world.is_main:
-                with atomic_open(context.run_dir / TEACHER_FILE) as handle:
-                    torch.save(model.state_dict(), handle)
             metrics["train_flops"] = (config.flops_per_token["teacher"] * config.teacher_train.steps
                                       * config.batch_size * config.seq_len * config.teacher_train.grad_accum)
             return ArmRun(params=model.num_parameters(), metrics=metrics, curves=curves)
@@ -235,14 +232,20 @@ class SaltRecipe(Experiment):
         """The same seed's trained teacher, frozen, on the run's device."""
         from effml.nn import TransformerLM
 
-        path = context.arm_run_dir(TEACHER) / TEACHER_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"The student runs of salt load the same seed's teacher from {path}, which does "
-                                    "not exist: the teacher run did not finish. Resume the run (`effml run salt "
-                                    "--resume RUN_DIR`), which trains the teacher first.")
+        from effml.train.checkpoint import latest_checkpoint, load_checkpoint
+
+        checkpoints = context.arm_run_dir(TEACHER) / "checkpoints"
+        path = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+        checkpoint = load_checkpoint(path) if path is not None else None
+        if checkpoint is None or checkpoint.step != config.teacher_train.steps:
+            found = "no checkpoint" if checkpoint is None else f"a checkpoint at step {checkpoint.step}"
+            raise FileNotFoundError(f"The student runs of salt load the same seed's trained teacher from "
+                                    f"{checkpoints}, which holds {found}, not one at the teacher's last step "
+                                    f"({config.teacher_train.steps}): the teacher run did not finish. Resume the run "
+                                    "(`effml run salt --resume RUN_DIR`), which trains the teacher first.")
         with torch.random.fork_rng(devices=[]):
             teacher = TransformerLM(model_config(config, config.teacher_size))
-        teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        teacher.load_state_dict(checkpoint.model)
         return teacher.to(context.device)
 
     def _selected_windows(self, config: SaltConfig, base: Any, teacher: torch.nn.Module,
