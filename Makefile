@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/effml bench ssm
 	$(BIN)/effml bench laurel
 	$(BIN)/effml bench lora-rite
+	$(BIN)/effml bench salt
 
 clean:
 	rm -rf $(VENV) .pytest_cache
