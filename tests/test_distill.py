@@ -456,17 +456,23 @@ def test_selected_windows_rejects_bad_settings(tokens, controlled_scores, change
         SelectedWindows(base_batches(tokens), object(), **{"selected_batches": 2, "world": World(), **changes})
 
 
-def test_selection_with_a_real_teacher_keeps_its_highest_scores(tokens, monkeypatch):
-    """Unpatched scoring with a small LM teacher: the kept starts are the top half of the candidates by
-    score_windows, and their scores beat the rest's."""
-    teacher, asked = tiny_lm(9), []
-    real = distill.score_windows
+def record_scored_starts(monkeypatch) -> list[np.ndarray]:
+    """The starts each call of ``score_windows`` scores (appended to the returned list), the scoring unchanged."""
+    asked, real = [], distill.score_windows
 
     def recording(teacher, tokens, starts, *args, **kwargs):
         asked.append(np.array(starts))
         return real(teacher, tokens, starts, *args, **kwargs)
 
     monkeypatch.setattr(distill, "score_windows", recording)
+    return asked
+
+
+def test_selection_with_a_real_teacher_keeps_its_highest_scores(tokens, monkeypatch):
+    """Unpatched scoring with a small LM teacher: the kept starts are the top half of the candidates by
+    score_windows, and their scores beat the rest's."""
+    teacher, real = tiny_lm(9), distill.score_windows
+    asked = record_scored_starts(monkeypatch)
     selected = SelectedWindows(base_batches(tokens), teacher, selected_batches=2, world=World(), keep_fraction=0.5,
                                top_k=3, score_batch_size=5)
     [candidates] = asked
@@ -477,13 +483,8 @@ def test_selection_with_a_real_teacher_keeps_its_highest_scores(tokens, monkeypa
 def test_two_ranks_agree_on_the_selection_and_split_each_batch(tokens, monkeypatch):
     """World of 2 (all_gather stand-in): each rank scores its share of the candidates, both keep the starts one
     process keeps, and their batches concatenated in rank order are the one-process batch."""
-    teacher, real, asked = tiny_lm(10), distill.score_windows, []
-
-    def recording(teacher, tokens, starts, *args, **kwargs):
-        asked.append(np.array(starts))
-        return real(teacher, tokens, starts, *args, **kwargs)
-
-    monkeypatch.setattr(distill, "score_windows", recording)
+    teacher, real = tiny_lm(10), distill.score_windows
+    asked = record_scored_starts(monkeypatch)
     base = base_batches(tokens)
     single = SelectedWindows(base, teacher, selected_batches=3, world=World(), keep_fraction=0.5, top_k=4)
     [candidates] = asked

@@ -79,10 +79,12 @@ def test_flops_count_the_teachers_forward_passes_only_while_distilling(results: 
     student, teacher = config.flops_per_token["student"], config.flops_per_token["teacher"]
     kd_steps = {"baseline": 0, "kd-throughout": config.train.steps, "salt": config.kd_steps,
                 "salt-ds": config.kd_steps, "salt-reduced": config.kd_steps}
+    scored = 2 * config.kd_steps * config.batch_size  # SALT_DS scores twice the windows it keeps (keep_fraction 0.5)
     for arm, distilled in kd_steps.items():
         steps = config.reduced_steps if arm == "salt-reduced" else config.train.steps
         flops = results["arms"][arm]["runs"]["0"]["metrics"]["flops"]
-        assert flops == pytest.approx((steps * student + distilled * teacher / 3) * tokens, rel=1e-12)
+        scoring = scored * config.seq_len * teacher / 3 if arm == "salt-ds" else 0.0
+        assert flops == pytest.approx((steps * student + distilled * teacher / 3) * tokens + scoring, rel=1e-12)
     derived = results["derived"]["salt-reduced vs baseline"]["runs"]
     for seed, run in derived.items():
         reduced, base = (results["arms"][arm]["runs"][seed]["metrics"] for arm in ("salt-reduced", "baseline"))
@@ -119,10 +121,20 @@ def test_a_student_without_its_teacher_says_to_resume(tmp_path: Path) -> None:
         SaltRecipe()._teacher(SaltRecipe().preset("smoke"), _context(tmp_path))
 
 
+def test_a_teacher_checkpoint_short_of_the_teachers_last_step_is_refused(smoke_run: Path) -> None:
+    """A student never distils from a partly trained teacher (here: the config asks for one more teacher step)."""
+    config = SaltRecipe().preset("smoke")
+    longer = dataclasses.replace(config, teacher_train=dataclasses.replace(config.teacher_train,
+                                                                           steps=config.teacher_train.steps + 1))
+    with pytest.raises(FileNotFoundError, match=f"a checkpoint at step {config.teacher_train.steps},"):
+        SaltRecipe()._teacher(longer, _context(smoke_run))
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"train": TrainConfig(steps=20, warmup_steps=2, eval_every=3)}, "eval_every"),
     ({"reduced_fraction": 0.2}, "reduced_fraction"),
     ({"student_size": "48-2"}, "WIDTHxDEPTH"),
+    ({"student_size": "0x2"}, "width"),
     ({"teacher_size": "40x1"}, "head_dim"),
     ({"kd_weight": 0.0}, "kd_weight"),
     ({"transition": "cosine"}, "transition"),

@@ -20,8 +20,9 @@ teacher ends below the student's early loss, on other seeds; the README's `salt`
 (5) SALT_DS is at least as good as SALT, within ``ds_tolerance`` nats.
 
 The student's training FLOPs are `TransformerLM.flops_per_token` per token (forward and backward), plus a third of the
-teacher's per token (its forward pass) for every distillation step; the teacher's own training is reported apart,
-since a teacher is trained once and may serve many students.
+teacher's per token (its forward pass) for every distillation step and, for SALT_DS, for every candidate window scored
+before training; the teacher's own training is reported apart, since a teacher is trained once and may serve many
+students.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
 from effml.experiments.lm_training import load_byte_corpus, parse_size, train_lm
 from effml.io import atomic_save_numpy
 from effml.train import TrainConfig
-from effml.train.distill import TRANSITIONS, DistillationLoss, KDSchedule, SelectedWindows
+from effml.train.distill import TRANSITIONS, DistillationLoss, KDSchedule, SelectedWindows, candidate_count
 
 __all__ = ["SaltConfig", "SaltRecipe", "TEACHER", "BASELINE", "REDUCED"]
 
@@ -81,6 +82,7 @@ class SaltConfig:
             check_positive(owner, name, getattr(self, name))
         for name in ("teacher_size", "student_size"):
             width, depth = parse_size(getattr(self, name), f"{owner}.{name} =")
+            check_positive(owner, f"{name} width", width)
             check_positive(owner, f"{name} depth", depth)
             if width % self.head_dim:
                 raise ConfigError(f"{owner}.{name} = {getattr(self, name)!r}: width {width} is not a multiple of "
@@ -123,12 +125,20 @@ class SaltConfig:
             return {role: TransformerLM(model_config(self, getattr(self, f"{role}_size"))).flops_per_token(self.seq_len)
                     for role in ("teacher", "student")}
 
-    def student_flops(self, steps: int, kd_steps: int) -> float:
-        """Training FLOPs of a student run: ``steps`` forward-backward passes plus the teacher's forward pass (a third
-        of its training FLOPs per token) on each of the first ``kd_steps`` steps."""
+    @property
+    def scored_windows(self) -> int:
+        """Candidate windows SALT_DS's teacher scores before training (`SelectedWindows`)."""
+        return candidate_count(self.kd_steps * self.train.grad_accum * self.batch_size, self.keep_fraction)
+
+    def student_flops(self, steps: int, kd_steps: int, scored_windows: int = 0) -> float:
+        """Training FLOPs of a student run: ``steps`` forward-backward passes, plus the teacher's forward pass (a third
+        of its training FLOPs per token) on each of the first ``kd_steps`` steps and on ``scored_windows`` windows
+        scored before training (SALT_DS)."""
         per_token = self.flops_per_token
         tokens_per_step = self.batch_size * self.seq_len * self.train.grad_accum
-        return (steps * per_token["student"] + kd_steps * per_token["teacher"] / 3.0) * tokens_per_step
+        teacher_forward = per_token["teacher"] / 3.0
+        return ((steps * per_token["student"] + kd_steps * teacher_forward) * tokens_per_step
+                + scored_windows * self.seq_len * teacher_forward)
 
 
 def model_config(config: SaltConfig, size: str) -> Any:
@@ -224,12 +234,13 @@ class SaltRecipe(Experiment):
                 base = WindowBatches(corpus.train, config.batch_size, config.seq_len, seed=context.seed)
                 options["batches"] = self._selected_windows(config, base, teacher, context)
         metrics, curves = train_lm(model, corpus, train=train, **common, **options)
+        scored = config.scored_windows if arm.name == SALT_DS else 0
         metrics.update(valid_loss_at_kd_end=_valid_loss_at(curves, config.kd_steps),
-                       flops=config.student_flops(steps, kd_steps))
+                       flops=config.student_flops(steps, kd_steps, scored))
         return ArmRun(params=model.num_parameters(), metrics=metrics, curves=curves)
 
     def _teacher(self, config: SaltConfig, context: RunContext) -> torch.nn.Module:
-        """The same seed's trained teacher, frozen, on the run's device."""
+        """The same seed's trained teacher (from its run's final checkpoint), on the run's device."""
         from effml.nn import TransformerLM
 
         from effml.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -242,7 +253,9 @@ class SaltRecipe(Experiment):
             raise FileNotFoundError(f"The student runs of salt load the same seed's trained teacher from "
                                     f"{checkpoints}, which holds {found}, not one at the teacher's last step "
                                     f"({config.teacher_train.steps}): the teacher run did not finish. Resume the run "
-                                    "(`effml run salt --resume RUN_DIR`), which trains the teacher first.")
+                                    "(`effml run salt --resume RUN_DIR`), which trains the teacher first; if the run's "
+                                    "results.json already lists that teacher run as complete (its checkpoints were "
+                                    "deleted), start a new run instead.")
         with torch.random.fork_rng(devices=[]):
             teacher = TransformerLM(model_config(config, config.teacher_size))
         teacher.load_state_dict(checkpoint.model)
@@ -297,8 +310,9 @@ class SaltRecipe(Experiment):
             Threshold(name="SALT saves training steps",
                       statement=f"SALT trained for {config.reduced_steps} steps ({config.reduced_fraction:g} of the "
                                 f"baseline's {config.train.steps}; {flops:.3f} of its FLOPs, the teacher's forward "
-                                "passes included) ends at or below the baseline's final test loss (per-seed gap ≤ 0): "
-                                f"SALT reaches the baseline with at least {saving} fewer steps.",
+                                "passes included) ends below the baseline's final test loss (the 95 % interval of "
+                                "the mean per-seed gap lies below 0): SALT reaches the baseline with at least "
+                                f"{saving} fewer steps.",
                       metric="test_loss_gap", arm=f"{REDUCED} vs {BASELINE}", better="lower", threshold=0.0),
             Compare(name="SALT ends below the baseline",
                     statement=f"At the full budget of {config.train.steps} steps, SALT's test loss is below the "

@@ -8,7 +8,7 @@ the small model (the teacher) at once; afterwards it trains on the data alone:
 where p^τ is the softmax of the logits divided by the temperature τ, and ω_t = ω during the distillation stage and 0
 after (``KDSchedule``; a linear decay to 0 is the paper's other transition). Soft labels from a weaker teacher cut the
 variance of the gradient on the "easy" tokens early, at the price of the teacher's bias, which is why they are dropped
-later; distilling for the whole run ("reverse KD") ends near the teacher's quality.
+later; distilling for the whole run ("reverse KD") holds the student back toward the weaker teacher.
 
 SALT_DS also lets the teacher choose the distillation stage's data: sequences that are "challenging yet learnable"
 (the paper's Eq. 10: the median of the teacher's per-token losses over the tokens whose true next token is among the
@@ -38,7 +38,7 @@ from effml.train.distributed import World, all_gather_objects
 from effml.train.lm import logits_of
 
 __all__ = ["KDSchedule", "distillation_loss", "DistillationLoss", "learnability_scores", "score_windows",
-           "SelectedWindows", "TRANSITIONS"]
+           "SelectedWindows", "TRANSITIONS", "candidate_count"]
 
 TRANSITIONS = ("step", "linear")
 
@@ -109,8 +109,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         raise ValueError(f"The teacher's logits have shape {tuple(teacher_logits.shape)} but the student's "
                          f"{tuple(student_logits.shape)}: distillation needs the same batch and the same vocabulary "
                          "(the same tokenizer) for both models.")
-    student_log_p = F.log_softmax(logits[keep] / temperature, dim=-1)
-    teacher_log_p = F.log_softmax(teacher_logits.float().flatten(0, -2)[keep] / temperature, dim=-1)
+    teacher_flat = teacher_logits.float().flatten(0, -2)
+    if not keep.all():  # (indexing copies the (N, V) logits: only when some positions are ignored)
+        logits, teacher_flat = logits[keep], teacher_flat[keep]
+    student_log_p = F.log_softmax(logits / temperature, dim=-1)
+    teacher_log_p = F.log_softmax(teacher_flat / temperature, dim=-1)
     kl = F.kl_div(student_log_p, teacher_log_p, log_target=True, reduction="batchmean") * temperature ** 2
     loss = (1.0 - kd_weight) * ce + kd_weight * kl
     return loss, {"ce": ce.item(), "kd": kl.item()}
@@ -183,16 +186,21 @@ def score_windows(teacher: nn.Module, tokens: np.ndarray, starts: np.ndarray, se
     return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
 
 
+def candidate_count(kept: int, keep_fraction: float) -> int:
+    """How many candidate windows SALT_DS scores to keep ``kept`` of them: ⌈kept / keep_fraction⌉."""
+    return math.ceil(kept / keep_fraction - 1e-9)  # (21 / 0.7 is 30.000000000000004 in floats)
+
+
 class SelectedWindows:
     """SALT_DS's batch source ``index -> (inputs, targets)``: the first ``selected_batches`` micro-batches come from
     the windows the teacher scores highest, the later ones from ``base`` unchanged.
 
-    Before training, ``selected_batches · B / keep_fraction`` candidate windows are drawn at random (a stream of
-    their own, from ``seed``), scored with ``learnability_scores`` (each rank scores a share; the scores are
-    gathered), and the top ``keep_fraction`` of them is kept, in the candidates' random order (the selection is no
-    curriculum). Micro-batch ``i < selected_batches`` is the i-th group of B kept windows (this rank's share of it);
-    micro-batch ``i ≥ selected_batches`` is ``base.batch(i)``, so after the distillation stage the student sees
-    exactly the windows a run without selection would.
+    Before training, ``selected_batches · B / keep_fraction`` candidate windows are drawn at random with replacement,
+    as the training stream's are (a stream of their own, from ``seed``), and scored with ``learnability_scores``
+    (each rank scores a share; the scores are gathered). The top ``keep_fraction`` of them is kept, in the
+    candidates' random order (the selection is no curriculum). Micro-batch ``i < selected_batches`` is the i-th
+    group of B kept windows (this rank's share of it); micro-batch ``i ≥ selected_batches`` is ``base.batch(i)``, so
+    after the distillation stage the student sees exactly the windows a run without selection would.
 
     ``starts`` (the kept windows' start offsets, (selected_batches · B,) int64) can be saved and passed back in to
     skip the scoring on resume.
@@ -220,7 +228,7 @@ class SelectedWindows:
 
     def _select(self, teacher: nn.Module, needed: int, keep_fraction: float, top_k: int, seed: int,
                 score_batch_size: int, device: torch.device | str) -> np.ndarray:
-        n_candidates = math.ceil(needed / keep_fraction - 1e-9)  # (21 / 0.7 is 30.000000000000004)
+        n_candidates = candidate_count(needed, keep_fraction)
         candidates = np.random.default_rng(derive_seed(seed, 0x5A17)).integers(
             0, self.base.n_starts, size=n_candidates, dtype=np.int64)
         rank, world_size = self.world.rank, self.world.world_size
