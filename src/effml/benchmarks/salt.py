@@ -55,13 +55,12 @@ QUICK = SaltBenchConfig(pairs=(("32x1", "64x2"),), head_dim=16, context=32, batc
 
 
 def _model(config: SaltBenchConfig, size: str, seed: int) -> Any:
-    from effml.experiments.lm_training import parse_size
-    from effml.nn import TransformerConfig, TransformerLM
+    from effml.experiments.lm_training import byte_lm_config
+    from effml.nn import TransformerLM
 
-    width, depth = parse_size(size, "salt benchmark size")
     torch.manual_seed(seed)
-    return TransformerLM(TransformerConfig(vocab_size=256, d_model=width, n_layers=depth,
-                                           n_heads=width // config.head_dim, max_seq_len=config.context))
+    return TransformerLM(byte_lm_config(size, head_dim=config.head_dim, seq_len=config.context,
+                                        what="salt benchmark size"))
 
 
 class _Scoring:

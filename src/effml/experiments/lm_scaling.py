@@ -19,7 +19,7 @@ import torch
 
 from effml.config import ConfigError, check_choice, check_distinct, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
-from effml.experiments.lm_training import load_byte_corpus, train_lm
+from effml.experiments.lm_training import byte_lm_config, load_byte_corpus, train_lm
 from effml.experiments.lm_training import parse_size as parse_width_depth
 from effml.train import TrainConfig
 
@@ -79,11 +79,8 @@ class LMScalingConfig:
 
 def model_config(config: LMScalingConfig, size: str) -> Any:
     """The byte-level `TransformerConfig` of one size (``WIDTHxDEPTH``) of the recipe."""
-    from effml.nn import TransformerConfig
-
-    width, depth = parse_size(size)
-    return TransformerConfig(vocab_size=256, d_model=width, n_layers=depth, n_heads=width // config.head_dim,
-                             max_seq_len=config.seq_len, mlp=config.mlp)
+    return byte_lm_config(size, head_dim=config.head_dim, seq_len=config.seq_len, what="lm-scaling size",
+                          mlp=config.mlp)
 
 
 def non_embedding_params(config: LMScalingConfig, size: str) -> int:

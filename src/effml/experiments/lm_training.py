@@ -20,7 +20,7 @@ from effml.train.distributed import World, main_first
 from effml.train.lm import causal_lm_loss, heldout_nats_per_token
 from effml.train.loop import LossFn
 
-__all__ = ["load_byte_corpus", "heldout_evaluator", "train_lm", "parse_size"]
+__all__ = ["load_byte_corpus", "heldout_evaluator", "train_lm", "parse_size", "byte_lm_config"]
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -31,6 +31,16 @@ def parse_size(text: str, what: str) -> tuple[int, int]:
     if not match:
         raise ConfigError(f"{what} {text!r} is not of the form WIDTHxDEPTH (for example 128x4).")
     return int(match.group(1)), int(match.group(2))
+
+
+def byte_lm_config(size: str, *, head_dim: int, seq_len: int, what: str, mlp: str = "gelu") -> Any:
+    """The byte-level (vocabulary 256) `TransformerConfig` of a size ``"WIDTHxDEPTH"``, with heads of ``head_dim``
+    and positions up to ``seq_len``; ``what`` names the setting in a size error."""
+    from effml.nn import TransformerConfig
+
+    width, depth = parse_size(size, what)
+    return TransformerConfig(vocab_size=256, d_model=width, n_layers=depth, n_heads=width // head_dim,
+                             max_seq_len=seq_len, mlp=mlp)
 
 
 def load_byte_corpus(name: str, max_bytes: int | None, world: World) -> Any:

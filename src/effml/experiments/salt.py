@@ -37,7 +37,7 @@ import torch
 
 from effml.config import ConfigError, check_choice, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
-from effml.experiments.lm_training import load_byte_corpus, parse_size, train_lm
+from effml.experiments.lm_training import byte_lm_config, load_byte_corpus, parse_size, train_lm
 from effml.io import atomic_save_numpy
 from effml.train import TrainConfig
 from effml.train.distill import TRANSITIONS, DistillationLoss, KDSchedule, SelectedWindows, candidate_count
@@ -143,11 +143,7 @@ class SaltConfig:
 
 def model_config(config: SaltConfig, size: str) -> Any:
     """The byte-level `TransformerConfig` of ``size`` (``WIDTHxDEPTH``)."""
-    from effml.nn import TransformerConfig
-
-    width, depth = parse_size(size, "salt size")
-    return TransformerConfig(vocab_size=256, d_model=width, n_layers=depth, n_heads=width // config.head_dim,
-                             max_seq_len=config.seq_len)
+    return byte_lm_config(size, head_dim=config.head_dim, seq_len=config.seq_len, what="salt size")
 
 
 def _smoke() -> SaltConfig:
