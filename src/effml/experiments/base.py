@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from effml.train.distributed import World
 
 __all__ = ["Arm", "ArmRun", "RunContext", "Experiment", "TaskExperiment", "EXPERIMENTS", "register", "get_experiment",
-           "PRESETS", "run_subdir"]
+           "PRESETS", "run_subdir", "complete_run"]
 
 PRESETS = ("smoke", "cpu", "full")
 
@@ -25,6 +25,12 @@ PRESETS = ("smoke", "cpu", "full")
 def run_subdir(run_dir: Path, arm: str, seed: int) -> Path:
     """The directory of arm ``arm``'s run with seed ``seed`` in the recipe run ``run_dir`` (``<arm>/seed-<n>``)."""
     return run_dir / arm / f"seed-{seed}"
+
+
+def complete_run(results: dict[str, Any], arm: str, seed: str) -> dict[str, Any] | None:
+    """Arm ``arm``'s run with seed ``seed`` (a string key) in the results document, if it completed; else None."""
+    run = results["arms"].get(arm, {}).get("runs", {}).get(seed)
+    return run if run is not None and run.get("status") == "complete" else None
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effml.config import ConfigError, check_choice, check_positive, check_range
-from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, evaluate_sharded, register
+from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, complete_run, evaluate_sharded, register
 from effml.experiments.lm_training import heldout_evaluator, load_byte_corpus
 from effml.metrics.timing import time_interleaved
 from effml.train import Callback, TrainConfig, Trainer
@@ -536,7 +536,6 @@ class MidasRecipe(Experiment):
         Also adds each trained run's ``modeled_seconds`` curve to its curves (a pure function of the run's depth
         schedule, its evaluation steps and the timing pass, recomputed identically at every save), for the plots.
         """
-        arms = results["arms"]
         by_name = {arm.name: arm for arm in self.arms(config)}
         trained = [name for name in by_name if name != STEP_TIMES]
         growth_arms = [name for name in trained if name != BASELINE]
@@ -546,12 +545,8 @@ class MidasRecipe(Experiment):
         savings_kinds = (("flops", "flops_saving"), ("modeled_seconds", "time_saving"),
                          ("train_seconds", "measured_time_saving"))
 
-        def complete(name: str, seed: str) -> dict[str, Any] | None:
-            run = arms.get(name, {}).get("runs", {}).get(seed)
-            return run if run is not None and run.get("status") == "complete" else None
-
         for seed in map(str, self.seeds(config)):
-            runs = {name: complete(name, seed) for name in [*trained, STEP_TIMES]}
+            runs = {name: complete_run(results, name, seed) for name in [*trained, STEP_TIMES]}
             if runs[BASELINE] is None:
                 continue
             # The step-time arm runs last: without it (a partial run) only the time-based quantities are missing.

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from effml.config import ConfigError, check_choice, check_positive
-from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
+from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, complete_run, register
 from effml.experiments.lm_training import byte_lm_config, load_byte_corpus, parse_size, train_lm
 from effml.io import atomic_save_numpy
 from effml.train import TrainConfig
@@ -273,15 +273,9 @@ class SaltRecipe(Experiment):
         """Per seed, ``salt-reduced`` against the same seed's baseline (entry ``"salt-reduced vs baseline"``):
         ``test_loss_gap`` (reduced − baseline, nats/byte; ≤ 0: SALT reached the baseline's final loss),
         ``steps_fraction`` and ``flops_fraction`` (the teacher's forward passes included) of the baseline's."""
-        arms = results["arms"]
-
-        def complete(name: str, seed: str) -> dict[str, Any] | None:
-            run = arms.get(name, {}).get("runs", {}).get(seed)
-            return run if run is not None and run.get("status") == "complete" else None
-
         runs = {}
         for seed in map(str, self.seeds(config)):
-            reduced, base = complete(REDUCED, seed), complete(BASELINE, seed)
+            reduced, base = complete_run(results, REDUCED, seed), complete_run(results, BASELINE, seed)
             if reduced is None or base is None:
                 continue
             runs[seed] = {"status": "complete", "metrics": {
