@@ -474,7 +474,7 @@ class LaurelVision(LaurelRecipe):
         from pathlib import Path
 
         from effml.data.images import (ImageBatches, ImageFolderBatches, ImageFolderSplit, eval_image_batches,
-                                       load_fashion_mnist)
+                                       load_fashion_mnist, rank_batch_ranges)
 
         world = world or World()
 
@@ -483,9 +483,8 @@ class LaurelVision(LaurelRecipe):
             val = ImageFolderSplit(Path(config.data_dir) / "val", classes=train.classes)  # train's labels
 
             def val_batches():
-                step = config.eval_batch_size
-                for start in range(world.rank * step, len(val), step * world.world_size):
-                    yield val.batch(range(start, min(start + config.eval_batch_size, len(val))))
+                for indices in rank_batch_ranges(len(val), config.eval_batch_size, world.rank, world.world_size):
+                    yield val.batch(indices)
 
             return ImageFolderBatches(train, config.batch_size, seed), None, val_batches
         splits = load_fashion_mnist(config.data_dir, valid_size=config.valid_size)
