@@ -57,21 +57,20 @@ def heldout_nats_per_token(model: nn.Module, tokens: np.ndarray, seq_len: int, b
 
     Every rank calls ``model`` equally often (a rank left one batch short repeats a batch and discards it), as a
     model sharded with FSDP needs every rank in each forward."""
-    from effml.data import eval_window_starts, eval_windows
+    from effml.data import eval_windows
 
-    n_batches = math.ceil(len(eval_window_starts(len(tokens), seq_len, max_windows)) / batch_size)
-    forwards = math.ceil(n_batches / world.world_size)
     total = torch.zeros(2, dtype=torch.float64)
+    n_batches = forwards = 0
     spare: torch.Tensor | None = None
     for index, (inputs, targets) in enumerate(eval_windows(tokens, seq_len, batch_size, max_windows)):
-        spare = inputs if spare is None else spare
+        n_batches, spare = index + 1, inputs if spare is None else spare
         if index % world.world_size != world.rank:
             continue
         logits = model(inputs.to(device))
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
         total += torch.tensor([loss.item(), targets.numel()], dtype=torch.float64)
-        forwards -= 1
-    for _ in range(forwards):
+        forwards += 1
+    for _ in range(math.ceil(n_batches / world.world_size) - forwards):  # as many forwards as the busiest rank
         model(spare.to(device))
     all_reduce_sum(total)
     if total[1] == 0:
