@@ -199,3 +199,26 @@ def test_top_p_always_keeps_the_argmax_and_combines_after_top_k() -> None:
     assert torch.equal(filter_logits(logits, top_p=1.0), logits)
     with pytest.raises(ValueError, match="batch, vocab"):
         filter_logits(logits[0], top_k=2)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_prefix_of_prompt_embeddings_generates_what_the_prompt_does(use_cache: bool) -> None:
+    model = tiny_model()
+    start = prompt()
+    expected = generate(model, start, 12, temperature=0.0)
+    with torch.no_grad():
+        whole = generate(model, start[:, :0], 12, temperature=0.0, prefix=model.tok_emb(start), use_cache=use_cache)
+        half = generate(model, start[:, 2:], 12, temperature=0.0, prefix=model.tok_emb(start[:, :2]),
+                        use_cache=use_cache)
+    assert torch.equal(whole, expected[:, 5:])
+    assert torch.equal(half, expected[:, 2:])
+
+
+def test_the_prefix_counts_against_the_context_length() -> None:
+    model = tiny_model()  # max_seq_len 32: a prefix of 8, 1 prompt token and 24 new tokens need 32 positions
+    prefix = torch.randn(3, 8, 16)
+    assert generate(model, prompt(length=1), 24, temperature=0.0, prefix=prefix).shape == (3, 25)
+    with pytest.raises(ValueError, match="needs 33 positions"):
+        generate(model, prompt(length=1), 25, temperature=0.0, prefix=prefix)
+    with pytest.raises(ValueError, match="length >= 1"):
+        generate(model, prompt(length=0), 4)

@@ -311,3 +311,50 @@ def test_torch_compile_traces_the_whole_model_as_one_graph(overrides: dict) -> N
     dynamo.reset()
     explanation = dynamo.explain(tiny_model(**overrides))(tokens(2, 8))
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+# ------------------------------------------------------------------------------------------------ prefix embeddings
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_loops": 2, "input_injection": True},
+                                       {"mixer": "mamba2", "mixer_options": {"d_state": 8, "headdim": 8}}])
+@pytest.mark.parametrize("split", [0, 3, 7])
+def test_a_prefix_of_token_embeddings_computes_what_the_tokens_do(overrides: dict, split: int) -> None:
+    model = tiny_model(**overrides)
+    idx = tokens(2, 7)
+    prefix = model.tok_emb(idx[:, :split])
+    torch.testing.assert_close(model(idx[:, split:], prefix=prefix), model(idx), rtol=0, atol=1e-6)
+
+
+def test_hidden_states_are_what_the_head_reads() -> None:
+    model = tiny_model(n_loops=2)
+    idx, prefix = tokens(2, 5), torch.randn(2, 3, 16)
+    torch.testing.assert_close(model.lm_head(model.hidden_states(idx, prefix=prefix)), model(idx, prefix=prefix),
+                               rtol=0, atol=0)
+    assert model.hidden_states(idx).shape == (2, 5, 16)
+
+
+def test_a_prefix_is_cached_with_the_tokens_and_gradients_reach_it() -> None:
+    model = tiny_model()
+    idx, prefix = tokens(2, 6), torch.randn(2, 4, 16, requires_grad=True)
+    full = model(idx, prefix=prefix)
+    assert full.shape == (2, 10, VOCAB)
+    full[:, 3:].logsumexp(-1).sum().backward()  # positions 3.. see the whole prefix
+    assert prefix.grad is not None and bool((prefix.grad.abs().sum(-1) > 0).all())
+    with torch.no_grad():
+        cache = model.new_cache(2, max_len=10)
+        first = model(idx[:, :2], cache=cache, prefix=prefix)
+        rest = model(idx[:, 2:], cache=cache)
+    assert cache.length == 10
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full.detach(), rtol=0, atol=1e-5)
+
+
+def test_bad_prefixes_are_refused_by_name() -> None:
+    model = tiny_model()
+    for prefix in (torch.randn(2, 3, 8), torch.randn(3, 3, 16), torch.randn(2, 16), torch.ones(2, 3, 16).long()):
+        with pytest.raises(ValueError, match="prefix must be"):
+            model(tokens(2, 2), prefix=prefix)
+    with pytest.raises(ValueError, match="no tokens and no prefix"):
+        model(tokens(2, 0))
+    with pytest.raises(ValueError, match="prefix included"):
+        model(tokens(1, 20), prefix=torch.randn(1, 5, 16))

@@ -5,7 +5,8 @@
 Blocks are pre-norm (RMSNorm), with causal rotary self-attention and a GELU or SwiGLU MLP, no biases
 (``effml.nn.block``). ``n_loops > 1`` applies the whole stack repeatedly with the same weights — the looped transformer
 of Gatmiry et al. (arXiv 2410.21698, 2410.08292) — optionally re-adding the token embedding before every loop after
-the first (input injection); ``loop_readouts=True`` returns the logits read out after every loop.
+the first (input injection); ``loop_readouts=True`` returns the logits read out after every loop. ``prefix`` puts
+input embeddings (a soft prompt) before the tokens' embeddings.
 
 Initialisation (GPT-2 style): normal(0, init_std) for the embedding and every linear layer, with the output
 projections of attention and MLP scaled down by 1/√(2 · n_layers · n_loops), the number of residual branches each
@@ -177,32 +178,54 @@ class TransformerLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx: Tensor, cache: KVCache | SSMCache | None = None, loop_readouts: bool = False) -> Tensor:
+    def forward(self, idx: Tensor, cache: KVCache | SSMCache | None = None, loop_readouts: bool = False,
+                prefix: Tensor | None = None) -> Tensor:
         """Next-token logits.
 
         Args:
             idx: (B, T) token ids. With ``cache``, the T tokens at positions [cache.length, cache.length + T).
-            cache: a ``KVCache`` (an ``SSMCache`` for SSM mixers) from ``new_cache``; it is written and advanced by T.
+            cache: a ``KVCache`` (an ``SSMCache`` for SSM mixers) from ``new_cache``; it is written and advanced by
+                P + T.
             loop_readouts: also read out (final norm + head) after every loop.
+            prefix: optional (B, P, d_model) input embeddings placed before the tokens' (a soft prompt, as in prompt
+                tuning or SoftSRV); T may then be 0. The logits of the prefix positions are returned too, so position
+                P - 1 predicts the first token.
 
         Returns:
-            (B, T, vocab_size) logits, or (n_loops, B, T, vocab_size) when ``loop_readouts`` (the last entry equals
-            the ordinary output).
+            (B, P + T, vocab_size) logits, or (n_loops, B, P + T, vocab_size) when ``loop_readouts`` (the last entry
+            equals the ordinary output).
         """
+        states = self._final_states(idx, cache, prefix, every_loop=loop_readouts)
+        if loop_readouts:
+            return torch.stack([self.lm_head(state) for state in states])
+        return self.lm_head(states[-1])
+
+    def hidden_states(self, idx: Tensor, prefix: Tensor | None = None) -> Tensor:
+        """The final-norm outputs the LM head reads, (B, P + T, d_model), for features of a sequence (e.g. mean-pooled
+        over its positions); ``idx`` and ``prefix`` as in ``forward``."""
+        return self._final_states(idx, None, prefix, every_loop=False)[-1]
+
+    def _final_states(self, idx: Tensor, cache: KVCache | SSMCache | None, prefix: Tensor | None,
+                      every_loop: bool) -> list[Tensor]:
+        """The normed stream after the last loop, or after every loop when ``every_loop``: a list of (B, P+T, D)."""
         if idx.dim() != 2 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise ValueError(f"idx must be an integer tensor of token ids with shape (batch, seq), got dtype "
                              f"{idx.dtype} and shape {tuple(idx.shape)}.")
         if idx.dtype not in (torch.int32, torch.int64):  # e.g. uint8 ids of a byte-level corpus
             idx = idx.long()
-        batch, seq = idx.shape
+        batch = idx.shape[0]
+        self._check_prefix(prefix, batch)
+        seq = idx.shape[1] + (0 if prefix is None else prefix.shape[1])
+        if seq == 0:
+            raise ValueError("idx has no tokens and no prefix was given: there is no position to compute.")
         offset = 0
         if cache is not None:
             self._check_cache(cache, batch, seq)
             offset = cache.length
         if offset + seq > self.config.max_seq_len and self.config.mixer == "attention":
-            raise ValueError(f"{seq} tokens after {offset} cached positions exceed max_seq_len="
-                             f"{self.config.max_seq_len}; feed at most max_seq_len positions or build the model "
-                             "with a larger max_seq_len.")
+            raise ValueError(f"{seq} positions after {offset} cached ones exceed max_seq_len="
+                             f"{self.config.max_seq_len}; feed at most max_seq_len positions (prefix included) or "
+                             "build the model with a larger max_seq_len.")
         rotation = self.rotary(offset, seq).unsqueeze(1) if self.rotary is not None else None
         # rotation (T, 1, Dh/2) broadcasts over the heads of (B, T, H, Dh); SSM mixers take no positions
 
@@ -212,23 +235,33 @@ class TransformerLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from "
                              f"{int(idx.min())} to {int(idx.max())}; the tokenizer and the model's vocab_size "
                              "disagree.") from None
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
         embedded = x
         history_size = max([0, *(block.history_size for block in self.blocks)])  # (torch.compile: no default=)
         history = StreamHistory(history_size) if history_size > 0 else None
         n_layers = len(self.blocks)
-        readouts = []
+        states = []
         for loop in range(self.config.n_loops):
             if loop > 0 and self.config.input_injection:
                 x = x + embedded
             for layer, block in enumerate(self.blocks):
                 x = block(x, rotation, cache, loop * n_layers + layer, history)
-            if loop_readouts:
-                readouts.append(self.lm_head(self.final_norm(x)))
+            if every_loop or loop == self.config.n_loops - 1:
+                states.append(self.final_norm(x))
         if cache is not None:
             cache.advance(seq)
-        if loop_readouts:
-            return torch.stack(readouts)
-        return self.lm_head(self.final_norm(x))
+        return states
+
+    def _check_prefix(self, prefix: Tensor | None, batch: int) -> None:
+        if prefix is None:
+            return
+        if not isinstance(prefix, Tensor) or not prefix.is_floating_point() or prefix.dim() != 3 \
+                or prefix.shape[0] != batch or prefix.shape[2] != self.config.d_model:
+            shape = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix).__name__
+            raise ValueError(f"prefix must be a floating-point (batch={batch}, positions, d_model="
+                             f"{self.config.d_model}) tensor of input embeddings, got {shape}; build it in the "
+                             "model's embedding space (e.g. a soft prompt of width d_model).")
 
     # ------------------------------------------------------------------ KV cache
 
