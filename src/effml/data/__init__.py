@@ -7,6 +7,7 @@ from effml.data import tasks
 from effml.data.batches import WindowBatches, eval_window_starts, eval_windows
 from effml.data.corpora import (CORPORA, CorpusSource, CorpusSplits, CorpusUnavailableError, TextFilesCorpus,
                                 assign_splits, load_corpus, read_split, resolve_corpus)
+from effml.data.docstrings import DocstringSet, docstring_examples, load_docstrings
 from effml.data.tokenizers import DOCUMENT_SEPARATOR, BPETokenizer, ByteTokenizer, Tokenizer, token_dtype
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "CORPORA", "CorpusSource", "TextFilesCorpus", "CorpusUnavailableError", "CorpusSplits",
     "load_corpus", "read_split", "resolve_corpus", "assign_splits",
     "WindowBatches", "eval_windows", "eval_window_starts",
+    "DocstringSet", "docstring_examples", "load_docstrings",
     "tasks",
 ]
