@@ -39,17 +39,26 @@ class Arm:
 
     ``needs`` names arms whose run with the same seed must be complete before this arm's run starts, e.g. a teacher
     trained in its own arm, whose weights this arm's run loads from ``context.arm_run_dir("teacher")``. Each must be
-    listed before this arm in ``Experiment.arms`` and have every seed this arm has (the runner checks both)."""
+    listed before this arm in ``Experiment.arms`` and have every seed this arm has, unless it is shared (the runner
+    checks both).
+
+    A ``shared`` arm runs once, with the recipe's first seed (``seeds(config)[0]``, the default ``arm_seeds``), and
+    that one run serves every seed: each seed's run of an arm that needs it waits for, and reads, that run
+    (``context.arm_run_dir(name)`` gives its directory), e.g. a frozen pretrained model every seed's arms start from.
+    A recipe whose ``arm_seeds`` is its own must give a shared arm exactly one seed (the runner checks). The results
+    document records the shared arm with that one seed, so a claim pairing it with a per-seed arm has one seed."""
 
     name: str
     label: str
     info: dict[str, Any] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
+    shared: bool = False
 
 
 @dataclass
 class RunContext:
-    """Where and how one (arm, seed) run happens."""
+    """Where and how one (arm, seed) run happens. ``shared_seeds`` maps each shared arm of the recipe (``Arm.shared``)
+    to the seed of its one run (the runner fills it in), so that ``arm_run_dir`` finds that run from every seed."""
 
     run_dir: Path
     seed: int
@@ -57,12 +66,17 @@ class RunContext:
     world: World
     resume: bool = False
     quiet: bool = False
+    shared_seeds: dict[str, int] = field(default_factory=dict)
 
-    def arm_run_dir(self, arm: str) -> Path:
-        """The run directory of arm ``arm``'s run with this seed in the same recipe run: for ``run_dir``
+    def arm_run_dir(self, arm: str, seed: int | None = None) -> Path:
+        """The run directory of arm ``arm``'s run with seed ``seed`` in the same recipe run; by default the seed of
+        the arm's one run if it is shared (``shared_seeds``), else this run's seed. For ``run_dir``
         ``runs/salt/20260101-000000/student/seed-2``, ``arm_run_dir("teacher")`` is
-        ``runs/salt/20260101-000000/teacher/seed-2``. A run reads a needed arm's results there (``Arm.needs``)."""
-        return run_subdir(self.run_dir.parents[1], arm, self.seed)
+        ``runs/salt/20260101-000000/teacher/seed-2``, or ``.../teacher/seed-0`` if the teacher is a shared arm run
+        with seed 0. A run reads a needed arm's results there (``Arm.needs``)."""
+        if seed is None:
+            seed = self.shared_seeds.get(arm, self.seed)
+        return run_subdir(self.run_dir.parents[1], arm, seed)
 
 
 @dataclass
@@ -109,9 +123,11 @@ class Experiment(ABC):
         return [config.seed + i for i in range(config.seeds)]
 
     def arm_seeds(self, config: Any, arm: Arm) -> list[int]:
-        """Seeds to run for ``arm``: ``seeds(config)`` unless a recipe gives some arms more (say, the arms a
-        threshold claim is decided on); the results document records each arm's list (``"seeds"``)."""
-        return self.seeds(config)
+        """Seeds to run for ``arm``: ``seeds(config)``, or its first seed alone for a shared arm (``Arm.shared``),
+        unless a recipe gives some arms more (say, the arms a threshold claim is decided on); the results document
+        records each arm's list (``"seeds"``). A recipe overriding it must give a shared arm exactly one seed."""
+        seeds = self.seeds(config)
+        return seeds[:1] if arm.shared else seeds
 
     @abstractmethod
     def arms(self, config: Any) -> list[Arm]:

@@ -4,9 +4,9 @@ The small models of the CPU presets use two cores hardly better than one (mimeti
 with two threads, 55 ms with one; two single-thread processes side by side, 64 ms each), so N single-thread
 processes finish N runs in little more than the time one run takes with N threads. ``run_in_workers`` starts
 ``jobs`` spawned worker processes with ``threads`` torch threads each and hands them the runs one at a time, in
-order except that a run waits until the runs of its seed that it needs (``Arm.needs``) have finished; each worker
-calls ``Experiment.run_arm`` exactly as a sequential run does (same directories, checkpoints and resume) and
-sends back its ``ArmRun``. The parent alone writes results.
+order except that a run waits until the runs it needs (``Arm.needs``: those of its seed, or a shared arm's one run)
+have finished; each worker calls ``Experiment.run_arm`` exactly as a sequential run does (same directories,
+checkpoints and resume) and sends back its ``ArmRun``. The parent alone writes results.
 
 Stopping. Workers sit in their own process group, so a Ctrl-C at the terminal reaches the parent only; the parent then
 hands out no more runs and forwards one SIGINT to every busy worker, whose trainer checkpoints at its next step
@@ -154,8 +154,9 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
                    threads: int) -> Iterator[tuple[Unit, ArmRun]]:
     """Yield ``(unit, ArmRun)`` as each unit finishes, running up to ``jobs`` of them at once in spawned processes
     with ``threads`` torch threads each. An idle worker gets the first unit, in the order given, that is ready: none of
-    the units its arm needs (``Arm.needs``, same seed) is waiting or running; one absent from ``units`` counts as
-    complete (a resumed run's finished runs). While no unit is ready, the pool waits for a busy one to finish.
+    the units its arm needs (``Arm.needs``: the same seed's, or a shared arm's one unit whatever its seed) is waiting or
+    running; one absent from ``units`` counts as complete (a resumed run's finished runs). While no unit is ready, the
+    pool waits for a busy one to finish.
 
     After a stop (see the module docstring) the units that finished are yielded, then TrainingInterrupted is raised
     (with the first interrupted run's step and checkpoint), or KeyboardInterrupt if no run had a checkpoint to stop
@@ -217,11 +218,15 @@ def run_in_workers(experiment: Experiment, config: Any, units: Sequence[Unit], *
 
 
 def _first_ready(pending: list[Unit], workers: list[_Worker]) -> int:
-    """The index in ``pending`` of the first unit that needs no unit still pending or busy; -1 if there is none."""
+    """The index in ``pending`` of the first unit that needs no unit still pending or busy; -1 if there is none. A
+    unit needs the units of its own seed of the arms in its ``Arm.needs``, and of a shared arm (``Arm.shared``) its one
+    unit, whatever the seeds."""
     busy = [worker.unit for worker in workers if worker.unit is not None]
     unfinished = {(unit.arm.name, unit.context.seed) for unit in [*pending, *busy]}
+    unfinished_shared = {unit.arm.name for unit in [*pending, *busy] if unit.arm.shared}
     return next((index for index, unit in enumerate(pending)
-                 if not any((need, unit.context.seed) in unfinished for need in unit.arm.needs)), -1)
+                 if not any(need in unfinished_shared or (need, unit.context.seed) in unfinished
+                            for need in unit.arm.needs)), -1)
 
 
 def _with_remote_traceback(error: BaseException, remote_traceback: str, unit: Unit) -> BaseException:

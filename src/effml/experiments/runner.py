@@ -167,7 +167,7 @@ def _refreshed_arms(experiment: Experiment, config: Any, arms: dict[str, Any]) -
     and seeds taken afresh, keeping the runs already done. A resumed run re-derives with the current code, so an arm it
     added or a seed count it changed must show in the document; entries of arms it dropped are kept as they were.
     Raises RunError if two arms share a name (one would silently take the other's results), ValueError if an arm's
-    ``needs`` cannot be met (`_check_needs`)."""
+    ``needs`` cannot be met or a shared arm has not exactly one seed (`_check_needs`)."""
     arm_list = experiment.arms(config)
     names = [arm.name for arm in arm_list]
     if repeated := sorted({name for name in names if names.count(name) > 1}):
@@ -183,10 +183,18 @@ def _refreshed_arms(experiment: Experiment, config: Any, arms: dict[str, Any]) -
 
 
 def _check_needs(experiment: Experiment, arm_list: Sequence[Arm], seeds: dict[str, list[int]]) -> None:
-    """Raise ValueError unless each arm's ``needs`` names arms listed before it that have every seed it has (``seeds``:
-    arm name → its seeds), so that the run each of its runs needs exists and comes first (`Arm.needs`)."""
+    """Raise ValueError unless each shared arm has exactly one seed and each arm's ``needs`` names arms listed before
+    it that are shared or have every seed it has (``seeds``: arm name → its seeds), so that the run each of its runs
+    needs exists and comes first (`Arm.needs`, `Arm.shared`)."""
     names = [arm.name for arm in arm_list]
+    shared = {arm.name for arm in arm_list if arm.shared}
     for position, arm in enumerate(arm_list):
+        if arm.shared and len(seeds[arm.name]) != 1:
+            raise ValueError(f"{experiment.name}: arm {arm.name!r} is shared (Arm.shared), so it runs once for every "
+                             f"seed, but {type(experiment).__name__}.arm_seeds(config, arm) gives it "
+                             f"{len(seeds[arm.name])} seeds ({', '.join(map(str, seeds[arm.name])) or 'none'}). Make "
+                             "arm_seeds give a shared arm exactly one seed (the default gives it seeds(config)[0]), "
+                             "or make the arm not shared.")
         for need in arm.needs:
             problem = f"{experiment.name}: arm {arm.name!r} needs arm {need!r}"
             if need not in names:
@@ -196,10 +204,10 @@ def _check_needs(experiment: Experiment, arm_list: Sequence[Arm], seeds: dict[st
                 raise ValueError(f"{problem}, which {type(experiment).__name__}.arms(config) lists "
                                  f"{'as that arm itself' if need == arm.name else 'after it'}. List every needed arm "
                                  f"before the arms that need it, and no arm in its own Arm.needs.")
-            if missing := sorted(set(seeds[arm.name]) - set(seeds[need])):
+            if need not in shared and (missing := sorted(set(seeds[arm.name]) - set(seeds[need]))):
                 raise ValueError(f"{problem}'s run of each of its seeds, but {need!r} has no run with seed(s) "
                                  f"{', '.join(map(str, missing))}. Make arm_seeds(config, arm) give {need!r} every "
-                                 f"seed of {arm.name!r}.")
+                                 f"seed of {arm.name!r}, or make {need!r} a shared arm (Arm.shared).")
 
 
 def _evaluation(experiment: Experiment, config: Any) -> dict[str, Any]:
@@ -228,8 +236,8 @@ def _save(experiment: Experiment, config: Any, results: dict[str, Any], run_dir:
 
 def _run_here(experiment: Experiment, config: Any, units: Sequence[Unit]) -> Iterator[tuple[Unit, ArmRun]]:
     """Yield ``(unit, ArmRun)`` for each unit, run one after the other in this process (on every rank together). The
-    units come arm by arm in the recipe's order, so the runs an arm needs (``Arm.needs``: arms listed before it) are
-    complete before its own runs start."""
+    units come arm by arm in the recipe's order, so the runs an arm needs (``Arm.needs``: arms listed before it, a
+    shared arm's one run included) are complete before its own runs start."""
     for unit in units:
         if unit.context.world.is_main:
             unit.context.run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,8 +329,10 @@ def run_experiment(
                 {"recipe": name, "preset": preset, "overrides": list(overrides), "device": device,
                  "config": config_to_dict(config)}, indent=2))
 
+    # the seed of each shared arm's one run (checked by _refreshed_arms), for RunContext.arm_run_dir
+    shared_seeds = {arm.name: experiment.arm_seeds(config, arm)[0] for arm in experiment.arms(config) if arm.shared}
     units = [Unit(arm, RunContext(run_dir=subdir, seed=seed, device=device, world=world, quiet=quiet or jobs > 1,
-                                  resume=(subdir / "checkpoints" / "LATEST").exists()))
+                                  resume=(subdir / "checkpoints" / "LATEST").exists(), shared_seeds=shared_seeds))
              for arm in experiment.arms(config) for seed in experiment.arm_seeds(config, arm)
              if results["arms"][arm.name]["runs"].get(_seed_key(seed), {}).get("status") != "complete"
              for subdir in [run_subdir(run_dir, arm.name, seed)]]
