@@ -170,6 +170,22 @@ def test_resume_tolerates_a_metrics_line_cut_short_by_a_kill(tmp_path) -> None:
                 resume=True).fit()
 
 
+def test_resuming_before_any_checkpoint_starts_afresh_in_a_new_directory(tmp_path) -> None:
+    """A run stopped before its first checkpoint, or never started (its directory absent), resumes as a fresh run:
+    the log holds only the new run's records."""
+    reference = Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path / "straight",
+                        quiet=True).fit()
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / "metrics.jsonl").write_text('{"step": 0, "train_loss": 99.0}\n')
+    for run_dir in (tmp_path / "absent" / "run", tmp_path / "stale"):
+        resumed = Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=run_dir, quiet=True,
+                          resume=True).fit()
+        assert resumed.curves["train_loss"] == reference.curves["train_loss"]
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [record["train_loss"] for record in logged if "train_loss" in record] == [
+            loss for _, loss in reference.curves["train_loss"]]
+
+
 def test_an_interrupt_at_a_checkpoint_step_reuses_that_checkpoint(tmp_path, interrupt_at) -> None:
     """A second save of the same step would delete the directory LATEST names before renaming the new one in."""
     trainer = Trainer(tiny_model(), causal_lm_loss, batches(), config(), run_dir=tmp_path, quiet=True,

@@ -449,7 +449,7 @@ class Trainer:
         self._step_times: list[float] = []
         self._records: list[dict[str, Any]] = []
         restored = self.resume and self._restore()
-        if not self.resume and self.metrics_path is not None and self.world.is_main:
+        if not restored and self.metrics_path is not None and self.world.is_main:  # a fresh start, resumed or not
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.metrics_path, "")
         if not restored:
