@@ -9,6 +9,7 @@ from effml.experiments import (  # noqa: F401  (importing a recipe module regist
     midas,
     mimetic,
     salt,
+    softsrv,
 )
 from effml.experiments.base import EXPERIMENTS, Arm, ArmRun, Experiment, RunContext, get_experiment, register
 
