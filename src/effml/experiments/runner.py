@@ -15,6 +15,7 @@ An existing directory is never reused for a new run. ``--resume RUN_DIR`` first 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -288,7 +289,8 @@ def run_experiment(
     A new run takes ``preset`` (default "cpu"), ``overrides``, ``seeds`` and ``out`` (default "runs"); a resumed one
     (``resume``) takes its own, so giving any of them with ``resume`` is a RunError. ``jobs`` > 1 runs that many
     (arm, seed) runs at once in worker processes, the torch threads split among them (effml.experiments.parallel);
-    the runs and their results are the same, up to the float rounding a different thread count may bring."""
+    the runs and their results are the same, up to the float rounding a different thread count may bring. Shared
+    arms' runs (``Arm.shared``) come first, in this process with every thread, whatever ``jobs``."""
     experiment = get_experiment(name)
     world = init_distributed(device)
     _check_jobs(experiment, jobs, device, world)
@@ -340,8 +342,13 @@ def run_experiment(
     if world.is_main and not quiet:
         at_once = f", {jobs} at a time with {threads} thread{'s' * (threads > 1)} each" if jobs > 1 else ""
         print(f"effml: {name} ({preset}) → {run_dir}: {len(units)} runs to do{at_once}", file=sys.stderr)
-    finished = (_run_here(experiment, config, units) if jobs == 1
-                else run_in_workers(experiment, config, units, jobs=jobs, threads=threads))
+    # Shared arms' runs come first, here with every thread: the runs needing them wait anyway (with --jobs, a worker
+    # would train a shared model on its share of the threads while the others idle).
+    shared = [unit for unit in units if unit.arm.shared]
+    per_seed = [unit for unit in units if not unit.arm.shared]
+    finished = itertools.chain(_run_here(experiment, config, shared),
+                               _run_here(experiment, config, per_seed) if jobs == 1
+                               else run_in_workers(experiment, config, per_seed, jobs=jobs, threads=threads))
     try:
         for count, (unit, outcome) in enumerate(finished, start=1):
             arm_entry = results["arms"][unit.arm.name]
