@@ -54,26 +54,27 @@ SEPARATOR = "\x1c"  # between examples in a student's training stream (the corpo
 class SoftsrvConfig:
     """Settings of the softsrv recipe (override any with --set key=value)."""
 
-    generator_size: str = "128x4"  # WIDTHxDEPTH of the frozen generator LM
+    generator_size: str = "96x3"  # WIDTHxDEPTH of the frozen generator LM
     head_dim: int = 32
     corpus: str = "stdlib-code"
     max_bytes: int | None = None
-    seq_len: int = 256  # the generator's context: soft tokens + an example must fit in it
+    seq_len: int = 192  # the generator's context: soft tokens + an example must fit in it
     batch_size: int = 32  # the generator's pretraining batch
     eval_windows: int = 256
     target_examples: int = 2000  # target docstrings the prompts learn from (drawn once, with target_seed)
     target_seed: int = 0
     min_example_bytes: int = 16
-    max_example_bytes: int = 224  # closing quotes included
+    max_example_bytes: int = 176  # closing quotes included
     n_soft_tokens: int = 16  # t
     context_dim: int = 64  # d_e of the hashed n-gram embedder
     ngram: int = 3
     buckets: int = 4096
     mixture_k: int = 2
     mlp_hidden: int = 256
-    prompt_batch_size: int = 32
+    prompt_batch_size: int = 16
     hard_prompt: str = 'def f():\n    """'
     n_samples: int = 2000
+    sample_batch_size: int = 500  # samples generated at once
     temperature: float = 1.0
     top_p: float | None = None
     student_size: str = "64x2"
@@ -85,9 +86,9 @@ class SoftsrvConfig:
     seeds: int = 3
     seed: int = 0
     generator_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1500, lr=3e-3, warmup_steps=50, eval_every=250, checkpoint_every=250, log_every=10))
+        steps=2000, lr=3e-3, warmup_steps=50, eval_every=250, checkpoint_every=250, log_every=10))
     prompt_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=300, lr=3e-3, warmup_steps=20, weight_decay=0.0, eval_every=100, checkpoint_every=100, log_every=10))
+        steps=200, lr=1e-2, warmup_steps=20, weight_decay=0.0, eval_every=100, checkpoint_every=100, log_every=10))
     student_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=400, lr=3e-3, warmup_steps=30, eval_every=100, checkpoint_every=200, log_every=10))
 
@@ -95,8 +96,8 @@ class SoftsrvConfig:
         owner = "softsrv"
         for name in ("head_dim", "seq_len", "batch_size", "eval_windows", "target_examples", "min_example_bytes",
                      "max_example_bytes", "n_soft_tokens", "context_dim", "ngram", "buckets", "mlp_hidden",
-                     "prompt_batch_size", "n_samples", "student_seq_len", "student_batch_size", "auc_folds",
-                     "auc_samples", "seeds"):
+                     "prompt_batch_size", "n_samples", "sample_batch_size", "student_seq_len", "student_batch_size",
+                     "auc_folds", "auc_samples", "seeds"):
             check_positive(owner, name, getattr(self, name))
         check_positive(owner, "temperature", self.temperature)
         check_positive(owner, "tolerance", self.tolerance, allow_zero=True)
@@ -323,12 +324,15 @@ class SoftsrvRecipe(Experiment):
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
             return {"valid_recon_loss": _mean_recon_loss(generator, model, held_out, context.device)}
 
+        initial = _mean_recon_loss(generator, prompt.to(context.device), held_out, context.device)
+
         trainer = Trainer(prompt, loss_fn, shard_batches(global_batch, context.world), config.prompt_train,
                           evaluate=evaluate, run_dir=context.run_dir / "prompt", device=context.device,
                           resume=context.resume, quiet=context.quiet,
                           description=f"{self.name} {name} prompt seed {context.seed}")
         result = trainer.fit()
         metrics = {"prompt_" + key: value for key, value in result.final_metrics.items()}
+        metrics["prompt_initial_recon_loss"] = initial
         curves = {"prompt_" + key: value for key, value in result.curves.items()}
         return prompt.eval(), metrics, curves
 
@@ -357,8 +361,8 @@ class SoftsrvRecipe(Experiment):
         prefix = torch.tensor(list(config.hard_prompt.encode("utf-8")), device=context.device)
         rows = []
         sampler = self._sample_generator(context)
-        for start in range(0, config.n_samples, 256):
-            count = min(256, config.n_samples - start)
+        for start in range(0, config.n_samples, config.sample_batch_size):
+            count = min(config.sample_batch_size, config.n_samples - start)
             ids = generate(generator, prefix.expand(count, -1), config.max_example_bytes,
                            temperature=config.temperature, top_p=config.top_p, generator=sampler)
             rows.extend(ids[:, len(prefix):].cpu())
@@ -372,7 +376,7 @@ class SoftsrvRecipe(Experiment):
         contexts = self._embedder(config)([target.train[i] for i in picks])
         ids = generate_synthetic(generator, prompt, contexts, config.max_example_bytes,
                                  temperature=config.temperature, top_p=config.top_p,
-                                 generator=self._sample_generator(context))
+                                 generator=self._sample_generator(context), batch_size=config.sample_batch_size)
         return [_decode(row) for row in ids]
 
     # -- measurements ------------------------------------------------------------------------------------------------
@@ -475,6 +479,7 @@ class _ReconstructionLoss:
         return reconstruction_loss(self.generator, model, contexts, tokens, mask) * token_share(mask), {}
 
 
+@torch.no_grad()
 def _mean_recon_loss(generator: Any, prompt: torch.nn.Module, held_out: tuple[torch.Tensor, ...], device: str,
                      batch_size: int = 64) -> float:
     """Mean reconstruction loss (nats per byte) of held-out examples ``(contexts, tokens, mask)``."""
