@@ -239,6 +239,14 @@ def test_check_needs_accepts_a_shared_arm_for_every_seed() -> None:
         _check_needs(TeacherStudent(), [Arm("teacher", "teacher"), arms[1]], {"teacher": [0], "student": [0, 1]})
 
 
+def test_a_shared_arm_may_need_only_shared_arms() -> None:
+    """Shared runs come before every per-seed run, so one cannot wait for a per-seed arm's runs."""
+    data, model = Arm("data", "data"), Arm("model", "model", needs=("data",), shared=True)
+    with pytest.raises(ValueError, match="'model' is shared .* cannot wait for 'data''s runs"):
+        _check_needs(TeacherStudent(), [data, model], {"data": [0, 1], "model": [0]})
+    _check_needs(TeacherStudent(), [Arm("data", "data", shared=True), model], {"data": [0], "model": [0]})
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["shared=true", "teacher_every_seed=true"],
      "arm 'teacher' is shared \\(Arm.shared\\), so it runs once for every seed, but TeacherStudent.arm_seeds\\(config, "

@@ -57,8 +57,10 @@ class Arm:
 
 @dataclass
 class RunContext:
-    """Where and how one (arm, seed) run happens. ``shared_seeds`` maps each shared arm of the recipe (``Arm.shared``)
-    to the seed of its one run (the runner fills it in), so that ``arm_run_dir`` finds that run from every seed."""
+    """Where and how one (arm, seed) run happens. ``resume``: the recipe run is being resumed, so trainers continue
+    from the checkpoints they find (a trainer with none starts afresh). ``shared_seeds`` maps each shared arm of the
+    recipe (``Arm.shared``) to the seed of its one run (the runner fills it in), so that ``arm_run_dir`` finds that
+    run from every seed."""
 
     run_dir: Path
     seed: int

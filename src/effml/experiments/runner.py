@@ -186,7 +186,8 @@ def _refreshed_arms(experiment: Experiment, config: Any, arms: dict[str, Any]) -
 def _check_needs(experiment: Experiment, arm_list: Sequence[Arm], seeds: dict[str, list[int]]) -> None:
     """Raise ValueError unless each shared arm has exactly one seed and each arm's ``needs`` names arms listed before
     it that are shared or have every seed it has (``seeds``: arm name → its seeds), so that the run each of its runs
-    needs exists and comes first (`Arm.needs`, `Arm.shared`)."""
+    needs exists and comes first (`Arm.needs`, `Arm.shared`); a shared arm, run before every per-seed run, may need
+    only shared arms."""
     names = [arm.name for arm in arm_list]
     shared = {arm.name for arm in arm_list if arm.shared}
     for position, arm in enumerate(arm_list):
@@ -201,6 +202,10 @@ def _check_needs(experiment: Experiment, arm_list: Sequence[Arm], seeds: dict[st
             if need not in names:
                 raise ValueError(f"{problem}, which is not one of the recipe's arms ({', '.join(names)}). Name an "
                                  f"arm of {type(experiment).__name__}.arms(config) in {arm.name!r}'s Arm.needs.")
+            if arm.shared and need not in shared:
+                raise ValueError(f"{problem}, but {arm.name!r} is shared (Arm.shared) and runs once, before every "
+                                 f"per-seed run, so it cannot wait for {need!r}'s runs. Make {need!r} shared too, or "
+                                 f"{arm.name!r} per-seed.")
             if names.index(need) >= position:
                 raise ValueError(f"{problem}, which {type(experiment).__name__}.arms(config) lists "
                                  f"{'as that arm itself' if need == arm.name else 'after it'}. List every needed arm "
@@ -334,7 +339,7 @@ def run_experiment(
     # the seed of each shared arm's one run (checked by _refreshed_arms), for RunContext.arm_run_dir
     shared_seeds = {arm.name: experiment.arm_seeds(config, arm)[0] for arm in experiment.arms(config) if arm.shared}
     units = [Unit(arm, RunContext(run_dir=subdir, seed=seed, device=device, world=world, quiet=quiet or jobs > 1,
-                                  resume=(subdir / "checkpoints" / "LATEST").exists(), shared_seeds=shared_seeds))
+                                  resume=resume is not None, shared_seeds=shared_seeds))
              for arm in experiment.arms(config) for seed in experiment.arm_seeds(config, arm)
              if results["arms"][arm.name]["runs"].get(_seed_key(seed), {}).get("status") != "complete"
              for subdir in [run_subdir(run_dir, arm.name, seed)]]
