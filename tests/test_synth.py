@@ -228,6 +228,16 @@ def test_sampling_is_reproducible_from_the_generator_and_greedy_follows_the_argm
     assert torch.equal(greedy, sequence)
 
 
+def test_a_bf16_hugging_face_lm_samples_from_a_float32_prompt_in_eval_mode_and_keeps_its_mode() -> None:
+    lm = tiny_llama().to(torch.bfloat16).train()
+    prompt = make_soft_prompt("nsp", 3, WIDTH, CONTEXT)
+    modes = []
+    lm.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    samples = generate_synthetic(lm, prompt, torch.randn(2, CONTEXT), 5, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 5) and modes and not any(modes)
+    assert lm.training
+
+
 # -- helpers -----------------------------------------------------------------------------------------------------------
 def test_pad_examples_and_cut_at_stop() -> None:
     tokens, mask = pad_examples([np.array([1, 2]), [3]], pad_id=9)

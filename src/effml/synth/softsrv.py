@@ -89,19 +89,28 @@ def generate_synthetic(lm: nn.Module, prompt: nn.Module, contexts: Tensor, max_n
     check_sampling_options(temperature, top_k, top_p)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}.")
-    device = next(lm.parameters()).device
+    weight = next(lm.parameters())
     pieces = []
-    with torch.no_grad():
-        for start in range(0, contexts.shape[0], batch_size):
-            prefix = prompt(contexts[start:start + batch_size].to(device))
-            if isinstance(lm, TransformerLM):
-                empty = torch.empty(prefix.shape[0], 0, dtype=torch.long, device=device)
-                sample = generate(lm, empty, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  generator=generator, prefix=prefix)
-            else:
-                sample = _hf_generate(lm, prefix, max_new_tokens, temperature, top_k, top_p, generator)
-            pieces.append(sample.cpu())
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, contexts.shape[0], batch_size):
+                pieces.append(_sample_batch(lm, prompt(contexts[start:start + batch_size].to(weight.device)).to(
+                    weight.dtype), max_new_tokens, temperature, top_k, top_p, generator).cpu())
+    finally:
+        lm.train(was_training)
     return torch.cat(pieces) if pieces else torch.empty(0, max_new_tokens, dtype=torch.long)
+
+
+def _sample_batch(lm: nn.Module, prefix: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                  top_p: float | None, generator: torch.Generator | None) -> Tensor:
+    """(B, max_new_tokens) ids sampled after ``prefix`` (B, P, d) in the LM's dtype."""
+    if isinstance(lm, TransformerLM):
+        empty = torch.empty(prefix.shape[0], 0, dtype=torch.long, device=prefix.device)
+        return generate(lm, empty, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        generator=generator, prefix=prefix)
+    return _hf_generate(lm, prefix, max_new_tokens, temperature, top_k, top_p, generator)
 
 
 def _hf_generate(lm: nn.Module, prefix: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
