@@ -2,9 +2,9 @@
 
 SoftSRV (DeSalvo et al., arXiv 2410.16534; PAPERS.md §6), at CPU scale. A byte-level LM pretrained on the standard
 library's code (arm ``generator``, one run shared by every seed: the paper's fixed pretrained LLM) is frozen. The
-target is a few thousand of the standard library's docstrings (`effml.data.docstrings`; train files only, the held-out
-docstrings come from the held-out files the generator never saw). Each arm builds a synthetic set of ``n_samples``
-docstrings, then trains a fresh small LM (the "student") on it from scratch:
+target is 1,500 of the standard library's one-line docstrings (`effml.data.docstrings`, from the corpus's train files;
+the held-out docstrings come from its valid and test files, which the generator never saw). Each arm builds a
+synthetic set of ``n_samples`` docstrings, then trains a fresh small LM (the "student") on it from scratch:
 
 * ``real-data`` — the student trains on the real target examples themselves (the reference, not a generator);
 * ``hard-prompt`` — the generator continues a fixed literal prefix (``hard_prompt``, by default a function header
@@ -13,11 +13,14 @@ docstrings, then trains a fresh small LM (the "student") on it from scratch:
   (`effml.synth`), trained to reconstruct the target examples from their lossy context vectors (hashed byte-trigram
   embeddings), then sampled with contexts drawn from the target examples.
 
-Every sample is cut at its first closing ``\"\"\"``; one that has none within ``max_example_bytes`` is closed there
+Every sample is cut at its first closing ``\"\"\"``; one that has none within ``max_example_bytes`` gets one appended
 (counted in ``unterminated_fraction``). Measured per arm: the student's loss on the real held-out docstrings
 (``test_loss``, nats/byte: how useful the data is), the cross-validated AUC of a classifier telling the synthetic set
 from the real held-out docstrings in the frozen generator's mean-pooled features (``auc``: 0.5 is indistinguishable),
 and what the samples are like (distinct fraction, exact copies of a target example, mean length).
+
+The generator and the target set are fixed across seeds (the paper's given LLM and sample), so the spread over seeds
+is that of the prompts' initialisation and batches, the sampling, and the students' initialisation and batches.
 
 Claims (PAPERS.md §6 d: expected MC ≳ MP2 > NSP > hard prompt), fixed before the cpu preset was first run: (1) the
 best SoftSRV variant's data (MC) trains a better student than the hard prompt's; (2) even the non-contextual prompt's
@@ -48,6 +51,8 @@ GENERATOR, REAL, HARD, NSP, MC = "generator", "real-data", "hard-prompt", "nsp",
 CLOSING = '"""'
 SAMPLES_FILE = "synthetic.json"
 SEPARATOR = "\x1c"  # between examples in a student's training stream (the corpora's document separator)
+# derive_seed sub-streams of a seed beside the prompt's batch indices 0, 1, 2, ...
+_PROMPT_INIT_STREAM, _STUDENT_INIT_STREAM = 2**40, 2**40 + 1
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,11 @@ class SoftsrvConfig:
     seq_len: int = 192  # the generator's context: soft tokens + an example must fit in it
     batch_size: int = 32  # the generator's pretraining batch
     eval_windows: int = 256
-    target_examples: int = 2000  # target docstrings the prompts learn from (drawn once, with target_seed)
+    target_examples: int = 1500  # target docstrings the prompts learn from (drawn once, with target_seed)
     target_seed: int = 0
+    single_line: bool = True  # only docstrings on one line (the closing quotes on the line they start on)
     min_example_bytes: int = 16
-    max_example_bytes: int = 176  # closing quotes included
+    max_example_bytes: int = 96  # closing quotes included
     n_soft_tokens: int = 16  # t
     context_dim: int = 64  # d_e of the hashed n-gram embedder
     ngram: int = 3
@@ -73,7 +79,7 @@ class SoftsrvConfig:
     mlp_hidden: int = 256
     prompt_batch_size: int = 16
     hard_prompt: str = 'def f():\n    """'
-    n_samples: int = 2000
+    n_samples: int = 1500
     sample_batch_size: int = 500  # samples generated at once
     temperature: float = 1.0
     top_p: float | None = None
@@ -167,28 +173,32 @@ def _full() -> SoftsrvConfig:
 
 @dataclass(frozen=True)
 class TargetData:
-    """The target examples: ``train`` (the prompts learn from these; the real-data arm's student trains on them),
-    ``valid`` and ``test`` (held-out files' docstrings, none also in ``train``'s split)."""
+    """The target examples: ``train`` (the prompts learn from these; the real-data arm's student trains on them) and
+    ``held_out`` (the docstrings of the corpus's valid and test files, none also in the train files: the students'
+    evaluation, the two-sample test's reference and the prompts' held-out reconstruction)."""
 
     train: list[str]
-    valid: list[str]
-    test: list[str]
+    held_out: list[str]
 
 
 def _target_data(config: SoftsrvConfig) -> TargetData:
     from effml.data import docstring_examples
 
     options = dict(min_bytes=config.min_example_bytes, max_bytes=config.max_example_bytes)
-    pool = docstring_examples(config.corpus, "train", **options)
+
+    def examples(split: str, exclude: set[str] = frozenset()) -> list[str]:
+        found = docstring_examples(config.corpus, split, exclude=exclude, **options)
+        return [text for text in found if "\n" not in text] if config.single_line else found
+
+    pool = examples("train")
     if len(pool) < config.target_examples:
+        kind = "one-line docstrings" if config.single_line else "docstrings"
         raise ConfigError(f"softsrv.target_examples = {config.target_examples}, but the corpus's train files hold "
-                          f"only {len(pool)} docstrings of {config.min_example_bytes}–{config.max_example_bytes} "
-                          "bytes; lower target_examples or widen the byte range.")
+                          f"only {len(pool)} {kind} of {config.min_example_bytes}–{config.max_example_bytes} bytes; "
+                          "lower target_examples or widen the byte range.")
     chosen = np.random.default_rng(config.target_seed).choice(len(pool), config.target_examples, replace=False)
-    exclude = set(pool)
     return TargetData(train=[pool[i] for i in sorted(chosen)],
-                      valid=docstring_examples(config.corpus, "valid", exclude=exclude, **options),
-                      test=docstring_examples(config.corpus, "test", exclude=exclude, **options))
+                      held_out=examples("valid", set(pool)) + examples("test", set(pool)))
 
 
 def _bytes(text: str) -> bytes:
@@ -305,7 +315,7 @@ class SoftsrvRecipe(Experiment):
         embedder = self._embedder(config)
         tokens, mask = pad_examples(_encode(target.train), config.max_example_bytes)
         contexts = embedder(target.train)
-        torch.manual_seed(derive_seed(context.seed, 1))
+        torch.manual_seed(derive_seed(context.seed, _PROMPT_INIT_STREAM))
         init = embedding_rows_init(generator.tok_emb.weight, config.n_soft_tokens,
                                    torch.Generator().manual_seed(context.seed))
         options = {"mp": {"k": config.mixture_k}, "mc": {"hidden": config.mlp_hidden}, "nsp": {}}
@@ -319,7 +329,7 @@ class SoftsrvRecipe(Experiment):
                 len(target.train), config.prompt_batch_size, replace=False))
             return contexts[rows], tokens[rows], mask[rows]
 
-        held_out = (embedder(target.valid), *pad_examples(_encode(target.valid), config.max_example_bytes))
+        held_out = (embedder(target.held_out), *pad_examples(_encode(target.held_out), config.max_example_bytes))
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
             return {"valid_recon_loss": _mean_recon_loss(generator, model, held_out, context.device)}
@@ -340,20 +350,22 @@ class SoftsrvRecipe(Experiment):
     def _synthetic(self, config: SoftsrvConfig, context: RunContext,
                    sample: Any) -> tuple[list[str], dict[str, float]]:
         """The arm's synthetic examples: read back from its run directory, or sampled now (``sample()`` → raw texts)
-        and saved. Each is cut after its first closing ``\"\"\"``; one that has none within ``max_example_bytes`` is
-        closed there (counted as unterminated)."""
+        and saved. Each is cut after its first closing ``\"\"\"``; one that has none within ``max_example_bytes`` gets
+        one appended (and is counted as unterminated)."""
+        from effml.train.distributed import barrier
+
         path = context.run_dir / SAMPLES_FILE
-        if path.exists():
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            raw = sample()
-            if context.world.is_main:
-                atomic_write_text(path, json.dumps(raw))  # ASCII: escapes keep undecodable bytes
+        if context.world.is_main and not path.exists():  # rank 0 samples; every rank then trains on its file
+            atomic_write_text(path, json.dumps(sample()))  # ASCII: escapes keep undecodable bytes
+        barrier()
+        raw = json.loads(path.read_text(encoding="utf-8"))
         closed = [text[:text.index(CLOSING) + len(CLOSING)] if CLOSING in text else text + CLOSING for text in raw]
         return closed, {"unterminated_fraction": sum(CLOSING not in text for text in raw) / len(raw)}
 
     def _sample_generator(self, context: RunContext) -> torch.Generator:
-        return torch.Generator().manual_seed(10_000 + context.seed)
+        """The samples' random stream, the same for every arm of a seed (common random numbers), on the device the
+        logits are drawn on. The samples depend on ``sample_batch_size`` too (batches draw from it in turn)."""
+        return torch.Generator(device=context.device).manual_seed(10_000 + context.seed)
 
     def _hard_prompt_samples(self, config: SoftsrvConfig, generator: Any, context: RunContext) -> list[str]:
         from effml.decode import generate
@@ -397,7 +409,7 @@ class SoftsrvRecipe(Experiment):
             picks = np.random.default_rng(30_000 + context.seed).choice(len(examples), config.auc_samples,
                                                                          replace=False)
             examples = [examples[i] for i in sorted(picks)]
-        real = _features(generator, target.valid + target.test, context.device)
+        real = _features(generator, target.held_out, context.device)
         return classifier_two_sample_auc(real, _features(generator, examples, context.device),
                                          folds=config.auc_folds, seed=context.seed)
 
@@ -407,7 +419,8 @@ class SoftsrvRecipe(Experiment):
         from effml.data import CorpusSplits
         from effml.nn import TransformerLM
 
-        splits = {"train": _stream(examples), "valid": _stream(target.valid), "test": _stream(target.test)}
+        held_out = _stream(target.held_out)  # no choice is made on it, so the curves and the final loss share it
+        splits = {"train": _stream(examples), "valid": held_out, "test": held_out}
         corpus = CorpusSplits(name="docstrings", **splits, n_bytes={k: len(v) for k, v in splits.items()},
                               files={k: [] for k in splits})
         torch.manual_seed(derive_student_seed(context.seed))
@@ -461,7 +474,7 @@ def derive_student_seed(seed: int) -> int:
     """The students' initialisation seed: the same for every arm of a seed, so they differ only in their data."""
     from effml.data.tasks.base import derive_seed
 
-    return derive_seed(seed, 2)
+    return derive_seed(seed, _STUDENT_INIT_STREAM)
 
 
 class _ReconstructionLoss:
