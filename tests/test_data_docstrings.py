@@ -144,10 +144,6 @@ def load(corpus: TextFilesCorpus, split: str, tmp_path: Path, **kwargs):
     return load_docstrings(corpus, split, split_fractions=FRACTIONS, cache_dir=tmp_path / "cache", **kwargs)
 
 
-def test_features_source_corpus_is_valid_python():
-    compile(FEATURES, "features.py", "exec")
-
-
 def test_examples_are_the_exact_text_after_the_opening_quotes(corpus, tmp_path):
     split = split_of(corpus, "features.py")
     loaded = load(corpus, split, tmp_path, min_bytes=1)
