@@ -20,7 +20,7 @@ from effml.train.distributed import World, main_first
 from effml.train.lm import causal_lm_loss, heldout_nats_per_token
 from effml.train.loop import LossFn
 
-__all__ = ["load_byte_corpus", "heldout_evaluator", "train_lm", "parse_size", "byte_lm_config"]
+__all__ = ["load_byte_corpus", "heldout_evaluator", "train_lm", "parse_size", "byte_lm_config", "load_trained_lm"]
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -97,3 +97,26 @@ def train_lm(model: torch.nn.Module, corpus: Any, *, seq_len: int, batch_size: i
                    step_time_s=result.median_step_time,
                    tokens_per_s=batch_size * seq_len * train.grad_accum / result.median_step_time)
     return metrics, result.curves
+
+
+def load_trained_lm(context: RunContext, arm: str, steps: int, model_config: Any, *, recipe: str, what: str) -> Any:
+    """The `TransformerLM` that arm ``arm``'s run (the one ``context`` needs: `RunContext.arm_run_dir`) trained for
+    ``steps`` steps, from its final checkpoint, on the run's device; built under a forked RNG, so the caller's random
+    state is untouched. Raises FileNotFoundError, saying how to go on, when that run did not reach its last step."""
+    from effml.nn import TransformerLM
+    from effml.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    checkpoints = context.arm_run_dir(arm) / "checkpoints"
+    path = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    checkpoint = load_checkpoint(path) if path is not None else None
+    if checkpoint is None or checkpoint.step != steps:
+        found = "no checkpoint" if checkpoint is None else f"a checkpoint at step {checkpoint.step}"
+        raise FileNotFoundError(f"{recipe}'s runs load {what} from {checkpoints}, which holds {found}, not one at its "
+                                f"last step ({steps}): the {arm} run did not finish. Resume the run (`effml run "
+                                f"{recipe} --resume RUN_DIR`), which trains it first; if the run's results.json "
+                                f"already lists that {arm} run as complete (its checkpoints were deleted), start a new "
+                                "run instead.")
+    with torch.random.fork_rng(devices=[]):
+        model = TransformerLM(model_config)
+    model.load_state_dict(checkpoint.model)
+    return model.to(context.device)

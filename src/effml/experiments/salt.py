@@ -37,7 +37,7 @@ import torch
 
 from effml.config import ConfigError, check_choice, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, complete_run, register
-from effml.experiments.lm_training import byte_lm_config, load_byte_corpus, parse_size, train_lm
+from effml.experiments.lm_training import byte_lm_config, load_byte_corpus, load_trained_lm, parse_size, train_lm
 from effml.io import atomic_save_numpy
 from effml.train import TrainConfig
 from effml.train.distill import TRANSITIONS, DistillationLoss, KDSchedule, SelectedWindows, candidate_count
@@ -237,25 +237,8 @@ class SaltRecipe(Experiment):
 
     def _teacher(self, config: SaltConfig, context: RunContext) -> torch.nn.Module:
         """The same seed's trained teacher (from its run's final checkpoint), on the run's device."""
-        from effml.nn import TransformerLM
-
-        from effml.train.checkpoint import latest_checkpoint, load_checkpoint
-
-        checkpoints = context.arm_run_dir(TEACHER) / "checkpoints"
-        path = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
-        checkpoint = load_checkpoint(path) if path is not None else None
-        if checkpoint is None or checkpoint.step != config.teacher_train.steps:
-            found = "no checkpoint" if checkpoint is None else f"a checkpoint at step {checkpoint.step}"
-            raise FileNotFoundError(f"The student runs of salt load the same seed's trained teacher from "
-                                    f"{checkpoints}, which holds {found}, not one at the teacher's last step "
-                                    f"({config.teacher_train.steps}): the teacher run did not finish. Resume the run "
-                                    "(`effml run salt --resume RUN_DIR`), which trains the teacher first; if the run's "
-                                    "results.json already lists that teacher run as complete (its checkpoints were "
-                                    "deleted), start a new run instead.")
-        with torch.random.fork_rng(devices=[]):
-            teacher = TransformerLM(model_config(config, config.teacher_size))
-        teacher.load_state_dict(checkpoint.model)
-        return teacher.to(context.device)
+        return load_trained_lm(context, TEACHER, config.teacher_train.steps, model_config(config, config.teacher_size),
+                               recipe=self.name, what="the same seed's trained teacher")
 
     def _selected_windows(self, config: SaltConfig, base: Any, teacher: torch.nn.Module,
                           context: RunContext) -> SelectedWindows:

@@ -41,7 +41,7 @@ import torch
 
 from effml.config import ConfigError, check_positive
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, register
-from effml.experiments.lm_training import byte_lm_config, load_byte_corpus, parse_size, train_lm
+from effml.experiments.lm_training import byte_lm_config, load_byte_corpus, load_trained_lm, parse_size, train_lm
 from effml.io import atomic_write_text
 from effml.train import TrainConfig
 
@@ -279,23 +279,9 @@ class SoftsrvRecipe(Experiment):
 
     def _generator(self, config: SoftsrvConfig, context: RunContext) -> Any:
         """The shared generator's final weights, frozen, in eval mode, on the run's device."""
-        from effml.nn import TransformerLM
-        from effml.train.checkpoint import latest_checkpoint, load_checkpoint
-
-        checkpoints = context.arm_run_dir(GENERATOR) / "checkpoints"
-        path = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
-        checkpoint = load_checkpoint(path) if path is not None else None
-        if checkpoint is None or checkpoint.step != config.generator_train.steps:
-            found = "no checkpoint" if checkpoint is None else f"a checkpoint at step {checkpoint.step}"
-            raise FileNotFoundError(f"softsrv's arms load the pretrained generator from {checkpoints}, which holds "
-                                    f"{found}, not one at its last step ({config.generator_train.steps}): the "
-                                    "generator run did not finish. Resume the run (`effml run softsrv --resume "
-                                    "RUN_DIR`), which trains it first; if results.json lists it as complete (its "
-                                    "checkpoints were deleted), start a new run instead.")
-        with torch.random.fork_rng(devices=[]):
-            generator = TransformerLM(_generator_config(config))
-        generator.load_state_dict(checkpoint.model)
-        return generator.to(context.device).eval().requires_grad_(False)
+        generator = load_trained_lm(context, GENERATOR, config.generator_train.steps, _generator_config(config),
+                                    recipe=self.name, what="the pretrained generator")
+        return generator.eval().requires_grad_(False)
 
     # -- the soft prompts ------------------------------------------------------------------------------------------
     def _embedder(self, config: SoftsrvConfig) -> Any:
