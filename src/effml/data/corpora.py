@@ -387,6 +387,13 @@ class CorpusSplits:
         return float(loss_per_token) * len(self.tokens(split)) / (self.n_bytes[split] * math.log(2))
 
 
+def source_state(source: CorpusSource, files: Sequence[str]) -> dict[str, object]:
+    """What a cache entry built from ``files`` of ``source`` depends on: the source's name and identity and every
+    file's path, size and mtime (a part of a cache key, `effml.data.cache.cache_key`)."""
+    return {"corpus": source.name, "source": source.identity,
+            "files": [[file, *source.stat(file)] for file in files]}
+
+
 def load_corpus(name: str | CorpusSource, tokenizer: Tokenizer | None = None, *,
                 cache_dir: str | os.PathLike[str] | None = None, max_bytes: int | None = None,
                 split_fractions: Sequence[float] = (0.9, 0.05, 0.05)) -> CorpusSplits:
@@ -413,9 +420,7 @@ def load_corpus(name: str | CorpusSource, tokenizer: Tokenizer | None = None, *,
     files = source.files()
     key = cache_key({
         "version": _FORMAT_VERSION,
-        "corpus": source.name,
-        "source": source.identity,
-        "files": [[file, *source.stat(file)] for file in files],
+        **source_state(source, files),
         "tokenizer": tokenizer.fingerprint,
         "split_fractions": list(fractions),
         "max_bytes": max_bytes,

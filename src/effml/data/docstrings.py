@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from effml.data.cache import cache_key, default_cache_dir, entry_dir, load_entry, write_entry
-from effml.data.corpora import SPLITS, CorpusSource, _check_fractions, assign_splits, resolve_corpus
+from effml.data.corpora import SPLITS, CorpusSource, _check_fractions, assign_splits, resolve_corpus, source_state
 
 __all__ = ["DocstringSet", "load_docstrings", "docstring_examples"]
 
@@ -202,9 +202,7 @@ def load_docstrings(source: str | CorpusSource = "stdlib-code", split: str = "tr
     files = source.files()
     key = cache_key({
         "version": _FORMAT_VERSION,
-        "corpus": source.name,
-        "source": source.identity,
-        "files": [[file, *source.stat(file)] for file in files],
+        **source_state(source, files),
         "split": split,
         "split_fractions": list(fractions),
         "min_bytes": min_bytes,
