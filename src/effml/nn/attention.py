@@ -1,4 +1,5 @@
-"""Causal multi-head self-attention with rotary positions, and the preallocated key/value cache used to decode.
+"""Multi-head self-attention (causal or bidirectional) with rotary positions, cross-attention to an encoder's
+outputs, and the preallocated key/value cache used to decode.
 
 Attention (Vaswani et al., arXiv 1706.03762) with one fused q/k/v projection, RoPE on queries and keys, and
 ``torch.nn.functional.scaled_dot_product_attention`` (SDPA) for the softmax(q kᵀ / √Dh) v product.
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from effml.nn.rotary import apply_rotary
 
-__all__ = ["CausalSelfAttention", "KVCache"]
+__all__ = ["SelfAttention", "CausalSelfAttention", "CrossAttention", "KVCache", "key_padding_mask"]
 
 
 class KVCache:
@@ -84,17 +85,117 @@ def _offset_causal_mask(start: int, new_tokens: int, device: torch.device) -> Te
     return key_positions[None, :] <= query_positions[:, None]
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, no biases.
+def key_padding_mask(padding: Tensor, queries: int, causal: bool) -> Tensor:
+    """SDPA's boolean attention mask from a key padding mask.
+
+    Args:
+        padding: (B, S) bool, True at padded key positions (they receive no attention).
+        queries: number of query positions T (with ``causal``, T == S: query i sees keys 0..i).
+        causal: also hide later keys.
+
+    Returns:
+        (B, 1, T or 1, S) bool, True where a query may attend to a key; it broadcasts over the heads.
+    """
+    mask = ~padding[:, None, None, :]
+    if causal:
+        keys = padding.shape[1]
+        mask = mask & torch.ones(queries, keys, dtype=torch.bool, device=padding.device).tril()
+    return mask
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions, no biases; causal (a decoder) or bidirectional (an encoder,
+    or the non-causal decoder of parallel decoding).
 
     Args:
         d_model: model width D.
         n_heads: number of heads H (D must be divisible by H; head size Dh = D / H).
         dropout: dropout probability on the attention weights, applied in training mode only.
+        causal: each position attends only to itself and earlier positions.
 
-    ``forward(x, rotation, cache=None, cache_slot=0)``: x (B, T, D); rotation (T, 1, Dh/2) complex rotary factors
-    for the absolute positions of the T tokens (``RotaryEmbedding``); returns (B, T, D). With a cache, the tokens
-    are the T positions after ``cache.length`` and their keys/values are stored in ``cache`` slot ``cache_slot``.
+    ``forward(x, rotation, cache=None, cache_slot=0, key_padding=None)``: x (B, T, D); rotation (T, 1, Dh/2) complex
+    rotary factors for the absolute positions of the T tokens (``RotaryEmbedding``); returns (B, T, D). With a cache
+    (causal only), the tokens are the T positions after ``cache.length`` and their keys/values are stored in
+    ``cache`` slot ``cache_slot``. ``key_padding`` (B, T) bool marks padded positions, which no query attends to
+    (their own outputs are meaningless and should be ignored); it cannot be combined with a cache.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = True) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pick n_heads dividing d_model.")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.causal = causal
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """Normal(0, std) for the q/k/v projection and normal(0, out_std) for the output projection."""
+        nn.init.normal_(self.qkv_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.out_proj.weight, mean=0.0, std=out_std)
+
+    def forward(self, x: Tensor, rotation: Tensor, cache: KVCache | None = None, cache_slot: int = 0,
+                key_padding: Tensor | None = None) -> Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(batch, seq, 3, self.n_heads, self.head_dim).unbind(2)
+        q = apply_rotary(q, rotation).transpose(1, 2)
+        k = apply_rotary(k, rotation).transpose(1, 2)
+        v = v.transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None:
+            if not self.causal or key_padding is not None:
+                raise ValueError("a KV cache serves causal attention without key padding (incremental decoding); "
+                                 "call this layer without the cache, or build it with causal=True and no padding.")
+            y = self._attend_cached(q, k, v, cache, cache_slot, dropout_p)
+        elif key_padding is not None:
+            mask = key_padding_mask(key_padding, seq, self.causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, self.d_model))
+
+    @staticmethod
+    def _attend_cached(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, cache_slot: int, dropout_p: float) -> Tensor:
+        """Write the new keys/values (B, H, T, Dh) into the cache slot and attend over every cached position."""
+        seq = q.shape[2]
+        start = cache.length
+        end = start + seq
+        keys, values = cache.keys[cache_slot], cache.values[cache_slot]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        # (a cache may be kept in another dtype than the model computes in, e.g. bf16 to save memory)
+        k, v = keys[:, :, :end].to(q.dtype), values[:, :, :end].to(q.dtype)
+        if seq == 1:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        mask = _offset_causal_mask(start, seq, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}, causal={self.causal}"
+
+
+class CausalSelfAttention(SelfAttention):
+    """Causal ``SelfAttention`` (the decoder LM's), with the same arguments except ``causal``."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__(d_model, n_heads, dropout, causal=True)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from a decoder's positions to an encoder's outputs (the memory), no biases, no positions.
+
+    Args:
+        d_model, n_heads, dropout: as ``SelfAttention``.
+
+    The memory's keys and values depend only on the memory, so decoding computes them once
+    (``memory_keys_values``) and passes them to every step. ``forward(x, keys_values, memory_padding=None)``:
+    x (B, T, D) queries; keys_values the pair of (B, H, S, Dh) tensors; memory_padding (B, S) bool, True at padded
+    memory positions; returns (B, T, D).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
@@ -105,38 +206,29 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
-        """Normal(0, std) for the q/k/v projection and normal(0, out_std) for the output projection."""
-        nn.init.normal_(self.qkv_proj.weight, mean=0.0, std=std)
+        """Normal(0, std) for the q and k/v projections and normal(0, out_std) for the output projection."""
+        nn.init.normal_(self.q_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.kv_proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.out_proj.weight, mean=0.0, std=out_std)
 
-    def forward(self, x: Tensor, rotation: Tensor, cache: KVCache | None = None, cache_slot: int = 0) -> Tensor:
+    def memory_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the memory (B, S, D): two (B, H, S, Dh) tensors."""
+        batch, length, _ = memory.shape
+        k, v = self.kv_proj(memory).view(batch, length, 2, self.n_heads, self.head_dim).unbind(2)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, keys_values: tuple[Tensor, Tensor], memory_padding: Tensor | None = None) -> Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(batch, seq, 3, self.n_heads, self.head_dim).unbind(2)
-        q = apply_rotary(q, rotation).transpose(1, 2)
-        k = apply_rotary(k, rotation).transpose(1, 2)
-        v = v.transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = keys_values
+        mask = None if memory_padding is None else key_padding_mask(memory_padding, seq, causal=False)
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            start = cache.length
-            end = start + seq
-            keys, values = cache.keys[cache_slot], cache.values[cache_slot]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            # (a cache may be kept in another dtype than the model computes in, e.g. bf16 to save memory)
-            k, v = keys[:, :, :end].to(q.dtype), values[:, :, :end].to(q.dtype)
-            if seq == 1:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-            elif start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-            else:
-                mask = _offset_causal_mask(start, seq, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout_p)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, self.d_model))
 
     def extra_repr(self) -> str:
