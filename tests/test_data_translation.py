@@ -101,6 +101,25 @@ def test_targets_are_the_reversed_source_spelt_in_one_dialect() -> None:
         assert sorted(valid[index]) == sorted(TASK.references(source))
 
 
+def test_one_token_second_spellings_give_dialects_of_the_same_length() -> None:
+    task = dataclasses.replace(TASK, second_spelling_tokens=1)
+    spelt = spellings(task)
+    assert all(len(short) == len(long) == 1 for short, long in spelt.values())
+    second = {spelt[symbol][1][0] for symbol in task.ambiguous_symbols}
+    firsts = {short[0] for short, _ in spelt.values()}
+    assert len(second) == task.n_ambiguous and not second & firsts  # fresh tokens, one per ambiguous symbol
+    assert task.vocab_size == SyntheticTranslation.n_special + 2 * task.n_symbols + task.n_ambiguous
+    assert task.max_target_length == task.max_length
+    batch = task.sample(512, 3)
+    assert torch.equal(batch.target_lengths, batch.alternative_lengths)
+    assert torch.equal(batch.target_lengths, batch.source_lengths)
+    ambiguous = torch.isin(batch.sources, torch.tensor(task.ambiguous_symbols)).sum(1)
+    differing = (batch.targets != batch.alternatives).sum(1)
+    assert torch.equal(differing, ambiguous)  # exactly the ambiguous symbols' positions tell the dialects apart
+    with pytest.raises(ValueError, match="second_spelling_tokens"):
+        dataclasses.replace(TASK, second_spelling_tokens=3)
+
+
 def test_long_spelling_tokens_never_appear_in_a_short_dialect_target() -> None:
     spelt = spellings(TASK)
     long_tokens = {token for symbol in TASK.ambiguous_symbols for token in spelt[symbol][1]}

@@ -8,6 +8,7 @@ from effml.experiments import (  # noqa: F401  (importing a recipe module regist
     lora_rite,
     midas,
     mimetic,
+    padir,
     salt,
     softsrv,
 )

@@ -99,11 +99,12 @@ def train_lm(model: torch.nn.Module, corpus: Any, *, seq_len: int, batch_size: i
     return metrics, result.curves
 
 
-def load_trained_lm(context: RunContext, arm: str, steps: int, model_config: Any, *, recipe: str, what: str) -> Any:
-    """The `TransformerLM` that arm ``arm``'s run (the one ``context`` needs: `RunContext.arm_run_dir`) trained for
-    ``steps`` steps, from its final checkpoint, on the run's device; built under a forked RNG, so the caller's random
-    state is untouched. Raises FileNotFoundError, saying how to go on, when that run did not reach its last step."""
-    from effml.nn import TransformerLM
+def load_trained_model(context: RunContext, arm: str, steps: int, build: Callable[[], torch.nn.Module], *, recipe: str,
+                       what: str) -> torch.nn.Module:
+    """The model that arm ``arm``'s run (the one ``context`` needs: `RunContext.arm_run_dir`) trained for ``steps``
+    steps, from its final checkpoint, on the run's device. ``build()`` makes the untrained model; it is called under a
+    forked RNG, so the caller's random state is untouched. Raises FileNotFoundError, saying how to go on, when that
+    run did not reach its last step."""
     from effml.train.checkpoint import latest_checkpoint, load_checkpoint
 
     checkpoints = context.arm_run_dir(arm) / "checkpoints"
@@ -117,6 +118,13 @@ def load_trained_lm(context: RunContext, arm: str, steps: int, model_config: Any
                                 f"already lists that {arm} run as complete (its checkpoints were deleted), start a new "
                                 "run instead.")
     with torch.random.fork_rng(devices=[]):
-        model = TransformerLM(model_config)
+        model = build()
     model.load_state_dict(checkpoint.model)
     return model.to(context.device)
+
+
+def load_trained_lm(context: RunContext, arm: str, steps: int, model_config: Any, *, recipe: str, what: str) -> Any:
+    """``load_trained_model`` for a `TransformerLM` of ``model_config``."""
+    from effml.nn import TransformerLM
+
+    return load_trained_model(context, arm, steps, lambda: TransformerLM(model_config), recipe=recipe, what=what)

@@ -46,6 +46,9 @@ class EncoderDecoderConfig:
         max_source_len, max_target_len: the longest source (without the [LENGTH] position) and target fed.
         causal_decoder: True for an autoregressive decoder, False for a non-causal (parallel) one.
         length_classes: K > 0 adds the length predictor over target lengths 0 … K − 1; 0 means none.
+        absolute_positions: also add learned absolute position embeddings to the encoder's and the decoder's inputs
+            (as the original Transformer and Mask-Predict's CMLM do); rotary self-attention sees only relative
+            offsets, and a non-causal decoder fed identical [MASK] tokens needs to know where each position is.
         mlp, mlp_ratio, dropout, tie_embeddings, rope_base, norm_eps, init_std: as ``TransformerConfig``.
     """
 
@@ -58,6 +61,7 @@ class EncoderDecoderConfig:
     max_target_len: int = 256
     causal_decoder: bool = True
     length_classes: int = 0
+    absolute_positions: bool = False
     mlp: str = "gelu"
     mlp_ratio: float = 4.0
     dropout: float = 0.0
@@ -85,7 +89,7 @@ class EncoderDecoderConfig:
         if (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
                 or not 0.0 <= self.dropout < 1.0):
             raise ValueError(f"{owner}.dropout must be a number in [0, 1), got {self.dropout!r}.")
-        for name in ("causal_decoder", "tie_embeddings"):
+        for name in ("causal_decoder", "tie_embeddings", "absolute_positions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{owner}.{name} must be True or False, got {getattr(self, name)!r}.")
 
@@ -187,6 +191,12 @@ class EncoderDecoder(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         longest = max(config.max_source_len + (config.length_classes > 0), config.max_target_len)
         self.rotary = RotaryEmbedding(config.head_dim, longest, config.rope_base)
+        if config.absolute_positions:
+            self.source_positions = nn.Parameter(torch.empty(longest, config.d_model))
+            self.target_positions = nn.Parameter(torch.empty(config.max_target_len, config.d_model))
+        else:
+            self.register_parameter("source_positions", None)
+            self.register_parameter("target_positions", None)
 
         def stack(n_layers: int, causal: bool, cross: bool) -> nn.ModuleList:
             return nn.ModuleList(
@@ -220,9 +230,9 @@ class EncoderDecoder(nn.Module):
                 block.reset_parameters(std, std / math.sqrt(branches * len(blocks)))
         self.encoder_norm.reset_parameters()
         self.decoder_norm.reset_parameters()
-        if self.length_query is not None:
-            nn.init.normal_(self.length_query, mean=0.0, std=std)
-            nn.init.normal_(self.length_table, mean=0.0, std=std)
+        for table in (self.length_query, self.length_table, self.source_positions, self.target_positions):
+            if table is not None:
+                nn.init.normal_(table, mean=0.0, std=std)
 
     # ------------------------------------------------------------------ encoder
 
@@ -239,6 +249,8 @@ class EncoderDecoder(nn.Module):
             x = torch.cat([length_position, x], dim=1)
             if padding is not None:
                 padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding], dim=1)
+        if self.source_positions is not None:
+            x = x + self.source_positions[:x.shape[1]].to(x.dtype)
         rotation = self.rotary(0, x.shape[1]).unsqueeze(1)
         for block in self.encoder:
             x = block(x, rotation, padding)
@@ -278,6 +290,8 @@ class EncoderDecoder(nn.Module):
             memory_padding = memory.padding
         rotation = self.rotary(offset, target.shape[1]).unsqueeze(1)
         x = self._embed("target", target)
+        if self.target_positions is not None:
+            x = x + self.target_positions[offset:offset + target.shape[1]].to(x.dtype)
         for layer, (block, memory_kv) in enumerate(zip(self.decoder, keys_values, strict=True)):
             x = block(x, rotation, padding, memory_kv, memory_padding,
                       cache.self_attention if cache is not None else None, layer)
@@ -286,9 +300,14 @@ class EncoderDecoder(nn.Module):
         return self.lm_head(self.decoder_norm(x))
 
     def forward(self, source: Tensor, target: Tensor, source_padding: Tensor | None = None,
-                target_padding: Tensor | None = None) -> Tensor:
-        """``decode(target, encode(source, source_padding), target_padding)``: logits (B, T, vocab_size)."""
-        return self.decode(target, self.encode(source, source_padding), target_padding)
+                target_padding: Tensor | None = None,
+                with_length_logits: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """``decode(target, encode(source, source_padding), target_padding)``: logits (B, T, vocab_size); with
+        ``with_length_logits``, also the memory's (B, length_classes) length logits. Training goes through this
+        method, not ``encode``/``decode``, so that a DDP-wrapped model synchronises its gradients."""
+        memory = self.encode(source, source_padding)
+        logits = self.decode(target, memory, target_padding)
+        return (logits, memory.length_logits) if with_length_logits else logits
 
     def new_cache(self, memory: Memory, max_len: int | None = None) -> DecoderCache:
         """An empty ``DecoderCache`` for autoregressive decoding of up to ``max_len`` target positions (default

@@ -7,17 +7,22 @@ target positions (nearly) independently, so when the target distribution has sev
 task has exactly two modes per source, which must not be mixed.
 
 One vocabulary serves source and target: ids ``0 … 4`` are PAD, BOS, EOS, MASK and LENGTH (the last two for the
-masked / length-predicting decoder); then ``n_symbols`` source symbols; then ``n_symbols + 2 · n_ambiguous`` target
-tokens. A source is ``L ~ U{min_length … max_length}`` symbols drawn uniformly. Its target ("translation") is the
-source **reversed**, each symbol spelt through a fixed random map drawn from ``map_seed``:
+masked / length-predicting decoder); then ``n_symbols`` source symbols; then ``n_symbols + m · n_ambiguous`` target
+tokens (m = ``second_spelling_tokens``). A source is ``L ~ U{min_length … max_length}`` symbols drawn uniformly.
+Its target ("translation") is the source **reversed**, each symbol spelt through a fixed random map drawn from
+``map_seed``:
 
 * an unambiguous symbol has one spelling, a single target token;
 * each of ``n_ambiguous`` symbols (chosen by ``map_seed``) has two equally valid spellings: a **short** one (one target
-  token) and a **long** one (two target tokens, found in no other spelling).
+  token) and a **long** one (``second_spelling_tokens`` = m target tokens, found in no other spelling; with m = 1 the
+  "long" spelling is another single token, so both dialects have the same length).
 
 Every symbol's one-token spelling is a different token, so the map is invertible. Per example a **dialect**
 ``d ~ Bernoulli(1/2)`` picks the spelling of *all* ambiguous symbols (0: short, 1: long); a source with ``k`` ambiguous
-symbols therefore has exactly two valid targets, of lengths differing by ``k``, when ``k ≥ 1`` and one otherwise.
+symbols therefore has exactly two valid targets, of lengths differing by ``(m − 1)·k``, when ``k ≥ 1`` and one
+otherwise. With m = 2 the target's length reveals its dialect, so a model that predicts the length first (PaDIR)
+has chosen the dialect with it; with m = 1 only the tokens do, and a decoder that predicts positions independently
+must keep them consistent across the whole target.
 An output that spells some ambiguous symbols short and others long is wrong.
 
 The data drawn from a seed do not depend on ``map_seed``, so two tasks differing only in the map give paired sources.
@@ -103,8 +108,8 @@ def _id_list(sequence: Any, what: str) -> list[int]:
 class SyntheticTranslation(Task):
     """Reverse a symbol string and spell it in one of two dialects; see the module docstring.
 
-    ``vocab_size = 5 + 2 · n_symbols + 2 · n_ambiguous``; sources have at most ``max_length`` symbols and targets at
-    most ``max_target_length`` tokens.
+    ``vocab_size = 5 + 2 · n_symbols + m · n_ambiguous`` (m = ``second_spelling_tokens``); sources have at most
+    ``max_length`` symbols and targets at most ``max_target_length`` tokens.
     """
 
     name: ClassVar[str] = "synthetic-translation"
@@ -120,6 +125,7 @@ class SyntheticTranslation(Task):
     min_length: int = 8
     max_length: int = 24
     map_seed: int = 0
+    second_spelling_tokens: int = 2
 
     def __post_init__(self) -> None:
         check_int_param(self.name, "n_symbols", self.n_symbols)
@@ -127,6 +133,9 @@ class SyntheticTranslation(Task):
         check_int_param(self.name, "min_length", self.min_length)
         check_int_param(self.name, "max_length", self.max_length)
         check_int_param(self.name, "map_seed", self.map_seed, minimum=0)
+        if self.second_spelling_tokens not in (1, 2):
+            raise ValueError(f"Task {self.name!r}: second_spelling_tokens must be 1 (both dialects the same length) or "
+                             f"2 (the long dialect longer), got {self.second_spelling_tokens!r}.")
         if self.n_ambiguous > self.n_symbols:
             raise ValueError(f"Task {self.name!r}: n_ambiguous={self.n_ambiguous} exceeds n_symbols={self.n_symbols}; "
                              "the ambiguous symbols are a subset of the source symbols, so n_ambiguous must be at "
@@ -149,27 +158,28 @@ class SyntheticTranslation(Task):
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids: specials, source symbols and ``n_symbols + 2 · n_ambiguous`` target tokens."""
-        return self.target_offset + self.n_symbols + 2 * self.n_ambiguous
+        """Number of ids: specials, source symbols and ``n_symbols + m · n_ambiguous`` target tokens."""
+        return self.target_offset + self.n_symbols + self.second_spelling_tokens * self.n_ambiguous
 
     @property
     def max_target_length(self) -> int:
-        """The longest possible target: ``2 · max_length`` with ambiguous symbols (all spelt long), else
+        """The longest possible target: ``m · max_length`` with ambiguous symbols (all spelt long), else
         ``max_length``."""
-        return 2 * self.max_length if self.n_ambiguous > 0 else self.max_length
+        return self.second_spelling_tokens * self.max_length if self.n_ambiguous > 0 else self.max_length
 
     @functools.cached_property
     def _spellings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The map from ``map_seed``: spelt tokens int64 ``(2, n_symbols, 2)`` (dialect, symbol, piece; PAD after
         a one-token spelling), spelling lengths int64 ``(2, n_symbols)`` and the ambiguous symbols' indices."""
         rng = np.random.default_rng(self.map_seed)
-        tokens = self.target_offset + rng.permutation(self.n_symbols + 2 * self.n_ambiguous)
+        second = self.second_spelling_tokens
+        tokens = self.target_offset + rng.permutation(self.n_symbols + second * self.n_ambiguous)
         ambiguous = np.sort(rng.choice(self.n_symbols, size=self.n_ambiguous, replace=False))
         spelt = np.full((2, self.n_symbols, 2), self.pad_id, dtype=np.int64)
         spelt[:, :, 0] = tokens[:self.n_symbols]  # every symbol's one-token spelling, a different token each
-        spelt[1, ambiguous] = tokens[self.n_symbols:].reshape(self.n_ambiguous, 2)  # long spellings: fresh tokens
+        spelt[1, ambiguous, :second] = tokens[self.n_symbols:].reshape(self.n_ambiguous, second)  # fresh tokens
         lengths = np.ones((2, self.n_symbols), dtype=np.int64)
-        lengths[1, ambiguous] = 2
+        lengths[1, ambiguous] = second
         return spelt, lengths, ambiguous
 
     @property

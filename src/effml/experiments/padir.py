@@ -1,0 +1,473 @@
+"""`padir`: parallel decoding by iterative refinement against autoregressive decoding, on a translation task with
+two valid outputs per source.
+
+Reproduces the CPU demonstration PAPERS.md §9(d) derives from Li, Kirchmeyer, Mehta, Qin, Dadachev, Papineni, Kumar
+and Risteski, "Promises and pitfalls of generative masked language modeling: theoretical framework and practical
+guidelines" (ICML 2024, arXiv 2407.21046; PaDIR). The task (``effml.data.tasks.SyntheticTranslation``) reverses a
+symbol string and spells it through a fixed map in which some symbols have a short and a long spelling, one dialect
+per example: two valid targets, the multimodality that parallel decoding mixes. The cpu preset's second spellings
+are single tokens, so both targets have the source's length and differ only in the ambiguous symbols' tokens. With
+two-token second spellings (``second_spelling_tokens=2``, PAPERS.md's suggestion) the target's length reveals its
+dialect, so PaDIR's length predictor picks the dialect before the decoder runs and the decoder never meets the
+multimodality (a pilot found 0.86 exact match from one pass). Arms, each an ``effml.nn.EncoderDecoder`` of the same
+size (with learned absolute positions, which the non-causal decoder needs: fed identical [MASK] tokens, rotary
+attention alone cannot tell it where each position is) trained on fresh batches for the same steps:
+
+* ``ar`` — the autoregressive baseline: a causal decoder trained by teacher forcing (BOS … EOS), decoded greedily
+  with its KV cache (``effml.decode.decode_autoregressive``);
+* ``nar`` — PaDIR: a non-causal decoder with the [LENGTH]-token length predictor, trained to restore targets
+  corrupted at a U(0, 1) noise density with 80/10/10 [MASK]/random/kept noise (``effml.train.masking``), and decoded
+  by ``iterations`` parallel passes from all-[MASK] with the linear re-masking schedule
+  (``effml.decode.refine_decode``, the best of ``length_candidates`` predicted lengths);
+* ``nar-distilled`` — the same, trained on the ``ar`` model's greedy translations of the training sources
+  (sequence-level distillation, the standard remedy for multimodality in non-autoregressive translation).
+
+Measured: BLEU, exact match (either dialect), length accuracy and the repeated-adjacent-token ("stutter") rate on
+held-out sources, for every number of passes in ``iterations`` and, at ``claim_iterations``, with stutter re-masking
+added (``linear+stutter``); and in the ``nar-distilled`` run, the wall time of decoding one batch of sources at each
+size in ``timing_batch_sizes`` with both models, interleaved (``effml.metrics.timing``), as the paired ratio
+``speedup@N_bB`` = AR time / N-pass time. Derived entries ``ARM@N`` (and ``ARM@N+stutter``) hold each decoding's
+metrics, so that claims can compare decodings of one model.
+
+Claims (fixed before the cpu preset was first run; runs/ notes of stop 19): (1) BLEU rises with the passes,
+1 → 2 → … → ``claim_iterations`` (nar-distilled); (2) with ``claim_iterations`` passes nar-distilled's BLEU is at
+most 5 % below AR's; (3) decoding one source at a time, ``claim_iterations`` passes are at least 2× faster than AR (the
+paper's "2–3× speedup"); (4) the same at the largest timing batch; (5) distillation raises BLEU at
+``claim_iterations`` passes; (6) the stutter rate falls with the passes (nar, the undistilled model whose data is
+multimodal); (7) stutter re-masking lowers the stutter rate at ``claim_iterations`` passes (nar).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from effml.config import ConfigError, check_choice, check_positive
+from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, complete_run, evaluate_sharded, register
+from effml.train import TrainConfig, Trainer
+
+__all__ = ["PadirConfig", "PadirRecipe", "AR", "NAR", "DISTILLED", "Seq2SeqBatch", "seq2seq_loss"]
+
+AR, NAR, DISTILLED = "ar", "nar", "nar-distilled"
+STUTTER = "+stutter"
+
+
+@dataclass(frozen=True)
+class PadirConfig:
+    """Settings of the padir recipe (override any with --set key=value)."""
+
+    n_symbols: int = 12  # the task (effml.data.tasks.SyntheticTranslation)
+    n_ambiguous: int = 4
+    min_length: int = 6
+    max_length: int = 12
+    map_seed: int = 0
+    # 1: the two dialects differ only in their tokens; 2: the long one is longer (PAPERS.md §9(d)), but then the
+    # predicted length alone tells the decoder which dialect to write (the module docstring)
+    second_spelling_tokens: int = 1
+    d_model: int = 64  # every arm's EncoderDecoder
+    n_heads: int = 4
+    layers: int = 2  # encoder layers, and as many decoder layers
+    absolute_positions: bool = True
+    batch_size: int = 64
+    length_loss_weight: float = 0.1  # PaDIR's length classifier's cross-entropy, added to the token loss
+    loss_weighting: str = "all"  # which positions the NAR token loss counts: all, noised, masked
+    keep_prob: float = 0.1  # noised positions kept unchanged ...
+    random_prob: float = 0.1  # ... or replaced by a random target token (the rest become [MASK])
+    iterations: tuple[int, ...] = (1, 2, 4, 8)  # decoding passes evaluated
+    claim_iterations: int = 4  # the passes the claims on quality, speed and stutter are about
+    remasking: str = "linear"
+    init: str = "mask"
+    length_candidates: int = 1
+    eval_examples: int = 1024
+    eval_batch_size: int = 128
+    timing_batch_sizes: tuple[int, ...] = (1, 64)
+    timing_repeats: int = 8
+    seeds: int = 3
+    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1500, lr=2e-3, warmup_steps=100, weight_decay=0.01, beta2=0.98, log_every=20))
+
+    def __post_init__(self) -> None:
+        owner = "padir"
+        for name in ("n_symbols", "min_length", "max_length", "d_model", "n_heads", "layers", "batch_size",
+                     "claim_iterations", "length_candidates", "eval_examples", "eval_batch_size", "timing_repeats",
+                     "seeds"):
+            check_positive(owner, name, getattr(self, name))
+        for name in ("n_ambiguous", "length_loss_weight"):
+            check_positive(owner, name, getattr(self, name), allow_zero=True)
+        check_choice(owner, "loss_weighting", self.loss_weighting, ("all", "noised", "masked"))
+        check_choice(owner, "init", self.init, ("mask", "random"))
+        from effml.decode import build_rejecter
+
+        try:
+            build_rejecter(self.remasking)
+        except ValueError as error:
+            raise ConfigError(f"{owner}.remasking: {error}") from None
+        if (not self.iterations or list(self.iterations) != sorted(set(self.iterations)) or self.iterations[0] < 1
+                or self.claim_iterations not in self.iterations or self.iterations[0] >= self.claim_iterations):
+            raise ConfigError(f"{owner}.iterations = {self.iterations!r} must be increasing positive pass counts that "
+                              f"include claim_iterations = {self.claim_iterations} and a smaller count (claim 1 "
+                              "compares them), for example 1,2,4,8.")
+        if not self.timing_batch_sizes or any(size < 1 for size in self.timing_batch_sizes) \
+                or list(self.timing_batch_sizes) != sorted(set(self.timing_batch_sizes)):
+            raise ConfigError(f"{owner}.timing_batch_sizes = {self.timing_batch_sizes!r} must be increasing positive "
+                              "batch sizes, for example 1,64.")
+        if self.keep_prob + self.random_prob > 1 or min(self.keep_prob, self.random_prob) < 0:
+            raise ConfigError(f"{owner}: keep_prob and random_prob must be ≥ 0 with a sum ≤ 1, got {self.keep_prob} "
+                              f"and {self.random_prob}.")
+
+    def task(self) -> Any:
+        from effml.data.tasks import SyntheticTranslation
+
+        return SyntheticTranslation(n_symbols=self.n_symbols, n_ambiguous=self.n_ambiguous,
+                                    min_length=self.min_length, max_length=self.max_length, map_seed=self.map_seed,
+                                    second_spelling_tokens=self.second_spelling_tokens)
+
+    def model_config(self, causal: bool) -> Any:
+        """The arms' ``EncoderDecoderConfig``: a causal decoder (AR) or a non-causal one with a length predictor."""
+        from effml.nn import EncoderDecoderConfig
+
+        task = self.task()
+        return EncoderDecoderConfig(
+            vocab_size=task.vocab_size, d_model=self.d_model, n_heads=self.n_heads, n_encoder_layers=self.layers,
+            n_decoder_layers=self.layers, max_source_len=self.max_length,
+            max_target_len=task.max_target_length + 1,  # + BOS (AR); a length class per target length 0 … max
+            causal_decoder=causal, length_classes=0 if causal else task.max_target_length + 1,
+            absolute_positions=self.absolute_positions)
+
+
+def _smoke() -> PadirConfig:
+    return PadirConfig(n_symbols=8, n_ambiguous=2, min_length=3, max_length=6, second_spelling_tokens=2, d_model=32,
+                       layers=1, batch_size=16, iterations=(1, 2), claim_iterations=2, length_candidates=2,
+                       eval_examples=32, eval_batch_size=16, timing_batch_sizes=(1, 4), timing_repeats=2, seeds=2,
+                       train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, weight_decay=0.01, log_every=4))
+
+
+def _cpu() -> PadirConfig:
+    return PadirConfig()
+
+
+def _full() -> PadirConfig:
+    return PadirConfig(n_symbols=64, n_ambiguous=16, min_length=16, max_length=64, d_model=512, n_heads=8, layers=6,
+                       batch_size=256, eval_examples=4096, eval_batch_size=256, timing_batch_sizes=(1, 256),
+                       timing_repeats=20,
+                       train=TrainConfig(steps=30_000, lr=5e-4, warmup_steps=1000, weight_decay=0.01, beta2=0.98,
+                                         log_every=100))
+
+
+# ----------------------------------------------------------------------------------------------------------- batches
+
+@dataclass
+class Seq2SeqBatch:
+    """One training batch of either decoder, ready for ``seq2seq_loss``.
+
+    Attributes:
+        sources: (B, S) ids; source_padding: (B, S) bool, True at padding.
+        decoder_inputs: (B, T) the decoder's input: BOS + the target shifted right (AR) or the corrupted target (NAR).
+        targets: (B, T) what each position predicts: the next token, EOS after the last (AR), or the clean target
+            (NAR). loss_mask: (B, T) bool, the positions the token loss counts.
+        target_padding: (B, T) bool, True beyond each target (the non-causal decoder hides it; a causal one needs no
+            mask). lengths: (B,) target lengths (the length predictor's labels).
+    """
+
+    sources: torch.Tensor
+    source_padding: torch.Tensor
+    decoder_inputs: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    target_padding: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _teacher_forced(task: Any, sources: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> Seq2SeqBatch:
+    """The AR batch: decoder inputs BOS t₁ … t_L (then PAD), targets t₁ … t_L EOS (then PAD)."""
+    width = int(lengths.max()) + 1
+    positions = torch.arange(width)[None, :]
+    padded = torch.full((len(lengths), width), task.pad_id, dtype=torch.long)
+    padded[:, :width - 1] = targets[:, :width - 1]
+    padded = padded.masked_fill(positions >= lengths[:, None], task.pad_id)
+    with_eos = padded.masked_fill(positions == lengths[:, None], task.eos_id)
+    inputs = torch.cat([torch.full((len(lengths), 1), task.bos_id), with_eos[:, :-1]], dim=1)
+    inputs = inputs.masked_fill(positions > lengths[:, None], task.pad_id)
+    valid = positions <= lengths[:, None]
+    return Seq2SeqBatch(sources, sources.eq(task.pad_id), inputs, with_eos, valid, ~valid, lengths)
+
+
+def _corrupted(config: PadirConfig, task: Any, sources: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
+               generator: torch.Generator) -> Seq2SeqBatch:
+    """The NAR batch: PaDIR's corruption of the targets (``effml.train.masking.corrupt_targets``)."""
+    from effml.train.masking import corrupt_targets
+
+    width = max(int(lengths.max()), 1)
+    clean = targets[:, :width]
+    padding = torch.arange(width)[None, :] >= lengths[:, None]
+    corruption = corrupt_targets(clean, padding, mask_id=task.mask_id, replacement_ids=_target_ids(task),
+                                 keep_prob=config.keep_prob, random_prob=config.random_prob, generator=generator)
+    selected = {"all": ~padding, "noised": corruption.noised, "masked": corruption.masked}[config.loss_weighting]
+    return Seq2SeqBatch(sources, sources.eq(task.pad_id), corruption.inputs, clean, selected, padding, lengths)
+
+
+def _target_ids(task: Any) -> torch.Tensor:
+    """The ids of the task's target tokens (random corruption and random initial tokens draw from them)."""
+    return torch.arange(task.target_offset, task.vocab_size)
+
+
+def seq2seq_loss(length_loss_weight: float):
+    """The loss of either arm: token cross-entropy on ``loss_mask`` (over every rank's tokens under torchrun), plus
+    ``length_loss_weight`` × the length predictor's cross-entropy when the model has one."""
+    from effml.train.lm import token_share
+
+    def loss(model: torch.nn.Module, batch: Seq2SeqBatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits, length_logits = model(batch.sources, batch.decoder_inputs, batch.source_padding,
+                                      batch.target_padding, with_length_logits=True)
+        token_loss = F.cross_entropy(logits[batch.loss_mask].float(), batch.targets[batch.loss_mask])
+        token_loss = token_loss * token_share(batch.loss_mask)
+        if length_logits is None:
+            return token_loss, {"token_loss": token_loss.detach()}
+        length_loss = F.cross_entropy(length_logits.float(), batch.lengths)
+        total = token_loss + length_loss_weight * length_loss
+        return total, {"token_loss": token_loss.detach(), "length_loss": length_loss.detach()}
+
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------------------ recipe
+
+@register
+class PadirRecipe(Experiment):
+    name = "padir"
+    description = ("parallel decoding by iterative refinement (PaDIR) vs autoregressive decoding, with distillation "
+                   "and stutter re-masking (arXiv 2407.21046)")
+    presets = {"smoke": _smoke, "cpu": _cpu, "full": _full}
+    claims_on_time = True  # the speed-ups are wall-clock ratios
+
+    def arms(self, config: PadirConfig) -> list[Arm]:
+        return [
+            Arm(AR, "autoregressive encoder-decoder, greedy decoding with a KV cache"),
+            Arm(NAR, f"PaDIR: non-causal decoder with a length predictor, {config.remasking} re-masking"),
+            Arm(DISTILLED, "PaDIR trained on the AR model's greedy translations", needs=(AR,)),
+        ]
+
+    def run_arm(self, config: PadirConfig, arm: Arm, context: RunContext) -> ArmRun:
+        from effml.data.tasks.base import derive_seed
+        from effml.nn import EncoderDecoder
+
+        task = config.task()
+        torch.manual_seed(context.seed)
+        model = EncoderDecoder(config.model_config(causal=arm.name == AR))
+        teacher = self._teacher(config, context) if arm.name == DISTILLED else None
+        trainer = Trainer(model, seq2seq_loss(config.length_loss_weight),
+                          self.training_batches(config, arm.name, context, teacher), config.train,
+                          run_dir=context.run_dir, device=context.device, resume=context.resume, quiet=context.quiet,
+                          description=f"{self.name} {arm.name} seed {context.seed}")
+        result = trainer.fit()
+        model.eval()
+        eval_seed = derive_seed(context.seed, 2_000_003)
+        metrics: dict[str, float] = {**result.final_metrics, "step_time_s": result.median_step_time}
+        curves = dict(result.curves)
+        if arm.name == AR:
+            measured = evaluate_sharded(task, self._ar_predict(model, task, context.device), config.eval_examples,
+                                        eval_seed, context.world, batch_size=config.eval_batch_size)
+            metrics.update(measured)
+        else:
+            for iterations in config.iterations:
+                predict = self._nar_predict(config, model, task, context.device, iterations, config.remasking)
+                measured = evaluate_sharded(task, predict, config.eval_examples, eval_seed, context.world,
+                                            batch_size=config.eval_batch_size)
+                metrics.update({f"{name}@{iterations}": value for name, value in measured.items()})
+            predict = self._nar_predict(config, model, task, context.device, config.claim_iterations,
+                                        config.remasking + STUTTER)
+            measured = evaluate_sharded(task, predict, config.eval_examples, eval_seed, context.world,
+                                        batch_size=config.eval_batch_size)
+            metrics.update({f"{name}@{config.claim_iterations}{STUTTER}": value for name, value in measured.items()})
+            curves["bleu_vs_iterations"] = [[float(n), metrics[f"bleu@{n}"]] for n in config.iterations]
+            curves["repeat_rate_vs_iterations"] = [[float(n), metrics[f"repeat_rate@{n}"]] for n in config.iterations]
+        if teacher is not None:
+            speed = self._time_decoding(config, teacher, model, task, context)
+            metrics.update(speed)
+            largest = config.timing_batch_sizes[-1]
+            curves[f"speedup_vs_iterations_b{largest}"] = [[float(n), speed[f"speedup@{n}_b{largest}"]]
+                                                           for n in config.iterations]
+        return ArmRun(params=model.num_parameters(), metrics=metrics, curves=curves)
+
+    def training_batches(self, config: PadirConfig, arm: str, context: RunContext,
+                         teacher: torch.nn.Module | None = None) -> Any:
+        """``index -> Seq2SeqBatch``, this rank's share of the global batch ``index``: fresh task examples from
+        ``derive_seed(seed, index)``, teacher-forced (``ar``) or corrupted (the NAR arms; with ``teacher``, its
+        greedy translations replace the targets). Every rank builds the global batch and keeps its share, so the
+        corruption's draws do not depend on the number of ranks (the teacher then translates the whole batch on
+        every rank: inference only)."""
+        from effml.data.batches import shard_batches
+        from effml.data.tasks.base import derive_seed
+
+        task = config.task()
+
+        def global_batch(index: int) -> Seq2SeqBatch:
+            sample = task.sample(config.batch_size, derive_seed(context.seed, index))
+            if arm == AR:
+                return _teacher_forced(task, sample.sources, sample.targets, sample.target_lengths)
+            targets, lengths = sample.targets, sample.target_lengths
+            if teacher is not None:
+                targets, lengths = self._translate(teacher, task, sample.sources, context.device)
+            generator = torch.Generator().manual_seed(derive_seed(context.seed, 1_000_003 + index))
+            return _corrupted(config, task, sample.sources, targets, lengths, generator)
+
+        return shard_batches(global_batch, context.world)
+
+    # -- models and decoding -------------------------------------------------------------------------------------
+
+    def _teacher(self, config: PadirConfig, context: RunContext) -> torch.nn.Module:
+        from effml.experiments.lm_training import load_trained_model
+        from effml.nn import EncoderDecoder
+
+        teacher = load_trained_model(context, AR, config.train.steps,
+                                     lambda: EncoderDecoder(config.model_config(causal=True)), recipe=self.name,
+                                     what="the autoregressive teacher")
+        return teacher.eval().requires_grad_(False)
+
+    @staticmethod
+    def _translate(teacher: torch.nn.Module, task: Any, sources: torch.Tensor,
+                   device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's greedy translations of ``sources``: (B, T) targets (PAD-padded) and (B,) lengths, on CPU."""
+        from effml.decode import decode_autoregressive
+
+        decoded = decode_autoregressive(teacher, sources.to(device), sources.eq(task.pad_id).to(device),
+                                        bos_id=task.bos_id, eos_id=task.eos_id, pad_id=task.pad_id,
+                                        max_len=task.max_target_length)
+        return decoded.tokens.cpu(), decoded.lengths.cpu()
+
+    @staticmethod
+    def _ar_predict(model: torch.nn.Module, task: Any, device: str):
+        from effml.decode import decode_autoregressive
+
+        def predict(batch: Any) -> list[list[int]]:
+            sources = batch.sources.to(device)
+            return decode_autoregressive(model, sources, sources.eq(task.pad_id), bos_id=task.bos_id,
+                                         eos_id=task.eos_id, pad_id=task.pad_id,
+                                         max_len=task.max_target_length).to_lists()
+
+        return predict
+
+    @staticmethod
+    def _nar_predict(config: PadirConfig, model: torch.nn.Module, task: Any, device: str, iterations: int,
+                     remasking: str):
+        from effml.decode import refine_decode
+
+        replacements = _target_ids(task).to(device)
+        not_targets = tuple(range(task.target_offset))
+
+        def predict(batch: Any) -> list[list[int]]:
+            sources = batch.sources.to(device)
+            # (random initial tokens, init="random", drawn from a seed that is a function of the batch alone)
+            generator = torch.Generator(device=device).manual_seed(int(batch.sources.sum()))
+            return refine_decode(model, sources, sources.eq(task.pad_id), iterations=iterations,
+                                 mask_id=task.mask_id, pad_id=task.pad_id, remasking=remasking, init=config.init,
+                                 replacement_ids=replacements, length_candidates=config.length_candidates,
+                                 suppress_ids=not_targets, generator=generator).to_lists()
+
+        return predict
+
+    def _time_decoding(self, config: PadirConfig, teacher: torch.nn.Module, model: torch.nn.Module, task: Any,
+                       context: RunContext) -> dict[str, float]:
+        """Seconds to decode one batch of each timing size, AR and every pass count interleaved in balanced rounds,
+        and each count's speed-up: the median over rounds of AR time / its time (paired in the round)."""
+        from effml.data.tasks.base import derive_seed
+        from effml.metrics.timing import paired_time_ratios, time_interleaved
+
+        metrics: dict[str, float] = {}
+        for size in config.timing_batch_sizes:
+            batch = task.sample(size, derive_seed(context.seed, 3_000_003 + size))
+            contenders = {AR: lambda batch=batch: self._ar_predict(teacher, task, context.device)(batch)}
+            for iterations in config.iterations:
+                predict = self._nar_predict(config, model, task, context.device, iterations, config.remasking)
+                contenders[f"n{iterations}"] = lambda batch=batch, predict=predict: predict(batch)
+            timings = time_interleaved(contenders, repeats=config.timing_repeats, warmup=1, device=context.device)
+            metrics[f"decode_s_ar_b{size}"] = timings[AR].median
+            for iterations in config.iterations:
+                timing = timings[f"n{iterations}"]
+                metrics[f"decode_s@{iterations}_b{size}"] = timing.median
+                metrics[f"speedup@{iterations}_b{size}"] = statistics.median(
+                    paired_time_ratios(timings[AR].samples, timing.samples))
+        return metrics
+
+    # -- report ------------------------------------------------------------------------------------------------------
+
+    def derive(self, config: PadirConfig, results: dict[str, Any]) -> dict[str, Any]:
+        """Per NAR arm and pass count N, the entry ``ARM@N`` holding that decoding's metrics (bleu, exact_match,
+        length_accuracy, repeat_rate), and ``ARM@N+stutter`` at ``claim_iterations``, so that claims compare
+        decodings of one model as they compare arms."""
+        derived = {}
+        decodings = [(f"@{n}", f"{n} passes, {config.remasking} re-masking") for n in config.iterations]
+        decodings.append((f"@{config.claim_iterations}{STUTTER}",
+                          f"{config.claim_iterations} passes, {config.remasking} and stutter re-masking"))
+        for arm in (NAR, DISTILLED):
+            for suffix, what in decodings:
+                runs = {}
+                for seed in map(str, self.seeds(config)):
+                    run = complete_run(results, arm, seed)
+                    if run is None:
+                        continue
+                    runs[seed] = {"status": "complete", "metrics": {
+                        name: run["metrics"][f"{name}{suffix}"]
+                        for name in ("bleu", "exact_match", "length_accuracy", "repeat_rate")}}
+                derived[f"{arm}{suffix}"] = {"label": f"{arm} decoded with {what}", "runs": runs}
+        return derived
+
+    def claims(self, config: PadirConfig) -> list[Any]:
+        from effml.report import Compare, Monotone, Threshold
+
+        n = config.claim_iterations
+        climbing = [count for count in config.iterations if count <= n]
+        largest = config.timing_batch_sizes[-1]
+        return [
+            Monotone(name="quality rises with the passes",
+                     statement=f"BLEU rises with each increase in decoding passes, {' → '.join(map(str, climbing))} "
+                               "(nar-distilled).",
+                     metric="bleu", arms=[f"{DISTILLED}@{count}" for count in climbing], better="higher"),
+            Compare(name="few passes come close to AR",
+                    statement=f"With {n} passes, the distilled PaDIR model's BLEU is at most 5 % below the "
+                              "autoregressive model's.",
+                    metric="bleu", arm=f"{DISTILLED}@{n}", baseline=AR, better="higher", relative=True,
+                    margin=-0.05),
+            Threshold(name="parallel decoding is faster one source at a time",
+                      statement=f"Decoding one source, {n} parallel passes take at most half the autoregressive "
+                                "model's time (the paper's 2–3× speed-up).",
+                      metric=f"speedup@{n}_b{config.timing_batch_sizes[0]}", arm=DISTILLED, better="higher",
+                      threshold=2.0),
+            Threshold(name="parallel decoding is faster in batches",
+                      statement=f"Decoding a batch of {largest} sources, {n} parallel passes take at most half the "
+                                "autoregressive model's time.",
+                      metric=f"speedup@{n}_b{largest}", arm=DISTILLED, better="higher", threshold=2.0),
+            Compare(name="distillation helps",
+                    statement=f"Trained on the AR model's translations, PaDIR's BLEU at {n} passes is higher than "
+                              "trained on the two-dialect data.",
+                    metric=f"bleu@{n}", arm=DISTILLED, baseline=NAR, better="higher"),
+            Monotone(name="stutter falls with the passes",
+                     statement=f"The rate of repeated adjacent tokens falls with each increase in decoding passes, "
+                               f"{' → '.join(map(str, climbing))} (nar).",
+                     metric="repeat_rate", arms=[f"{NAR}@{count}" for count in climbing], better="lower"),
+            Compare(name="stutter re-masking lowers stutter",
+                    statement=f"At {n} passes, adding stutter re-masking lowers the rate of repeated adjacent tokens "
+                              "(nar).",
+                    metric="repeat_rate", arm=f"{NAR}@{n}{STUTTER}", baseline=f"{NAR}@{n}", better="lower"),
+        ]
+
+    def plots(self, config: PadirConfig) -> list[Any]:
+        from effml.report import CurvePlot
+
+        largest = config.timing_batch_sizes[-1]
+        return [
+            CurvePlot(name="bleu_vs_iterations", curve="bleu_vs_iterations", ylabel="BLEU", xlabel="decoding passes",
+                      logx=True, title="Held-out BLEU of parallel decoding against its passes"),
+            CurvePlot(name="repeat_rate_vs_iterations", curve="repeat_rate_vs_iterations", xlabel="decoding passes",
+                      ylabel="repeated adjacent tokens", logx=True, title="Stutter against decoding passes"),
+            CurvePlot(name="speedup_vs_iterations", curve=f"speedup_vs_iterations_b{largest}", logx=True,
+                      xlabel="decoding passes", ylabel="AR time / PaDIR time",
+                      title=f"Decoding speed-up over AR, batches of {largest}"),
+            CurvePlot(name="train_loss", curve="train_loss", ylabel="training loss", logy=True,
+                      title="Training loss"),
+        ]

@@ -1,0 +1,117 @@
+"""The `padir` recipe end to end (smoke preset through the CLI), its training batches and its config checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from effml.config import ConfigError
+from effml.data.tasks import SyntheticTranslation, derive_seed
+from effml.experiments.base import RunContext
+from effml.experiments.padir import AR, DISTILLED, NAR, PadirConfig, PadirRecipe, _teacher_forced
+from effml.report import VERDICTS, evaluate_claims
+from effml.train.distributed import World
+
+
+@pytest.fixture(scope="module")
+def smoke_run(run_smoke) -> Path:
+    return run_smoke("padir")
+
+
+@pytest.fixture(scope="module")
+def results(smoke_run: Path) -> dict:
+    return json.loads((smoke_run / "results.json").read_text())
+
+
+def _context(run_dir: Path, seed: int, world: World | None = None) -> RunContext:
+    return RunContext(run_dir=run_dir / DISTILLED / f"seed-{seed}", seed=seed, device="cpu", world=world or World())
+
+
+def test_smoke_run_reports_every_claim_and_every_decoding(smoke_run: Path, results: dict) -> None:
+    config = PadirRecipe().preset("smoke")
+    assert results["status"] == "complete" and list(results["arms"]) == [AR, NAR, DISTILLED]
+    for arm in results["arms"].values():
+        assert [seed for seed, run in arm["runs"].items() if run["status"] == "complete"] == ["0", "1"]
+    claims = evaluate_claims(results)
+    assert len(claims) == 7 and {claim.verdict for claim in claims} <= set(VERDICTS)
+    assert all(claim.evidence and "not measured" not in claim.evidence for claim in claims)
+    report = (smoke_run / "report.md").read_text()
+    assert all(claim.name in report for claim in claims)
+    assert (smoke_run / "bleu_vs_iterations.png").stat().st_size > 1000
+    for seed in ("0", "1"):
+        for arm in (NAR, DISTILLED):
+            metrics = results["arms"][arm]["runs"][seed]["metrics"]
+            for suffix in ("@1", "@2", "@2+stutter"):
+                assert 0 <= metrics[f"bleu{suffix}"] <= 100 and 0 <= metrics[f"exact_match{suffix}"] <= 1
+                derived = results["derived"][f"{arm}{suffix}"]["runs"][seed]["metrics"]
+                assert derived["bleu"] == metrics[f"bleu{suffix}"]
+        timed = results["arms"][DISTILLED]["runs"][seed]["metrics"]
+        for size in config.timing_batch_sizes:
+            assert timed[f"decode_s_ar_b{size}"] > 0 and timed[f"speedup@2_b{size}"] > 0
+
+
+def test_the_reported_bleu_is_the_trained_model_s(smoke_run: Path, results: dict) -> None:
+    recipe, config = PadirRecipe(), PadirRecipe().preset("smoke")
+    task = config.task()
+    teacher = recipe._teacher(config, _context(smoke_run, 0))
+    measured = task.evaluate(recipe._ar_predict(teacher, task, "cpu"), config.eval_examples,
+                             derive_seed(0, 2_000_003), batch_size=config.eval_batch_size)
+    assert measured["bleu"] == pytest.approx(results["arms"][AR]["runs"]["0"]["metrics"]["bleu"], abs=1e-9)
+
+
+def test_the_distilled_arm_trains_on_the_teacher_s_translations(smoke_run: Path) -> None:
+    recipe, config = PadirRecipe(), PadirRecipe().preset("smoke")
+    context = _context(smoke_run, 1)
+    teacher = recipe._teacher(config, context)
+    task = config.task()
+    raw = recipe.training_batches(config, NAR, context)(3)
+    distilled = recipe.training_batches(config, DISTILLED, context, teacher)(3)
+    assert torch.equal(raw.sources, distilled.sources)
+    translated, lengths = recipe._translate(teacher, task, raw.sources, "cpu")
+    assert torch.equal(distilled.lengths, lengths)
+    assert torch.equal(distilled.targets, translated[:, :distilled.targets.shape[1]].masked_fill(
+        distilled.target_padding, task.pad_id))
+    sample = task.sample(config.batch_size, derive_seed(1, 3))
+    assert torch.equal(raw.lengths, sample.target_lengths)
+    assert torch.equal(raw.targets, sample.targets[:, :raw.targets.shape[1]])
+    # the corruption leaves un-noised positions as they were and never touches padding
+    for batch in (raw, distilled):
+        assert torch.equal(batch.decoder_inputs[batch.target_padding], batch.targets[batch.target_padding])
+        assert torch.equal(batch.loss_mask, ~batch.target_padding)  # loss_weighting "all"
+
+
+def test_two_ranks_train_on_the_halves_of_the_one_process_batch(tmp_path: Path) -> None:
+    recipe, config = PadirRecipe(), PadirRecipe().preset("smoke")
+    for arm in (AR, NAR):
+        whole = recipe.training_batches(config, arm, _context(tmp_path, 0))(5)
+        halves = [recipe.training_batches(config, arm, _context(tmp_path, 0, World(rank, 2)))(5) for rank in (0, 1)]
+        for name in ("sources", "decoder_inputs", "targets", "loss_mask", "lengths"):
+            assert torch.equal(torch.cat([getattr(half, name) for half in halves]), getattr(whole, name))
+
+
+def test_teacher_forcing_puts_bos_first_and_eos_after_each_target() -> None:
+    task = SyntheticTranslation(n_symbols=4, n_ambiguous=0, min_length=1, max_length=4)
+    a, b, c, d = (task.target_offset + i for i in range(4))
+    targets = torch.tensor([[a, b, c, 0], [d, 0, 0, 0]])
+    batch = _teacher_forced(task, torch.ones(2, 4, dtype=torch.long), targets, torch.tensor([3, 1]))
+    bos, eos = task.bos_id, task.eos_id
+    assert batch.decoder_inputs.tolist() == [[bos, a, b, c], [bos, d, 0, 0]]
+    assert batch.targets.tolist() == [[a, b, c, eos], [d, eos, 0, 0]]
+    assert batch.loss_mask.tolist() == [[True] * 4, [True, True, False, False]]
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"iterations": (1, 2), "claim_iterations": 4}, "claim_iterations"),
+    ({"iterations": (4,), "claim_iterations": 4}, "smaller count"),
+    ({"timing_batch_sizes": (8, 1)}, "timing_batch_sizes"),
+    ({"remasking": "linear+bogus"}, "remasking"),
+    ({"keep_prob": 0.6, "random_prob": 0.6}, "keep_prob"),
+    ({"loss_weighting": "some"}, "loss_weighting"),
+])
+def test_bad_configs_are_refused_with_the_field_named(overrides: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(PadirConfig(), **overrides)
