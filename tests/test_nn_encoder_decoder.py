@@ -76,9 +76,11 @@ def test_cross_attention_equals_the_softmax_formula_and_ignores_padded_memory() 
 
 # --------------------------------------------------------------------------- invariances of the whole model
 
+@pytest.mark.parametrize("absolute_positions", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_padding_neither_its_content_nor_its_length_changes_the_real_positions(causal: bool) -> None:
-    model = _model(causal, length_classes=30)
+def test_padding_neither_its_content_nor_its_length_changes_the_real_positions(causal: bool,
+                                                                              absolute_positions: bool) -> None:
+    model = _model(causal, length_classes=30, absolute_positions=absolute_positions)
     source, target = _ids(2, 11, seed=1), _ids(2, 9, seed=2)
     source_padding = torch.zeros(2, 11, dtype=torch.bool)
     source_padding[1, 6:] = True
@@ -124,9 +126,10 @@ def test_the_decoder_reads_the_source() -> None:
     assert (model(other, target) - model(source, target)).abs().amax() > 1e-3
 
 
+@pytest.mark.parametrize("absolute_positions", [False, True])
 @pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 1, 5], [12]])
-def test_cached_decoding_equals_the_full_forward(chunks: list[int]) -> None:
-    model = _model(causal=True, length_classes=16)
+def test_cached_decoding_equals_the_full_forward(chunks: list[int], absolute_positions: bool) -> None:
+    model = _model(causal=True, length_classes=16, absolute_positions=absolute_positions)
     source, target = _ids(3, 9, seed=9), _ids(3, 12, seed=10)
     padding = torch.zeros(3, 9, dtype=torch.bool)
     padding[2, 4:] = True
@@ -143,12 +146,15 @@ def test_cached_decoding_equals_the_full_forward(chunks: list[int]) -> None:
 
 
 def test_every_parameter_gets_a_gradient_and_the_length_logits_have_one_class_per_length() -> None:
-    model = _model(causal=False, length_classes=25).train()
+    model = _model(causal=False, length_classes=25, absolute_positions=True).train()
     source, target = _ids(2, 8, seed=11), _ids(2, 10, seed=12)
     memory = model.encode(source)
     assert memory.length_logits.shape == (2, 25)
     assert memory.states.shape == (2, 9, 32)  # [LENGTH] first
-    loss = model.decode(target, memory).logsumexp(-1).mean() + memory.length_logits.logsumexp(-1).mean()
+    logits, length_logits = model(source, target, with_length_logits=True)
+    torch.testing.assert_close(logits, model.decode(target, memory))
+    torch.testing.assert_close(length_logits, memory.length_logits)
+    loss = logits.logsumexp(-1).mean() + length_logits.logsumexp(-1).mean()
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
