@@ -8,6 +8,7 @@ from effml.data.batches import WindowBatches, eval_window_starts, eval_windows
 from effml.data.corpora import (CORPORA, CorpusSource, CorpusSplits, CorpusUnavailableError, TextFilesCorpus,
                                 assign_splits, load_corpus, read_split, resolve_corpus)
 from effml.data.docstrings import DocstringSet, docstring_examples, load_docstrings
+from effml.data.parallel_text import ParallelVerses, VersePair, VerseRef, load_parallel_verses
 from effml.data.tokenizers import DOCUMENT_SEPARATOR, BPETokenizer, ByteTokenizer, Tokenizer, token_dtype
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "load_corpus", "read_split", "resolve_corpus", "assign_splits",
     "WindowBatches", "eval_windows", "eval_window_starts",
     "DocstringSet", "docstring_examples", "load_docstrings",
+    "ParallelVerses", "VersePair", "VerseRef", "load_parallel_verses",
     "tasks",
 ]
