@@ -103,7 +103,25 @@ def key_padding_mask(padding: Tensor, queries: int, causal: bool) -> Tensor:
     return mask
 
 
-class SelfAttention(nn.Module):
+class _MultiHead(nn.Module):
+    """What every attention module here shares: width D, H heads of size Dh = D / H, attention-weight dropout."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pick n_heads dividing d_model.")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+
+    def _merge_heads(self, y: Tensor) -> Tensor:
+        """(B, H, T, Dh) attention outputs -> (B, T, D) through the output projection."""
+        batch, _, seq, _ = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, self.d_model))
+
+
+class SelfAttention(_MultiHead):
     """Multi-head self-attention with rotary positions, no biases; causal (a decoder) or bidirectional (an encoder,
     or the non-causal decoder of parallel decoding).
 
@@ -121,13 +139,7 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = True) -> None:
-        super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pick n_heads dividing d_model.")
-        self.d_model = d_model
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.dropout = dropout
+        super().__init__(d_model, n_heads, dropout)
         self.causal = causal
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -155,7 +167,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
-        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, self.d_model))
+        return self._merge_heads(y)
 
     @staticmethod
     def _attend_cached(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, cache_slot: int, dropout_p: float) -> Tensor:
@@ -186,7 +198,7 @@ class CausalSelfAttention(SelfAttention):
         super().__init__(d_model, n_heads, dropout, causal=True)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_MultiHead):
     """Multi-head attention from a decoder's positions to an encoder's outputs (the memory), no biases, no positions.
 
     Args:
@@ -199,13 +211,7 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pick n_heads dividing d_model.")
-        self.d_model = d_model
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.dropout = dropout
+        super().__init__(d_model, n_heads, dropout)
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -229,7 +235,7 @@ class CrossAttention(nn.Module):
         mask = None if memory_padding is None else key_padding_mask(memory_padding, seq, causal=False)
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout_p)
-        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, self.d_model))
+        return self._merge_heads(y)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"

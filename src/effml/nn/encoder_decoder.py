@@ -30,7 +30,8 @@ from effml.nn.attention import CrossAttention, KVCache, SelfAttention
 from effml.nn.mlp import MLPS, build_mlp
 from effml.nn.norm import RMSNorm
 from effml.nn.rotary import RotaryEmbedding
-from effml.nn.transformer import _require_positive_int, _require_positive_number
+from effml.nn.transformer import (_require_dropout, _require_flags, _require_positive_int,
+                                  _require_positive_number)
 
 __all__ = ["EncoderDecoderConfig", "EncoderDecoder", "Memory", "DecoderCache", "Seq2SeqBlock"]
 
@@ -86,12 +87,8 @@ class EncoderDecoderConfig:
             raise ValueError(f"{owner}.mlp={self.mlp!r} is not a known MLP; choose one of {sorted(MLPS)}.")
         for name in ("mlp_ratio", "rope_base", "norm_eps", "init_std"):
             _require_positive_number(owner, name, getattr(self, name))
-        if (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
-                or not 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"{owner}.dropout must be a number in [0, 1), got {self.dropout!r}.")
-        for name in ("causal_decoder", "tie_embeddings", "absolute_positions"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{owner}.{name} must be True or False, got {getattr(self, name)!r}.")
+        _require_dropout(owner, self.dropout)
+        _require_flags(owner, self, ("causal_decoder", "tie_embeddings", "absolute_positions"))
 
     @property
     def head_dim(self) -> int:

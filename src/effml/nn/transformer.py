@@ -45,6 +45,17 @@ def _require_positive_number(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}.{name} must be a positive finite number, got {value!r}.")
 
 
+def _require_dropout(owner: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}.dropout must be a number in [0, 1), got {value!r}.")
+
+
+def _require_flags(owner: str, config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{owner}.{name} must be True or False, got {getattr(config, name)!r}.")
+
+
 @dataclass
 class TransformerConfig:
     """Shape and options of a ``TransformerLM``; validated on construction (ValueError naming the bad field).
@@ -99,9 +110,7 @@ class TransformerConfig:
             raise ValueError(f"{owner}.mlp={self.mlp!r} is not a known MLP; choose one of {sorted(MLPS)}.")
         for name in ("mlp_ratio", "rope_base", "norm_eps", "init_std"):
             _require_positive_number(owner, name, getattr(self, name))
-        if (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
-                or not 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"{owner}.dropout must be a number in [0, 1), got {self.dropout!r}.")
+        _require_dropout(owner, self.dropout)
         if not isinstance(self.residual_options, dict):
             raise ValueError(f"{owner}.residual_options must be a dict of constructor options, "
                              f"got {self.residual_options!r}.")
@@ -121,9 +130,7 @@ class TransformerConfig:
                 check_mixer_options(self.mixer, self.mixer_options)
             except ValueError as error:
                 raise ValueError(f"{owner}.mixer: {error}") from None
-        for name in ("input_injection", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{owner}.{name} must be True or False, got {getattr(self, name)!r}.")
+        _require_flags(owner, self, ("input_injection", "tie_embeddings"))
 
     @property
     def head_dim(self) -> int:
