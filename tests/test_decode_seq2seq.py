@@ -18,11 +18,11 @@ VOCAB, PAD, BOS, EOS, MASK = 30, 0, 1, 2, 3
 SPECIALS = (PAD, BOS, EOS, MASK)
 
 
-def _model(causal: bool, seed: int = 0) -> EncoderDecoder:
+def _model(causal: bool, seed: int = 0, absolute_positions: bool = False) -> EncoderDecoder:
     torch.manual_seed(seed)
     config = EncoderDecoderConfig(vocab_size=VOCAB, d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2,
                                   max_source_len=16, max_target_len=20, causal_decoder=causal, length_classes=21,
-                                  init_std=0.3)
+                                  init_std=0.3, absolute_positions=absolute_positions)
     return EncoderDecoder(config)
 
 
@@ -132,9 +132,9 @@ def _reference_refinement(model: EncoderDecoder, source: torch.Tensor, padding: 
     return outputs
 
 
-@pytest.mark.parametrize("iterations", [1, 3, 5])
-def test_refinement_equals_a_per_example_reference_loop(iterations: int) -> None:
-    model = _model(causal=False).eval()
+@pytest.mark.parametrize(("iterations", "absolute_positions"), [(1, False), (3, False), (5, False), (3, True)])
+def test_refinement_equals_a_per_example_reference_loop(iterations: int, absolute_positions: bool) -> None:
+    model = _model(causal=False, absolute_positions=absolute_positions).eval()
     source, padding = _source()
     lengths = [7, 11, 3, 9]
     out = refine_decode(model, source, padding, iterations=iterations, mask_id=MASK, pad_id=PAD,
@@ -174,12 +174,23 @@ def test_length_candidates_keep_the_best_scoring_length_of_the_predictor_top_k()
 def test_random_initial_tokens_come_from_the_replacement_ids_and_are_seeded() -> None:
     model = _model(causal=False).eval()
     source, padding = _source()
-    replacements = torch.arange(10, 20)
-    options = dict(iterations=1, mask_id=MASK, pad_id=PAD, init="random", replacement_ids=replacements,
-                   lengths=torch.tensor([5, 5, 5, 5]))
-    first = refine_decode(model, source, padding, generator=torch.Generator().manual_seed(3), **options)
-    again = refine_decode(model, source, padding, generator=torch.Generator().manual_seed(3), **options)
-    assert torch.equal(first.tokens, again.tokens)
+    first_inputs = []
+    real_decode = model.decode
+
+    def recording_decode(target, memory, target_padding=None, cache=None):
+        first_inputs.append(target.clone())
+        return real_decode(target, memory, target_padding)
+
+    model.decode = recording_decode  # type: ignore[method-assign]
+    lengths = torch.tensor([5, 3, 5, 2])
+    options = dict(iterations=1, mask_id=MASK, pad_id=PAD, init="random", replacement_ids=torch.arange(10, 20),
+                   lengths=lengths)
+    for seed in (3, 3, 4):
+        refine_decode(model, source, padding, generator=torch.Generator().manual_seed(seed), **options)
+    valid = torch.arange(5)[None, :] < lengths[:, None]
+    for fed in first_inputs:
+        assert fed[valid].ge(10).all() and fed[valid].lt(20).all() and fed[~valid].eq(PAD).all()
+    assert torch.equal(first_inputs[0], first_inputs[1]) and not torch.equal(first_inputs[0], first_inputs[2])
     with pytest.raises(ValueError, match="replacement_ids"):
         refine_decode(model, source, padding, iterations=1, mask_id=MASK, pad_id=PAD, init="random")
 
@@ -248,6 +259,12 @@ def test_the_loss_counts_the_positions_its_weighting_names() -> None:
     assert masked_target_loss(logits, targets, padding, out, "masked")[0].item() == pytest.approx(only.item())
     with pytest.raises(ValueError, match="weighting"):
         masked_target_loss(logits, targets, padding, out, "some")
+    nothing = corrupt_targets(targets, padding, mask_id=MASK, replacement_ids=torch.arange(4, 8), noise_density=0.0)
+    leaf = logits.clone().requires_grad_(True)
+    empty, selected = masked_target_loss(leaf, targets, padding, nothing, "masked")
+    assert not selected.any() and empty.item() == 0.0  # a plain mean over no position would be NaN
+    empty.backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(leaf))
     with pytest.raises(ValueError, match="at most 1"):
         corrupt_targets(targets, padding, mask_id=MASK, replacement_ids=torch.arange(4, 8), keep_prob=0.6,
                         random_prob=0.6)

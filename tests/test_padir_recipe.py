@@ -104,6 +104,26 @@ def test_teacher_forcing_puts_bos_first_and_eos_after_each_target() -> None:
     assert batch.loss_mask.tolist() == [[True] * 4, [True, True, False, False]]
 
 
+def test_the_loss_survives_an_empty_teacher_output_and_an_empty_selection() -> None:
+    from effml.experiments.padir import _corrupted, seq2seq_loss
+    from effml.nn import EncoderDecoder
+
+    config = dataclasses.replace(PadirRecipe().preset("smoke"), loss_weighting="masked")
+    task = config.task()
+    sample = task.sample(4, 0)
+    lengths = sample.target_lengths.clone()
+    lengths[1] = 0  # a teacher that emitted EOS first
+    batch = _corrupted(config, task, sample.sources, sample.targets, lengths, torch.Generator().manual_seed(0))
+    assert not batch.target_padding.all(dim=1).any() and not batch.loss_mask[1].any()
+    torch.manual_seed(0)
+    model = EncoderDecoder(config.model_config(causal=False))
+    loss, _ = seq2seq_loss(0.1)(model, batch, 0)
+    assert torch.isfinite(loss)
+    nothing = dataclasses.replace(batch, loss_mask=torch.zeros_like(batch.loss_mask))
+    loss, metrics = seq2seq_loss(0.1)(model, nothing, 0)
+    assert metrics["token_loss"].item() == 0.0 and torch.isfinite(loss)
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"iterations": (1, 2), "claim_iterations": 4}, "claim_iterations"),
     ({"iterations": (4,), "claim_iterations": 4}, "smaller count"),
@@ -111,6 +131,9 @@ def test_teacher_forcing_puts_bos_first_and_eos_after_each_target() -> None:
     ({"remasking": "linear+bogus"}, "remasking"),
     ({"keep_prob": 0.6, "random_prob": 0.6}, "keep_prob"),
     ({"loss_weighting": "some"}, "loss_weighting"),
+    ({"second_spelling_tokens": 3}, "second_spelling_tokens"),
+    ({"min_length": 13}, "min_length"),
+    ({"length_candidates": 13}, "length_candidates"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(overrides: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

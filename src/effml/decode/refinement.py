@@ -19,8 +19,16 @@ Mask-Predict (Ghazvininejad et al., arXiv 1904.09324):
 4. The output is the last pass's prediction; with several length candidates, each source keeps the candidate with
    the highest mean log-probability of its tokens.
 
-Not implemented from PaDIR's code: the learned rejecter, "range mask" sentinels ([MASK_i]), and replacements taken
-from previous tokens or summed logits (reset positions always get their initial token here).
+Not implemented from PaDIR's code: the learned rejecter, "range mask" sentinels ([MASK_i]), replacements taken
+from previous tokens or summed logits (reset positions always get their initial token here), and stutter re-masking
+after the last pass (which PaDIR's code comments found helpful; here rejecters act only between passes, so at N = 1
+every re-masking is the same).
+
+Confidence is the last pass's log-probability of each position's token. A position that was not reset was fed its
+own previous prediction, so its confidence is mostly that of copying it, and the linear schedule mostly resets
+positions just predicted from [MASK]; Mask-Predict instead keeps the probability a token had when it was predicted
+from [MASK]. The same holds for the length candidates' scores, which then depend little on the length: ranking
+candidates by them picked wrong lengths in the ``padir`` recipe's pilot, whose preset keeps the predicted length.
 """
 
 from __future__ import annotations
@@ -130,7 +138,7 @@ def _length_candidates(memory: Memory, count: int, max_len: int) -> Tensor:
                          "length_classes > the longest target, or pass the target lengths (lengths=...).")
     logits = memory.length_logits[:, :max_len + 1].clone()
     logits[:, 0] = float("-inf")  # an empty target is never proposed
-    if not 1 <= count <= logits.shape[1] - 1:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= logits.shape[1] - 1:
         raise ValueError(f"length_candidates must be an int in [1, {logits.shape[1] - 1}] (the lengths the predictor "
                          f"can propose), got {count!r}.")
     return logits.topk(count, dim=1).indices
@@ -157,7 +165,8 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
         remasking: a rejecter or its name. init: "mask" or "random".
         replacement_ids: 1-D ids that random initial tokens are drawn from (required for ``init="random"``).
         length_candidates: how many predicted lengths to decode per source (the best-scoring one is kept).
-        lengths: (B,) target lengths to use instead of the predictor (an oracle, or a user's own predictor).
+        lengths: (B,) target lengths to use instead of the predictor (an oracle, or a user's own predictor); then
+            ``length_candidates`` is not used.
         suppress_ids: ids never predicted (e.g. PAD, MASK, BOS, EOS).
         generator: random generator for ``init="random"``, on the source's device.
 
@@ -188,7 +197,7 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
             if lengths is None:
                 candidates = _length_candidates(memory, length_candidates, config.max_target_len)
             else:
-                if lengths.shape != (batch,) or lengths.is_floating_point() \
+                if lengths.shape != (batch,) or lengths.is_floating_point() or lengths.dtype == torch.bool \
                         or not 1 <= int(lengths.min()) <= int(lengths.max()) <= config.max_target_len:
                     raise ValueError(f"lengths must be a ({batch},) integer tensor of target lengths in "
                                      f"[1, max_target_len={config.max_target_len}].")

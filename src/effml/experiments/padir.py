@@ -24,8 +24,9 @@ attention alone cannot tell it where each position is) trained on fresh batches 
 
 Measured: BLEU, exact match (either dialect), length accuracy and the repeated-adjacent-token ("stutter") rate on
 held-out sources, for every number of passes in ``iterations`` and, at ``claim_iterations``, with stutter re-masking
-added (``linear+stutter``); and in the ``nar-distilled`` run, the wall time of decoding one batch of sources at each
-size in ``timing_batch_sizes`` with both models, interleaved (``effml.metrics.timing``), as the paired ratio
+added (``linear+stutter``); and in the ``nar-distilled`` run, the wall time of decoding the same
+``timing_examples`` sources in batches of each size in ``timing_batch_sizes`` with both models, interleaved
+(``effml.metrics.timing``), as the paired ratio
 ``speedup@N_bB`` = AR time / N-pass time. Derived entries ``ARM@N`` (and ``ARM@N+stutter``) hold each decoding's
 metrics, so that claims can compare decodings of one model.
 
@@ -41,6 +42,8 @@ multimodal); (7) stutter re-masking lowers the stutter rate at ``claim_iteration
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,7 +90,8 @@ class PadirConfig:
     eval_examples: int = 1024
     eval_batch_size: int = 128
     timing_batch_sizes: tuple[int, ...] = (1, 64)
-    timing_repeats: int = 8
+    timing_examples: int = 32  # sources decoded per timed call, in batches of each timing size
+    timing_repeats: int = 10  # rounds: a multiple of 2 × the contenders (AR + each pass count) balances them
     seeds: int = 3
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -96,19 +100,26 @@ class PadirConfig:
     def __post_init__(self) -> None:
         owner = "padir"
         for name in ("n_symbols", "min_length", "max_length", "d_model", "n_heads", "layers", "batch_size",
-                     "claim_iterations", "length_candidates", "eval_examples", "eval_batch_size", "timing_repeats",
+                     "claim_iterations", "length_candidates", "eval_examples", "eval_batch_size", "timing_examples",
+                     "timing_repeats",
                      "seeds"):
             check_positive(owner, name, getattr(self, name))
         for name in ("n_ambiguous", "length_loss_weight"):
             check_positive(owner, name, getattr(self, name), allow_zero=True)
-        check_choice(owner, "loss_weighting", self.loss_weighting, ("all", "noised", "masked"))
-        check_choice(owner, "init", self.init, ("mask", "random"))
         from effml.decode import build_rejecter
+        from effml.decode.refinement import INITS
+        from effml.train.masking import LOSS_WEIGHTINGS
 
+        check_choice(owner, "loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        check_choice(owner, "init", self.init, INITS)
         try:
             build_rejecter(self.remasking)
+            task = self.task()
         except ValueError as error:
-            raise ConfigError(f"{owner}.remasking: {error}") from None
+            raise ConfigError(f"{owner}: {error}") from None
+        if self.length_candidates > task.max_target_length:
+            raise ConfigError(f"{owner}.length_candidates = {self.length_candidates} exceeds the "
+                              f"{task.max_target_length} target lengths the predictor can propose.")
         if (not self.iterations or list(self.iterations) != sorted(set(self.iterations)) or self.iterations[0] < 1
                 or self.claim_iterations not in self.iterations or self.iterations[0] >= self.claim_iterations):
             raise ConfigError(f"{owner}.iterations = {self.iterations!r} must be increasing positive pass counts that "
@@ -137,7 +148,8 @@ class PadirConfig:
         return EncoderDecoderConfig(
             vocab_size=task.vocab_size, d_model=self.d_model, n_heads=self.n_heads, n_encoder_layers=self.layers,
             n_decoder_layers=self.layers, max_source_len=self.max_length,
-            max_target_len=task.max_target_length + 1,  # + BOS (AR); a length class per target length 0 … max
+            max_target_len=task.max_target_length + 1,  # AR: BOS + the target; NAR: one spare position
+            # a length class per target length 0 … max
             causal_decoder=causal, length_classes=0 if causal else task.max_target_length + 1,
             absolute_positions=self.absolute_positions)
 
@@ -145,7 +157,8 @@ class PadirConfig:
 def _smoke() -> PadirConfig:
     return PadirConfig(n_symbols=8, n_ambiguous=2, min_length=3, max_length=6, second_spelling_tokens=2, d_model=32,
                        layers=1, batch_size=16, iterations=(1, 2), claim_iterations=2, length_candidates=2,
-                       eval_examples=32, eval_batch_size=16, timing_batch_sizes=(1, 4), timing_repeats=2, seeds=2,
+                       eval_examples=32, eval_batch_size=16, timing_batch_sizes=(1, 4), timing_examples=4,
+                       timing_repeats=2, seeds=2,
                        train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, weight_decay=0.01, log_every=4))
 
 
@@ -202,15 +215,23 @@ def _teacher_forced(task: Any, sources: torch.Tensor, targets: torch.Tensor, len
 def _corrupted(config: PadirConfig, task: Any, sources: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
                generator: torch.Generator) -> Seq2SeqBatch:
     """The NAR batch: PaDIR's corruption of the targets (``effml.train.masking.corrupt_targets``)."""
-    from effml.train.masking import corrupt_targets
+    from effml.train.masking import corrupt_targets, loss_positions
 
     width = max(int(lengths.max()), 1)
     clean = targets[:, :width]
     padding = torch.arange(width)[None, :] >= lengths[:, None]
     corruption = corrupt_targets(clean, padding, mask_id=task.mask_id, replacement_ids=_target_ids(task),
                                  keep_prob=config.keep_prob, random_prob=config.random_prob, generator=generator)
-    selected = {"all": ~padding, "noised": corruption.noised, "masked": corruption.masked}[config.loss_weighting]
+    selected = loss_positions(padding, corruption, config.loss_weighting)
+    # an empty target (a teacher that emits EOS first) keeps one visible position, which no loss counts: a
+    # sequence of padding only leaves its attention nothing to attend to
+    padding[:, 0] = False
     return Seq2SeqBatch(sources, sources.eq(task.pad_id), corruption.inputs, clean, selected, padding, lengths)
+
+
+def _rows(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor of a ``TranslationBatch``."""
+    return dataclasses.replace(batch, **{name: value[start:stop] for name, value in vars(batch).items()})
 
 
 def _decodings(config: PadirConfig) -> list[tuple[str, int, str]]:
@@ -230,12 +251,12 @@ def seq2seq_loss(length_loss_weight: float):
     """The loss of either arm: token cross-entropy on ``loss_mask`` (over every rank's tokens under torchrun), plus
     ``length_loss_weight`` × the length predictor's cross-entropy when the model has one."""
     from effml.train.lm import token_share
+    from effml.train.masking import masked_cross_entropy
 
     def loss(model: torch.nn.Module, batch: Seq2SeqBatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         logits, length_logits = model(batch.sources, batch.decoder_inputs, batch.source_padding,
                                       batch.target_padding, with_length_logits=True)
-        token_loss = F.cross_entropy(logits[batch.loss_mask].float(), batch.targets[batch.loss_mask])
-        token_loss = token_loss * token_share(batch.loss_mask)
+        token_loss = masked_cross_entropy(logits, batch.targets, batch.loss_mask) * token_share(batch.loss_mask)
         if length_logits is None:
             return token_loss, {"token_loss": token_loss.detach()}
         length_loss = F.cross_entropy(length_logits.float(), batch.lengths)
@@ -379,23 +400,34 @@ class PadirRecipe(Experiment):
 
     def _time_decoding(self, config: PadirConfig, teacher: torch.nn.Module, model: torch.nn.Module, task: Any,
                        context: RunContext) -> dict[str, float]:
-        """Seconds to decode one batch of each timing size, AR and every pass count interleaved in balanced rounds,
-        and each count's speed-up: the median over rounds of AR time / its time (paired in the round)."""
+        """Seconds per batch of each timing size, AR and every pass count interleaved in balanced rounds, and each
+        count's speed-up: the median over rounds of AR time / its time (paired in the round). A round decodes the
+        same ``timing_examples`` sources (or one batch, if a batch holds more) in batches of the size, so that the
+        ratio at batch size 1 averages over target lengths instead of resting on one sampled source's."""
         from effml.data.tasks.base import derive_seed
         from effml.metrics.timing import paired_time_ratios, time_interleaved
 
+        def decode_all(predict: Any, batches: list[Any]) -> None:
+            for batch in batches:
+                predict(batch)
+
         metrics: dict[str, float] = {}
+        examples = task.sample(config.timing_examples, derive_seed(context.seed, 3_000_003))
         for size in config.timing_batch_sizes:
-            batch = task.sample(size, derive_seed(context.seed, 3_000_003 + size))
-            contenders = {AR: lambda batch=batch: self._ar_predict(teacher, task, context.device)(batch)}
+            if size > config.timing_examples:
+                batches = [task.sample(size, derive_seed(context.seed, 3_000_003 + size))]
+            else:
+                batches = [_rows(examples, start, start + size)
+                           for start in range(0, config.timing_examples - size + 1, size)]
+            contenders = {AR: functools.partial(decode_all, self._ar_predict(teacher, task, context.device), batches)}
             for iterations in config.iterations:
                 predict = self._nar_predict(config, model, task, context.device, iterations, config.remasking)
-                contenders[f"n{iterations}"] = lambda batch=batch, predict=predict: predict(batch)
+                contenders[f"n{iterations}"] = functools.partial(decode_all, predict, batches)
             timings = time_interleaved(contenders, repeats=config.timing_repeats, warmup=1, device=context.device)
-            metrics[f"decode_s_ar_b{size}"] = timings[AR].median
+            metrics[f"decode_s_ar_b{size}"] = timings[AR].median / len(batches)
             for iterations in config.iterations:
                 timing = timings[f"n{iterations}"]
-                metrics[f"decode_s@{iterations}_b{size}"] = timing.median
+                metrics[f"decode_s@{iterations}_b{size}"] = timing.median / len(batches)
                 metrics[f"speedup@{iterations}_b{size}"] = statistics.median(
                     paired_time_ratios(timings[AR].samples, timing.samples))
         return metrics

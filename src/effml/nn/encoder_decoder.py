@@ -333,8 +333,9 @@ class EncoderDecoder(nn.Module):
                              f"(EncoderDecoderConfig.max_{name}_len); build the model with a larger limit.")
 
     def _embed(self, name: str, ids: Tensor) -> Tensor:
-        """(B, T, D) embeddings of token ids; ids outside the vocabulary raise a clear error (checked by the lookup
-        itself, so that decoding step by step does not synchronise a GPU on every call)."""
+        """(B, T, D) embeddings of token ids. On the CPU, ids outside the vocabulary raise a clear error (the lookup
+        itself checks them, so decoding step by step does not synchronise a GPU on every call); on CUDA such an id
+        trips the lookup's device-side assert instead."""
         try:
             return self.tok_emb(ids)
         except IndexError:

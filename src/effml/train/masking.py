@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Corruption", "corrupt_targets", "masked_target_loss", "LOSS_WEIGHTINGS"]
+__all__ = ["Corruption", "corrupt_targets", "loss_positions", "masked_cross_entropy", "masked_target_loss",
+           "LOSS_WEIGHTINGS"]
 
 LOSS_WEIGHTINGS = ("all", "noised", "masked")
 
@@ -92,17 +93,28 @@ def corrupt_targets(targets: Tensor, padding: Tensor, *, mask_id: int, replaceme
     return Corruption(inputs, noised, masked, density)
 
 
+def loss_positions(padding: Tensor, corruption: Corruption, weighting: str = "all") -> Tensor:
+    """The (B, T) bool positions the token loss counts: every non-padded one ("all"), the noised ones ("noised") or
+    the [MASK]ed ones ("masked"); ``padding`` (B, T) bool is True beyond each target."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}.")
+    return {"all": ~padding, "noised": corruption.noised, "masked": corruption.masked}[weighting]
+
+
+def masked_cross_entropy(logits: Tensor, targets: Tensor, selected: Tensor) -> Tensor:
+    """Mean cross-entropy of ``targets`` (B, T) under ``logits`` (B, T, V) over the ``selected`` (B, T) positions,
+    computed in float32; 0 (with a gradient) when nothing is selected, where a plain mean would be NaN."""
+    total = F.cross_entropy(logits[selected].float(), targets[selected], reduction="sum")
+    return total / selected.sum().clamp_min(1)
+
+
 def masked_target_loss(logits: Tensor, targets: Tensor, padding: Tensor, corruption: Corruption,
                        weighting: str = "all") -> tuple[Tensor, Tensor]:
     """Cross-entropy of the clean ``targets`` (B, T) under ``logits`` (B, T, V) on the positions ``weighting``
-    selects ("all" non-padded, "noised", or "masked").
+    selects (``loss_positions``).
 
     Returns:
         (mean loss over the selected positions — 0 with a gradient when none is selected, the (B, T) bool selection).
     """
-    if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}.")
-    selected = {"all": ~padding, "noised": corruption.noised, "masked": corruption.masked}[weighting]
-    per_position = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    per_position = per_position.view_as(targets) * selected
-    return per_position.sum() / selected.sum().clamp_min(1), selected
+    selected = loss_positions(padding, corruption, weighting)
+    return masked_cross_entropy(logits, targets, selected), selected
