@@ -101,8 +101,7 @@ class PadirConfig:
         owner = "padir"
         for name in ("n_symbols", "min_length", "max_length", "d_model", "n_heads", "layers", "batch_size",
                      "claim_iterations", "length_candidates", "eval_examples", "eval_batch_size", "timing_examples",
-                     "timing_repeats",
-                     "seeds"):
+                     "timing_repeats", "seeds"):
             check_positive(owner, name, getattr(self, name))
         for name in ("n_ambiguous", "length_loss_weight"):
             check_positive(owner, name, getattr(self, name), allow_zero=True)
@@ -149,8 +148,8 @@ class PadirConfig:
             vocab_size=task.vocab_size, d_model=self.d_model, n_heads=self.n_heads, n_encoder_layers=self.layers,
             n_decoder_layers=self.layers, max_source_len=self.max_length,
             max_target_len=task.max_target_length + 1,  # AR: BOS + the target; NAR: one spare position
-            # a length class per target length 0 … max
-            causal_decoder=causal, length_classes=0 if causal else task.max_target_length + 1,
+            causal_decoder=causal,
+            length_classes=0 if causal else task.max_target_length + 1,  # a class per target length 0 … max
             absolute_positions=self.absolute_positions)
 
 
