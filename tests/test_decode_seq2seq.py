@@ -114,17 +114,25 @@ def test_stutter_remasking_resets_the_later_token_of_every_repeat() -> None:
 # --------------------------------------------------------------------------- iterative refinement
 
 def _reference_refinement(model: EncoderDecoder, source: torch.Tensor, padding: torch.Tensor, lengths: list[int],
-                          iterations: int) -> list[list[int]]:
-    """One example at a time, no padding in the decoder: the linear schedule from all-[MASK], written out."""
+                          iterations: int, update: str) -> list[list[int]]:
+    """One example at a time, no padding in the decoder: the linear schedule from all-[MASK], written out. With
+    update="masked" (Mask-Predict) a position keeps its token and confidence until it is masked again."""
     outputs = []
     for row, length in enumerate(lengths):
         keep = ~padding[row]
         memory = model.encode(source[row:row + 1, keep[: source.shape[1]]])
         tokens = torch.full((1, length), MASK)
+        predicted = confidence = None
         for iteration in range(iterations):
             logits = model.decode(tokens, Memory(memory.states, None, memory.length_logits))[0]
             logits[:, list(SPECIALS)] = float("-inf")
-            confidence, predicted = logits.log_softmax(-1).max(-1)
+            new_confidence, new_predicted = logits.log_softmax(-1).max(-1)
+            if update == "all" or predicted is None:
+                predicted, confidence = new_predicted, new_confidence
+            else:
+                masked = tokens[0] == MASK
+                predicted, confidence = predicted.clone(), confidence.clone()
+                predicted[masked], confidence[masked] = new_predicted[masked], new_confidence[masked]
             tokens = predicted[None].clone()
             resets = length * (iterations - iteration - 1) // iterations
             tokens[0, confidence.argsort(stable=True)[:resets]] = MASK
@@ -132,16 +140,30 @@ def _reference_refinement(model: EncoderDecoder, source: torch.Tensor, padding: 
     return outputs
 
 
-@pytest.mark.parametrize(("iterations", "absolute_positions"), [(1, False), (3, False), (5, False), (3, True)])
-def test_refinement_equals_a_per_example_reference_loop(iterations: int, absolute_positions: bool) -> None:
+@pytest.mark.parametrize(("iterations", "absolute_positions", "update"), [
+    (1, False, "all"), (3, False, "all"), (5, False, "all"), (3, True, "all"), (3, False, "masked"),
+    (5, True, "masked")])
+def test_refinement_equals_a_per_example_reference_loop(iterations: int, absolute_positions: bool,
+                                                        update: str) -> None:
     model = _model(causal=False, absolute_positions=absolute_positions).eval()
     source, padding = _source()
     lengths = [7, 11, 3, 9]
     out = refine_decode(model, source, padding, iterations=iterations, mask_id=MASK, pad_id=PAD,
-                        lengths=torch.tensor(lengths), suppress_ids=SPECIALS)
+                        lengths=torch.tensor(lengths), suppress_ids=SPECIALS, update=update)
     with torch.no_grad():
-        assert out.to_lists() == _reference_refinement(model, source, padding, lengths, iterations)
+        assert out.to_lists() == _reference_refinement(model, source, padding, lengths, iterations, update)
     assert out.lengths.tolist() == lengths and out.tokens.shape == (4, 11)
+
+
+def test_the_two_update_rules_differ_and_a_bad_one_is_refused() -> None:
+    model = _model(causal=False).eval()
+    source, padding = _source()
+    options = dict(iterations=4, mask_id=MASK, pad_id=PAD, lengths=torch.tensor([9, 9, 9, 9]), suppress_ids=SPECIALS)
+    every = refine_decode(model, source, padding, update="all", **options)
+    masked = refine_decode(model, source, padding, update="masked", **options)
+    assert not torch.equal(every.scores, masked.scores)  # the rule is used: kept tokens keep their old confidence
+    with pytest.raises(ValueError, match="update"):
+        refine_decode(model, source, padding, update="some", **options)
 
 
 def test_length_candidates_keep_the_best_scoring_length_of_the_predictor_top_k() -> None:

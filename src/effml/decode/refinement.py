@@ -24,11 +24,12 @@ from previous tokens or summed logits (reset positions always get their initial 
 after the last pass (which PaDIR's code comments found helpful; here rejecters act only between passes, so at N = 1
 every re-masking is the same).
 
-Confidence is the last pass's log-probability of each position's token. A position that was not reset was fed its
-own previous prediction, so its confidence is mostly that of copying it, and the linear schedule mostly resets
-positions just predicted from [MASK]; Mask-Predict instead keeps the probability a token had when it was predicted
-from [MASK]. The same holds for the length candidates' scores, which then depend little on the length: ranking
-candidates by them picked wrong lengths in the ``padir`` recipe's pilot, whose preset keeps the predicted length.
+``update="all"`` (the default, as in PaDIR) scores each position by the last pass's log-probability of its token. A
+position that was not reset was fed its own previous prediction, so its confidence is mostly that of copying it, and
+the linear schedule mostly resets positions just predicted from [MASK]; the length candidates' scores then depend
+little on the length (ranking candidates by them picked wrong lengths in the ``padir`` recipe's pilot, whose preset
+keeps the predicted length). ``update="masked"`` is Mask-Predict's rule: only positions fed their initial token take
+the new prediction, and every token keeps the probability it had when it was predicted from [MASK].
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from effml.decode.seq2seq import DecodedTargets, check_special_id
 from effml.nn.encoder_decoder import EncoderDecoder, Memory
 
 __all__ = ["Rejecter", "PassThrough", "LinearSchedule", "StutterRemasking", "UnionRejecter", "REJECTERS",
-           "build_rejecter", "refine_decode", "INITS"]
+           "build_rejecter", "refine_decode", "INITS", "UPDATES"]
 
 INITS = ("mask", "random")
+UPDATES = ("all", "masked")
 
 
 class Rejecter(ABC):
@@ -154,7 +156,8 @@ def _expand_memory(memory: Memory, copies: int) -> Memory:
 def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor | None = None, *, iterations: int,
                   mask_id: int, pad_id: int, remasking: str | Rejecter = "linear", init: str = "mask",
                   replacement_ids: Tensor | None = None, length_candidates: int = 1, lengths: Tensor | None = None,
-                  suppress_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> DecodedTargets:
+                  suppress_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+                  update: str = "all") -> DecodedTargets:
     """Decode every target in ``iterations`` parallel passes (see the module docstring).
 
     Args:
@@ -169,6 +172,9 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
             ``length_candidates`` is not used.
         suppress_ids: ids never predicted (e.g. PAD, MASK, BOS, EOS).
         generator: random generator for ``init="random"``, on the source's device.
+        update: "all" (PaDIR: every pass re-predicts every position, scored by that pass's confidence) or "masked"
+            (Mask-Predict: only the positions fed their initial token take the new prediction; the others keep
+            their token and the confidence it had when it was predicted).
 
     Returns:
         ``DecodedTargets`` (B, T) padded with ``pad_id``, T the longest chosen length, with each row's score (the
@@ -184,6 +190,8 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
         check_special_id(name, value, config.vocab_size)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}.")
     if init == "random" and (replacement_ids is None or replacement_ids.dim() != 1 or replacement_ids.numel() == 0):
         raise ValueError("init='random' draws the first tokens from replacement_ids: give a non-empty 1-D tensor of "
                          "token ids (e.g. the target vocabulary).")
@@ -217,15 +225,21 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
             initial = initial.masked_fill(~valid, pad_id)
             suppress = torch.tensor(sorted(set(suppress_ids)), dtype=torch.long, device=source.device)
 
-            tokens = initial
+            tokens, fed_initial = initial, valid
+            predicted = confidence = None
             for iteration in range(iterations):
                 logits = model.decode(tokens, memory, target_padding=~valid).float()
                 logits[..., suppress] = float("-inf")
-                confidence, predicted = logits.log_softmax(-1).max(-1)
-                predicted = predicted.masked_fill(~valid, pad_id)
+                new_confidence, new_predicted = logits.log_softmax(-1).max(-1)
+                new_predicted = new_predicted.masked_fill(~valid, pad_id)
+                if update == "all" or predicted is None:
+                    predicted, confidence = new_predicted, new_confidence
+                else:  # Mask-Predict: only the positions fed their initial token take the new prediction
+                    predicted = torch.where(fed_initial, new_predicted, predicted)
+                    confidence = torch.where(fed_initial, new_confidence, confidence)
                 if iteration < iterations - 1:
-                    reset = rejecter.select(predicted, confidence, valid, iteration, iterations)
-                    tokens = torch.where(reset, initial, predicted)
+                    fed_initial = rejecter.select(predicted, confidence, valid, iteration, iterations)
+                    tokens = torch.where(fed_initial, initial, predicted)
                 else:
                     tokens = predicted
 

@@ -86,6 +86,7 @@ class PadirConfig:
     claim_iterations: int = 4  # the passes the claims on quality, speed and stutter are about
     remasking: str = "linear"
     init: str = "mask"
+    update: str = "all"  # "all": every pass re-predicts every position (PaDIR); "masked": Mask-Predict's rule
     length_candidates: int = 1
     eval_examples: int = 1024
     eval_batch_size: int = 128
@@ -106,11 +107,12 @@ class PadirConfig:
         for name in ("n_ambiguous", "length_loss_weight"):
             check_positive(owner, name, getattr(self, name), allow_zero=True)
         from effml.decode import build_rejecter
-        from effml.decode.refinement import INITS
+        from effml.decode.refinement import INITS, UPDATES
         from effml.train.masking import LOSS_WEIGHTINGS
 
         check_choice(owner, "loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         check_choice(owner, "init", self.init, INITS)
+        check_choice(owner, "update", self.update, UPDATES)
         try:
             build_rejecter(self.remasking)
             task = self.task()
@@ -393,7 +395,7 @@ class PadirRecipe(Experiment):
             return refine_decode(model, sources, sources.eq(task.pad_id), iterations=iterations,
                                  mask_id=task.mask_id, pad_id=task.pad_id, remasking=remasking, init=config.init,
                                  replacement_ids=replacements, length_candidates=config.length_candidates,
-                                 suppress_ids=not_targets, generator=generator).to_lists()
+                                 suppress_ids=not_targets, generator=generator, update=config.update).to_lists()
 
         return predict
 
