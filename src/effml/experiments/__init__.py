@@ -1,6 +1,7 @@
 """One module per paper: presets, arms, claims. Importing this package registers every built-in recipe."""
 
 from effml.experiments import (  # noqa: F401  (importing a recipe module registers it)
+    latentcrf,
     laurel,
     lm_scaling,
     looped_depth,
