@@ -2,14 +2,15 @@
 
 Reproduces the CPU demonstration PAPERS.md §10(d) derives from Ranasinghe, Jayasumana, Veit, Chakrabarti, Glasner,
 Ryoo, Ramalingam and Kumar, "LatentCRF: Continuous CRF for Efficient Latent Diffusion" (arXiv 2412.18596), in pixel
-space: the "latent" is the image itself (16×16 digits by default; the paper's is a Stable-Diffusion-like LDM's 64×64×4
-latent) and the class label plays the text prompt. Arms:
+space: the "latent" is the image itself (8×8 digits by default, the data's own size; the paper's is a
+Stable-Diffusion-like LDM's 64×64×4 latent) and the class label plays the text prompt. Arms:
 
 * ``classifier`` (shared by the seeds) — a small ResNet trained on the real training images. Its penultimate features
   score every sampler: the "FID proxy" (Fréchet distance to the real test images' features), the accuracy of the
   samples' class against the label they were drawn for (the paper's CLIP score), and the mean per-class Vendi score
   (the paper's diversity measure, there on CLIP features of 16 samples per prompt);
-* ``denoiser`` — a class-conditional U-Net (``effml.diffusion.UNet``) trained with DDPM's noise-prediction loss;
+* ``denoiser`` (shared by the seeds, as the paper's claims are about one LDM) — a class-conditional U-Net
+  (``effml.diffusion.UNet``) trained with DDPM's noise-prediction loss;
 * ``latentcrf`` (needs both) — the LatentCRF layer (``effml.diffusion.LatentCRF``) trained in the paper's two stages:
   (1) a prior, restoring real images noised to the level where the CRF runs; (2) distillation on the sampler's own
   trajectories: from the coarse schedule's state where the CRF takes over, the deterministic DDIM path to the level
