@@ -4,12 +4,14 @@ loop, the rejecters' exact choices, and the corruption's rates."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from effml.decode import build_rejecter, decode_autoregressive, refine_decode
-from effml.decode.refinement import LinearSchedule, StutterRemasking
+from effml.decode.refinement import LinearSchedule, StutterRemasking, _expand_memory
 from effml.nn import EncoderDecoder, EncoderDecoderConfig
 from effml.nn.encoder_decoder import Memory
 from effml.train.masking import corrupt_targets, masked_target_loss
@@ -49,6 +51,26 @@ def test_cached_greedy_decoding_equals_recomputing_every_prefix() -> None:
         argmax = model(source, fed, padding).argmax(-1)
     for row, length in enumerate(cached.lengths.tolist()):
         assert torch.equal(argmax[row, :length], cached.tokens[row, :length])
+
+
+def _count_memory_projections(model: EncoderDecoder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-element list counting the calls of every decoder layer's ``memory_keys_values`` from now on."""
+    calls = [0]
+    for block in model.decoder:
+        def counted(states, project=block.cross_attn.memory_keys_values):
+            calls[0] += 1
+            return project(states)
+        monkeypatch.setattr(block.cross_attn, "memory_keys_values", counted)
+    return calls
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_decoding_projects_the_memory_once(use_cache: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(causal=True)
+    source, padding = _source()
+    calls = _count_memory_projections(model, monkeypatch)
+    decode_autoregressive(model, source, padding, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=6, use_cache=use_cache)
+    assert calls[0] == len(model.decoder)  # one (K, V) per layer, not one per step
 
 
 def test_greedy_decoding_stops_each_row_at_its_eos_and_pads_after_it() -> None:
@@ -153,6 +175,43 @@ def test_refinement_equals_a_per_example_reference_loop(iterations: int, absolut
     with torch.no_grad():
         assert out.to_lists() == _reference_refinement(model, source, padding, lengths, iterations, update)
     assert out.lengths.tolist() == lengths and out.tokens.shape == (4, 11)
+
+
+@pytest.mark.parametrize(("candidates", "lengths"), [(3, None), (1, torch.tensor([7, 11, 3, 9]))])
+def test_refinement_projects_the_memory_once_per_call_with_unchanged_outputs(
+        candidates: int, lengths: torch.Tensor | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(causal=False).eval()
+    source, padding = _source()
+    options = dict(iterations=4, mask_id=MASK, pad_id=PAD, length_candidates=candidates, lengths=lengths,
+                   suppress_ids=SPECIALS, remasking="linear+stutter")
+    calls = _count_memory_projections(model, monkeypatch)
+    once = refine_decode(model, source, padding, **options)
+    assert calls[0] == len(model.decoder)  # one (K, V) per layer, not one per layer and pass
+    real_decode = model.decode
+
+    def decode_dropping_the_keys_values(target, memory, target_padding=None, cache=None):
+        return real_decode(target, dataclasses.replace(memory, cross_keys_values=None), target_padding, cache)
+
+    monkeypatch.setattr(model, "decode", decode_dropping_the_keys_values)  # projects the memory on every pass
+    calls[0] = 0
+    every_pass = refine_decode(model, source, padding, **options)
+    assert calls[0] == len(model.decoder) * (1 + 4)  # the unused precomputation, then every pass's own
+    for name in ("tokens", "lengths", "scores"):
+        torch.testing.assert_close(getattr(once, name), getattr(every_pass, name), rtol=1e-6, atol=1e-6)
+
+
+def test_expanding_a_memory_repeats_its_cross_keys_values_with_its_rows() -> None:
+    model = _model(causal=False).eval()
+    source, padding = _source()
+    with torch.no_grad():
+        memory = model.encode(source, padding)
+        expanded = _expand_memory(model.with_cross_keys_values(memory), 3)
+        reference = model.with_cross_keys_values(_expand_memory(memory, 3))
+    assert expanded.states.shape[0] == 12
+    for (k, v), (k_ref, v_ref) in zip(expanded.cross_keys_values, reference.cross_keys_values, strict=True):
+        torch.testing.assert_close(k, k_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-6)
+    assert _expand_memory(memory, 3).cross_keys_values is None
 
 
 def test_the_two_update_rules_differ_and_a_bad_one_is_refused() -> None:

@@ -3,6 +3,7 @@ invariances, cached decoding against the full forward, the length predictor, and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -145,6 +146,28 @@ def test_cached_decoding_equals_the_full_forward(chunks: list[int], absolute_pos
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_decoding_with_precomputed_cross_keys_values_equals_computing_them(causal: bool) -> None:
+    model = _model(causal=causal, length_classes=16)
+    source, target = _ids(3, 9, seed=21), _ids(3, 7, seed=22)
+    source_padding = torch.zeros(3, 9, dtype=torch.bool)
+    source_padding[1, 5:] = True
+    target_padding = torch.zeros(3, 7, dtype=torch.bool)
+    target_padding[2, 4:] = True
+    with torch.no_grad():
+        memory = model.encode(source, source_padding)
+        precomputed = model.with_cross_keys_values(memory)
+        assert memory.cross_keys_values is None and len(precomputed.cross_keys_values) == 2
+        assert all(k.shape == v.shape == (3, 4, 10, 8) for k, v in precomputed.cross_keys_values)
+        assert torch.equal(model.decode(target, precomputed, target_padding),
+                           model.decode(target, memory, target_padding))
+        if causal:  # the cache takes the memory's keys/values instead of computing its own
+            cache = model.new_cache(precomputed, max_len=7)
+            assert cache.cross_keys_values is precomputed.cross_keys_values
+            assert torch.equal(model.decode(target, precomputed, cache=cache),
+                               model.decode(target, memory, cache=model.new_cache(memory, max_len=7)))
+
+
 def test_every_parameter_gets_a_gradient_and_the_length_logits_have_one_class_per_length() -> None:
     model = _model(causal=False, length_classes=25, absolute_positions=True).train()
     source, target = _ids(2, 8, seed=11), _ids(2, 10, seed=12)
@@ -201,3 +224,18 @@ def test_bad_inputs_get_clear_errors() -> None:
     cache = model.new_cache(memory, max_len=4)
     with pytest.raises(ValueError, match="overflow"):
         model.decode(_ids(2, 5, seed=16), memory, cache=cache)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_keys_values_that_do_not_fit_the_decoder_or_the_memory_are_refused(causal: bool) -> None:
+    model = _model(causal=causal)
+    source, target = _ids(2, 8, seed=17), _ids(2, 5, seed=18)
+    memory = model.with_cross_keys_values(model.encode(source))
+    four_layers = dataclasses.replace(memory, cross_keys_values=memory.cross_keys_values * 2)
+    repeated_states = dataclasses.replace(memory, states=memory.states.repeat_interleave(2, dim=0))
+    for stale in (four_layers, repeated_states):
+        with pytest.raises(ValueError, match="with_cross_keys_values"):
+            model.decode(target.repeat_interleave(stale.states.shape[0] // 2, dim=0), stale)
+        if causal:
+            with pytest.raises(ValueError, match="with_cross_keys_values"):
+                model.new_cache(stale)

@@ -148,10 +148,13 @@ def _length_candidates(memory: Memory, count: int, max_len: int) -> Tensor:
 
 
 def _expand_memory(memory: Memory, copies: int) -> Memory:
-    """The memory with each row repeated ``copies`` times in a row (row b becomes rows b·copies … b·copies+copies−1)."""
+    """The memory with each row repeated ``copies`` times in a row (row b becomes rows b·copies … b·copies+copies−1),
+    its cross-attention keys/values too when it carries them."""
     def repeat(tensor: Tensor | None) -> Tensor | None:
         return None if tensor is None else tensor.repeat_interleave(copies, dim=0)
-    return Memory(repeat(memory.states), repeat(memory.padding), repeat(memory.length_logits))
+    keys_values = None if memory.cross_keys_values is None else \
+        [(repeat(k), repeat(v)) for k, v in memory.cross_keys_values]
+    return Memory(repeat(memory.states), repeat(memory.padding), repeat(memory.length_logits), keys_values)
 
 
 def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor | None = None, *, iterations: int,
@@ -215,6 +218,7 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
             flat_lengths = candidates.reshape(-1)
             if copies > 1:
                 memory = _expand_memory(memory, copies)
+            memory = model.with_cross_keys_values(memory)  # once, not in each of the N passes
             width = int(flat_lengths.max())
             valid = torch.arange(width, device=source.device)[None, :] < flat_lengths[:, None]
             if init == "mask":

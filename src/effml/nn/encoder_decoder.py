@@ -16,12 +16,16 @@ PaDIR's non-causal decoder (Li et al., "Promises and pitfalls of generative mask
 ``length_classes = K > 0`` adds PaDIR's token length predictor: a learned [LENGTH] embedding is put before the
 source; its encoder output h is classified against a table of K length embeddings (logits h · E_lenᵀ for target
 lengths 0 … K − 1). The [LENGTH] position stays in the memory, like any source token.
+
+The memory's cross-attention keys and values depend on the memory alone. ``decode`` computes them on every call
+unless the memory carries them: ``with_cross_keys_values(memory)`` computes them once, for a memory that several
+``decode`` calls (parallel passes, or steps without a cache) attend to.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -104,11 +108,16 @@ class Memory:
         states: (B, S', D) final-norm encoder outputs; S' = S + 1 with a length predictor ([LENGTH] first).
         padding: (B, S') bool, True at padded source positions (never at [LENGTH]), or None when nothing is padded.
         length_logits: (B, length_classes) target-length logits, or None without a length predictor.
+        cross_keys_values: per decoder layer, the cross-attention keys and values of ``states`` ((B, H, S', Dh)
+            each), from ``EncoderDecoder.with_cross_keys_values``; or None (the default): ``decode`` and
+            ``new_cache`` compute them from ``states``. They belong to ``states`` and to the model that computed
+            them: a memory built from changed states needs them recomputed (or None).
     """
 
     states: Tensor
     padding: Tensor | None
     length_logits: Tensor | None
+    cross_keys_values: list[tuple[Tensor, Tensor]] | None = None
 
 
 @dataclass
@@ -259,6 +268,31 @@ class EncoderDecoder(nn.Module):
 
     # ------------------------------------------------------------------ decoder
 
+    def with_cross_keys_values(self, memory: Memory) -> Memory:
+        """``memory`` carrying every decoder layer's cross-attention keys and values of its states (list of
+        (K, V), each (B, H, S', Dh)), computed now, so that decoding against it many times does not recompute them
+        (any keys/values it carried are replaced). Inference only: training goes through ``forward``."""
+        keys_values = [block.cross_attn.memory_keys_values(memory.states) for block in self.decoder]
+        return replace(memory, cross_keys_values=keys_values)
+
+    def _cross_keys_values(self, memory: Memory) -> list[tuple[Tensor, Tensor]]:
+        """Each decoder layer's cross-attention (K, V), each (B, H, S', Dh): the memory's own, checked against the
+        decoder and the states, or computed from the states when it carries none."""
+        if memory.cross_keys_values is None:
+            memory = self.with_cross_keys_values(memory)
+        batch, length, _ = memory.states.shape
+        expected = (batch, self.config.n_heads, length, self.config.head_dim)
+        found = [tuple(tensor.shape) for pair in memory.cross_keys_values for tensor in pair]
+        if len(memory.cross_keys_values) != len(self.decoder) or any(shape != expected for shape in found):
+            raise ValueError(f"memory.cross_keys_values do not fit this decoder and memory: expected "
+                             f"{len(self.decoder)} layers of (K, V) pairs shaped {expected} (B, H, S', Dh from the "
+                             f"memory's states), got {len(memory.cross_keys_values)} layers shaped "
+                             f"{sorted(set(found))}; they were computed by a model with another decoder, or from "
+                             "states whose rows have since changed (e.g. been repeated). Recompute them with "
+                             "model.with_cross_keys_values(memory), or set cross_keys_values=None to compute them on "
+                             "each call.")
+        return memory.cross_keys_values
+
     def decode(self, target: Tensor, memory: Memory, target_padding: Tensor | None = None,
                cache: DecoderCache | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for the (B, T) decoder input ``target`` given the encoder's ``memory``.
@@ -267,7 +301,9 @@ class EncoderDecoder(nn.Module):
         right padding needs no mask (no earlier position sees it), and ``target_padding`` is not used. Non-causal
         decoder: position t predicts the target token at t from the whole (corrupted) input; ``target_padding``
         (B, T) bool hides padded positions. ``cache`` (causal only, from ``new_cache``): the T tokens follow the
-        ``cache.self_attention.length`` already decoded, and the cache advances by T.
+        ``cache.self_attention.length`` already decoded, and the cache advances by T. Without a cache, the
+        memory's cross-attention keys/values are ``memory.cross_keys_values`` when it carries them (see
+        ``with_cross_keys_values``), else computed from ``memory.states`` for this call.
         """
         self._check_ids("target", target, self.config.max_target_len)
         padding = None
@@ -283,7 +319,7 @@ class EncoderDecoder(nn.Module):
             cache.self_attention.check_room(target.shape[1])
             keys_values, memory_padding = cache.cross_keys_values, cache.memory_padding
         else:
-            keys_values = [block.cross_attn.memory_keys_values(memory.states) for block in self.decoder]
+            keys_values = self._cross_keys_values(memory)
             memory_padding = memory.padding
         rotation = self.rotary(offset, target.shape[1]).unsqueeze(1)
         x = self._embed("target", target)
@@ -308,7 +344,8 @@ class EncoderDecoder(nn.Module):
 
     def new_cache(self, memory: Memory, max_len: int | None = None) -> DecoderCache:
         """An empty ``DecoderCache`` for autoregressive decoding of up to ``max_len`` target positions (default
-        max_target_len) against ``memory``, whose cross-attention keys and values it computes now."""
+        max_target_len) against ``memory``, whose cross-attention keys and values it takes from
+        ``memory.cross_keys_values`` or, when the memory carries none, computes now."""
         if not self.config.causal_decoder:
             raise ValueError("new_cache serves a causal decoder; this model's decoder is non-causal.")
         max_len = self.config.max_target_len if max_len is None else max_len
@@ -318,8 +355,7 @@ class EncoderDecoder(nn.Module):
         states = memory.states
         kv_cache = KVCache(len(self.decoder), states.shape[0], self.config.n_heads, max_len, self.config.head_dim,
                            dtype=states.dtype, device=states.device)
-        keys_values = [block.cross_attn.memory_keys_values(states) for block in self.decoder]
-        return DecoderCache(kv_cache, keys_values, memory.padding)
+        return DecoderCache(kv_cache, self._cross_keys_values(memory), memory.padding)
 
     # ------------------------------------------------------------------ checks and accounting
 
