@@ -216,9 +216,10 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
                 candidates = lengths.to(source.device).long()[:, None]
             copies = candidates.shape[1]
             flat_lengths = candidates.reshape(-1)
+            # the memory's cross-attention keys/values: once for the N passes, and before the candidates' copies
+            memory = model.with_cross_keys_values(memory)
             if copies > 1:
                 memory = _expand_memory(memory, copies)
-            memory = model.with_cross_keys_values(memory)  # once, not in each of the N passes
             width = int(flat_lengths.max())
             valid = torch.arange(width, device=source.device)[None, :] < flat_lengths[:, None]
             if init == "mask":
