@@ -33,6 +33,18 @@ def test_linear_schedule_is_ddpm_and_alpha_bar_is_the_running_product():
     assert cosine.alpha_bar(0).item() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_scaled_linear_schedule_is_latent_diffusions_and_less_noisy_than_ddpms_beyond_the_first_levels():
+    schedule = NoiseSchedule.scaled_linear(1000)
+    roots = schedule.betas.sqrt()
+    assert roots[0].item() == pytest.approx(0.00085 ** 0.5) and roots[-1].item() == pytest.approx(0.012 ** 0.5)
+    torch.testing.assert_close(roots.diff(), torch.full((999,), (0.012 ** 0.5 - 0.00085 ** 0.5) / 999,
+                                                         dtype=torch.float64))  # √β is evenly spaced
+    less_noisy = schedule.alphas_cumprod > NoiseSchedule.linear(1000).alphas_cumprod
+    assert bool(less_noisy[102:].all()) and not bool(less_noisy[:102].any())  # (its first β is 8.5× DDPM's)
+    half = NoiseSchedule.scaled_linear(500)  # fewer levels: each β scaled by 1000 / T, as for DDPM's
+    assert half.betas[0].item() == pytest.approx(2 * 0.00085) and half.betas[-1].item() == pytest.approx(2 * 0.012)
+
+
 def test_add_noise_mixes_as_stated_for_int_and_per_example_levels():
     schedule = NoiseSchedule.linear(100)
     clean, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)

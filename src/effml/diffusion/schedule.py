@@ -36,8 +36,10 @@ class NoiseSchedule:
     """β_t and ᾱ_t of a DDPM forward process with ``steps`` levels 0 … steps − 1 (float64 internally).
 
     ``NoiseSchedule.linear(T)`` is DDPM's β rising linearly from 1e-4 to 0.02 (for T = 1000; scaled by 1000 / T for
-    other T, as improved DDPM does); ``NoiseSchedule.cosine(T)`` is Nichol and Dhariwal's cosine ᾱ (arXiv 2102.09672,
-    eq. 17, β clipped at 0.999).
+    other T, as improved DDPM does); ``NoiseSchedule.scaled_linear(T)`` is latent diffusion's (Stable Diffusion's): √β
+    rising linearly from √0.00085 to √0.012 (endpoints scaled by 1000 / T likewise), which leaves less noise than DDPM's
+    beyond the first tenth of the levels; ``NoiseSchedule.cosine(T)`` is Nichol and Dhariwal's cosine ᾱ (arXiv
+    2102.09672, eq. 17, β clipped at 0.999).
     """
 
     def __init__(self, betas: Tensor) -> None:
@@ -52,6 +54,12 @@ class NoiseSchedule:
     def linear(cls, steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         scale = 1000 / steps
         return cls(torch.linspace(beta_start * scale, beta_end * scale, steps, dtype=torch.float64))
+
+    @classmethod
+    def scaled_linear(cls, steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> NoiseSchedule:
+        scale = 1000 / steps
+        roots = torch.linspace((beta_start * scale) ** 0.5, (beta_end * scale) ** 0.5, steps, dtype=torch.float64)
+        return cls(roots ** 2)
 
     @classmethod
     def cosine(cls, steps: int = 1000, offset: float = 0.008) -> NoiseSchedule:

@@ -69,7 +69,7 @@ class LatentCRFRecipeConfig:
     channel_multipliers: tuple[int, ...] = (1, 2)
     attention_levels: tuple[int, ...] = (1,)
     diffusion_steps: int = 1000
-    noise_schedule: str = "linear"
+    noise_schedule: str = "linear"  # "linear" (DDPM), "scaled_linear" (latent diffusion's) or "cosine"
     batch_size: int = 64
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=3000, lr=1e-3, warmup_steps=100, weight_decay=0.0, beta2=0.999, log_every=50))
@@ -101,7 +101,7 @@ class LatentCRFRecipeConfig:
     def __post_init__(self) -> None:
         owner = "latentcrf"
         check_choice(owner, "dataset", self.dataset, ("digits", "fashion-mnist"))
-        check_choice(owner, "noise_schedule", self.noise_schedule, ("linear", "cosine"))
+        check_choice(owner, "noise_schedule", self.noise_schedule, ("linear", "scaled_linear", "cosine"))
         for name in ("image_size", "base_channels", "diffusion_steps", "batch_size", "crf_batch_size",
                      "distill_pairs", "valid_examples", "samples_per_class", "sample_batch_size", "timing_batch_size",
                      "timing_repeats", "seeds"):
