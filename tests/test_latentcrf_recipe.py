@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,40 @@ def test_the_reported_scores_are_the_trained_models(smoke_run: Path, results: di
     for name, value in measured.items():
         if not name.startswith(("seconds_per_image", "time_ratio")):  # (timings differ from run to run)
             assert value == pytest.approx(reported[name], rel=1e-9, abs=1e-12), name
+
+
+def test_a_resumed_run_keeps_the_prior_retrains_the_distillation_and_measures_the_same(
+        smoke_run: Path, results: dict, tmp_path: Path, monkeypatch) -> None:
+    """A run stopped during seed 1's distillation resumes (through the runner) from the CRF prior's final checkpoint,
+    without training the shared classifier and denoiser again, and measures exactly what the uninterrupted run did."""
+    from effml.experiments.runner import run_experiment
+    from effml.train import Trainer
+
+    copy = tmp_path / "run"
+    shutil.copytree(smoke_run, copy)
+    shutil.rmtree(copy / LATENTCRF / "seed-1" / "distill")
+    partial = json.loads((copy / "results.json").read_text())
+    partial["status"] = "partial"
+    del partial["arms"][LATENTCRF]["runs"]["1"]
+    (copy / "results.json").write_text(json.dumps(partial))
+    restored = []
+    restore = Trainer._restore
+
+    def spy(trainer: Trainer) -> bool:
+        restored.append((trainer.run_dir.relative_to(copy), restore(trainer)))
+        return restored[-1][1]
+
+    monkeypatch.setattr(Trainer, "_restore", spy)
+    assert run_experiment("latentcrf", resume=copy, quiet=True) == copy
+    assert restored == [(Path(LATENTCRF, "seed-1", "prior"), True), (Path(LATENTCRF, "seed-1", "distill"), False)]
+    rerun = json.loads((copy / "results.json").read_text())["arms"][LATENTCRF]["runs"]["1"]["metrics"]
+    original = results["arms"][LATENTCRF]["runs"]["1"]["metrics"]
+
+    def untimed(metrics: dict) -> dict:
+        return {name: value for name, value in metrics.items()
+                if not name.startswith(("seconds_per_image", "time_ratio"))}
+
+    assert untimed(rerun) == untimed(original) and set(rerun) == set(original)
 
 
 def test_distillation_pairs_follow_the_samplers_own_path(smoke_run: Path) -> None:
