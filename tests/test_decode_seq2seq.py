@@ -64,12 +64,12 @@ def _count_memory_projections(model: EncoderDecoder, monkeypatch: pytest.MonkeyP
     return calls
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_greedy_decoding_projects_the_memory_once(use_cache: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_greedy_decoding_projects_the_memory_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache holds the memory's keys/values for every step (the uncached path, the reference, recomputes them)."""
     model = _model(causal=True)
     source, padding = _source()
     calls = _count_memory_projections(model, monkeypatch)
-    decode_autoregressive(model, source, padding, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=6, use_cache=use_cache)
+    decode_autoregressive(model, source, padding, bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len=6)
     assert calls[0] == len(model.decoder)  # one (K, V) per layer, not one per step
 
 

@@ -111,24 +111,24 @@ def test_a_resumed_run_keeps_the_prior_retrains_the_distillation_and_measures_th
     from effml.experiments.runner import run_experiment
     from effml.train import Trainer
 
-    copy = tmp_path / "run"
-    shutil.copytree(smoke_run, copy)
-    shutil.rmtree(copy / LATENTCRF / "seed-1" / "distill")
-    partial = json.loads((copy / "results.json").read_text())
+    run_copy = tmp_path / "run"
+    shutil.copytree(smoke_run, run_copy)
+    shutil.rmtree(run_copy / LATENTCRF / "seed-1" / "distill")
+    partial = json.loads((run_copy / "results.json").read_text())
     partial["status"] = "partial"
     del partial["arms"][LATENTCRF]["runs"]["1"]
-    (copy / "results.json").write_text(json.dumps(partial))
+    (run_copy / "results.json").write_text(json.dumps(partial))
     restored = []
     restore = Trainer._restore
 
     def spy(trainer: Trainer) -> bool:
-        restored.append((trainer.run_dir.relative_to(copy), restore(trainer)))
+        restored.append((trainer.run_dir.relative_to(run_copy), restore(trainer)))
         return restored[-1][1]
 
     monkeypatch.setattr(Trainer, "_restore", spy)
-    assert run_experiment("latentcrf", resume=copy, quiet=True) == copy
+    assert run_experiment("latentcrf", resume=run_copy, quiet=True) == run_copy
     assert restored == [(Path(LATENTCRF, "seed-1", "prior"), True), (Path(LATENTCRF, "seed-1", "distill"), False)]
-    rerun = json.loads((copy / "results.json").read_text())["arms"][LATENTCRF]["runs"]["1"]["metrics"]
+    rerun = json.loads((run_copy / "results.json").read_text())["arms"][LATENTCRF]["runs"]["1"]["metrics"]
     original = results["arms"][LATENTCRF]["runs"]["1"]["metrics"]
 
     def untimed(metrics: dict) -> dict:

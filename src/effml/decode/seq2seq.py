@@ -1,11 +1,10 @@
 """Greedy autoregressive decoding of an ``EncoderDecoder`` with a causal decoder, and the padded output both
 sequence-to-sequence decoders (this one and ``effml.decode.refinement``) return.
 
-The source is encoded once and the memory's cross-attention keys/values are computed once
-(``EncoderDecoder.with_cross_keys_values``); the decoder starts from BOS and feeds one token per step through its
-``DecoderCache`` (self-attention keys/values grow by one position), so a step costs O(current length) attention and no
-recomputation. ``use_cache=False`` recomputes the whole prefix at every step (against the same memory keys/values):
-the reference the cached path must match.
+The source is encoded once; the decoder starts from BOS and feeds one token per step through its ``DecoderCache``
+(self-attention keys/values grow by one position, the memory's cross-attention keys/values were computed once), so
+a step costs O(current length) attention and no recomputation. ``use_cache=False`` recomputes the whole prefix at
+every step: the reference the cached path must match.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ def decode_autoregressive(model: EncoderDecoder, source: Tensor, source_padding:
     model.eval()
     try:
         with torch.inference_mode():
-            memory = model.with_cross_keys_values(model.encode(source, source_padding))
+            memory = model.encode(source, source_padding)
             cache = model.new_cache(memory, max_len=max_len) if use_cache else None
             fed = torch.full((batch, max_len + 1), pad_id, dtype=torch.long, device=device)
             fed[:, 0] = bos_id

@@ -30,7 +30,9 @@ CRF matters: without it the FID proxy is higher [19.72]; (5) with the same denoi
 higher [12.78]; (6) the samples' class accuracy is at most 2 points below the full sampler's [CLIP 0.309 vs 0.309].
 Claim (2) is decided only where claim (1) holds (added after the first cpu run, which is why it is not "fixed
 before"): a sampler that leaves noise in its images scores a *higher* Vendi score in the classifier's features, so
-diversity is comparable only between samples of the same quality; the paper compares samplers of equal FID.
+diversity is comparable only between samples of similar quality (the paper's are: FID 11.58 vs 12.75). Leftover noise
+cannot explain a measured *loss* of diversity, so the premise also withholds a "fails" it could have kept: a cautious
+choice.
 
 Not built: the paper's stage-1 adversarial loss (a small latent discriminator); a latent autoencoder (the LDM's VAE);
 text conditioning beyond a class embedding.
