@@ -110,3 +110,36 @@ def torchrun(tmp_path):
         return completed.stdout
 
     return run
+
+
+TIMING_WORDS = ("time", "seconds", "per_s", "speedup", "decode_s")  # metric names holding measured times
+
+
+@pytest.fixture
+def torchrun_smoke(torchrun, tmp_path):
+    """``torchrun_smoke(recipe, one_process_results, arms=None, rel=1e-4) -> results``: runs the recipe's smoke
+    preset under torchrun on 2 CPU processes, checks that it completed with one run directory and one printed report
+    (rank 1 writes nothing), and that each arm in ``arms`` (default: all) trained and measured as the one-process run
+    did: the same training-loss curve and every metric that is not a time, up to ``rel`` (summation order)."""
+    import json
+
+    def run(recipe: str, one: dict, arms: tuple[str, ...] | None = None, rel: float = 1e-4) -> dict:
+        out = tmp_path / "torchrun"
+        stdout = torchrun("-m", "effml", "run", recipe, "--preset", "smoke", "--quiet", "--out", str(out))
+        (run_dir,) = (out / recipe).iterdir()
+        assert stdout.count("report: ") == 1
+        two = json.loads((run_dir / "results.json").read_text())
+        assert two["status"] == "complete" and two["environment"]["world_size"] == 2
+        for arm in arms if arms is not None else list(one["arms"]):
+            assert list(two["arms"][arm]["runs"]) == list(one["arms"][arm]["runs"])
+            for seed, run_one in one["arms"][arm]["runs"].items():
+                run_two = two["arms"][arm]["runs"][seed]
+                curve_one, curve_two = (entry["curves"].get("train_loss", []) for entry in (run_one, run_two))
+                assert [step for step, _ in curve_two] == [step for step, _ in curve_one]
+                assert [loss for _, loss in curve_two] == pytest.approx([loss for _, loss in curve_one], rel=rel)
+                untimed = [name for name in run_one["metrics"] if not any(word in name for word in TIMING_WORDS)]
+                assert {name: run_two["metrics"][name] for name in untimed} == pytest.approx(
+                    {name: run_one["metrics"][name] for name in untimed}, rel=rel, abs=1e-9)
+        return two
+
+    return run

@@ -139,21 +139,11 @@ def test_a_resumed_run_keeps_the_prior_retrains_the_distillation_and_measures_th
 
 
 @pytest.mark.slow
-def test_two_processes_run_every_arm_and_train_the_denoiser_as_one_does(results: dict, torchrun,
-                                                                       tmp_path: Path) -> None:
-    """Under torchrun (2 CPU processes) every arm runs and only rank 0 writes. The U-Net (GroupNorm) trains exactly as
-    in one process, up to summation order; the classifier and the CRF normalise with BatchNorm over each rank's share
-    of the batch (README: data parallelism), so their numbers are only checked to be measured."""
-    stdout = torchrun("-m", "effml", "run", "latentcrf", "--preset", "smoke", "--quiet", "--out", str(tmp_path))
-    (run_dir,) = (tmp_path / "latentcrf").iterdir()
-    assert stdout.count("report: ") == 1
-    ddp = json.loads((run_dir / "results.json").read_text())
-    assert ddp["status"] == "complete" and ddp["environment"]["world_size"] == 2
-    one, two = (entry["arms"][DENOISER]["runs"]["0"] for entry in (results, ddp))
-    for (step_a, loss_a), (step_b, loss_b) in zip(one["curves"]["train_loss"], two["curves"]["train_loss"],
-                                                  strict=True):
-        assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4)
-    assert two["metrics"]["valid_denoising_loss"] == pytest.approx(one["metrics"]["valid_denoising_loss"], rel=1e-4)
+def test_two_processes_run_every_arm_and_train_the_denoiser_as_one_does(results: dict, torchrun_smoke) -> None:
+    """Under torchrun the U-Net (GroupNorm) trains as in one process; the classifier and the CRF normalise with
+    BatchNorm over each rank's share of the batch (README: data parallelism), so their numbers are only checked to be
+    measured."""
+    ddp = torchrun_smoke("latentcrf", results, arms=(DENOISER,))
     for seed in ("0", "1"):
         assert set(ddp["arms"][LATENTCRF]["runs"][seed]["metrics"]) == set(
             results["arms"][LATENTCRF]["runs"][seed]["metrics"])

@@ -89,6 +89,12 @@ def test_compute_accounting_follows_the_growth_schedule(smoke_run: Path) -> None
             assert flops == sorted(flops) and flops[-1] == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.slow
+def test_two_processes_grow_train_and_measure_as_one_does(smoke_run: Path, torchrun_smoke) -> None:
+    """Under torchrun the growing models (DDP re-wrapped at each stage) train, fine-tune and score as in one process."""
+    torchrun_smoke("midas", json.loads((smoke_run / "results.json").read_text()))
+
+
 def test_compute_to_reach_interpolates_the_first_crossing() -> None:
     losses = [[0, 5.0], [10, 3.0], [20, 2.0], [30, 1.0], [40, 1.5]]
     compute = [[0, 0.0], [10, 100.0], [20, 200.0], [30, 300.0], [40, 400.0]]

@@ -94,24 +94,10 @@ def test_two_ranks_train_on_the_halves_of_the_one_process_batch(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_score_as_one_does(results: dict, torchrun, tmp_path: Path) -> None:
-    """Under torchrun (2 CPU processes) each arm trains as in one process, up to summation order (each rank takes half
-    of the global batch; the distilled arm's teacher translations are made the same way), the held-out sums are
-    gathered from both ranks' shares, and only rank 0 writes."""
-    stdout = torchrun("-m", "effml", "run", "padir", "--preset", "smoke", "--quiet", "--out", str(tmp_path))
-    (run_dir,) = (tmp_path / "padir").iterdir()
-    assert stdout.count("report: ") == 1
-    ddp = json.loads((run_dir / "results.json").read_text())
-    assert ddp["status"] == "complete" and ddp["environment"]["world_size"] == 2
-    for arm in (AR, NAR, DISTILLED):
-        for seed in ("0", "1"):
-            one, two = (entry["arms"][arm]["runs"][seed] for entry in (results, ddp))
-            for (step_a, loss_a), (step_b, loss_b) in zip(one["curves"]["train_loss"], two["curves"]["train_loss"],
-                                                          strict=True):
-                assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4)
-            quality = [name for name in one["metrics"] if name.startswith(("bleu", "exact_match", "length_accuracy"))]
-            assert quality and {name: two["metrics"][name] for name in quality} == pytest.approx(
-                {name: one["metrics"][name] for name in quality}, abs=1e-9)
+def test_two_processes_train_and_score_as_one_does(results: dict, torchrun_smoke) -> None:
+    """Under torchrun each rank takes half of every global batch (the distilled arm's teacher translations too) and
+    scores half of the held-out sources, whose sums are gathered: every arm's numbers are one process's."""
+    torchrun_smoke("padir", results)
 
 
 def test_teacher_forcing_puts_bos_first_and_eos_after_each_target() -> None:

@@ -150,3 +150,10 @@ def test_every_preset_validates() -> None:
     for preset in SoftsrvRecipe.presets:
         config = SoftsrvRecipe().preset(preset)
         assert [arm.name for arm in SoftsrvRecipe().arms(config)] == ARMS
+
+
+@pytest.mark.slow
+def test_two_processes_sample_train_and_measure_as_one_does(results: dict, torchrun_smoke) -> None:
+    """Under torchrun the prompts train on halves of each batch, the synthetic samples are the one process's, and the
+    students train and score as in one process."""
+    torchrun_smoke("softsrv", results)
