@@ -279,7 +279,7 @@ class EncoderDecoder(nn.Module):
         """Each decoder layer's cross-attention (K, V), each (B, H, S', Dh): the memory's own, checked against the
         decoder and the states, or computed from the states when it carries none."""
         if memory.cross_keys_values is None:
-            memory = self.with_cross_keys_values(memory)
+            return self.with_cross_keys_values(memory).cross_keys_values  # fresh: nothing to check
         batch, length, _ = memory.states.shape
         expected = (batch, self.config.n_heads, length, self.config.head_dim)
         found = [tuple(tensor.shape) for pair in memory.cross_keys_values for tensor in pair]
