@@ -33,7 +33,7 @@ from effml.data.batches import rank_share
 
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "ImageSplits", "read_idx", "load_fashion_mnist",
            "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches", "DataUnavailableError",
-           "IMAGE_EXTENSIONS", "rank_batch_ranges", "load_digits"]
+           "IMAGE_EXTENSIONS", "rank_batch_ranges", "load_digits", "images_to_tensor"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
@@ -119,7 +119,7 @@ def _check_batch_size(batch_size: int, available: int) -> None:
                          f"distinct images; use a batch_size of at most {available} (--set batch_size=...).")
 
 
-def _to_tensor(images: np.ndarray) -> Tensor:
+def images_to_tensor(images: np.ndarray) -> Tensor:
     """uint8 (N, H, W) → float (N, 1, H, W) in [-1, 1]."""
     return torch.from_numpy(images.astype(np.float32)).unsqueeze(1).div_(127.5).sub_(1.0)
 
@@ -142,7 +142,7 @@ class ImageBatches:
         if self.flip:
             mirror = rank_share(rng.random(self.batch_size), rank, world_size) < 0.5
             images = np.where(mirror[:, None, None], images[:, :, ::-1], images)
-        return _to_tensor(images), torch.from_numpy(self.labels[chosen])
+        return images_to_tensor(images), torch.from_numpy(self.labels[chosen])
 
 
 def rank_batch_ranges(length: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[range]:
@@ -158,7 +158,7 @@ def eval_image_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, 
     (`rank_batch_ranges`)."""
     for indices in rank_batch_ranges(len(images), batch_size, rank, world_size):
         chosen = slice(indices.start, indices.stop)
-        yield _to_tensor(images[chosen]), torch.from_numpy(labels[chosen])
+        yield images_to_tensor(images[chosen]), torch.from_numpy(labels[chosen])
 
 
 class ImageFolderSplit:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from effml.config import ConfigError, check_choice, check_positive
-from effml.data.images import _to_tensor  # uint8 (N, H, W) → float (N, 1, H, W) in [−1, 1], as the batches make
+from effml.data.images import images_to_tensor
 from effml.experiments.base import Arm, ArmRun, Experiment, RunContext, complete_run, register
 from effml.train import TrainConfig, Trainer
 
@@ -327,7 +327,7 @@ class LatentCRFRecipe(Experiment):
         from effml.diffusion import denoising_loss
 
         count = config.valid_examples
-        images, labels = _to_tensor(splits.valid_images[:count]), torch.from_numpy(splits.valid_labels[:count])
+        images, labels = images_to_tensor(splits.valid_images[:count]), torch.from_numpy(splits.valid_labels[:count])
         generator = torch.Generator().manual_seed(derive_seed(context.seed, 2_000_003))
         losses = []
         for level in np.linspace(0, schedule.steps - 1, 8).round().astype(int):
@@ -461,9 +461,9 @@ class LatentCRFRecipe(Experiment):
         def score(images: torch.Tensor, image_labels: torch.Tensor) -> ScoredImages:
             return _score(classifier, images, image_labels, config.sample_batch_size, device)
 
-        reference = score(_to_tensor(splits.test_images), torch.from_numpy(splits.test_labels))
+        reference = score(images_to_tensor(splits.test_images), torch.from_numpy(splits.test_labels))
         train_sample = min(count, len(splits.train_images))
-        real = score(_to_tensor(splits.train_images[:train_sample]),
+        real = score(images_to_tensor(splits.train_images[:train_sample]),
                      torch.from_numpy(splits.train_labels[:train_sample]))
         metrics = {"fid@real": frechet_distance(reference.features, real.features),
                    "accuracy@real": 100.0 * float((real.predicted == real.labels).double().mean()),
