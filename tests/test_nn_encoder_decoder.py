@@ -163,7 +163,7 @@ def test_decoding_with_precomputed_cross_keys_values_equals_computing_them(causa
                            model.decode(target, memory, target_padding))
         if causal:  # the cache takes the memory's keys/values instead of computing its own
             cache = model.new_cache(precomputed, max_len=7)
-            assert cache.cross_keys_values is precomputed.cross_keys_values
+            assert cache.memory.cross_keys_values is precomputed.cross_keys_values
             assert torch.equal(model.decode(target, precomputed, cache=cache),
                                model.decode(target, memory, cache=model.new_cache(memory, max_len=7)))
 

@@ -123,11 +123,10 @@ class Memory:
 @dataclass
 class DecoderCache:
     """What autoregressive decoding keeps between steps: the decoder's self-attention ``KVCache`` (one slot per
-    layer) and, per layer, the memory's cross-attention keys and values ((B, H, S', Dh) each), computed once."""
+    layer) and the memory it decodes against, carrying its cross-attention keys and values (computed once)."""
 
     self_attention: KVCache
-    cross_keys_values: list[tuple[Tensor, Tensor]]
-    memory_padding: Tensor | None
+    memory: Memory
 
 
 class Seq2SeqBlock(nn.Module):
@@ -275,11 +274,11 @@ class EncoderDecoder(nn.Module):
         keys_values = [block.cross_attn.memory_keys_values(memory.states) for block in self.decoder]
         return replace(memory, cross_keys_values=keys_values)
 
-    def _cross_keys_values(self, memory: Memory) -> list[tuple[Tensor, Tensor]]:
-        """Each decoder layer's cross-attention (K, V), each (B, H, S', Dh): the memory's own, checked against the
-        decoder and the states, or computed from the states when it carries none."""
+    def _carrying_keys_values(self, memory: Memory) -> Memory:
+        """``memory`` with each decoder layer's cross-attention (K, V), each (B, H, S', Dh): its own, checked
+        against the decoder and the states, or computed from the states when it carries none."""
         if memory.cross_keys_values is None:
-            return self.with_cross_keys_values(memory).cross_keys_values  # fresh: nothing to check
+            return self.with_cross_keys_values(memory)  # fresh: nothing to check
         batch, length, _ = memory.states.shape
         expected = (batch, self.config.n_heads, length, self.config.head_dim)
         found = [tuple(tensor.shape) for pair in memory.cross_keys_values for tensor in pair]
@@ -291,7 +290,7 @@ class EncoderDecoder(nn.Module):
                              "states whose rows have since changed (e.g. been repeated). Recompute them with "
                              "model.with_cross_keys_values(memory), or set cross_keys_values=None to compute them on "
                              "each call.")
-        return memory.cross_keys_values
+        return memory
 
     def decode(self, target: Tensor, memory: Memory, target_padding: Tensor | None = None,
                cache: DecoderCache | None = None) -> Tensor:
@@ -301,9 +300,10 @@ class EncoderDecoder(nn.Module):
         right padding needs no mask (no earlier position sees it), and ``target_padding`` is not used. Non-causal
         decoder: position t predicts the target token at t from the whole (corrupted) input; ``target_padding``
         (B, T) bool hides padded positions. ``cache`` (causal only, from ``new_cache``): the T tokens follow the
-        ``cache.self_attention.length`` already decoded, and the cache advances by T. Without a cache, the
-        memory's cross-attention keys/values are ``memory.cross_keys_values`` when it carries them (see
-        ``with_cross_keys_values``), else computed from ``memory.states`` for this call.
+        ``cache.self_attention.length`` already decoded against ``cache.memory`` (``memory`` is not read), and the
+        cache advances by T. Without a cache, the memory's cross-attention keys/values are
+        ``memory.cross_keys_values`` when it carries them (see ``with_cross_keys_values``), else computed from
+        ``memory.states`` for this call.
         """
         self._check_ids("target", target, self.config.max_target_len)
         padding = None
@@ -317,16 +317,15 @@ class EncoderDecoder(nn.Module):
                                  "non-causal and decodes every position at once: call decode without a cache.")
             offset = cache.self_attention.length
             cache.self_attention.check_room(target.shape[1])
-            keys_values, memory_padding = cache.cross_keys_values, cache.memory_padding
+            memory = cache.memory
         else:
-            keys_values = self._cross_keys_values(memory)
-            memory_padding = memory.padding
+            memory = self._carrying_keys_values(memory)
         rotation = self.rotary(offset, target.shape[1]).unsqueeze(1)
         x = self._embed("target", target)
         if self.target_positions is not None:
             x = x + self.target_positions[offset:offset + target.shape[1]].to(x.dtype)
-        for layer, (block, memory_kv) in enumerate(zip(self.decoder, keys_values, strict=True)):
-            x = block(x, rotation, padding, memory_kv, memory_padding,
+        for layer, (block, memory_kv) in enumerate(zip(self.decoder, memory.cross_keys_values, strict=True)):
+            x = block(x, rotation, padding, memory_kv, memory.padding,
                       cache.self_attention if cache is not None else None, layer)
         if cache is not None:
             cache.self_attention.advance(target.shape[1])
@@ -355,7 +354,7 @@ class EncoderDecoder(nn.Module):
         states = memory.states
         kv_cache = KVCache(len(self.decoder), states.shape[0], self.config.n_heads, max_len, self.config.head_dim,
                            dtype=states.dtype, device=states.device)
-        return DecoderCache(kv_cache, self._cross_keys_values(memory), memory.padding)
+        return DecoderCache(kv_cache, self._carrying_keys_values(memory))
 
     # ------------------------------------------------------------------ checks and accounting
 
