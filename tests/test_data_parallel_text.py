@@ -9,90 +9,15 @@ from __future__ import annotations
 import bz2
 import struct
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sword_modules import entries_in_testament, entry_number, write_module
 
 from effml.data.corpora import CorpusUnavailableError
 from effml.data.parallel_text import (TEST_BOOKS, VALID_BOOKS, VERSIFICATIONS, SwordModuleNotFoundError, VerseRef,
                                       clean_markup, find_modules, installed_modules, load_parallel_verses,
                                       read_verses)
-
-
-def entry_number(versification: str, ref: VerseRef) -> tuple[str, int]:
-    """``(testament file, index entry)`` of ``ref`` (verse 0: its chapter heading), in closed form.
-
-    Layout: entry 0 module heading, 1 testament heading, then per book a heading entry and per chapter a heading
-    entry followed by the verses.
-    """
-    for testament, books in zip(("ot", "nt"), VERSIFICATIONS[versification], strict=True):
-        book_heading = 2
-        for book, chapters in books:
-            if book == ref.book:
-                return testament, book_heading + ref.chapter + sum(chapters[:ref.chapter - 1]) + ref.verse
-            book_heading += 1 + len(chapters) + sum(chapters)
-    raise KeyError(ref)
-
-
-def entries_in_testament(versification: str, testament: int) -> int:
-    books = VERSIFICATIONS[versification][testament]
-    return 2 + sum(1 + len(chapters) + sum(chapters) for _, chapters in books)
-
-
-def write_module(root: Path, name: str, verses: dict[VerseRef, str], *, versification: str = "KJV",
-                 abbreviation: str | None = None, compress: Callable[[bytes], bytes] = zlib.compress,
-                 compress_type: str = "ZIP", per_block: int = 3, conf: dict[str, str] | None = None,
-                 headings: bool = True, extra_entries: dict[tuple[str, int], str] | None = None) -> None:
-    """A zText module ``name`` under the library ``root``: ``verses`` at their entries, book and chapter headings
-    (OSIS milestones) for the books used, blocks of ``per_block`` non-empty entries; ``extra_entries`` puts raw
-    text at ``(testament, entry)``; ``conf`` replaces or adds conf settings. An empty text writes an entry of
-    size 0."""
-    entries: dict[str, dict[int, str]] = {"ot": {}, "nt": {}}
-    entries["ot"][1] = '<milestone type="x-importer" subType="x-osis2mod" n="$Rev: 3769 $"/>'
-    for ref, text in verses.items():
-        testament, entry = entry_number(versification, ref)
-        entries[testament][entry] = text
-        if headings:
-            chapter_heading = entry_number(versification, ref._replace(verse=0))[1]
-            book_heading = entry_number(versification, VerseRef(ref.book, 1, 0))[1] - 1
-            entries[testament][chapter_heading] = (f'<chapter n="{ref.chapter}" osisID="{ref.book}.{ref.chapter}" '
-                                                   f'sID="{ref.book}.{ref.chapter}"/> ')
-            entries[testament][book_heading] = (f'<div osisID="{ref.book}" sID="b1" type="book"/> '
-                                                f'<title type="main">The Book of {ref.book}</title>')
-    for (testament, entry), text in (extra_entries or {}).items():
-        entries[testament][entry] = text
-    directory = root / "modules" / "texts" / "ztext" / name.lower()
-    directory.mkdir(parents=True)
-    for number, testament in enumerate(("ot", "nt")):
-        index, blocks, block_index, compressed, in_block = [], [], [], b"", 0
-        for entry in range(entries_in_testament(versification, number)):
-            data = entries[testament].get(entry, "").encode("utf-8")
-            if not data:
-                index.append(struct.pack("<IIH", 0, 0, 0))
-                continue
-            if not blocks or in_block == per_block:
-                blocks.append(b"")
-                in_block = 0
-            index.append(struct.pack("<IIH", len(blocks) - 1, len(blocks[-1]), len(data)))
-            blocks[-1] += data
-            in_block += 1
-        for block in blocks:
-            packed = compress(block)
-            block_index.append(struct.pack("<III", len(compressed), len(packed), len(block)))
-            compressed += packed
-        (directory / f"{testament}.bzv").write_bytes(b"".join(index))
-        (directory / f"{testament}.bzs").write_bytes(b"".join(block_index))
-        (directory / f"{testament}.bzz").write_bytes(compressed)
-    settings = {"DataPath": f"./modules/texts/ztext/{name.lower()}/", "ModDrv": "zText", "SourceType": "OSIS",
-                "Encoding": "UTF-8", "CompressType": compress_type, "BlockType": "BOOK",
-                "Versification": versification, "About": "A test module \\\n  spread over two lines"}
-    if abbreviation:
-        settings["Abbreviation"] = abbreviation
-    settings.update(conf or {})
-    (root / "mods.d").mkdir(exist_ok=True)
-    (root / "mods.d" / f"{name.lower()}.conf").write_text(
-        f"[{name}]\n# a comment\n" + "".join(f"{key}={value}\n" for key, value in settings.items()), encoding="utf-8")
 
 
 R = VerseRef

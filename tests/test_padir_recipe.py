@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from sword_modules import write_toy_verse_pair
 
 from effml.config import ConfigError
-from effml.data.tasks import SyntheticTranslation, derive_seed
+from effml.data.tasks import SyntheticTranslation, VerseTranslation, derive_seed
 from effml.experiments.base import RunContext
 from effml.experiments.padir import AR, DISTILLED, NAR, PadirConfig, PadirRecipe, _teacher_forced
 from effml.report import VERDICTS, evaluate_claims
@@ -93,6 +94,27 @@ def test_two_ranks_train_on_the_halves_of_the_one_process_batch(tmp_path: Path) 
             assert torch.equal(torch.cat([getattr(half, name) for half in halves]), getattr(whole, name))
 
 
+def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data=verses``: real-text pairs from the SWORD modules under $SWORD_PATH (toy ones here), scored on the
+    held-out book, with the claims worded for them."""
+    write_toy_verse_pair(tmp_path)
+    monkeypatch.setenv("SWORD_PATH", str(tmp_path))
+    run_dir = run_smoke("padir", "--set", "data=verses", "--set", "max_length=24", "--set", "bpe_vocab=300")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete" and results["config"]["data"] == "verses"
+    claims = evaluate_claims(results)
+    assert len(claims) == 7 and all(claim.evidence and "not measured" not in claim.evidence for claim in claims)
+    assert "trained on the KJV→WEB verses" in claims[0].statement
+    config = dataclasses.replace(PadirRecipe().preset("smoke"), data="verses", max_length=24, bpe_vocab=300)
+    task = config.task()
+    assert task == VerseTranslation(max_length=24, bpe_vocab=300) and task.split_sizes()["test"] == (22, 0)
+    teacher = PadirRecipe()._teacher(config, _context(run_dir, 0))
+    measured = task.evaluate(PadirRecipe._ar_predict(teacher, task, "cpu"), config.eval_examples, 0,
+                             batch_size=config.eval_batch_size)  # all 22 held-out pairs, whatever the seed
+    assert measured["bleu"] == pytest.approx(results["arms"][AR]["runs"]["0"]["metrics"]["bleu"], abs=1e-9)
+
+
 @pytest.mark.slow
 def test_two_processes_train_and_score_as_one_does(results: dict, torchrun_smoke) -> None:
     """Under torchrun each rank takes half of every global batch (the distilled arm's teacher translations too) and
@@ -141,6 +163,7 @@ def test_the_loss_survives_an_empty_teacher_output_and_an_empty_selection() -> N
     ({"second_spelling_tokens": 3}, "second_spelling_tokens"),
     ({"min_length": 13}, "min_length"),
     ({"length_candidates": 13}, "length_candidates"),
+    ({"data": "wmt"}, "data"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(overrides: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

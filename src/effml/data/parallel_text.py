@@ -96,7 +96,7 @@ from effml.data.corpora import CorpusUnavailableError
 __all__ = [
     "DEFAULT_ROOT", "ROOT_ENV", "VALID_BOOKS", "TEST_BOOKS", "VERSIFICATIONS",
     "VerseRef", "VersePair", "ParallelVerses", "BookSplits", "SwordModule", "SwordModuleNotFoundError",
-    "installed_modules", "find_modules", "read_verses", "clean_markup", "load_parallel_verses",
+    "library_root", "installed_modules", "find_modules", "read_verses", "clean_markup", "load_parallel_verses",
 ]
 
 DEFAULT_ROOT = Path("/usr/share/sword")
@@ -281,7 +281,8 @@ def _parse_conf(conf: Path) -> tuple[str, dict[str, list[str]]]:
     return name, fields
 
 
-def _resolve_root(root: str | os.PathLike[str] | None) -> Path:
+def library_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The SWORD library directory: ``root`` if given, else ``$SWORD_PATH``, else ``/usr/share/sword``."""
     if root is not None:
         return Path(root).expanduser()
     return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser()
@@ -293,7 +294,7 @@ def installed_modules(root: str | os.PathLike[str] | None = None) -> list[SwordM
     An absent root or ``mods.d`` directory gives an empty list. Conf files without ``ModDrv`` describe no module
     (libsword's ``globals.conf``) and are skipped.
     """
-    root = _resolve_root(root)
+    root = library_root(root)
     confs = sorted((root / "mods.d").glob("*.conf")) if (root / "mods.d").is_dir() else []
     return [module for module in (SwordModule.from_conf(conf, root) for conf in confs) if module.driver]
 
@@ -304,7 +305,7 @@ def find_modules(names: Sequence[str], root: str | os.PathLike[str] | None = Non
     Raises SwordModuleNotFoundError naming every missing module, the ``apt-get`` command that installs the known
     ones and the modules that are installed; ValueError when a name matches two different modules.
     """
-    resolved_root = _resolve_root(root)
+    resolved_root = library_root(root)
     modules = installed_modules(resolved_root)
     found: list[SwordModule] = []
     missing: list[str] = []

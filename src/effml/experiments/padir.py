@@ -1,17 +1,20 @@
-"""`padir`: parallel decoding by iterative refinement against autoregressive decoding, on a translation task with
-two valid outputs per source.
+"""`padir`: parallel decoding by iterative refinement against autoregressive decoding, on a synthetic translation
+task with two valid outputs per source, or on real verse-aligned text.
 
-Reproduces the CPU demonstration PAPERS.md §9(d) derives from Li, Kirchmeyer, Mehta, Qin, Dadachev, Papineni, Kumar
-and Risteski, "Promises and pitfalls of generative masked language modeling: theoretical framework and practical
-guidelines" (ICML 2024, arXiv 2407.21046; PaDIR). The task (``effml.data.tasks.SyntheticTranslation``) reverses a
-symbol string and spells it through a fixed map in which some symbols have a short and a long spelling, one dialect
-per example: two valid targets, the multimodality that parallel decoding mixes. The cpu preset's second spellings
-are single tokens, so both targets have the source's length and differ only in the ambiguous symbols' tokens. With
-two-token second spellings (``second_spelling_tokens=2``, PAPERS.md's suggestion) the target's length reveals its
-dialect, so PaDIR's length predictor picks the dialect before the decoder runs and the decoder never meets the
-multimodality (a pilot found 0.86 exact match from one pass). Arms, each an ``effml.nn.EncoderDecoder`` of the same
-size (with learned absolute positions, which the non-causal decoder needs: fed identical [MASK] tokens, rotary
-attention alone cannot tell it where each position is) trained on fresh batches for the same steps:
+Reproduces the CPU demonstration PAPERS.md §9(d) derives from Li, Kirchmeyer, Mehta, Qin, Dadachev, Papineni, Kumar and
+Risteski, "Promises and pitfalls of generative masked language modeling: theoretical framework and practical guidelines"
+(ICML 2024, arXiv 2407.21046; PaDIR). The task (``effml.data.tasks.SyntheticTranslation``) reverses a symbol string and
+spells it through a fixed map in which some symbols have a short and a long spelling, one dialect per example: two valid
+targets, the multimodality that parallel decoding mixes. The cpu preset's second spellings are single tokens, so both
+targets have the source's length and differ only in the ambiguous symbols' tokens. With two-token second spellings
+(``second_spelling_tokens=2``, PAPERS.md's suggestion) the target's length reveals its dialect, so PaDIR's length
+predictor picks the dialect before the decoder runs and the decoder never meets the multimodality (a pilot found 0.86
+exact match from one pass). With ``data=verses`` (the ``verses`` preset) the arms translate real text instead:
+verse-aligned Bibles (``effml.data.tasks.VerseTranslation``; KJV→WEB, archaic to modern English, by default, or
+``target_module=RV1909``, Spanish), in one BPE vocabulary of ``bpe_vocab`` ids, with verses of up to ``max_length``
+tokens, scored on a held-out set of books by BLEU over words. Arms, each an ``effml.nn.EncoderDecoder`` of the same size
+(with learned absolute positions, which the non-causal decoder needs: fed identical [MASK] tokens, rotary attention
+alone cannot tell it where each position is) trained on fresh batches for the same steps:
 
 * ``ar`` — the autoregressive baseline: a causal decoder trained by teacher forcing (BOS … EOS), decoded greedily
   with its KV cache (``effml.decode.decode_autoregressive``);
@@ -58,6 +61,7 @@ from effml.train import TrainConfig, Trainer
 __all__ = ["PadirConfig", "PadirRecipe", "AR", "NAR", "DISTILLED", "Seq2SeqBatch", "seq2seq_loss"]
 
 AR, NAR, DISTILLED = "ar", "nar", "nar-distilled"
+DATA = ("synthetic", "verses")
 STUTTER = "+stutter"
 
 
@@ -65,7 +69,9 @@ STUTTER = "+stutter"
 class PadirConfig:
     """Settings of the padir recipe (override any with --set key=value)."""
 
-    n_symbols: int = 12  # the task (effml.data.tasks.SyntheticTranslation)
+    data: str = "synthetic"  # "synthetic" (effml.data.tasks.SyntheticTranslation) or "verses" (VerseTranslation)
+    n_symbols: int = 12  # the synthetic task
+
     n_ambiguous: int = 4
     min_length: int = 6
     max_length: int = 12
@@ -73,6 +79,9 @@ class PadirConfig:
     # 1: the two dialects differ only in their tokens; 2: the long one is longer (PAPERS.md §9(d)), but then the
     # predicted length alone tells the decoder which dialect to write (the module docstring)
     second_spelling_tokens: int = 1
+    source_module: str = "KJV"  # the verses task: SWORD modules (WEB: modern English; RV1909: Spanish) ...
+    target_module: str = "WEB"
+    bpe_vocab: int = 4000  # ... the size of its BPE vocabulary; max_length caps both sides, in BPE tokens
     d_model: int = 64  # every arm's EncoderDecoder
     n_heads: int = 4
     layers: int = 2  # encoder layers, and as many decoder layers
@@ -100,6 +109,7 @@ class PadirConfig:
 
     def __post_init__(self) -> None:
         owner = "padir"
+        check_choice(owner, "data", self.data, DATA)
         for name in ("n_symbols", "min_length", "max_length", "d_model", "n_heads", "layers", "batch_size",
                      "claim_iterations", "length_candidates", "eval_examples", "eval_batch_size", "timing_examples",
                      "timing_repeats", "seeds"):
@@ -135,11 +145,21 @@ class PadirConfig:
                               f"and {self.random_prob}.")
 
     def task(self) -> Any:
-        from effml.data.tasks import SyntheticTranslation
+        """The translation task ``data`` names (building it is cheap; the verses load when first used)."""
+        from effml.data.tasks import SyntheticTranslation, VerseTranslation
 
+        if self.data == "verses":
+            return VerseTranslation(source_module=self.source_module, target_module=self.target_module,
+                                    bpe_vocab=self.bpe_vocab, max_length=self.max_length)
         return SyntheticTranslation(n_symbols=self.n_symbols, n_ambiguous=self.n_ambiguous,
                                     min_length=self.min_length, max_length=self.max_length, map_seed=self.map_seed,
                                     second_spelling_tokens=self.second_spelling_tokens)
+
+    def data_description(self) -> str:
+        """What the arms learn from, in words: "the two-dialect data" or "the KJV→WEB verses"."""
+        if self.data == "verses":
+            return f"the {self.source_module}→{self.target_module} verses"
+        return "the two-dialect data"
 
     def model_config(self, causal: bool) -> Any:
         """The arms' ``EncoderDecoderConfig``: a causal decoder (AR) or a non-causal one with a length predictor."""
@@ -463,8 +483,8 @@ class PadirRecipe(Experiment):
         return [
             Monotone(name="quality rises with the passes",
                      statement=f"BLEU rises with each increase in decoding passes, {' → '.join(map(str, climbing))} "
-                               "(nar: trained on the two-dialect data, whose dependence between positions the "
-                               "passes resolve).",
+                               f"(nar: trained on {config.data_description()}, whose dependence between positions "
+                               "the passes resolve).",
                      metric="bleu", arms=[f"{NAR}@{count}" for count in climbing], better="higher"),
             Compare(name="few passes come close to AR",
                     statement=f"With {n} passes, the distilled PaDIR model's BLEU is at most 5 % below the "
@@ -482,7 +502,7 @@ class PadirRecipe(Experiment):
                       metric=f"speedup@{n}_b{largest}", arm=DISTILLED, better="higher", threshold=2.0),
             Compare(name="distillation helps",
                     statement=f"Trained on the AR model's translations, PaDIR's BLEU at {n} passes is higher than "
-                              "trained on the two-dialect data.",
+                              f"trained on {config.data_description()}.",
                     metric=f"bleu@{n}", arm=DISTILLED, baseline=NAR, better="higher"),
             Monotone(name="stutter falls with the passes",
                      statement=f"The rate of repeated adjacent tokens falls with each increase in decoding passes, "

@@ -6,9 +6,10 @@ from effml.data.tasks.copying import Copying
 from effml.data.tasks.primitives import Arithmetic, InductionCopying, PrimitiveTask, VariableAssignment
 from effml.data.tasks.recall import MQAR
 from effml.data.tasks.regression import InContextRegression, RegressionBatch
-from effml.data.tasks.translation import SyntheticTranslation, TranslationBatch
+from effml.data.tasks.translation import SyntheticTranslation, TranslationBatch, TranslationTask
+from effml.data.tasks.verses import VerseTranslation
 
 __all__ = ["TASKS", "Task", "TaskBatch", "TokenTask", "build_task", "register_task", "derive_seed",
            "evaluation_batches", "Copying", "MQAR", "InContextRegression", "RegressionBatch",
            "PrimitiveTask", "InductionCopying", "VariableAssignment", "Arithmetic",
-           "SyntheticTranslation", "TranslationBatch"]
+           "SyntheticTranslation", "TranslationBatch", "TranslationTask", "VerseTranslation"]

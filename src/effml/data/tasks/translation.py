@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable
+from abc import abstractmethod
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -103,9 +104,102 @@ def _id_list(sequence: Any, what: str) -> list[int]:
     return [int(token) for token in ids.tolist()]
 
 
+class TranslationTask(Task):
+    """What translation tasks share: the special ids, and whole-sequence scoring of decoded targets.
+
+    One vocabulary serves source and target; ids ``0 … 4`` are PAD, BOS, EOS, MASK and LENGTH. A subclass defines
+    ``vocab_size``, ``target_offset`` (the first target id), ``max_target_length``, :meth:`sample` and
+    :meth:`evaluation_examples` (the batches scored), and may override :meth:`bleu_tokens`.
+    """
+
+    pad_id: ClassVar[int] = 0
+    bos_id: ClassVar[int] = 1
+    eos_id: ClassVar[int] = 2
+    mask_id: ClassVar[int] = 3
+    length_id: ClassVar[int] = 4
+    n_special: ClassVar[int] = 5
+
+    @abstractmethod
+    def evaluation_examples(self, n: int, seed: int, batch_size: int, rank: int = 0,
+                            world_size: int = 1) -> Iterator[TranslationBatch]:
+        """The batches of the ``n`` evaluation examples from ``seed`` that rank ``rank`` of ``world_size`` scores."""
+
+    def bleu_tokens(self, ids: list[int]) -> Sequence[Hashable]:
+        """The units BLEU counts in a target of ``ids``: the ids themselves (a subclass may detokenize)."""
+        return ids
+
+    # -- evaluation ------------------------------------------------------------------------------------------------
+
+    def evaluate(self, predict: Callable[[TranslationBatch], Any], n: int, seed: int,
+                 batch_size: int = 64) -> dict[str, float]:
+        """Whole-sequence scores of ``predict`` on ``n`` examples.
+
+        Args:
+            predict: maps a :class:`TranslationBatch` (on CPU) of ``B`` examples to ``B`` predicted targets, each a
+                list or 1-D tensor of target ids without PAD/BOS/EOS.
+            n: number of examples (a task with a fixed held-out set scores at most the examples it has); seed:
+                evaluation seed; batch_size: examples per ``predict`` call.
+
+        Returns:
+            ``exact_match``: fraction of outputs equal to a valid target; ``bleu``: corpus BLEU (0–100, sacrebleu's
+            defaults: BLEU-4, 'exp' smoothing) over :meth:`bleu_tokens`, with every valid target as a reference;
+            ``length_accuracy``: fraction
+            of outputs as long as a valid target; ``repeat_rate``: repeated adjacent tokens of the outputs;
+            ``reference_repeat_rate``: the same of the sampled targets.
+        """
+        return self.metrics_from_sums([self.evaluation_sums(predict, n, seed, batch_size)], n)
+
+    @torch.no_grad()
+    def evaluation_sums(self, predict: Callable[[TranslationBatch], Any], n: int, seed: int, batch_size: int = 64,
+                        rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        """The additive statistics behind :meth:`evaluate` over this rank's share of the ``n`` examples (see
+        :meth:`evaluation_examples`): ``examples`` scored, ``exact_matches``, ``length_matches``, ``bleu``
+        (:class:`BleuStatistics`; None for a rank left without a batch), ``repeats``/``pairs`` of the outputs, and
+        ``reference_repeats``/``reference_pairs`` of the sampled targets."""
+        sums: dict[str, Any] = dict.fromkeys(("examples", "exact_matches", "length_matches", "repeats", "pairs",
+                                              "reference_repeats", "reference_pairs"), 0)
+        sums["bleu"] = None
+        for batch in self.evaluation_examples(n, seed, batch_size, rank, world_size):
+            size = len(batch)
+            outputs = predict(batch)
+            count = len(outputs) if hasattr(outputs, "__len__") and not isinstance(outputs, str) else None
+            if count != size:
+                raise ValueError(f"predict must return one predicted target per example ({size} for this batch), got "
+                                 f"{type(outputs).__name__ if count is None else count}; return a list of {size} id "
+                                 "lists or 1-D tensors (PAD/BOS/EOS stripped).")
+            outputs = [_id_list(output, f"predict's output {index}") for index, output in enumerate(outputs)]
+            valid = batch.valid_targets()
+            sums["examples"] += size
+            sums["exact_matches"] += sum(output in targets for output, targets in zip(outputs, valid, strict=True))
+            sums["length_matches"] += sum(len(output) in {len(target) for target in targets}
+                                          for output, targets in zip(outputs, valid, strict=True))
+            statistics = corpus_bleu_statistics([self.bleu_tokens(output) for output in outputs],
+                                                [[self.bleu_tokens(target) for target in targets] for targets in valid])
+            sums["bleu"] = statistics if sums["bleu"] is None else sums["bleu"] + statistics
+            for prefix, sequences in (("", outputs), ("reference_", [targets[0] for targets in valid])):
+                repeats, pairs = repeat_counts(sequences)
+                sums[f"{prefix}repeats"] += repeats
+                sums[f"{prefix}pairs"] += pairs
+        return sums
+
+    def metrics_from_sums(self, sums: list[dict[str, Any]], n: int) -> dict[str, float]:
+        """:meth:`evaluate`'s metrics from every rank's :meth:`evaluation_sums` of the same ``n`` examples (rates
+        are over the examples the ranks scored together)."""
+        total = {key: sum(rank_sums[key] for rank_sums in sums) for key in sums[0] if key != "bleu"}
+        bleu: BleuStatistics = functools.reduce(operator.add, [rank_sums["bleu"] for rank_sums in sums
+                                                               if rank_sums["bleu"] is not None])
+
+        def rate(prefix: str) -> float:
+            return total[f"{prefix}repeats"] / total[f"{prefix}pairs"] if total[f"{prefix}pairs"] else 0.0
+
+        return {"exact_match": total["exact_matches"] / total["examples"], "bleu": bleu_from_statistics(bleu).score,
+                "length_accuracy": total["length_matches"] / total["examples"], "repeat_rate": rate(""),
+                "reference_repeat_rate": rate("reference_")}
+
+
 @register_task
 @dataclass(frozen=True)
-class SyntheticTranslation(Task):
+class SyntheticTranslation(TranslationTask):
     """Reverse a symbol string and spell it in one of two dialects; see the module docstring.
 
     ``vocab_size = 5 + 2 · n_symbols + m · n_ambiguous`` (m = ``second_spelling_tokens``); sources have at most
@@ -113,12 +207,6 @@ class SyntheticTranslation(Task):
     """
 
     name: ClassVar[str] = "synthetic-translation"
-    pad_id: ClassVar[int] = 0
-    bos_id: ClassVar[int] = 1
-    eos_id: ClassVar[int] = 2
-    mask_id: ClassVar[int] = 3
-    length_id: ClassVar[int] = 4
-    n_special: ClassVar[int] = 5
 
     n_symbols: int = 32
     n_ambiguous: int = 8
@@ -250,65 +338,8 @@ class SyntheticTranslation(Task):
             dialects=torch.from_numpy(dialects.astype(bool)), alternatives=torch.from_numpy(alternatives),
             alternative_lengths=torch.from_numpy(alternative_lengths.astype(np.int64)))
 
-    # -- evaluation ------------------------------------------------------------------------------------------------
-
-    def evaluate(self, predict: Callable[[TranslationBatch], Any], n: int, seed: int,
-                 batch_size: int = 64) -> dict[str, float]:
-        """Whole-sequence scores of ``predict`` on ``n`` examples.
-
-        Args:
-            predict: maps a :class:`TranslationBatch` (on CPU) of ``B`` examples to ``B`` predicted targets, each a
-                list or 1-D tensor of target ids without PAD/BOS/EOS.
-            n: number of examples; seed: evaluation seed; batch_size: examples per ``predict`` call.
-
-        Returns:
-            ``exact_match``: fraction of outputs equal to a valid target; ``bleu``: corpus BLEU (0–100, sacrebleu's
-            defaults: BLEU-4, 'exp' smoothing) with both valid targets as references; ``length_accuracy``: fraction
-            of outputs as long as a valid target; ``repeat_rate``: repeated adjacent tokens of the outputs;
-            ``reference_repeat_rate``: the same of the sampled targets.
-        """
-        return self.metrics_from_sums([self.evaluation_sums(predict, n, seed, batch_size)], n)
-
-    @torch.no_grad()
-    def evaluation_sums(self, predict: Callable[[TranslationBatch], Any], n: int, seed: int, batch_size: int = 64,
-                        rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-        """The additive statistics behind :meth:`evaluate` over this rank's share of the ``n`` examples (see
-        ``evaluation_batches``): ``exact_matches``, ``length_matches``, ``bleu`` (:class:`BleuStatistics`; None
-        for a rank left without a batch), ``repeats``/``pairs`` of the outputs, and ``reference_repeats``/
-        ``reference_pairs`` of the sampled targets."""
-        sums: dict[str, Any] = dict.fromkeys(("exact_matches", "length_matches", "repeats", "pairs",
-                                              "reference_repeats", "reference_pairs"), 0)
-        sums["bleu"] = None
+    def evaluation_examples(self, n: int, seed: int, batch_size: int, rank: int = 0,
+                            world_size: int = 1) -> Iterator[TranslationBatch]:
+        """This rank's batches of ``n`` fresh examples from ``seed`` (:func:`evaluation_batches`'s sizes and seeds)."""
         for size, batch_seed in evaluation_batches(n, seed, batch_size, rank, world_size):
-            batch = self.sample(size, batch_seed)
-            outputs = predict(batch)
-            count = len(outputs) if hasattr(outputs, "__len__") and not isinstance(outputs, str) else None
-            if count != size:
-                raise ValueError(f"predict must return one predicted target per example ({size} for this batch), got "
-                                 f"{type(outputs).__name__ if count is None else count}; return a list of {size} id "
-                                 "lists or 1-D tensors (PAD/BOS/EOS stripped).")
-            outputs = [_id_list(output, f"predict's output {index}") for index, output in enumerate(outputs)]
-            valid = batch.valid_targets()
-            sums["exact_matches"] += sum(output in targets for output, targets in zip(outputs, valid, strict=True))
-            sums["length_matches"] += sum(len(output) in {len(target) for target in targets}
-                                          for output, targets in zip(outputs, valid, strict=True))
-            statistics = corpus_bleu_statistics(outputs, valid)
-            sums["bleu"] = statistics if sums["bleu"] is None else sums["bleu"] + statistics
-            for prefix, sequences in (("", outputs), ("reference_", [targets[0] for targets in valid])):
-                repeats, pairs = repeat_counts(sequences)
-                sums[f"{prefix}repeats"] += repeats
-                sums[f"{prefix}pairs"] += pairs
-        return sums
-
-    def metrics_from_sums(self, sums: list[dict[str, Any]], n: int) -> dict[str, float]:
-        """:meth:`evaluate`'s metrics from every rank's :meth:`evaluation_sums` of the same ``n`` examples."""
-        total = {key: sum(rank_sums[key] for rank_sums in sums) for key in sums[0] if key != "bleu"}
-        bleu: BleuStatistics = functools.reduce(operator.add, [rank_sums["bleu"] for rank_sums in sums
-                                                               if rank_sums["bleu"] is not None])
-
-        def rate(prefix: str) -> float:
-            return total[f"{prefix}repeats"] / total[f"{prefix}pairs"] if total[f"{prefix}pairs"] else 0.0
-
-        return {"exact_match": total["exact_matches"] / n, "bleu": bleu_from_statistics(bleu).score,
-                "length_accuracy": total["length_matches"] / n, "repeat_rate": rate(""),
-                "reference_repeat_rate": rate("reference_")}
+            yield self.sample(size, batch_seed)
