@@ -164,6 +164,7 @@ def test_the_loss_survives_an_empty_teacher_output_and_an_empty_selection() -> N
     ({"min_length": 13}, "min_length"),
     ({"length_candidates": 13}, "length_candidates"),
     ({"data": "wmt"}, "data"),
+    ({"dropout": 1.0}, "dropout"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(overrides: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -9,7 +9,7 @@ targets, the multimodality that parallel decoding mixes. The cpu preset's second
 targets have the source's length and differ only in the ambiguous symbols' tokens. With two-token second spellings
 (``second_spelling_tokens=2``, PAPERS.md's suggestion) the target's length reveals its dialect, so PaDIR's length
 predictor picks the dialect before the decoder runs and the decoder never meets the multimodality (a pilot found 0.86
-exact match from one pass). With ``data=verses`` (the ``verses`` preset) the arms translate real text instead:
+exact match from one pass). With ``data=verses`` (the ``full`` preset) the arms translate real text instead:
 verse-aligned Bibles (``effml.data.tasks.VerseTranslation``; KJV→WEB, archaic to modern English, by default, or
 ``target_module=RV1909``, Spanish), in one BPE vocabulary of ``bpe_vocab`` ids, with verses of up to ``max_length``
 tokens, scored on a held-out set of books by BLEU over words. Arms, each an ``effml.nn.EncoderDecoder`` of the same size
@@ -86,6 +86,7 @@ class PadirConfig:
     n_heads: int = 4
     layers: int = 2  # encoder layers, and as many decoder layers
     absolute_positions: bool = True
+    dropout: float = 0.0
     batch_size: int = 64
     length_loss_weight: float = 0.1  # PaDIR's length classifier's cross-entropy, added to the token loss
     loss_weighting: str = "all"  # which positions the NAR token loss counts: all, noised, masked
@@ -116,6 +117,9 @@ class PadirConfig:
             check_positive(owner, name, getattr(self, name))
         for name in ("n_ambiguous", "length_loss_weight"):
             check_positive(owner, name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{owner}.dropout = {self.dropout!r} must lie in [0, 1) (the share of activations "
+                              "dropped in training; 0 turns dropout off).")
         from effml.decode import build_rejecter
         from effml.decode.refinement import INITS, UPDATES
         from effml.train.masking import LOSS_WEIGHTINGS
@@ -172,7 +176,7 @@ class PadirConfig:
             max_target_len=task.max_target_length + 1,  # AR: BOS + the target; NAR: one spare position
             causal_decoder=causal,
             length_classes=0 if causal else task.max_target_length + 1,  # a class per target length 0 … max
-            absolute_positions=self.absolute_positions)
+            absolute_positions=self.absolute_positions, dropout=self.dropout)
 
 
 def _smoke() -> PadirConfig:
@@ -188,10 +192,13 @@ def _cpu() -> PadirConfig:
 
 
 def _full() -> PadirConfig:
-    return PadirConfig(n_symbols=64, n_ambiguous=16, min_length=16, max_length=64, d_model=512, n_heads=8, layers=6,
-                       batch_size=256, eval_examples=4096, eval_batch_size=256, timing_batch_sizes=(1, 256),
-                       timing_repeats=20,
-                       train=TrainConfig(steps=30_000, lr=5e-4, warmup_steps=1000, weight_decay=0.01, beta2=0.98,
+    """Real translation at GPU scale: KJV→RV1909 (English→Spanish) verses of up to 64 BPE tokens, 8,000 BPE ids,
+    encoder-decoders d=512 with 6+6 layers and dropout 0.3 (about 21,000 training pairs: a small corpus for this
+    size). Not yet run. The CPU-scale run on real text is the README's (``--set data=verses ...``)."""
+    return PadirConfig(data="verses", target_module="RV1909", max_length=64, bpe_vocab=8000, d_model=512, n_heads=8,
+                       layers=6, dropout=0.3, batch_size=128, eval_examples=4096, eval_batch_size=256,
+                       timing_batch_sizes=(1, 128), timing_repeats=20,
+                       train=TrainConfig(steps=20_000, lr=5e-4, warmup_steps=1000, weight_decay=0.01, beta2=0.98,
                                          log_every=100))
 
 
