@@ -115,6 +115,16 @@ def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path:
     assert measured["bleu"] == pytest.approx(results["arms"][AR]["runs"]["0"]["metrics"]["bleu"], abs=1e-9)
 
 
+def test_missing_sword_modules_stop_the_run_before_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from effml.cli import main
+
+    monkeypatch.setenv("SWORD_PATH", str(tmp_path / "no-library"))
+    out = tmp_path / "runs"
+    assert main(["run", "padir", "--preset", "smoke", "--set", "data=verses", "--out", str(out)]) == 2
+    assert "apt-get install -y sword-text-kjv sword-text-web" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.slow
 def test_two_processes_train_and_score_as_one_does(results: dict, torchrun_smoke) -> None:
     """Under torchrun each rank takes half of every global batch (the distilled arm's teacher translations too) and

@@ -311,6 +311,19 @@ class PadirRecipe(Experiment):
             Arm(DISTILLED, "PaDIR trained on the AR model's greedy translations", needs=(AR,)),
         ]
 
+    def check(self, config: PadirConfig) -> None:
+        """The verses' SWORD modules must be installed before a run directory is written."""
+        if config.data != "verses":
+            return
+        from effml.data.images import DataUnavailableError
+        from effml.data.parallel_text import find_modules
+
+        try:
+            find_modules([config.source_module, config.target_module])
+        except ModuleNotFoundError as error:
+            raise DataUnavailableError(f"padir with data=verses (the full preset): {error} Or run the synthetic "
+                                       "task: --set data=synthetic.") from None
+
     def run_arm(self, config: PadirConfig, arm: Arm, context: RunContext) -> ArmRun:
         from effml.data.tasks.base import derive_seed
         from effml.nn import EncoderDecoder
