@@ -43,6 +43,9 @@ def test_training_examples_are_training_pairs_with_offset_ids(task: VerseTransla
     held_out = {text for b in task.evaluation_examples(100, 0, 8) for text in texts(task, b)}
     assert not held_out & set(sources)  # the held-out book never reaches training
     assert torch.equal(task.sample(64, seed=3).sources, batch.sources)
+    indices = task.sample_indices(64, seed=3)
+    assert indices.min() >= 0 and indices.max() < task.training_size == 41
+    assert torch.equal(task.training_batch(indices).targets, batch.targets)
     assert not torch.equal(task.sample(64, seed=4).sources, batch.sources)
     assert torch.equal(batch.alternatives, batch.targets) and not bool(batch.dialects.any())
 

@@ -113,6 +113,14 @@ def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path:
     measured = task.evaluate(PadirRecipe._ar_predict(teacher, task, "cpu"), config.eval_examples, 0,
                              batch_size=config.eval_batch_size)  # all 22 held-out pairs, whatever the seed
     assert measured["bleu"] == pytest.approx(results["arms"][AR]["runs"]["0"]["metrics"]["bleu"], abs=1e-9)
+    # the distilled arm's targets: the teacher's translations of the training set, made once, looked up per batch
+    distilled = PadirRecipe().training_batches(config, DISTILLED, _context(run_dir, 0), teacher)(3)
+    raw = PadirRecipe().training_batches(config, NAR, _context(run_dir, 0))(3)
+    assert torch.equal(raw.sources, distilled.sources)
+    translated, lengths = PadirRecipe._translate(teacher, task, raw.sources, "cpu")
+    assert torch.equal(distilled.lengths, lengths)
+    assert torch.equal(distilled.targets, translated[:, :distilled.targets.shape[1]].masked_fill(
+        distilled.target_padding, task.pad_id))
 
 
 def test_missing_sword_modules_stop_the_run_before_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -364,27 +364,57 @@ class PadirRecipe(Experiment):
 
     def training_batches(self, config: PadirConfig, arm: str, context: RunContext,
                          teacher: torch.nn.Module | None = None) -> Any:
-        """``index -> Seq2SeqBatch``, this rank's share of the global batch ``index``: fresh task examples from
+        """``index -> Seq2SeqBatch``, this rank's share of the global batch ``index``: task examples from
         ``derive_seed(seed, index)``, teacher-forced (``ar``) or corrupted (the NAR arms; with ``teacher``, its
         greedy translations replace the targets). Every rank builds the global batch and keeps its share, so the
-        corruption's draws do not depend on the number of ranks (the teacher then translates the whole batch on
-        every rank: inference only)."""
+        corruption's draws do not depend on the number of ranks. The teacher translates each batch as it comes
+        (the synthetic task never repeats a source) or, for a task with a finite training set (the verses), every
+        training source once, up front (inference only, on every rank)."""
         from effml.data.batches import shard_batches
         from effml.data.tasks.base import derive_seed
 
         task = config.task()
+        finite = hasattr(task, "sample_indices")
+        translations = self._translate_training_set(config, teacher, task, context) \
+            if teacher is not None and finite else None
 
         def global_batch(index: int) -> Seq2SeqBatch:
-            sample = task.sample(config.batch_size, derive_seed(context.seed, index))
+            seed = derive_seed(context.seed, index)
+            indices = task.sample_indices(config.batch_size, seed) if finite else None
+            sample = task.training_batch(indices) if finite else task.sample(config.batch_size, seed)
             if arm == AR:
                 return _teacher_forced(task, sample.sources, sample.targets, sample.target_lengths)
             targets, lengths = sample.targets, sample.target_lengths
-            if teacher is not None:
+            if translations is not None:
+                all_targets, all_lengths = translations
+                rows = torch.from_numpy(indices)
+                lengths = all_lengths[rows]
+                targets = all_targets[rows, :max(int(lengths.max()), 1)]
+            elif teacher is not None:
                 targets, lengths = self._translate(teacher, task, sample.sources, context.device)
             generator = torch.Generator().manual_seed(derive_seed(context.seed, 1_000_003 + index))
             return _corrupted(config, task, sample.sources, targets, lengths, generator)
 
         return shard_batches(global_batch, context.world)
+
+    def _translate_training_set(self, config: PadirConfig, teacher: torch.nn.Module, task: Any,
+                                context: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's greedy translation of every training source of a finite task, in batches of
+        ``eval_batch_size``: PAD-padded (N, max_target_length) targets and (N,) lengths."""
+        import sys
+
+        count = task.training_size
+        if not context.quiet and context.world.is_main:
+            print(f"padir: the autoregressive teacher translates the {count} training sources once", file=sys.stderr)
+        targets = torch.full((count, task.max_target_length), task.pad_id, dtype=torch.long)
+        lengths = torch.zeros(count, dtype=torch.long)
+        for start in range(0, count, config.eval_batch_size):
+            rows = torch.arange(start, min(start + config.eval_batch_size, count))
+            translated, translated_lengths = self._translate(teacher, task, task.training_batch(rows).sources,
+                                                             context.device)
+            targets[rows, :translated.shape[1]] = translated
+            lengths[rows] = translated_lengths
+        return targets, lengths
 
     # -- models and decoding -------------------------------------------------------------------------------------
 

@@ -136,12 +136,25 @@ class VerseTranslation(TranslationTask):
                                 target_lengths=target_lengths, dialects=torch.zeros(len(indices), dtype=torch.bool),
                                 alternatives=padded_targets.clone(), alternative_lengths=target_lengths.clone())
 
-    def sample(self, batch_size: int, seed: int) -> TranslationBatch:
-        """``batch_size`` training pairs drawn uniformly with replacement by ``numpy.random.default_rng(seed)``."""
+    @property
+    def training_size(self) -> int:
+        """The number of training pairs (a finite set: :meth:`sample` draws from it)."""
+        return len(self._data().splits["train"].sources)
+
+    def sample_indices(self, batch_size: int, seed: int) -> np.ndarray:
+        """The int64 ``(batch_size,)`` training-pair indices :meth:`sample` draws: uniformly, with replacement, by
+        ``numpy.random.default_rng(seed)``."""
         check_int_param(self.name, "batch_size", batch_size)
         check_int_param(self.name, "seed", seed, minimum=0)
-        train = self._data().splits["train"]
-        return self._batch(train, np.random.default_rng(int(seed)).integers(0, len(train.sources), size=batch_size))
+        return np.random.default_rng(int(seed)).integers(0, self.training_size, size=batch_size)
+
+    def training_batch(self, indices: Sequence[int] | np.ndarray) -> TranslationBatch:
+        """The training pairs ``indices`` (each in ``[0, training_size)``) as one batch."""
+        return self._batch(self._data().splits["train"], np.asarray(indices, dtype=np.int64))
+
+    def sample(self, batch_size: int, seed: int) -> TranslationBatch:
+        """``batch_size`` training pairs, ``training_batch(sample_indices(batch_size, seed))``."""
+        return self.training_batch(self.sample_indices(batch_size, seed))
 
     def evaluation_examples(self, n: int, seed: int, batch_size: int, rank: int = 0,
                             world_size: int = 1) -> Iterator[TranslationBatch]:
