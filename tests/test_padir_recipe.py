@@ -100,13 +100,13 @@ def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path:
     held-out book, with the claims worded for them."""
     write_toy_verse_pair(tmp_path)
     monkeypatch.setenv("SWORD_PATH", str(tmp_path))
-    run_dir = run_smoke("padir", "--set", "data=verses", "--set", "max_length=24", "--set", "bpe_vocab=300")
+    run_dir = run_smoke("padir", "--set", "data=verses", "--set", "max_tokens=24", "--set", "bpe_vocab=300")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "complete" and results["config"]["data"] == "verses"
     claims = evaluate_claims(results)
     assert len(claims) == 7 and all(claim.evidence and "not measured" not in claim.evidence for claim in claims)
     assert "trained on the KJV→WEB verses" in claims[0].statement
-    config = dataclasses.replace(PadirRecipe().preset("smoke"), data="verses", max_length=24, bpe_vocab=300)
+    config = dataclasses.replace(PadirRecipe().preset("smoke"), data="verses", max_tokens=24, bpe_vocab=300)
     task = config.task()
     assert task == VerseTranslation(max_length=24, bpe_vocab=300) and task.split_sizes()["test"] == (22, 0)
     teacher = PadirRecipe()._teacher(config, _context(run_dir, 0))
@@ -181,7 +181,7 @@ def test_the_loss_survives_an_empty_teacher_output_and_an_empty_selection() -> N
     ({"second_spelling_tokens": 3}, "second_spelling_tokens"),
     ({"min_length": 13}, "min_length"),
     ({"length_candidates": 13}, "length_candidates"),
-    ({"data": "wmt"}, "data"),
+    ({"data": "wmt"}, "padir.data = 'wmt' is not allowed"),
     ({"dropout": 1.0}, "dropout"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(overrides: dict, match: str) -> None:

@@ -184,7 +184,8 @@ class TranslationTask(Task):
 
     def metrics_from_sums(self, sums: list[dict[str, Any]], n: int) -> dict[str, float]:
         """:meth:`evaluate`'s metrics from every rank's :meth:`evaluation_sums` of the same ``n`` examples (rates
-        are over the examples the ranks scored together)."""
+        are over the examples the ranks scored together, which a fixed held-out set may hold fewer of than ``n``:
+        ``n`` is not read)."""
         total = {key: sum(rank_sums[key] for rank_sums in sums) for key in sums[0] if key != "bleu"}
         bleu: BleuStatistics = functools.reduce(operator.add, [rank_sums["bleu"] for rank_sums in sums
                                                                if rank_sums["bleu"] is not None])

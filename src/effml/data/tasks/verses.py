@@ -11,8 +11,9 @@ Ids follow :class:`effml.data.tasks.translation.TranslationTask`: ``0 … 4`` ar
 BPE id ``i`` is ``5 + i``, on both sides. Training examples (:meth:`VerseTranslation.sample`) are drawn from the
 training split with replacement; evaluation scores a fixed set of held-out pairs (``eval_split``), whatever the
 seed: all of them, or ``n`` evenly spaced through the split (so every held-out book is represented). BLEU is computed
-on the decoded text's words and punctuation marks (``\\w+|[^\\w\\s]``, close to sacrebleu's 13a tokenization), one
-reference per source; exact match, length accuracy and the stutter rate are on BPE tokens.
+on the decoded text's words and punctuation marks (``\\w+|[^\\w\\s]``, close to sacrebleu's 13a tokenization, though
+it also splits at apostrophes), one reference per source; exact match, length accuracy and the stutter rate are on
+BPE tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from effml.data.tasks.base import check_int_param, register_task
+from effml.data.tasks.base import check_int_param, evaluation_batches, register_task
 from effml.data.tasks.translation import TranslationBatch, TranslationTask
 
 __all__ = ["VerseTranslation"]
@@ -54,7 +55,7 @@ class _EncodedVerses(NamedTuple):
 class VerseTranslation(TranslationTask):
     """Translate a verse of ``source_module`` into ``target_module``; see the module docstring.
 
-    Loading the modules and training the tokenizer take a few seconds, once per process and task (cached): the
+    Loading the modules and training the tokenizer take 10–20 s, once per process and task (cached): the
     constructor only checks the parameters, so building a task to read ``max_target_length`` costs nothing.
     Raises ``effml.data.SwordModuleNotFoundError`` (naming the ``apt-get install`` command) when first used without
     the modules.
@@ -162,13 +163,13 @@ class VerseTranslation(TranslationTask):
         ``n`` evenly spaced through it (``seed`` is not used: the held-out set is fixed); batch ``k`` goes to rank
         ``k % world_size``."""
         check_int_param(self.name, "n", n)
-        check_int_param(self.name, "batch_size", batch_size)
         held_out = self._data().splits[self.eval_split]
         count = min(n, len(held_out.sources))
         chosen = np.linspace(0, len(held_out.sources) - 1, count).round().astype(np.int64)
-        for index, first in enumerate(range(0, count, batch_size)):
-            if index % world_size == rank:
-                yield self._batch(held_out, chosen[first:first + batch_size])
+        batches = evaluation_batches(count, seed, batch_size, rank, world_size)  # this rank's sizes (seeds unused)
+        firsts = range(0, count, batch_size)[rank::world_size]
+        for first, (size, _) in zip(firsts, batches, strict=True):
+            yield self._batch(held_out, chosen[first:first + size])
 
 
 def _padded(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
