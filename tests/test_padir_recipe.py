@@ -94,10 +94,12 @@ def test_two_ranks_train_on_the_halves_of_the_one_process_batch(tmp_path: Path) 
             assert torch.equal(torch.cat([getattr(half, name) for half in halves]), getattr(whole, name))
 
 
-def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
     """``data=verses``: real-text pairs from the SWORD modules under $SWORD_PATH (toy ones here), scored on the
     held-out book, with the claims worded for them."""
+    from effml.cli import main
+
     write_toy_verse_pair(tmp_path)
     monkeypatch.setenv("SWORD_PATH", str(tmp_path))
     run_dir = run_smoke("padir", "--set", "data=verses", "--set", "max_tokens=24", "--set", "bpe_vocab=300")
@@ -113,6 +115,14 @@ def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path:
     measured = task.evaluate(PadirRecipe._ar_predict(teacher, task, "cpu"), config.eval_examples, 0,
                              batch_size=config.eval_batch_size)  # all 22 held-out pairs, whatever the seed
     assert measured["bleu"] == pytest.approx(results["arms"][AR]["runs"]["0"]["metrics"]["bleu"], abs=1e-9)
+    # resumed where the modules are missing, a run still to do stops with the install command, not a traceback
+    unfinished = dict(results, status="partial")
+    del unfinished["arms"][DISTILLED]["runs"]["1"]
+    (run_dir / "results.json").write_text(json.dumps(unfinished))
+    monkeypatch.setenv("SWORD_PATH", str(tmp_path / "no-library"))
+    assert main(["run", "padir", "--quiet", "--resume", str(run_dir)]) == 2
+    assert "apt-get install -y sword-text-kjv sword-text-web" in capsys.readouterr().err
+    monkeypatch.setenv("SWORD_PATH", str(tmp_path))
     # the distilled arm's targets: the teacher's translations of the training set, made once, looked up per batch
     distilled = PadirRecipe().training_batches(config, DISTILLED, _context(run_dir, 0), teacher)(3)
     raw = PadirRecipe().training_batches(config, NAR, _context(run_dir, 0))(3)

@@ -144,6 +144,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `effml` console script and `python -m effml`."""
+    from effml.data.corpora import CorpusUnavailableError
     from effml.experiments.runner import RunError
     from effml.train import CheckpointError
 
@@ -151,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"list": lambda a: _list(), "run": _run, "report": _report, "bench": _bench}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, RunError, CheckpointError) as error:  # user errors; bugs propagate
+    except (ValueError, FileNotFoundError, CorpusUnavailableError, RunError, CheckpointError) as error:  # user errors
+        # (a missing corpus can surface in an arm, e.g. on --resume on another machine); bugs propagate
         print(f"effml: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
