@@ -13,7 +13,7 @@ from sword_modules import write_toy_verse_pair
 from effml.config import ConfigError
 from effml.data.tasks import SyntheticTranslation, VerseTranslation, derive_seed
 from effml.experiments.base import RunContext
-from effml.experiments.padir import AR, DISTILLED, NAR, PadirConfig, PadirRecipe, _teacher_forced
+from effml.experiments.padir import AR, DISTILLED, NAR, PadirConfig, PadirRecipe, Seq2SeqBatch, _teacher_forced
 from effml.report import VERDICTS, evaluate_claims
 from effml.train.distributed import World
 
@@ -55,20 +55,21 @@ def test_smoke_run_reports_every_claim_and_every_decoding(smoke_run: Path, resul
             assert timed[f"decode_s_ar_b{size}"] > 0 and timed[f"speedup@2_b{size}"] > 0
 
 
-def test_the_reported_bleu_is_the_trained_model_s(smoke_run: Path, results: dict) -> None:
-    recipe, config = PadirRecipe(), PadirRecipe().preset("smoke")
+def assert_reported_bleu_is_the_teacher_s(config: PadirConfig, run_dir: Path, results: dict) -> torch.nn.Module:
+    """Seed 0's AR model, reloaded from ``run_dir``, scores the BLEU the run reported; returns it."""
     task = config.task()
-    teacher = recipe._teacher(config, _context(smoke_run, 0))
-    measured = task.evaluate(recipe._ar_predict(teacher, task, "cpu"), config.eval_examples,
+    teacher = PadirRecipe()._teacher(config, _context(run_dir, 0))
+    measured = task.evaluate(PadirRecipe._ar_predict(teacher, task, "cpu"), config.eval_examples,
                              derive_seed(0, 2_000_003), batch_size=config.eval_batch_size)
     assert measured["bleu"] == pytest.approx(results["arms"][AR]["runs"]["0"]["metrics"]["bleu"], abs=1e-9)
+    return teacher
 
 
-def test_the_distilled_arm_trains_on_the_teacher_s_translations(smoke_run: Path) -> None:
-    recipe, config = PadirRecipe(), PadirRecipe().preset("smoke")
-    context = _context(smoke_run, 1)
-    teacher = recipe._teacher(config, context)
-    task = config.task()
+def assert_distilled_targets_are_the_teacher_s(config: PadirConfig, context: RunContext,
+                                               teacher: torch.nn.Module) -> tuple[Seq2SeqBatch, Seq2SeqBatch]:
+    """The distilled arm's batch 3 holds the NAR arm's sources with the teacher's greedy translations as targets;
+    returns (NAR batch, distilled batch)."""
+    recipe, task = PadirRecipe(), config.task()
     raw = recipe.training_batches(config, NAR, context)(3)
     distilled = recipe.training_batches(config, DISTILLED, context, teacher)(3)
     assert torch.equal(raw.sources, distilled.sources)
@@ -76,6 +77,18 @@ def test_the_distilled_arm_trains_on_the_teacher_s_translations(smoke_run: Path)
     assert torch.equal(distilled.lengths, lengths)
     assert torch.equal(distilled.targets, translated[:, :distilled.targets.shape[1]].masked_fill(
         distilled.target_padding, task.pad_id))
+    return raw, distilled
+
+
+def test_the_reported_bleu_is_the_trained_model_s(smoke_run: Path, results: dict) -> None:
+    assert_reported_bleu_is_the_teacher_s(PadirRecipe().preset("smoke"), smoke_run, results)
+
+
+def test_the_distilled_arm_trains_on_the_teacher_s_translations(smoke_run: Path) -> None:
+    recipe, config = PadirRecipe(), PadirRecipe().preset("smoke")
+    context = _context(smoke_run, 1)
+    task = config.task()
+    raw, distilled = assert_distilled_targets_are_the_teacher_s(config, context, recipe._teacher(config, context))
     sample = task.sample(config.batch_size, derive_seed(1, 3))
     assert torch.equal(raw.lengths, sample.target_lengths)
     assert torch.equal(raw.targets, sample.targets[:, :raw.targets.shape[1]])
@@ -111,10 +124,7 @@ def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path:
     config = dataclasses.replace(PadirRecipe().preset("smoke"), data="verses", max_tokens=24, bpe_vocab=300)
     task = config.task()
     assert task == VerseTranslation(max_length=24, bpe_vocab=300) and task.split_sizes()["test"] == (22, 0)
-    teacher = PadirRecipe()._teacher(config, _context(run_dir, 0))
-    measured = task.evaluate(PadirRecipe._ar_predict(teacher, task, "cpu"), config.eval_examples, 0,
-                             batch_size=config.eval_batch_size)  # all 22 held-out pairs, whatever the seed
-    assert measured["bleu"] == pytest.approx(results["arms"][AR]["runs"]["0"]["metrics"]["bleu"], abs=1e-9)
+    teacher = assert_reported_bleu_is_the_teacher_s(config, run_dir, results)  # all 22 held-out pairs
     # resumed where the modules are missing, a run still to do stops with the install command, not a traceback
     unfinished = dict(results, status="partial")
     del unfinished["arms"][DISTILLED]["runs"]["1"]
@@ -124,13 +134,7 @@ def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path:
     assert "apt-get install -y sword-text-kjv sword-text-web" in capsys.readouterr().err
     monkeypatch.setenv("SWORD_PATH", str(tmp_path))
     # the distilled arm's targets: the teacher's translations of the training set, made once, looked up per batch
-    distilled = PadirRecipe().training_batches(config, DISTILLED, _context(run_dir, 0), teacher)(3)
-    raw = PadirRecipe().training_batches(config, NAR, _context(run_dir, 0))(3)
-    assert torch.equal(raw.sources, distilled.sources)
-    translated, lengths = PadirRecipe._translate(teacher, task, raw.sources, "cpu")
-    assert torch.equal(distilled.lengths, lengths)
-    assert torch.equal(distilled.targets, translated[:, :distilled.targets.shape[1]].masked_fill(
-        distilled.target_padding, task.pad_id))
+    assert_distilled_targets_are_the_teacher_s(config, _context(run_dir, 0), teacher)
 
 
 def test_missing_sword_modules_stop_the_run_before_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
