@@ -1,6 +1,6 @@
 """Sequence-to-sequence decoding (effml.decode.seq2seq, effml.decode.refinement) and PaDIR's corruption
 (effml.train.masking): cached against uncached greedy decoding, iterative refinement against a per-example reference
-loop, the rejecters' exact choices, and the corruption's rates."""
+loop, the rejecters' exact choices, the corruption's rates, and the inputs of multi-stage training."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from effml.decode import build_rejecter, decode_autoregressive, refine_decode
 from effml.decode.refinement import LinearSchedule, StutterRemasking, _expand_memory
 from effml.nn import EncoderDecoder, EncoderDecoderConfig
 from effml.nn.encoder_decoder import Memory
-from effml.train.masking import corrupt_targets, masked_target_loss
+from effml.train.masking import corrupt_targets, masked_target_loss, next_stage_inputs
 
 VOCAB, PAD, BOS, EOS, MASK = 30, 0, 1, 2, 3
 SPECIALS = (PAD, BOS, EOS, MASK)
@@ -349,3 +349,27 @@ def test_the_loss_counts_the_positions_its_weighting_names() -> None:
     with pytest.raises(ValueError, match="at most 1"):
         corrupt_targets(targets, padding, mask_id=MASK, replacement_ids=torch.arange(4, 8), keep_prob=0.6,
                         random_prob=0.6)
+
+
+def test_a_later_training_stage_is_fed_the_argmax_inside_each_target_and_the_old_input_elsewhere() -> None:
+    logits = torch.randn(3, 6, VOCAB, generator=torch.Generator().manual_seed(6))
+    logits[0, 2, MASK] = 50.0  # the best id at (0, 2) is suppressed: the runner-up is fed instead
+    inputs = torch.full((3, 6), MASK).masked_fill(torch.arange(6) >= torch.tensor([[6], [4], [1]]), PAD)
+    valid = inputs.ne(PAD)
+    fed = next_stage_inputs(logits.requires_grad_(True), inputs, valid, suppress_ids=SPECIALS)
+    expected = logits.detach().clone()
+    expected[..., list(SPECIALS)] = float("-inf")
+    assert torch.equal(fed, torch.where(valid, expected.argmax(-1), inputs)) and fed[0, 2] != MASK
+    assert fed.dtype == torch.long and not fed.requires_grad
+
+
+def test_stutter_remasking_in_training_keeps_the_old_input_at_each_repeat() -> None:
+    predicted = torch.tensor([[5, 5, 6, 6, 6, 7], [8, 9, 9, 4, 4, 4]])
+    logits = F.one_hot(predicted, VOCAB).float()
+    inputs = torch.tensor([[MASK, 10, MASK, 11, 12, MASK], [MASK] * 4 + [PAD, PAD]])
+    valid = inputs.ne(PAD)
+    fed = next_stage_inputs(logits, inputs, valid, remask_stutter=True)
+    assert fed.tolist() == [[5, 10, 6, 11, 12, 7], [8, 9, MASK, 4, PAD, PAD]]
+    assert torch.equal(next_stage_inputs(logits, inputs, valid), torch.where(valid, predicted, inputs))
+    with pytest.raises(ValueError, match="must agree"):
+        next_stage_inputs(logits[:, :5], inputs, valid)

@@ -50,6 +50,11 @@ def test_smoke_run_reports_every_claim_and_every_decoding(smoke_run: Path, resul
                 assert 0 <= metrics[f"bleu{suffix}"] <= 100 and 0 <= metrics[f"exact_match{suffix}"] <= 1
                 derived = results["derived"][f"{arm}{suffix}"]["runs"][seed]["metrics"]
                 assert derived["bleu"] == metrics[f"bleu{suffix}"]
+        # the smoke preset trains the NAR arms in two stages (PaDIR's multi-stage training), the AR arm in one
+        logged = {arm: json.loads((smoke_run / arm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()[0])
+                  for arm in (AR, NAR, DISTILLED)}
+        assert "token_loss_stage2" not in logged[AR] and all(logged[arm]["token_loss_stage2"] > 0
+                                                             for arm in (NAR, DISTILLED))
         timed = results["arms"][DISTILLED]["runs"][seed]["metrics"]
         for size in config.timing_batch_sizes:
             assert timed[f"decode_s_ar_b{size}"] > 0 and timed[f"speedup@2_b{size}"] > 0
@@ -185,6 +190,46 @@ def test_the_loss_survives_an_empty_teacher_output_and_an_empty_selection() -> N
     assert metrics["token_loss"].item() == 0.0 and torch.isfinite(loss)
 
 
+def test_multi_stage_training_adds_the_loss_of_restoring_the_target_from_the_first_stage_s_argmax() -> None:
+    from effml.experiments.padir import _corrupted, seq2seq_loss
+    from effml.nn import EncoderDecoder
+
+    config = PadirRecipe().preset("smoke")
+    task = config.task()
+    sample = task.sample(8, 0)
+    batch = _corrupted(config, task, sample.sources, sample.targets, sample.target_lengths,
+                       torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = EncoderDecoder(config.model_config(causal=False))
+    specials = tuple(range(task.target_offset))
+    one, one_metrics = seq2seq_loss(0.1)(model, batch, 0)
+    two, two_metrics = seq2seq_loss(0.1, train_stages=2, suppress_ids=specials)(model, batch, 0)
+
+    # written out: stage 1 as a single-stage loss, then the decoder fed stage 1's argmax over the target ids only
+    logits, length_logits = model(batch.sources, batch.decoder_inputs, batch.source_padding, batch.target_padding,
+                                  with_length_logits=True)
+    inside = torch.arange(batch.targets.shape[1])[None, :] < batch.lengths[:, None]
+    stage1 = torch.nn.functional.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask])
+    length = torch.nn.functional.cross_entropy(length_logits, batch.lengths)
+    predicted = logits.detach().clone()
+    predicted[..., list(specials)] = float("-inf")
+    fed = torch.where(inside, predicted.argmax(-1), batch.decoder_inputs)
+    logits2 = model(batch.sources, fed, batch.source_padding, batch.target_padding)
+    stage2 = torch.nn.functional.cross_entropy(logits2[inside], batch.targets[inside])
+    assert one.item() == pytest.approx((stage1 + 0.1 * length).item(), rel=1e-6)
+    assert two.item() == pytest.approx((stage1 + stage2 + 0.1 * length).item(), rel=1e-6)
+    assert two_metrics["token_loss"] == one_metrics["token_loss"] and "token_loss_stage2" not in one_metrics
+    assert two_metrics["token_loss_stage2"].item() == pytest.approx(stage2.item(), rel=1e-6)
+    # gradients: stage 1's plus stage 2's through its own forward pass (none through the argmax)
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, materialize_grads=True))
+
+    from_stage2 = gradients(stage2)
+    expected = [a + b for a, b in zip(gradients(one), from_stage2, strict=True)]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(gradients(two), expected, strict=True))
+    assert sum(float(g.abs().sum()) for g in from_stage2) > 0
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"iterations": (1, 2), "claim_iterations": 4}, "claim_iterations"),
     ({"iterations": (4,), "claim_iterations": 4}, "smaller count"),
@@ -197,6 +242,7 @@ def test_the_loss_survives_an_empty_teacher_output_and_an_empty_selection() -> N
     ({"length_candidates": 13}, "length_candidates"),
     ({"data": "wmt"}, "padir.data = 'wmt' is not allowed"),
     ({"dropout": 1.0}, "dropout"),
+    ({"train_stages": 0}, "train_stages"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(overrides: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

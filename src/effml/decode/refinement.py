@@ -48,7 +48,7 @@ from effml.decode.seq2seq import DecodedTargets, check_special_id
 from effml.nn.encoder_decoder import EncoderDecoder, Memory
 
 __all__ = ["Rejecter", "PassThrough", "LinearSchedule", "StutterRemasking", "UnionRejecter", "REJECTERS",
-           "build_rejecter", "refine_decode", "INITS", "UPDATES"]
+           "build_rejecter", "refine_decode", "stutter_positions", "INITS", "UPDATES"]
 
 INITS = ("mask", "random")
 UPDATES = ("all", "masked")
@@ -101,9 +101,15 @@ class StutterRemasking(Rejecter):
     name = "stutter"
 
     def select(self, tokens: Tensor, confidence: Tensor, valid: Tensor, iteration: int, iterations: int) -> Tensor:
-        repeats = torch.zeros_like(valid)
-        repeats[:, 1:] = tokens[:, 1:].eq(tokens[:, :-1]) & valid[:, 1:]
-        return repeats
+        return stutter_positions(tokens, valid)
+
+
+def stutter_positions(tokens: Tensor, valid: Tensor) -> Tensor:
+    """(B, T) bool: the positions inside ``valid`` (B, T) whose token in ``tokens`` (B, T) equals its left
+    neighbour's (the later of each repeated pair; the first position never)."""
+    repeats = torch.zeros_like(valid)
+    repeats[:, 1:] = tokens[:, 1:].eq(tokens[:, :-1]) & valid[:, 1:]
+    return repeats
 
 
 class UnionRejecter(Rejecter):

@@ -26,6 +26,9 @@ with replacement from the training pairs):
 * ``nar-distilled`` — the same, trained on the ``ar`` model's greedy translations of the training sources
   (sequence-level distillation, the standard remedy for multimodality in non-autoregressive translation).
 
+With ``train_stages`` = K > 1 both NAR arms use PaDIR's multi-stage training (``effml.train.masking``): K unrolled
+decoder passes per batch, each after the first fed the previous one's predictions (the cpu preset: K = 1).
+
 Measured: BLEU, exact match (either dialect), length accuracy and the repeated-adjacent-token ("stutter") rate on
 held-out sources, for every number of passes in ``iterations`` and, at ``claim_iterations``, with stutter re-masking
 added (``linear+stutter``); and in the ``nar-distilled`` run, the wall time of decoding the same
@@ -92,6 +95,8 @@ class PadirConfig:
     batch_size: int = 64
     length_loss_weight: float = 0.1  # PaDIR's length classifier's cross-entropy, added to the token loss
     loss_weighting: str = "all"  # which positions the NAR token loss counts: all, noised, masked
+    # PaDIR's multi-stage training: stages 2, 3, ... restore the target from the previous stage's predictions
+    train_stages: int = 1
     keep_prob: float = 0.1  # noised positions kept unchanged ...
     random_prob: float = 0.1  # ... or replaced by a random target token (the rest become [MASK])
     iterations: tuple[int, ...] = (1, 2, 4, 8)  # decoding passes evaluated
@@ -114,8 +119,8 @@ class PadirConfig:
         owner = "padir"
         check_choice(owner, "data", self.data, DATA)
         for name in ("n_symbols", "min_length", "max_length", "max_tokens", "d_model", "n_heads", "layers",
-                     "batch_size", "claim_iterations", "length_candidates", "eval_examples", "eval_batch_size",
-                     "timing_examples", "timing_repeats", "seeds"):
+                     "batch_size", "train_stages", "claim_iterations", "length_candidates", "eval_examples",
+                     "eval_batch_size", "timing_examples", "timing_repeats", "seeds"):
             check_positive(owner, name, getattr(self, name))
         for name in ("n_ambiguous", "length_loss_weight"):
             check_positive(owner, name, getattr(self, name), allow_zero=True)
@@ -183,7 +188,8 @@ class PadirConfig:
 
 def _smoke() -> PadirConfig:
     return PadirConfig(n_symbols=8, n_ambiguous=2, min_length=3, max_length=6, second_spelling_tokens=2, d_model=32,
-                       layers=1, batch_size=16, iterations=(1, 2), claim_iterations=2, length_candidates=2,
+                       layers=1, batch_size=16, train_stages=2, iterations=(1, 2), claim_iterations=2,
+                       length_candidates=2,
                        eval_examples=32, eval_batch_size=16, timing_batch_sizes=(1, 4), timing_examples=4,
                        timing_repeats=2, seeds=2,
                        train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, weight_decay=0.01, log_every=4))
@@ -278,21 +284,36 @@ def _target_ids(task: Any) -> torch.Tensor:
     return torch.arange(task.target_offset, task.vocab_size)
 
 
-def seq2seq_loss(length_loss_weight: float):
+def seq2seq_loss(length_loss_weight: float, train_stages: int = 1, suppress_ids: tuple[int, ...] = ()):
     """The loss of either arm: token cross-entropy on ``loss_mask`` (over every rank's tokens under torchrun), plus
-    ``length_loss_weight`` × the length predictor's cross-entropy when the model has one."""
+    ``length_loss_weight`` × the length predictor's cross-entropy when the model has one. With ``train_stages`` > 1
+    (PaDIR's multi-stage training, non-causal decoders only), each later stage feeds the decoder the previous stage's
+    predictions (``effml.train.masking.next_stage_inputs``, never predicting ``suppress_ids``) and adds its
+    cross-entropy over every target position; the metric ``token_loss`` stays stage 1's, ``token_loss_stageK``
+    is stage K's."""
     from effml.train.lm import token_share
-    from effml.train.masking import masked_cross_entropy
+    from effml.train.masking import masked_cross_entropy, next_stage_inputs
 
     def loss(model: torch.nn.Module, batch: Seq2SeqBatch, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         logits, length_logits = model(batch.sources, batch.decoder_inputs, batch.source_padding,
                                       batch.target_padding, with_length_logits=True)
         token_loss = masked_cross_entropy(logits, batch.targets, batch.loss_mask) * token_share(batch.loss_mask)
-        if length_logits is None:
-            return token_loss, {"token_loss": token_loss.detach()}
-        length_loss = F.cross_entropy(length_logits.float(), batch.lengths)
-        total = token_loss + length_loss_weight * length_loss
-        return total, {"token_loss": token_loss.detach(), "length_loss": length_loss.detach()}
+        total, metrics = token_loss, {"token_loss": token_loss.detach()}
+        if train_stages > 1:
+            inputs = batch.decoder_inputs
+            inside = torch.arange(inputs.shape[1], device=inputs.device)[None, :] < batch.lengths[:, None]
+            for stage in range(2, train_stages + 1):
+                # (a forward call per stage, encoder included, so that a DDP-wrapped model synchronises gradients)
+                inputs = next_stage_inputs(logits, inputs, inside, suppress_ids=suppress_ids)
+                logits = model(batch.sources, inputs, batch.source_padding, batch.target_padding)
+                stage_loss = masked_cross_entropy(logits, batch.targets, inside) * token_share(inside)
+                total = total + stage_loss
+                metrics[f"token_loss_stage{stage}"] = stage_loss.detach()
+        if length_logits is not None:
+            length_loss = F.cross_entropy(length_logits.float(), batch.lengths)
+            total = total + length_loss_weight * length_loss
+            metrics["length_loss"] = length_loss.detach()
+        return total, metrics
 
     return loss
 
@@ -335,7 +356,9 @@ class PadirRecipe(Experiment):
         torch.manual_seed(context.seed)
         model = EncoderDecoder(config.model_config(causal=arm.name == AR))
         teacher = self._teacher(config, context) if arm.name == DISTILLED else None
-        trainer = Trainer(model, seq2seq_loss(config.length_loss_weight),
+        stages = 1 if arm.name == AR else config.train_stages
+        loss = seq2seq_loss(config.length_loss_weight, stages, suppress_ids=tuple(range(task.target_offset)))
+        trainer = Trainer(model, loss,
                           self.training_batches(config, arm.name, context, teacher), config.train,
                           run_dir=context.run_dir, device=context.device, resume=context.resume, quiet=context.quiet,
                           description=f"{self.name} {arm.name} seed {context.seed}")

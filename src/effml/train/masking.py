@@ -8,10 +8,17 @@ a noised position keeps its token with probability ``keep_prob`` (0.1), becomes 
 predicts the whole clean target from the corrupted one; the loss counts every position (``"all"``), only the noised
 ones (``"noised"``) or only the [MASK]ed ones (``"masked"``) — PaDIR's ``LossWeightingScheme``. Drawing the density
 per example trains the decoder for every stage of iterative refinement, from all-[MASK] to nearly clean.
+
+PaDIR's optional multi-stage training (``num_train_stages`` in its ``models.py``) unrolls the decoder during training
+as it runs when decoding: stage 1 restores the corrupted target; each later stage is fed the previous stage's argmax
+predictions (``next_stage_inputs``; no gradient flows through the argmax) and is trained to restore the clean target
+from them, on every position of the target; the stages' losses add up. The later stages thus see the decoder's own
+kind of errors, stutter included, which corruption by [MASK] and random tokens never shows it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Corruption", "corrupt_targets", "loss_positions", "masked_cross_entropy", "masked_target_loss",
-           "LOSS_WEIGHTINGS"]
+           "next_stage_inputs", "LOSS_WEIGHTINGS"]
 
 LOSS_WEIGHTINGS = ("all", "noised", "masked")
 
@@ -118,3 +125,34 @@ def masked_target_loss(logits: Tensor, targets: Tensor, padding: Tensor, corrupt
     """
     selected = loss_positions(padding, corruption, weighting)
     return masked_cross_entropy(logits, targets, selected), selected
+
+
+def next_stage_inputs(logits: Tensor, inputs: Tensor, valid: Tensor, *, suppress_ids: Sequence[int] = (),
+                      remask_stutter: bool = False) -> Tensor:
+    """The decoder input of the next stage of PaDIR's multi-stage training (the module docstring): this stage's
+    argmax predictions inside each target, its own ``inputs`` elsewhere (padding stays padding).
+
+    Args:
+        logits: (B, T, V) this stage's decoder logits (not differentiated through).
+        inputs: (B, T) this stage's decoder input. valid: (B, T) bool, True inside each target.
+        suppress_ids: ids never predicted (e.g. PAD, MASK, BOS, EOS: what decoding suppresses too).
+        remask_stutter: keep this stage's input instead of the prediction wherever the prediction repeats its left
+            neighbour's token (PaDIR's ``remask_stutter``).
+
+    Returns:
+        (B, T) int64 ids.
+    """
+    from effml.decode.refinement import stutter_positions
+
+    if logits.shape[:2] != inputs.shape or valid.shape != inputs.shape or valid.dtype != torch.bool:
+        raise ValueError(f"logits (B, T, V), inputs (B, T) and valid (B, T, bool) must agree in B and T; got "
+                         f"{tuple(logits.shape)}, {tuple(inputs.shape)} and {tuple(valid.shape)} ({valid.dtype}).")
+    with torch.no_grad():
+        scores = logits.detach()
+        if suppress_ids:
+            scores = scores.index_fill(-1, torch.tensor(sorted(set(suppress_ids)), device=scores.device),
+                                       float("-inf"))
+        predicted = torch.where(valid, scores.argmax(-1), inputs)
+        if remask_stutter:
+            predicted = torch.where(stutter_positions(predicted, valid), inputs, predicted)
+    return predicted
