@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from effml.data import WindowBatches, eval_windows
-from effml.data.batches import eval_window_starts, rank_share, shard_batches
+from effml.data.batches import eval_window_starts, rank_batch_ranges, rank_share, shard_batches
 from effml.data.tasks import Copying
 from effml.data.tasks.regression import InContextRegression
 
@@ -238,3 +238,20 @@ def test_shard_batches_hands_each_rank_its_share_of_every_index() -> None:
     uneven = shard_batches(global_batches, SimpleNamespace(rank=0, world_size=3))
     with pytest.raises(ValueError, match="does not divide by world_size 3"):
         uneven(0)
+
+
+@pytest.mark.parametrize(("length", "world_size"), [(37, 1), (37, 3), (10, 2), (3, 4), (0, 2)])
+def test_evaluation_batch_ranges_are_dealt_round_robin_and_partition_the_examples(length: int,
+                                                                                  world_size: int) -> None:
+    every = list(rank_batch_ranges(length, 5))
+    assert [index for batch in every for index in batch] == list(range(length))
+    assert all(len(batch) == 5 for batch in every[:-1])
+    for rank in range(world_size):
+        assert list(rank_batch_ranges(length, 5, rank, world_size)) == every[rank::world_size]
+
+
+@pytest.mark.parametrize(("args", "match"), [((-1, 5), "length"), ((10, 0), "batch_size"), ((10, 5, 2, 2), "rank"),
+                                             ((10, 5, 0, 0), "world_size"), ((10.0, 5), "length")])
+def test_evaluation_batch_ranges_refuse_bad_arguments(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        list(rank_batch_ranges(*args))

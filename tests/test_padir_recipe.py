@@ -140,6 +140,9 @@ def test_the_verses_task_runs_end_to_end_on_a_sword_library(run_smoke, tmp_path:
     monkeypatch.setenv("SWORD_PATH", str(tmp_path))
     # the distilled arm's targets: the teacher's translations of the training set, made once, looked up per batch
     assert_distilled_targets_are_the_teacher_s(config, _context(run_dir, 0), teacher)
+    batches = PadirRecipe().training_batches(config, DISTILLED, _context(run_dir, 0), teacher)
+    monkeypatch.setattr(PadirRecipe, "_translate", staticmethod(lambda *args: pytest.fail("translated per batch")))
+    assert batches(5).targets.shape[0] == config.batch_size
 
 
 def test_missing_sword_modules_stop_the_run_before_it_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -13,7 +13,8 @@ an array, a tuple of them or a dataclass of them such as a synthetic task's batc
 own batches splits them across ranks exactly as :class:`WindowBatches` does.
 
 Evaluation (:func:`eval_windows`): non-overlapping windows ``tokens[i*T : i*T + T + 1]`` in order; a cap takes
-evenly spaced windows across the whole array.
+evenly spaced windows across the whole array. :func:`rank_batch_ranges` deals a fixed evaluation set's consecutive
+batches out to the ranks.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["WindowBatches", "eval_windows", "eval_window_starts", "rank_share", "sampled_batches",
-           "shard_batches", "windows_to_tensors"]
+__all__ = ["WindowBatches", "eval_windows", "eval_window_starts", "rank_batch_ranges", "rank_share",
+           "sampled_batches", "shard_batches", "windows_to_tensors"]
 
 Batch = TypeVar("Batch")
 
@@ -61,6 +62,18 @@ def _check_world(rank: int, world_size: int) -> None:
     _check_positive_int(world_size, "world_size")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}.")
+
+
+def rank_batch_ranges(length: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[range]:
+    """The index ranges of consecutive evaluation batches of ``batch_size`` over ``length`` examples, in order; for
+    ``rank`` of ``world_size``, batch ``k`` when ``k % world_size == rank`` (the ranks' shares partition the
+    examples; a rank may get one batch fewer)."""
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise ValueError(f"length must be an int >= 0 (the number of examples), got {length!r}.")
+    _check_positive_int(batch_size, "batch_size")
+    _check_world(rank, world_size)
+    for start in range(rank * batch_size, length, batch_size * world_size):
+        yield range(start, min(start + batch_size, length))
 
 
 def _check_share(batch_size: int, rank: int, world_size: int) -> None:

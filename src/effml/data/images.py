@@ -21,7 +21,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from effml.data.batches import rank_share
+from effml.data.batches import rank_batch_ranges, rank_share
 
 __all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "ImageSplits", "read_idx", "load_fashion_mnist",
            "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches", "DataUnavailableError",
-           "IMAGE_EXTENSIONS", "rank_batch_ranges", "load_digits", "images_to_tensor"]
+           "IMAGE_EXTENSIONS", "load_digits", "images_to_tensor"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
@@ -145,17 +145,9 @@ class ImageBatches:
         return images_to_tensor(images), torch.from_numpy(self.labels[chosen])
 
 
-def rank_batch_ranges(length: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[range]:
-    """The index ranges of consecutive evaluation batches of ``batch_size`` over ``length`` examples, in order; for
-    ``rank`` of ``world_size``, every ``world_size``-th of them from the ``rank``-th (the ranks' shares partition the
-    examples)."""
-    for start in range(rank * batch_size, length, batch_size * world_size):
-        yield range(start, min(start + batch_size, length))
-
-
 def eval_image_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1):
     """Consecutive (images, labels) batches over a whole split, in order; this rank's share of them
-    (`rank_batch_ranges`)."""
+    (``effml.data.batches.rank_batch_ranges``)."""
     for indices in rank_batch_ranges(len(images), batch_size, rank, world_size):
         chosen = slice(indices.start, indices.stop)
         yield images_to_tensor(images[chosen]), torch.from_numpy(labels[chosen])

@@ -473,8 +473,9 @@ class LaurelVision(LaurelRecipe):
         ``world``'s rank's share of the evaluation batches (all of them in a world of one, the default)."""
         from pathlib import Path
 
+        from effml.data.batches import rank_batch_ranges
         from effml.data.images import (ImageBatches, ImageFolderBatches, ImageFolderSplit, eval_image_batches,
-                                       load_fashion_mnist, rank_batch_ranges)
+                                       load_fashion_mnist)
 
         world = world or World()
 

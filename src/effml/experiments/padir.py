@@ -400,7 +400,7 @@ class PadirRecipe(Experiment):
         from effml.data.tasks.base import derive_seed
 
         task = config.task()
-        finite = hasattr(task, "sample_indices")
+        finite = task.finite_training_set
         translations = self._translate_training_set(config, teacher, task, context) \
             if teacher is not None and finite else None
 

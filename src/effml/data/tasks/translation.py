@@ -109,8 +109,12 @@ class TranslationTask(Task):
 
     One vocabulary serves source and target; ids ``0 … 4`` are PAD, BOS, EOS, MASK and LENGTH. A subclass defines
     ``vocab_size``, ``target_offset`` (the first target id), ``max_target_length``, :meth:`sample` and
-    :meth:`evaluation_examples` (the batches scored), and may override :meth:`bleu_tokens`.
+    :meth:`evaluation_examples` (the batches scored), and may override :meth:`bleu_tokens`. A task whose training
+    pairs are a finite set (``finite_training_set``) also defines ``training_size``, ``sample_indices(batch_size,
+    seed)`` (the pairs ``sample`` draws) and ``training_batch(indices)``.
     """
+
+    finite_training_set: ClassVar[bool] = False  # True: a fixed set of pairs, not generated without end
 
     pad_id: ClassVar[int] = 0
     bos_id: ClassVar[int] = 1

@@ -28,7 +28,8 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from effml.data.tasks.base import check_int_param, evaluation_batches, register_task
+from effml.data.batches import rank_batch_ranges
+from effml.data.tasks.base import check_int_param, register_task
 from effml.data.tasks.translation import TranslationBatch, TranslationTask
 
 __all__ = ["VerseTranslation"]
@@ -61,6 +62,7 @@ class VerseTranslation(TranslationTask):
     the modules.
     """
 
+    finite_training_set: ClassVar[bool] = True
     name: ClassVar[str] = "verse-translation"
 
     source_module: str = "KJV"
@@ -166,10 +168,8 @@ class VerseTranslation(TranslationTask):
         held_out = self._data().splits[self.eval_split]
         count = min(n, len(held_out.sources))
         chosen = np.linspace(0, len(held_out.sources) - 1, count).round().astype(np.int64)
-        batches = evaluation_batches(count, seed, batch_size, rank, world_size)  # this rank's sizes (seeds unused)
-        firsts = range(0, count, batch_size)[rank::world_size]
-        for first, (size, _) in zip(firsts, batches, strict=True):
-            yield self._batch(held_out, chosen[first:first + size])
+        for indices in rank_batch_ranges(count, batch_size, rank, world_size):
+            yield self._batch(held_out, chosen[indices.start:indices.stop])
 
 
 def _padded(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
