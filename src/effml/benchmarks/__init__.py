@@ -73,6 +73,8 @@ BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (
                     "state memory at several ranks and widths"),
     _lazy_benchmark("laurel", "laurel", "LAuReL variants vs the plain residual: forward+backward time and peak "
                     "memory at several widths"),
+    _lazy_benchmark("padir", "padir", "PaDIR's parallel decoding vs autoregressive decoding as targets grow, and vs "
+                    "x-transformers' NonAutoregressiveWrapper: decoding and training-step time"),
     _lazy_benchmark("salt", "salt", "SALT's distillation step vs a plain step of the same student, and SALT_DS's "
                     "scoring of a batch: time, and the ratio the FLOPs model predicts"),
     _lazy_benchmark("ssm", "ssm", "effml's Mamba vs mambapy: training tokens/s; LM step time vs context, SSM vs "
