@@ -248,10 +248,13 @@ def test_evaluation_batch_ranges_are_dealt_round_robin_and_partition_the_example
     assert all(len(batch) == 5 for batch in every[:-1])
     for rank in range(world_size):
         assert list(rank_batch_ranges(length, 5, rank, world_size)) == every[rank::world_size]
+        assert list(rank_batch_ranges(np.int64(length), np.int64(5), np.int64(rank), world_size)) == \
+            every[rank::world_size]
 
 
 @pytest.mark.parametrize(("args", "match"), [((-1, 5), "length"), ((10, 0), "batch_size"), ((10, 5, 2, 2), "rank"),
-                                             ((10, 5, 0, 0), "world_size"), ((10.0, 5), "length")])
+                                             ((10, 5, 0, 0), "world_size"), ((10.0, 5), "length"),
+                                             ((10, True), "batch_size")])
 def test_evaluation_batch_ranges_refuse_bad_arguments(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         list(rank_batch_ranges(*args))

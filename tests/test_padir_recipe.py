@@ -197,11 +197,14 @@ def test_multi_stage_training_adds_the_loss_of_restoring_the_target_from_the_fir
     from effml.experiments.padir import _corrupted, seq2seq_loss
     from effml.nn import EncoderDecoder
 
-    config = PadirRecipe().preset("smoke")
+    # (stage 1 counts the [MASK]ed positions only, so that stage 2's "every target position" differs from them)
+    config = dataclasses.replace(PadirRecipe().preset("smoke"), loss_weighting="masked")
     task = config.task()
     sample = task.sample(8, 0)
     batch = _corrupted(config, task, sample.sources, sample.targets, sample.target_lengths,
                        torch.Generator().manual_seed(0))
+    inside = torch.arange(batch.targets.shape[1])[None, :] < batch.lengths[:, None]
+    assert (batch.loss_mask != inside).any()
     torch.manual_seed(0)
     model = EncoderDecoder(config.model_config(causal=False))
     specials = tuple(range(task.target_offset))
@@ -211,7 +214,6 @@ def test_multi_stage_training_adds_the_loss_of_restoring_the_target_from_the_fir
     # written out: stage 1 as a single-stage loss, then the decoder fed stage 1's argmax over the target ids only
     logits, length_logits = model(batch.sources, batch.decoder_inputs, batch.source_padding, batch.target_padding,
                                   with_length_logits=True)
-    inside = torch.arange(batch.targets.shape[1])[None, :] < batch.lengths[:, None]
     stage1 = torch.nn.functional.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask])
     length = torch.nn.functional.cross_entropy(length_logits, batch.lengths)
     predicted = logits.detach().clone()

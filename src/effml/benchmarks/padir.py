@@ -10,16 +10,19 @@ source inside the timed call:
   of the other logits is positive, so every row runs to T tokens (checked before timing), as a trained model's would
   on a T-token target;
 * ``effml@N`` — effml's ``EncoderDecoder`` with a non-causal decoder: ``refine_decode`` in N passes from all-[MASK]
-  at length T (given, so that every source has the same canvas), linear re-masking;
+  at length T (given, so that every source has the same canvas: the length predictor's proposal, one small matmul
+  on the encoded [LENGTH] position, is not timed), linear re-masking, the argmax at every pass;
 * ``x-transformers@N`` — ``NonAutoregressiveWrapper.generate`` with ``steps=N`` (its MaskGIT-style loop: top-k
-  filtering, Gumbel sampling, linear schedule) around a ``TransformerWrapper`` whose ``Encoder`` layers cross-attend to
-  an x-transformers ``Encoder``'s embedding of the source: the same width, depth, heads and feed-forward size, one
-  token embedding for both and the output head (effml's model ties them too; the parameter counts are reported).
+  filtering to 30 % of the vocabulary, Gumbel sampling, linear schedule: sampling work effml's argmax does not do,
+  which weighs most where the vocabulary is large against the model) around a ``TransformerWrapper`` whose
+  ``Encoder`` layers cross-attend to an x-transformers ``Encoder``'s embedding of the source: the same width, depth,
+  heads and feed-forward size, one token embedding for both and the output head (effml's model ties them too; the
+  parameter counts are reported).
 
-Training, at each T and batch ``train_batch_size``: one step (forward, loss, backward, AdamW) of PaDIR's objective on a
-corrupted batch (``effml.experiments.padir.seq2seq_loss``: cross-entropy on every target position plus the length
-loss; the corruption is drawn once, outside the timed step) against the ``NonAutoregressiveWrapper``'s own masked loss
-(its masking inside the step).
+Training, at each T and batch ``train_batch_size``: one single-stage step (forward, loss, backward, AdamW) of PaDIR's
+objective on a corrupted batch (``effml.experiments.padir.seq2seq_loss``: cross-entropy on every target position plus
+the length loss; the corruption is drawn once, outside the timed step) against the ``NonAutoregressiveWrapper``'s own
+masked loss (its masking inside the step).
 
 Ratios: ``speedup@N_T{T}_b{B}`` = ar ÷ effml@N time (PaDIR's 2–3× claim; PAPERS.md §9(d) expects the speed-up to grow
 with T); ``effml_vs_xtransformers@N_T{T}_b{B}`` = effml@N ÷ x-transformers@N time and ``train_vs_xtransformers_T{T}``
@@ -77,11 +80,13 @@ def effml_model(config: PadirBenchConfig, target_length: int, causal: bool) -> n
     docstring) or non-causal with a length predictor, learned absolute positions either way (as in the recipe)."""
     from effml.nn import EncoderDecoder, EncoderDecoderConfig
 
-    torch.manual_seed(config.seed)
-    model = EncoderDecoder(EncoderDecoderConfig(
-        vocab_size=config.vocab_size, d_model=config.d_model, n_heads=config.n_heads, n_encoder_layers=config.layers,
-        n_decoder_layers=config.layers, max_source_len=target_length, max_target_len=target_length + 1,
-        causal_decoder=causal, length_classes=0 if causal else target_length + 1, absolute_positions=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = EncoderDecoder(EncoderDecoderConfig(
+            vocab_size=config.vocab_size, d_model=config.d_model, n_heads=config.n_heads,
+            n_encoder_layers=config.layers, n_decoder_layers=config.layers, max_source_len=target_length,
+            max_target_len=target_length + 1, causal_decoder=causal, length_classes=0 if causal else target_length + 1,
+            absolute_positions=True))
     if causal:
         with torch.no_grad():
             model.tok_emb.weight[EOS] = 0.0
@@ -96,15 +101,16 @@ class PeerSeq2Seq(nn.Module):
         from x_transformers import Encoder, NonAutoregressiveWrapper, TransformerWrapper
 
         super().__init__()
-        torch.manual_seed(config.seed)
         shape = {"dim": config.d_model, "depth": config.layers, "heads": config.n_heads,
                  "attn_dim_head": config.d_model // config.n_heads}
         # one token embedding for source, target and output head, as effml's model has
-        self.encoder = TransformerWrapper(num_tokens=config.vocab_size, max_seq_len=target_length,
-                                          attn_layers=Encoder(**shape), return_only_embed=True)
-        decoder = TransformerWrapper(num_tokens=config.vocab_size, max_seq_len=target_length,
-                                     attn_layers=Encoder(**shape, cross_attend=True), token_emb=self.encoder.token_emb,
-                                     tie_embedding=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.encoder = TransformerWrapper(num_tokens=config.vocab_size, max_seq_len=target_length,
+                                              attn_layers=Encoder(**shape), return_only_embed=True)
+            decoder = TransformerWrapper(num_tokens=config.vocab_size, max_seq_len=target_length,
+                                         attn_layers=Encoder(**shape, cross_attend=True),
+                                         token_emb=self.encoder.token_emb, tie_embedding=True)
         self.wrapper = NonAutoregressiveWrapper(decoder, mask_id=MASK)
 
     def context(self, source: torch.Tensor) -> dict[str, torch.Tensor]:

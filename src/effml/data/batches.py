@@ -68,8 +68,13 @@ def rank_batch_ranges(length: int, batch_size: int, rank: int = 0, world_size: i
     """The index ranges of consecutive evaluation batches of ``batch_size`` over ``length`` examples, in order; for
     ``rank`` of ``world_size``, batch ``k`` when ``k % world_size == rank`` (the ranks' shares partition the
     examples; a rank may get one batch fewer)."""
-    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-        raise ValueError(f"length must be an int >= 0 (the number of examples), got {length!r}.")
+    values = {"length": length, "batch_size": batch_size, "rank": rank, "world_size": world_size}
+    for name, value in values.items():  # (numpy integers are welcome: counts often come from arrays)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an int, got {value!r}.")
+    length, batch_size, rank, world_size = (int(value) for value in values.values())
+    if length < 0:
+        raise ValueError(f"length must be an int >= 0 (the number of examples), got {length}.")
     _check_positive_int(batch_size, "batch_size")
     _check_world(rank, world_size)
     for start in range(rank * batch_size, length, batch_size * world_size):

@@ -189,9 +189,8 @@ class PadirConfig:
 def _smoke() -> PadirConfig:
     return PadirConfig(n_symbols=8, n_ambiguous=2, min_length=3, max_length=6, second_spelling_tokens=2, d_model=32,
                        layers=1, batch_size=16, train_stages=2, iterations=(1, 2), claim_iterations=2,
-                       length_candidates=2,
-                       eval_examples=32, eval_batch_size=16, timing_batch_sizes=(1, 4), timing_examples=4,
-                       timing_repeats=2, seeds=2,
+                       length_candidates=2, eval_examples=32, eval_batch_size=16, timing_batch_sizes=(1, 4),
+                       timing_examples=4, timing_repeats=2, seeds=2,
                        train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, weight_decay=0.01, log_every=4))
 
 
@@ -284,6 +283,11 @@ def _target_ids(task: Any) -> torch.Tensor:
     return torch.arange(task.target_offset, task.vocab_size)
 
 
+def _non_target_ids(task: Any) -> tuple[int, ...]:
+    """The special ids (PAD, BOS, EOS, MASK, LENGTH, …), which no decoder pass predicts."""
+    return tuple(range(task.target_offset))
+
+
 def seq2seq_loss(length_loss_weight: float, train_stages: int = 1, suppress_ids: tuple[int, ...] = ()):
     """The loss of either arm: token cross-entropy on ``loss_mask`` (over every rank's tokens under torchrun), plus
     ``length_loss_weight`` × the length predictor's cross-entropy when the model has one. With ``train_stages`` > 1
@@ -303,7 +307,8 @@ def seq2seq_loss(length_loss_weight: float, train_stages: int = 1, suppress_ids:
             inputs = batch.decoder_inputs
             inside = torch.arange(inputs.shape[1], device=inputs.device)[None, :] < batch.lengths[:, None]
             for stage in range(2, train_stages + 1):
-                # (a forward call per stage, encoder included, so that a DDP-wrapped model synchronises gradients)
+                # the whole model again, encoder included, as PaDIR's code applies it per stage (and through the
+                # wrapper, so that DDP sees every call); with dropout, each stage draws its own masks
                 inputs = next_stage_inputs(logits, inputs, inside, suppress_ids=suppress_ids)
                 logits = model(batch.sources, inputs, batch.source_padding, batch.target_padding)
                 stage_loss = masked_cross_entropy(logits, batch.targets, inside) * token_share(inside)
@@ -357,7 +362,7 @@ class PadirRecipe(Experiment):
         model = EncoderDecoder(config.model_config(causal=arm.name == AR))
         teacher = self._teacher(config, context) if arm.name == DISTILLED else None
         stages = 1 if arm.name == AR else config.train_stages
-        loss = seq2seq_loss(config.length_loss_weight, stages, suppress_ids=tuple(range(task.target_offset)))
+        loss = seq2seq_loss(config.length_loss_weight, stages, suppress_ids=_non_target_ids(task))
         trainer = Trainer(model, loss,
                           self.training_batches(config, arm.name, context, teacher), config.train,
                           run_dir=context.run_dir, device=context.device, resume=context.resume, quiet=context.quiet,
@@ -482,7 +487,7 @@ class PadirRecipe(Experiment):
         from effml.decode import refine_decode
 
         replacements = _target_ids(task).to(device)
-        not_targets = tuple(range(task.target_offset))
+        not_targets = _non_target_ids(task)
 
         def predict(batch: Any) -> list[list[int]]:
             sources = batch.sources.to(device)
