@@ -373,3 +373,17 @@ def test_stutter_remasking_in_training_keeps_the_old_input_at_each_repeat() -> N
     assert torch.equal(next_stage_inputs(logits, inputs, valid), torch.where(valid, predicted, inputs))
     with pytest.raises(ValueError, match="must agree"):
         next_stage_inputs(logits[:, :5], inputs, valid)
+
+
+def test_dropping_repeats_removes_the_later_token_of_each_adjacent_pair_and_shortens_the_rows() -> None:
+    model = _model(causal=False, seed=3)
+    source, padding = _source()
+    options = {"iterations": 1, "mask_id": MASK, "pad_id": PAD, "suppress_ids": SPECIALS,
+               "lengths": torch.tensor([12, 9, 15, 4])}
+    with_repeats = refine_decode(model, source, padding, **options)
+    without = refine_decode(model, source, padding, drop_repeats=True, **options)
+    expected = [[t for i, t in enumerate(row) if i == 0 or t != row[i - 1]] for row in with_repeats.to_lists()]
+    assert without.to_lists() == expected and expected != with_repeats.to_lists()  # (this model does repeat itself)
+    assert without.tokens.shape[1] == max(map(len, expected)) and without.lengths.tolist() == list(map(len, expected))
+    assert (without.tokens[torch.arange(without.tokens.shape[1])[None, :] >= without.lengths[:, None]] == PAD).all()
+    assert torch.equal(without.scores, with_repeats.scores)

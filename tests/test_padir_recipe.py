@@ -235,6 +235,20 @@ def test_multi_stage_training_adds_the_loss_of_restoring_the_target_from_the_fir
     assert sum(float(g.abs().sum()) for g in from_stage2) > 0
 
 
+def test_drop_repeats_reaches_the_decoder() -> None:
+    from effml.nn import EncoderDecoder
+
+    config = dataclasses.replace(PadirRecipe().preset("smoke"), drop_repeats=True)
+    task = config.task()
+    torch.manual_seed(0)
+    model = EncoderDecoder(config.model_config(causal=False)).eval()
+    batch = task.sample(32, 0)
+    kept = PadirRecipe._nar_predict(config, model, task, "cpu", 2, "linear")(batch)
+    every = PadirRecipe._nar_predict(dataclasses.replace(config, drop_repeats=False), model, task, "cpu", 2,
+                                     "linear")(batch)
+    assert kept == [[t for i, t in enumerate(row) if i == 0 or t != row[i - 1]] for row in every] != every
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"iterations": (1, 2), "claim_iterations": 4}, "claim_iterations"),
     ({"iterations": (4,), "claim_iterations": 4}, "smaller count"),

@@ -22,7 +22,8 @@ Mask-Predict (Ghazvininejad et al., arXiv 1904.09324):
 Not implemented from PaDIR's code: the learned rejecter, "range mask" sentinels ([MASK_i]), replacements taken
 from previous tokens or summed logits (reset positions always get their initial token here), and stutter re-masking
 after the last pass (which PaDIR's code comments found helpful; here rejecters act only between passes, so at N = 1
-every re-masking is the same).
+every re-masking is the same). Instead, ``drop_repeats=True`` drops the later token of every adjacent repeat from the
+output (PaDIR's final re-masking restores the token the last pass was fed, which drops it where that was [MASK]).
 
 ``update="all"`` (the default, as in PaDIR) scores each position by the last pass's log-probability of its token. A
 position that was not reset was fed its own previous prediction, so its confidence is mostly that of copying it, and
@@ -166,11 +167,24 @@ def _expand_memory(memory: Memory, copies: int) -> Memory:
     return Memory(repeat(memory.states), repeat(memory.padding), repeat(memory.length_logits), keys_values)
 
 
+def _without_repeats(tokens: Tensor, lengths: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """``tokens`` (B, T) of ``lengths`` (B,) with the later token of every adjacent repeat dropped, the rest moved
+    left in order: (B, T') padded with ``pad_id``, T' the longest new length, and the (B,) new lengths."""
+    valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+    kept = valid & ~stutter_positions(tokens, valid)
+    order = (~kept).to(torch.int8).argsort(dim=1, stable=True)  # kept positions first, in their order
+    new_lengths = kept.sum(dim=1)
+    width = int(new_lengths.max()) if len(new_lengths) else 0
+    moved = tokens.gather(1, order)[:, :width]
+    inside = torch.arange(width, device=tokens.device)[None, :] < new_lengths[:, None]
+    return moved.masked_fill(~inside, pad_id), new_lengths
+
+
 def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor | None = None, *, iterations: int,
                   mask_id: int, pad_id: int, remasking: str | Rejecter = "linear", init: str = "mask",
                   replacement_ids: Tensor | None = None, length_candidates: int = 1, lengths: Tensor | None = None,
                   suppress_ids: Sequence[int] = (), generator: torch.Generator | None = None,
-                  update: str = "all") -> DecodedTargets:
+                  update: str = "all", drop_repeats: bool = False) -> DecodedTargets:
     """Decode every target in ``iterations`` parallel passes (see the module docstring).
 
     Args:
@@ -188,6 +202,9 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
         update: "all" (PaDIR: every pass re-predicts every position, scored by that pass's confidence) or "masked"
             (Mask-Predict: only the positions fed their initial token take the new prediction; the others keep
             their token and the confidence it had when it was predicted).
+        drop_repeats: after the last pass, drop every token equal to its left neighbour's (the output's stutter;
+            padir's code re-masks stutter after its last iteration too). The rows get shorter; scores are those of
+            the decodes before dropping.
 
     Returns:
         ``DecodedTargets`` (B, T) padded with ``pad_id``, T the longest chosen length, with each row's score (the
@@ -262,6 +279,8 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
             best = scores.view(batch, copies).argmax(1) + torch.arange(batch, device=source.device) * copies
             chosen_lengths = flat_lengths[best]
             tokens = tokens[best, :int(chosen_lengths.max())]
+            if drop_repeats:
+                tokens, chosen_lengths = _without_repeats(tokens, chosen_lengths, pad_id)
     finally:
         model.train(was_training)
     return DecodedTargets(tokens.clone(), chosen_lengths.clone(), scores[best].clone())

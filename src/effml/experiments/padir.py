@@ -105,6 +105,9 @@ class PadirConfig:
     init: str = "mask"
     update: str = "all"  # "all": every pass re-predicts every position (PaDIR); "masked": Mask-Predict's rule
     length_candidates: int = 1
+    # drop the later token of every adjacent repeat after the last pass (then the repeat rates, and the stutter
+    # claims, measure nothing)
+    drop_repeats: bool = False
     eval_examples: int = 1024
     eval_batch_size: int = 128
     timing_batch_sizes: tuple[int, ...] = (1, 64)
@@ -496,7 +499,8 @@ class PadirRecipe(Experiment):
             return refine_decode(model, sources, sources.eq(task.pad_id), iterations=iterations,
                                  mask_id=task.mask_id, pad_id=task.pad_id, remasking=remasking, init=config.init,
                                  replacement_ids=replacements, length_candidates=config.length_candidates,
-                                 suppress_ids=not_targets, generator=generator, update=config.update).to_lists()
+                                 suppress_ids=not_targets, generator=generator, update=config.update,
+                                 drop_repeats=config.drop_repeats).to_lists()
 
         return predict
 
