@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from effml.decode.seq2seq import DecodedTargets, check_special_id
+from effml.decode.seq2seq import DecodedTargets, check_special_id, within_lengths
 from effml.nn.encoder_decoder import EncoderDecoder, Memory
 
 __all__ = ["Rejecter", "PassThrough", "LinearSchedule", "StutterRemasking", "UnionRejecter", "REJECTERS",
@@ -170,13 +170,13 @@ def _expand_memory(memory: Memory, copies: int) -> Memory:
 def _without_repeats(tokens: Tensor, lengths: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
     """``tokens`` (B, T) of ``lengths`` (B,) with the later token of every adjacent repeat dropped, the rest moved
     left in order: (B, T') padded with ``pad_id``, T' the longest new length, and the (B,) new lengths."""
-    valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+    valid = within_lengths(lengths, tokens.shape[1])
     kept = valid & ~stutter_positions(tokens, valid)
     order = (~kept).to(torch.int8).argsort(dim=1, stable=True)  # kept positions first, in their order
     new_lengths = kept.sum(dim=1)
     width = int(new_lengths.max()) if len(new_lengths) else 0
     moved = tokens.gather(1, order)[:, :width]
-    inside = torch.arange(width, device=tokens.device)[None, :] < new_lengths[:, None]
+    inside = within_lengths(new_lengths, width)
     return moved.masked_fill(~inside, pad_id), new_lengths
 
 
@@ -247,7 +247,7 @@ def refine_decode(model: EncoderDecoder, source: Tensor, source_padding: Tensor 
             if copies > 1:
                 memory = _expand_memory(memory, copies)
             width = int(flat_lengths.max())
-            valid = torch.arange(width, device=source.device)[None, :] < flat_lengths[:, None]
+            valid = within_lengths(flat_lengths, width)
             if init == "mask":
                 initial = torch.full(valid.shape, mask_id, dtype=torch.long, device=source.device)
             else:

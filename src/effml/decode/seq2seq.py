@@ -16,7 +16,7 @@ from torch import Tensor
 
 from effml.nn.encoder_decoder import EncoderDecoder
 
-__all__ = ["DecodedTargets", "decode_autoregressive", "check_special_id"]
+__all__ = ["DecodedTargets", "decode_autoregressive", "check_special_id", "within_lengths"]
 
 
 @dataclass
@@ -37,6 +37,11 @@ class DecodedTargets:
     def to_lists(self) -> list[list[int]]:
         """Each row's tokens as a list of ints (padding dropped)."""
         return [row[:length].tolist() for row, length in zip(self.tokens.cpu(), self.lengths.tolist(), strict=True)]
+
+
+def within_lengths(lengths: Tensor, width: int) -> Tensor:
+    """(B, width) bool, True at the positions inside each row's length of ``lengths`` (B,) (padding is False)."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def check_special_id(name: str, value: object, vocab_size: int) -> None:

@@ -254,11 +254,12 @@ def _teacher_forced(task: Any, sources: torch.Tensor, targets: torch.Tensor, len
 def _corrupted(config: PadirConfig, task: Any, sources: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
                generator: torch.Generator) -> Seq2SeqBatch:
     """The NAR batch: PaDIR's corruption of the targets (``effml.train.masking.corrupt_targets``)."""
+    from effml.decode.seq2seq import within_lengths
     from effml.train.masking import corrupt_targets, loss_positions
 
     width = max(int(lengths.max()), 1)
     clean = targets[:, :width]
-    padding = torch.arange(width)[None, :] >= lengths[:, None]
+    padding = ~within_lengths(lengths, width)
     corruption = corrupt_targets(clean, padding, mask_id=task.mask_id, replacement_ids=_target_ids(task),
                                  keep_prob=config.keep_prob, random_prob=config.random_prob, generator=generator)
     selected = loss_positions(padding, corruption, config.loss_weighting)
@@ -298,6 +299,7 @@ def seq2seq_loss(length_loss_weight: float, train_stages: int = 1, suppress_ids:
     predictions (``effml.train.masking.next_stage_inputs``, never predicting ``suppress_ids``) and adds its
     cross-entropy over every target position; the metric ``token_loss`` stays stage 1's, ``token_loss_stageK``
     is stage K's."""
+    from effml.decode.seq2seq import within_lengths
     from effml.train.lm import token_share
     from effml.train.masking import masked_cross_entropy, next_stage_inputs
 
@@ -308,13 +310,14 @@ def seq2seq_loss(length_loss_weight: float, train_stages: int = 1, suppress_ids:
         total, metrics = token_loss, {"token_loss": token_loss.detach()}
         if train_stages > 1:
             inputs = batch.decoder_inputs
-            inside = torch.arange(inputs.shape[1], device=inputs.device)[None, :] < batch.lengths[:, None]
+            inside = within_lengths(batch.lengths, inputs.shape[1])
+            inside_share = token_share(inside)  # (a collective: once, not per stage)
             for stage in range(2, train_stages + 1):
                 # the whole model again, encoder included, as PaDIR's code applies it per stage (and through the
                 # wrapper, so that DDP sees every call); with dropout, each stage draws its own masks
                 inputs = next_stage_inputs(logits, inputs, inside, suppress_ids=suppress_ids)
                 logits = model(batch.sources, inputs, batch.source_padding, batch.target_padding)
-                stage_loss = masked_cross_entropy(logits, batch.targets, inside) * token_share(inside)
+                stage_loss = masked_cross_entropy(logits, batch.targets, inside) * inside_share
                 total = total + stage_loss
                 metrics[f"token_loss_stage{stage}"] = stage_loss.detach()
         if length_logits is not None:
