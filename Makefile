@@ -27,12 +27,11 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# every registered benchmark, so a new one cannot be left out
 bench: setup
-	$(BIN)/effml bench lm
-	$(BIN)/effml bench ssm
-	$(BIN)/effml bench laurel
-	$(BIN)/effml bench lora-rite
-	$(BIN)/effml bench salt
+	for name in $$($(BIN)/python -c "from effml.benchmarks import BENCHMARKS; print(*BENCHMARKS)"); do \
+		$(BIN)/effml bench $$name || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
