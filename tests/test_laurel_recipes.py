@@ -230,6 +230,23 @@ def test_resnet_laurel_starts_as_the_plain_resnet_and_pa_stays_within_a_stage() 
     assert seen == [0, 1, 2, 0, 1]  # history restarts where the resolution changes
 
 
+@pytest.mark.parametrize("recipe", ["laurel", "laurel-vision"])
+@pytest.mark.parametrize("lr_init", ["orthogonal", "xavier"])
+def test_every_arm_of_a_seed_starts_from_the_baselines_network(recipe, lr_init) -> None:
+    """The arms of one seed share every weight the plain model has, whatever LR's initialiser draws (Xavier draws
+    from the global generator, which alone shifted every later layer's init), so they start as the same function."""
+    experiment = get_experiment(recipe)
+    config = dataclasses.replace(experiment.presets["smoke"](), lr_init=lr_init)
+    plain = experiment.seeded_model(config, 3, False, None).state_dict()
+    for variant in ("rw", "lr", "rw+lr", "rw+lr+pa"):
+        model = experiment.seeded_model(config, 3, False, variant).eval()
+        shared = {name: value for name, value in model.state_dict().items() if name in plain}
+        assert shared.keys() == plain.keys()
+        assert all(torch.equal(value, plain[name]) for name, value in shared.items()), variant
+    assert not torch.equal(experiment.seeded_model(config, 4, False, None).state_dict()[name := next(iter(plain))],
+                           plain[name])  # another seed, another network
+
+
 def test_resnet_puts_laurel_on_the_channel_axis_itself() -> None:
     """ResNet tensors are (B, C, H, W): without channel_dim the LAuReL residuals act on the channels (axis 1), not on
     the width axis W (images as wide as the channels ran silently that way); another axis is refused."""

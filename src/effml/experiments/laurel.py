@@ -108,6 +108,21 @@ class LaurelRecipe(Experiment):
         """The base model (one more layer with ``extra_layer``) with plain residuals, or with LAuReL ``variant``."""
         raise NotImplementedError
 
+    def seeded_model(self, config: Any, seed: int, extra_layer: bool, variant: str | None) -> torch.nn.Module:
+        """``build_model`` under ``seed``, where a LAuReL model also takes the plain model's weights (built under the
+        same seed) for every parameter the two share: all arms of a seed then start from the same network and differ
+        only by LAuReL's own parameters. Built alone, an initialiser that draws from the global generator (LR's
+        Xavier) would shift the draws of every layer built after it."""
+        torch.manual_seed(seed)
+        model = self.build_model(config, extra_layer, variant)
+        if variant is not None:
+            torch.manual_seed(seed)
+            plain = self.build_model(config, extra_layer, None).state_dict()
+            unexpected = model.load_state_dict(plain, strict=False).unexpected_keys
+            if unexpected:
+                raise AssertionError(f"{self.name}: the {variant} model lacks the plain model's {unexpected}.")
+        return model
+
     def laurel_options(self, config: Any, variant: str) -> dict[str, Any]:
         """The ``LaurelResidual`` options of ``variant`` under ``config``."""
         return {"variant": variant, "rank": config.rank, "k": config.k, "bound": config.bound,
@@ -129,8 +144,8 @@ class LaurelRecipe(Experiment):
         from effml.train.step_timing import step_time_ratio
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed)
-            laurel, baseline = self.build_model(config, False, "rw+lr"), self.build_model(config, False, None)
+            laurel = self.seeded_model(config, context.seed, False, "rw+lr")
+            baseline = self.seeded_model(config, context.seed, False, None)
         return step_time_ratio(laurel, baseline, loss_fn, batch, rounds=config.timing_rounds, device=context.device,
                                train=config.train)
 
@@ -309,8 +324,7 @@ class LaurelLM(LaurelRecipe):
 
     def run_arm(self, config: LaurelLMConfig, arm: Arm, context: RunContext) -> ArmRun:
         corpus = load_byte_corpus(config.corpus, config.max_bytes, context.world)
-        torch.manual_seed(context.seed)
-        model = self.build_model(config, arm.info["extra_layer"], arm.info["variant"])
+        model = self.seeded_model(config, context.seed, arm.info["extra_layer"], arm.info["variant"])
         metrics, curves = train_lm(model, corpus, seq_len=config.seq_len, batch_size=config.batch_size,
                                    eval_windows=config.eval_windows, train=config.train, context=context,
                                    description=f"{self.name} {arm.name} seed {context.seed}")
@@ -501,8 +515,7 @@ class LaurelVision(LaurelRecipe):
 
         world = context.world
         source, valid, test = self._data(config, context.seed, world)
-        torch.manual_seed(context.seed)
-        model = self.build_model(config, arm.info["extra_layer"], arm.info["variant"])
+        model = self.seeded_model(config, context.seed, arm.info["extra_layer"], arm.info["variant"])
 
         def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
             measured = classification_metrics(model, (valid or test)(), context.device, world)
