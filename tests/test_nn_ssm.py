@@ -3,6 +3,8 @@ full-sequence forward, the implied attention matrix reproduces the layer, and th
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -377,3 +379,158 @@ def test_mamba1_kernel_path_gives_the_kernel_one_input_dtype(monkeypatch) -> Non
     expected, _ = fake_selective_scan_fn(*(t.double().transpose(1, 2) for t in (x, dt.bfloat16())), A.double(),
                                          *(t.double().transpose(1, 2) for t in (B, C)), mixer.D.double(), True)
     torch.testing.assert_close(y, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+# --- looking up mamba_ssm: once per process, silent when it is absent, one warning when it is broken -------------
+@pytest.fixture
+def fresh_kernel_lookup():
+    """The cached lookup forgotten before and after the test, so that a faked import stays inside it."""
+    from effml.nn.ssm import _mamba_ssm_kernels
+
+    _mamba_ssm_kernels.cache_clear()
+    yield _mamba_ssm_kernels
+    _mamba_ssm_kernels.cache_clear()
+
+
+BOTH_KERNELS = {"selective_scan_fn": fake_selective_scan_fn,
+                "mamba_chunk_scan_combined": fake_mamba_chunk_scan_combined}
+
+
+def _fake_importer(monkeypatch, outcome: Exception | dict) -> list[str]:
+    """Replace importlib.import_module for mamba_ssm's modules: raise ``outcome`` when it is an exception, else return
+    a module holding ``outcome``'s attributes. Returns the list of the module names asked for."""
+    import importlib
+    import types
+
+    real_import_module, asked = importlib.import_module, []
+
+    def import_module(name: str, package: str | None = None):
+        if not name.startswith("mamba_ssm"):
+            return real_import_module(name, package)
+        asked.append(name)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return types.SimpleNamespace(**outcome)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    return asked
+
+
+CUDA_INPUT = type("CudaInput", (), {"is_cuda": True})()   # what _use_kernels reads of a CUDA tensor
+
+
+def test_kernel_lookup_without_mamba_ssm_is_silent_and_not_repeated(fresh_kernel_lookup, monkeypatch) -> None:
+    asked = _fake_importer(monkeypatch, ModuleNotFoundError("No module named 'mamba_ssm'", name="mamba_ssm"))
+    mixer = Mamba2Mixer(16, d_state=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # any warning fails the test
+        assert [mixer._use_kernels(CUDA_INPUT) for _ in range(3)] == [None, None, None]
+    assert len(asked) == 1                                      # looked up on the first call only
+
+
+@pytest.mark.parametrize("outcome, named", [
+    (ImportError("libcudart.so.11.0: cannot open shared object file"), "libcudart"),   # built for another CUDA
+    (ModuleNotFoundError("No module named 'triton'", name="triton"), "triton"),        # a dependency missing
+    ({"selective_scan_fn": fake_selective_scan_fn}, "mamba_chunk_scan_combined"),       # an older mamba_ssm
+], ids=["linker", "dependency", "old-version"])
+def test_kernel_lookup_with_a_broken_mamba_ssm_warns_once_and_falls_back(fresh_kernel_lookup, monkeypatch,
+                                                                         outcome, named) -> None:
+    asked = _fake_importer(monkeypatch, outcome)
+    mixer = Mamba1Mixer(16, d_state=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")                         # so that a repeated warning would be seen
+        assert mixer._use_kernels(CUDA_INPUT) is None
+        looked_up = len(asked)
+        assert [mixer._use_kernels(CUDA_INPUT) for _ in range(2)] == [None, None]
+    assert looked_up and len(asked) == looked_up and len(caught) == 1
+    message = str(caught[0].message)
+    assert "mamba_ssm is installed but its CUDA kernels failed to import" in message and named in message
+    assert "mixer_options={'use_kernels': False}" in message
+
+
+def test_kernel_lookup_warns_for_a_mamba_ssm_that_is_not_a_usable_package(fresh_kernel_lookup, monkeypatch) -> None:
+    """Through the real import machinery: a ``mamba_ssm`` without its ``ops`` subpackage is broken, not absent."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "mamba_ssm", types.ModuleType("mamba_ssm"))
+    with pytest.warns(RuntimeWarning, match="mamba_ssm is installed but its CUDA kernels failed to import"):
+        assert fresh_kernel_lookup() is None
+
+
+def test_kernel_lookup_returns_the_kernels_and_only_cuda_inputs_with_use_kernels_ask(fresh_kernel_lookup,
+                                                                                     monkeypatch) -> None:
+    asked = _fake_importer(monkeypatch, BOTH_KERNELS)
+    assert Mamba1Mixer(16, d_state=4)._use_kernels(CUDA_INPUT) == BOTH_KERNELS
+    assert Mamba1Mixer(16, d_state=4)._use_kernels(torch.zeros(1)) is None              # a CPU tensor
+    assert Mamba1Mixer(16, d_state=4, use_kernels=False)._use_kernels(CUDA_INPUT) is None
+    assert len(asked) == 2                                      # both kernels' modules, once
+
+
+# --- the real mamba_ssm kernels against the PyTorch scans (needs CUDA and mamba_ssm; skipped elsewhere) -----------
+def _mamba_ssm_on_cuda() -> bool:
+    from effml.nn.ssm import _mamba_ssm_kernels
+
+    return torch.cuda.is_available() and _mamba_ssm_kernels() is not None
+
+
+#: per mixer, the largest relative error (‖kernel − PyTorch‖ / ‖PyTorch‖) of the output and of each gradient in fp32:
+#: Mamba-1's CUDA scan differs from the PyTorch scan by summation order only; Mamba-2's Triton kernels multiply in TF32
+FP32_TOLERANCE = {"mamba1": (1e-4, 1e-3), "mamba2": (5e-3, 3e-2)}
+
+
+def _output_and_gradients(mixer: torch.nn.Module, u: torch.Tensor, weights: torch.Tensor,
+                          bf16: bool) -> dict[str, torch.Tensor]:
+    """The mixer's output for u (b, t, d_model) and the gradients of Σ weights ⊙ output with respect to u and every
+    parameter, in fp32 or under bf16 autocast."""
+    mixer.zero_grad(set_to_none=True)
+    leaf = u.clone().requires_grad_(True)
+    with torch.autocast(u.device.type, dtype=torch.bfloat16, enabled=bf16):
+        output = mixer(leaf)
+    (output.float() * weights).sum().backward()
+    return {"output": output.detach().float(), "input": leaf.grad.float(),
+            **{name: p.grad.float() for name, p in mixer.named_parameters()}}
+
+
+def _relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: float((got[name] - want[name]).norm() / want[name].norm()) for name in want}
+
+
+@pytest.mark.skipif(not _mamba_ssm_on_cuda(), reason="needs CUDA and an importable mamba_ssm")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("mixer_name", ["mamba1", "mamba2"])
+def test_cuda_mamba_ssm_kernels_equal_the_pytorch_scans(mixer_name: str, bf16: bool, monkeypatch) -> None:
+    """The kernel path (use_kernels=True) against the PyTorch scans on the same weights and input: output and
+    gradients of the input and of every parameter. In fp32 the two must agree to ``FP32_TOLERANCE``. Under bf16
+    autocast both are compared with the fp32 PyTorch result: the kernel path may be at most 4× as far from it as the
+    PyTorch path under the same autocast (plus the fp32 tolerance), so a layout or dtype error, which costs O(1),
+    fails while bf16 rounding passes. 100 steps leave Mamba-2's last 32-step chunk short; 2 groups share B and C."""
+    from effml.nn import ssm
+
+    kernels, called = ssm._mamba_ssm_kernels(), []
+
+    def spy(name: str):
+        def call(*args, **kwargs):
+            called.append(name)
+            return kernels[name](*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(ssm, "_mamba_ssm_kernels", lambda: {name: spy(name) for name in kernels})
+    options = {"d_state": 16} if mixer_name == "mamba1" else {"d_state": 32, "headdim": 16, "ngroups": 2}
+    torch.manual_seed(0)
+    kernel_mixer = ssm.build_mixer(mixer_name, 64, **options).cuda()
+    pytorch_mixer = ssm.build_mixer(mixer_name, 64, use_kernels=False, **options).cuda()
+    pytorch_mixer.load_state_dict(kernel_mixer.state_dict())
+    u = torch.randn(2, 100, 64, device="cuda")
+    weights = torch.randn(2, 100, 64, device="cuda")
+    kernel = _output_and_gradients(kernel_mixer, u, weights, bf16)
+    assert called == ["selective_scan_fn" if mixer_name == "mamba1" else "mamba_chunk_scan_combined"]
+    reference = _output_and_gradients(pytorch_mixer, u, weights, bf16=False)
+    kernel_errors = _relative_errors(kernel, reference)
+    output_tolerance, gradient_tolerance = FP32_TOLERANCE[mixer_name]
+    tolerances = {name: output_tolerance if name == "output" else gradient_tolerance for name in reference}
+    if bf16:
+        pytorch_errors = _relative_errors(_output_and_gradients(pytorch_mixer, u, weights, bf16=True), reference)
+        tolerances = {name: 4 * pytorch_errors[name] + tolerances[name] for name in reference}
+    too_far = {name: (error, tolerances[name]) for name, error in kernel_errors.items() if error > tolerances[name]}
+    assert not too_far, f"(relative error, tolerance) of the kernel path: {too_far}"

@@ -30,14 +30,18 @@ window and SSM state, so a sequence fed one token at a time gives the full-seque
 head): M[i, j] = C_i · (Π_{j<k≤i} exp(Δ_k A)) Δ_j B_j for j ≤ i — the "attention map" that mimetic initialisation
 (``effml.init.mimetic``) shapes.
 
-On CUDA, ``use_kernels=True`` routes the scans through the ``mamba_ssm`` package's fused kernels when it is importable
-(``selective_scan_fn`` and ``mamba_chunk_scan_combined``; same mathematics, not exercised by CPU CI).
+On CUDA, ``use_kernels=True`` (the default) routes the scans through the ``mamba_ssm`` package's fused kernels when it
+is importable (``selective_scan_fn`` and ``mamba_chunk_scan_combined``; same mathematics). Without ``mamba_ssm`` the
+PyTorch scans run; an installed ``mamba_ssm`` that fails to import warns once. CPU CI checks the calls against
+stand-ins; a test that runs only on CUDA with ``mamba_ssm`` compares the real kernels with the PyTorch scans.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -138,15 +142,33 @@ def _causal_conv(conv: nn.Conv1d, x: Tensor, cache: SSMCache | None, slot: int) 
     return _DepthwiseCausalConv.apply(window, conv.weight[:, 0].t(), conv.bias)
 
 
-def _mamba_ssm_kernels() -> Any | None:
-    """The ``mamba_ssm`` package when importable (CUDA kernels), else None."""
+#: the ``mamba_ssm`` kernels the mixers call → the module that defines each
+_KERNEL_MODULES = {"selective_scan_fn": "mamba_ssm.ops.selective_scan_interface",
+                   "mamba_chunk_scan_combined": "mamba_ssm.ops.triton.ssd_combined"}
+
+
+@functools.cache
+def _mamba_ssm_kernels() -> dict[str, Callable[..., Any]] | None:
+    """``mamba_ssm``'s fused CUDA kernels by name (``_KERNEL_MODULES``), or None; looked up once per process.
+
+    Not installed (no ``mamba_ssm`` module at all): None, silently, and the mixers run the PyTorch scans. Installed
+    but failing to import (built against another torch or CUDA, no Triton, a version without these functions): None
+    as well, with one warning naming the failure, so that a broken install is not mistaken for a working one."""
     try:
-        import mamba_ssm  # noqa: F401
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # noqa: BLE001  (any import failure means: no kernels)
+        return {name: getattr(importlib.import_module(module), name) for name, module in _KERNEL_MODULES.items()}
+    except Exception as error:  # noqa: BLE001  (a broken build fails in many ways: linker, CUDA, Triton errors)
+        if not (isinstance(error, ModuleNotFoundError) and error.name == "mamba_ssm"):
+            _warn_broken_mamba_ssm(error)
         return None
-    return {"selective_scan_fn": selective_scan_fn, "mamba_chunk_scan_combined": mamba_chunk_scan_combined}
+
+
+def _warn_broken_mamba_ssm(error: Exception) -> None:
+    warnings.warn(
+        f"mamba_ssm is installed but its CUDA kernels failed to import ({type(error).__name__}: {error}), so the "
+        "Mamba mixers run effml's PyTorch scans on CUDA instead (same results, slower). Reinstall mamba_ssm built "
+        "against this torch and CUDA (pip install mamba-ssm --no-build-isolation), or turn the kernels off with "
+        "mixer_options={'use_kernels': False} (use_kernels=False on a mixer) to run the PyTorch scans without this "
+        "warning.", RuntimeWarning, stacklevel=2)
 
 
 def _inverse_softplus(value: Tensor) -> Tensor:
@@ -190,7 +212,8 @@ class _SelectiveMixer(nn.Module):
                            + math.log(self.dt_min)).clamp(min=1e-4)
             bias.copy_(_inverse_softplus(dt))
 
-    def _use_kernels(self, x: Tensor) -> Any | None:
+    def _use_kernels(self, x: Tensor) -> dict[str, Callable[..., Any]] | None:
+        """``mamba_ssm``'s kernels when this mixer may use them for ``x`` (CUDA, ``use_kernels``), else None."""
         return _mamba_ssm_kernels() if (self.use_kernels and x.is_cuda) else None
 
     # per subclass: the one-step recurrence, the step-by-step reference and the training scan of ``effml.nn.scan``
