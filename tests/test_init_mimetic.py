@@ -114,3 +114,11 @@ def test_refuses_models_without_ssm_layers_and_bad_arguments() -> None:
         apply_mimetic_init(layer, state=False, bc=False)
     with pytest.raises(ValueError, match="dt_value"):
         apply_mimetic_init(layer, dt_value=0.0)
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    for switch, value in (("state", "no"), ("bc", 1), ("conv_identity", None)):   # truthy or falsy, not bools
+        with pytest.raises(ValueError, match=f"{switch} switches a part on or off and must be True or False"):
+            apply_mimetic_init(layer, **{switch: value})
+    for constant in ("a_magnitude", "dt_value", "bc_noise"):                     # True is not 1.0
+        with pytest.raises(ValueError, match=f"{constant} must be a finite number"):
+            apply_mimetic_init(layer, **{constant: True})
+    assert all(torch.equal(before[name], p) for name, p in layer.named_parameters())   # refused before any change

@@ -56,7 +56,7 @@ def apply_mimetic_init(model: nn.Module, state: bool = True, bc: bool = True, co
     Args:
         model: any module containing ``Mamba1Mixer`` / ``Mamba2Mixer`` layers (e.g. a ``TransformerLM`` with
             ``mixer="mamba1"``), or such a layer itself.
-        state, bc, conv_identity: which parts to apply.
+        state, bc, conv_identity: which parts to apply (bools).
         a_magnitude: a in A = −a (> 0, small). dt_value: Δ₀ > 0 reached through dt_bias. bc_noise: σ ≥ 0.
         generator: torch generator for the noise of the ``bc`` part (default: the global RNG).
 
@@ -64,15 +64,21 @@ def apply_mimetic_init(model: nn.Module, state: bool = True, bc: bool = True, co
         {qualified layer name: [qualified names of the parameters changed]}.
 
     Raises:
-        ValueError: no SSM layer in ``model``, no part selected, or a constant out of range.
+        ValueError: no SSM layer in ``model``, a switch that is not a bool, no part selected, or a constant that is
+            not a finite number in range.
     """
+    for name, value in (("state", state), ("bc", bc), ("conv_identity", conv_identity)):
+        if not isinstance(value, bool):  # a string such as "no" would read as on
+            raise ValueError(f"apply_mimetic_init: {name} switches a part on or off and must be True or False, got "
+                             f"{value!r}; pass a bool.")
     if not (state or bc or conv_identity):
         raise ValueError("apply_mimetic_init: every part is off (state, bc, conv_identity are all False); "
                          "turn on at least one, or do not call it.")
     for name, value, low_ok in (("a_magnitude", a_magnitude, False), ("dt_value", dt_value, False),
                                 ("bc_noise", bc_noise, True)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not low_ok):
-            raise ValueError(f"apply_mimetic_init: {name} must be a finite number "
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)  # True would be taken as 1.0
+        if not is_number or not math.isfinite(value) or value < 0 or (value == 0 and not low_ok):
+            raise ValueError(f"apply_mimetic_init: {name} must be a finite number (int or float, not a bool) "
                              f"{'>= 0' if low_ok else '> 0'}, got {value!r}.")
     layers = [(name, module) for name, module in model.named_modules()
               if isinstance(module, (Mamba1Mixer, Mamba2Mixer))]
