@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from effml.nn import TransformerConfig, TransformerLM
-from effml.nn.laurel import LaurelBlock, LaurelResidual, LowRankTerm, laurel_parameter_count, parse_variant
+from effml.nn import StreamHistory
+from effml.nn.laurel import (LaurelBlock, LaurelConfig, LaurelResidual, LowRankTerm, ResidualWeights,
+                              laurel_parameter_count, parse_variant)
 
 VARIANTS = ["rw", "lr", "pa", "rw+lr", "rw+pa", "lr+pa", "rw+lr+pa"]
 
@@ -157,7 +159,8 @@ def explicit_laurel(residual: LaurelResidual, x: torch.Tensor, fx: torch.Tensor,
         A, B = residual.low_rank.down, residual.low_rank.up  # noqa: N806 (the paper's names)
         stream = stream + torch.einsum(f"{letters},{letters[channel_dim]}r,rz->{channels_out}", x, A, B)
     if residual.previous is not None:
-        stream = stream + sum(g * h for g, h in zip(residual.previous.gamma, history, strict=True))
+        gamma = residual.previous.gamma[: len(history)]  # fewer earlier states at the bottom of a stack
+        stream = stream + sum(g * h for g, h in zip(gamma, history, strict=True))
     return alpha * fx + beta * stream
 
 
@@ -274,3 +277,71 @@ def test_residual_with_a_narrower_branch_output_keeps_the_stream_dtype(variant) 
     got = residual(x, fx)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, explicit_laurel(residual, x, fx.double(), [], -1))
+
+
+def test_xavier_down_projection_is_xavier_uniform() -> None:
+    d, r = 512, 64
+    torch.manual_seed(0)
+    down = LaurelResidual(d, variant="lr", rank=r, lr_init="xavier").low_rank.down
+    bound = (6 / (d + r)) ** 0.5  # Xavier-uniform: U(−a, a), a = √(6 / (fan_in + fan_out)), std a/√3
+    assert down.shape == (d, r) and down.abs().max() <= bound
+    assert abs(down.std().item() / (bound / 3**0.5) - 1) < 0.02  # 32,768 draws: the std's sampling error is ~0.4 %
+    assert down.abs().max() > 0.99 * bound
+
+
+@pytest.mark.parametrize(("bound", "expected"), [
+    ("softmax", lambda a, b: (2 * torch.sigmoid(a - b), 2 * torch.sigmoid(b - a))),
+    ("sigmoid", lambda a, b: (2 * torch.sigmoid(a), 2 * torch.sigmoid(b))),
+    ("none", lambda a, b: (a, b)),
+])
+def test_residual_weights_follow_their_bound_away_from_the_start(bound, expected) -> None:
+    weights = ResidualWeights(4, bound=bound, scale=2.0, per_channel=True)
+    a, b = torch.tensor([-3.0, -0.5, 0.7, 4.0]), torch.tensor([1.0, 2.0, -2.0, 0.3])
+    with torch.no_grad():
+        weights.alpha_logit.copy_(a)
+        weights.beta_logit.copy_(b)
+    alpha, beta = weights()
+    want_alpha, want_beta = expected(a, b)
+    torch.testing.assert_close(alpha, want_alpha)
+    torch.testing.assert_close(beta, want_beta)
+    if bound != "none":
+        assert ((alpha > 0) & (alpha < 2) & (beta > 0) & (beta < 2)).all()
+
+
+def test_a_group_of_layers_with_pa_follows_the_formula_through_a_stream_history() -> None:
+    """LaurelBlocks around groups of layers, stacked by hand with a StreamHistory as their docstring says: each block
+    adds γ-weighted earlier block inputs (newest first) to the formula's stream."""
+    torch.manual_seed(0)
+    d = 6
+    blocks = [LaurelBlock(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.LayerNorm(d)), d,
+                          variant="rw+lr+pa", rank=2, k=2) for _ in range(4)]
+    for block in blocks:  # move every LAuReL parameter off its identity start
+        for parameter in block.residual.parameters():
+            with torch.no_grad():
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    x = torch.randn(3, 5, d)
+    history, inputs = StreamHistory(2), []
+    for block in blocks:
+        earlier = inputs[::-1][:2]
+        expected = explicit_laurel(block.residual, x, block.branch(x), earlier, -1)
+        got = block(x, history.recent(block.history_size))
+        torch.testing.assert_close(got, expected)
+        history.push(x)
+        inputs.append(x)
+        x = got
+    assert len(history.states) == 2
+
+
+def test_a_laurel_config_or_named_options_build_the_same_block_and_a_misspelt_option_is_named() -> None:
+    config = LaurelConfig(variant="rw+lr", rank=2, bound="sigmoid", per_channel=True, channel_dim=1)
+    torch.manual_seed(0)
+    from_config = LaurelBlock(nn.Conv2d(4, 4, 1), 4, config)
+    torch.manual_seed(0)
+    from_names = LaurelBlock(nn.Conv2d(4, 4, 1), 4, "rw+lr", rank=2, bound="sigmoid", per_channel=True, channel_dim=1)
+    assert from_config.residual.config == from_names.residual.config == config
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(from_config(x), from_names(x))
+    with pytest.raises(ValueError, match=r"LaurelBlock: unknown LAuReL options \['rnk'\]; the options are \['rank'"):
+        LaurelBlock(nn.Identity(), 4, "rw+lr", rnk=2)
+    with pytest.raises(ValueError, match=r"LaurelBlock: got a LaurelConfig and the options \['rank'\]"):
+        LaurelBlock(nn.Identity(), 4, config, rank=3)

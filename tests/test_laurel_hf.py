@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from effml.nn import laurel_hf  # noqa: E402
-from effml.nn.laurel import laurel_parameter_count  # noqa: E402
+from effml.nn.laurel import LaurelConfig, laurel_parameter_count  # noqa: E402
 from effml.nn.laurel_hf import apply_laurel  # noqa: E402
 
 
@@ -187,3 +187,27 @@ def test_a_fine_tuned_model_reloads_as_apply_laurel_documents(family, tmp_path) 
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # GPT-2 ties lm_head to the embedding
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_a_laurel_config_converts_as_its_options_do_and_bad_options_are_named() -> None:
+    config = LaurelConfig(variant="rw+lr", rank=4, bound="sigmoid", per_channel=True)
+    torch.manual_seed(5)
+    from_config = apply_laurel(llama(), config)
+    torch.manual_seed(5)
+    from_names = apply_laurel(llama(), "rw+lr", rank=4, bound="sigmoid", per_channel=True, channel_dim=-1)
+    first = from_config.model.layers[0]
+    assert first.laurel_attn.config == from_names.model.layers[0].laurel_attn.config == config
+    assert torch.equal(first.laurel_mlp.low_rank.down, from_names.model.layers[0].laurel_mlp.low_rank.down)
+    with pytest.raises(ValueError, match=r"apply_laurel: unknown LAuReL options \['rnk'\]"):
+        apply_laurel(llama(), "rw+lr", rnk=4)
+    with pytest.raises(ValueError, match="channel_dim=1, but Hugging Face hidden states are"):
+        apply_laurel(llama(), "rw", channel_dim=1)
+    with pytest.raises(ValueError, match="apply_laurel: got a LaurelConfig and the options"):
+        apply_laurel(llama(), config, k=2)
+
+
+def test_a_gpt2_with_cross_attention_is_refused() -> None:
+    config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                     add_cross_attention=True)
+    with pytest.raises(ValueError, match="has cross-attention"):
+        apply_laurel(transformers.GPT2LMHeadModel(config))

@@ -43,17 +43,19 @@ Tensors may carry their channels on any axis (``channel_dim``: -1 for transforme
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from effml.nn.residual import Residual, register_residual
 
-__all__ = ["LAUREL_PARTS", "LaurelConfig", "parse_variant", "ResidualWeights", "LowRankTerm", "PreviousActivations",
-           "LaurelResidual", "LaurelBlock", "laurel_parameter_count"]
+__all__ = ["LAUREL_PARTS", "LaurelConfig", "laurel_options", "parse_variant", "ResidualWeights", "LowRankTerm",
+           "PreviousActivations", "LaurelResidual", "LaurelBlock", "laurel_parameter_count"]
 
 LAUREL_PARTS = ("rw", "lr", "pa")  # canonical order of a variant's parts
 _BOUNDS = ("softmax", "sigmoid", "none")
@@ -123,6 +125,21 @@ class LaurelConfig:
     @property
     def parts(self) -> tuple[str, ...]:
         return parse_variant(self.variant)
+
+
+def laurel_options(owner: str, variant: str | LaurelConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """``LaurelResidual``'s keyword options from a variant name and options, or from a ``LaurelConfig`` alone;
+    ValueError (naming ``owner``) for an unknown option, or for options given beside a ``LaurelConfig``."""
+    if isinstance(variant, LaurelConfig):
+        if options:
+            raise ValueError(f"{owner}: got a LaurelConfig and the options {sorted(options)} besides it; set them in "
+                             "the LaurelConfig instead.")
+        return dataclasses.asdict(variant)
+    known = [option.name for option in dataclasses.fields(LaurelConfig) if option.name != "variant"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{owner}: unknown LAuReL options {unknown}; the options are {known} (see LaurelConfig).")
+    return {"variant": variant, **options}
 
 
 def _channels_last(x: Tensor, channel_dim: int) -> Tensor:
@@ -332,16 +349,18 @@ class LaurelBlock(nn.Module):
     Args:
         branch: a module mapping x to a tensor of x's shape (an MLP, a conv block, a group of layers).
         d_model: the number of channels D (on ``channel_dim``).
-        variant, **options: as ``LaurelResidual``.
+        variant, **options: as ``LaurelResidual``, or a ``LaurelConfig`` as ``variant`` and no options.
 
     ``forward(x, history=())``: x with D on ``channel_dim`` → the same shape. With PA, pass the earlier block inputs
-    (newest first) as ``history``. x's channel axis is checked before the branch runs (ValueError naming the axis).
+    (newest first) as ``history``; in a stack of blocks, ``effml.nn.StreamHistory(k)`` keeps them: call
+    ``block(x, history.recent(block.history_size))``, then ``history.push(x)``. x's channel axis is checked before the
+    branch runs (ValueError naming the axis).
     """
 
-    def __init__(self, branch: nn.Module, d_model: int, variant: str = "rw", **options) -> None:
+    def __init__(self, branch: nn.Module, d_model: int, variant: str | LaurelConfig = "rw", **options: Any) -> None:
         super().__init__()
         self.branch = branch
-        self.residual = LaurelResidual(d_model, 0, variant=variant, **options)
+        self.residual = LaurelResidual(d_model, 0, **laurel_options("LaurelBlock", variant, options))
 
     @property
     def history_size(self) -> int:

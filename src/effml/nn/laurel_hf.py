@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from effml.nn.laurel import LaurelResidual
+from effml.nn.laurel import LaurelConfig, LaurelResidual, laurel_options
 from effml.nn.residual import StreamHistory
 
 __all__ = ["apply_laurel", "supported_architectures"]
@@ -146,14 +146,14 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def apply_laurel(model: nn.Module, variant: str = "rw+lr", **options: Any) -> nn.Module:
+def apply_laurel(model: nn.Module, variant: str | LaurelConfig = "rw+lr", **options: Any) -> nn.Module:
     """Convert every decoder layer of a Hugging Face Llama-family or GPT-2 ``model`` to LAuReL residuals, in place.
 
     Args:
         model: e.g. ``LlamaForCausalLM``, ``LlamaModel``, ``GPT2LMHeadModel``, ``GPT2Model``.
         variant, **options: as ``effml.nn.laurel.LaurelResidual`` ("rw", "lr", "rw+lr", "rw+lr+pa", ...; rank,
-            bound, per_channel, k, pa_map, lr_init, scale). ``channel_dim`` is fixed to -1 (hidden states are
-            (B, T, D)).
+            bound, per_channel, k, pa_map, lr_init, scale), or a ``LaurelConfig`` as ``variant`` and no options.
+            ``channel_dim`` must be -1, the default (hidden states are (B, T, D)).
 
     Returns:
         ``model`` itself. The new parameters (``...laurel_attn.*``, ``...laurel_mlp.*``) are created in the dtype and on
@@ -176,9 +176,10 @@ def apply_laurel(model: nn.Module, variant: str = "rw+lr", **options: Any) -> nn
     ``torch.save`` loads with the default ``strict=True``. ``torch.save(model)``/``torch.load`` of the whole converted
     model also works.
     """
-    if "channel_dim" in options:
-        raise ValueError("apply_laurel: channel_dim is fixed to -1 for Hugging Face hidden states (B, T, D); "
-                         "drop the option.")
+    options = laurel_options("apply_laurel", variant, options)
+    if options.get("channel_dim", -1) != -1:
+        raise ValueError(f"apply_laurel: channel_dim={options['channel_dim']}, but Hugging Face hidden states are "
+                         "(B, T, D) with the channels last; use channel_dim=-1 (the default).")
     adapters = _adapters()
     converted_classes = set(_CONVERTED.values())
     layers = [(name, module) for name, module in model.named_modules()
@@ -196,10 +197,8 @@ def apply_laurel(model: nn.Module, variant: str = "rw+lr", **options: Any) -> nn
         _, forward, width = adapters[type(layer)]
         d_model = width(layer)
         reference = next(layer.parameters())
-        layer.laurel_attn = LaurelResidual(d_model, 0, variant=variant, **options).to(reference.device,
-                                                                                     reference.dtype)
-        layer.laurel_mlp = LaurelResidual(d_model, 1, variant=variant, **options).to(reference.device,
-                                                                                    reference.dtype)
+        layer.laurel_attn = LaurelResidual(d_model, 0, **options).to(reference.device, reference.dtype)
+        layer.laurel_mlp = LaurelResidual(d_model, 1, **options).to(reference.device, reference.dtype)
         residuals.append(layer)
         layer.__class__ = _laurel_class(type(layer), forward)
     history_size = max(r.history_size for layer in residuals for r in (layer.laurel_attn, layer.laurel_mlp))
