@@ -15,6 +15,7 @@ import torch
 from effml.benchmarks import run_benchmark
 from effml.benchmarks.laurel import PassStep
 from effml.cli import EXIT_USER_ERROR, main
+from effml.config import ConfigError
 from effml.data.images import (FASHION_MNIST_FILES, DataUnavailableError, ImageFolderBatches, ImageFolderSplit,
                                load_fashion_mnist, read_idx)
 from effml.experiments import get_experiment
@@ -112,6 +113,7 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path, capsys) -> Non
             "--set", f"data_dir={tmp_path}"]
     assert main(argv) == EXIT_USER_ERROR
     assert "dataset-fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
 def test_idx_reader_round_trips_and_splits(tiny_fashion_mnist) -> None:
@@ -245,6 +247,20 @@ def test_every_arm_of_a_seed_starts_from_the_baselines_network(recipe, lr_init) 
         assert all(torch.equal(value, plain[name]) for name, value in shared.items()), variant
     assert not torch.equal(experiment.seeded_model(config, 4, False, None).state_dict()[name := next(iter(plain))],
                            plain[name])  # another seed, another network
+
+
+@pytest.mark.parametrize("recipe", ["laurel", "laurel-vision"])
+def test_the_recipes_pass_every_laurel_option_on_and_refuse_bad_ones(recipe) -> None:
+    experiment = get_experiment(recipe)
+    config = dataclasses.replace(experiment.presets["smoke"](), scale=3.0, bound="sigmoid", per_channel=True)
+    residual = next(m for m in experiment.seeded_model(config, 0, False, "rw").modules() if hasattr(m, "weights"))
+    alpha, _ = residual.weights()
+    torch.testing.assert_close(alpha, torch.full_like(alpha, 1.5))  # 3·σ(0)
+    for bad, message in (({"scale": 0.0}, "scale must be a positive finite number"),
+                         ({"pa_map": "dense"}, "pa_map='dense' is not one of"),
+                         ({"variants": ("rw", "rw+lr", "rw+xx")}, "unknown parts")):
+        with pytest.raises(ConfigError, match=f"{recipe}.*{message}"):
+            dataclasses.replace(config, **bad)
 
 
 def test_resnet_puts_laurel_on_the_channel_axis_itself() -> None:

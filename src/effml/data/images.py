@@ -31,9 +31,9 @@ from torch import Tensor
 
 from effml.data.batches import rank_batch_ranges, rank_share
 
-__all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "ImageSplits", "read_idx", "load_fashion_mnist",
-           "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches", "DataUnavailableError",
-           "IMAGE_EXTENSIONS", "load_digits", "images_to_tensor"]
+__all__ = ["FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "ImageSplits", "read_idx", "fashion_mnist_dir",
+           "load_fashion_mnist", "ImageBatches", "eval_image_batches", "ImageFolderSplit", "ImageFolderBatches",
+           "DataUnavailableError", "IMAGE_EXTENSIONS", "load_digits", "images_to_tensor"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
@@ -88,17 +88,25 @@ class ImageSplits:
     num_classes: int
 
 
-def load_fashion_mnist(root: str | os.PathLike[str] | None = None, valid_size: int = 5000) -> ImageSplits:
-    """Fashion-MNIST from ``root`` (default ``$EFFML_FASHION_MNIST`` or ``/usr/share/datasets/fashion-mnist``).
-
-    The last ``valid_size`` training images become the validation split (0: none). Raises ``DataUnavailableError``
-    naming the Debian package and the override when a file is missing, cut short or not an IDX file.
-    """
+def fashion_mnist_dir(root: str | os.PathLike[str] | None = None) -> Path:
+    """The directory Fashion-MNIST is read from: ``root``, else ``$EFFML_FASHION_MNIST``, else
+    ``/usr/share/datasets/fashion-mnist``; ``DataUnavailableError`` naming the Debian package and the override when one
+    of its four files is missing (a cheap check: the files are not read)."""
     directory = Path(root or os.environ.get("EFFML_FASHION_MNIST") or FASHION_MNIST_DIR)
     missing = [name for name in FASHION_MNIST_FILES.values() if not (directory / name).is_file()]
     if missing:
         raise DataUnavailableError(
             f"Fashion-MNIST is not in {directory} (missing {', '.join(missing)}). {_FASHION_MNIST_FIX}")
+    return directory
+
+
+def load_fashion_mnist(root: str | os.PathLike[str] | None = None, valid_size: int = 5000) -> ImageSplits:
+    """Fashion-MNIST from ``fashion_mnist_dir(root)``.
+
+    The last ``valid_size`` training images become the validation split (0: none). Raises ``DataUnavailableError``
+    naming the Debian package and the override when a file is missing, cut short or not an IDX file.
+    """
+    directory = fashion_mnist_dir(root)
     try:
         arrays = {key: read_idx(directory / name) for key, name in FASHION_MNIST_FILES.items()}
     except ValueError as error:

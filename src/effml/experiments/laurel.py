@@ -49,6 +49,18 @@ RW_PARAM_PCT = 0.01  # claim 1: RW's extra parameters, in percent
 STEP_OVERHEAD = 0.05  # claim 3: RW+LR's step-time overhead
 
 
+def _check_laurel_options(owner: str, config: Any) -> None:
+    """ConfigError unless the recipe config's variants and residual options are valid LAuReL options."""
+    from effml.nn.laurel import LaurelConfig
+
+    _check_variants(owner, config.variants)
+    try:
+        LaurelConfig(rank=config.rank, k=config.k, bound=config.bound, scale=config.scale,
+                     per_channel=config.per_channel, lr_init=config.lr_init, pa_map=config.pa_map)
+    except ValueError as error:
+        raise ConfigError(f"{owner}: {error}") from None
+
+
 def _check_variants(owner: str, variants: tuple[str, ...]) -> None:
     from effml.nn.laurel import parse_variant
 
@@ -80,20 +92,25 @@ class LaurelRecipe(Experiment):
     claims_on_time = True  # claim 3: RW+LR's step-time overhead
 
     unit: ClassVar[str] = "L"  # arm-name suffix of the depth: L layers (LM) or B residual blocks (ResNet)
-    unit_name: ClassVar[str] = "layers"
+    unit_name: ClassVar[str] = "layer"
 
     def depth(self, config: Any) -> int:
         """L: the number of layers (residual units) of the base model."""
         return config.n_layers
 
+    def units(self, count: int) -> str:
+        """``count`` residual units in words: "1 layer", "4 blocks"."""
+        return f"{count} {self.unit_name}{'' if count == 1 else 's'}"
+
     def arms(self, config: Any) -> list[Arm]:
-        depth, unit = self.depth(config), self.unit_name
+        depth = self.depth(config)
         base_name, deeper_name = self._baselines(config)
-        base = Arm(name=base_name, label=f"baseline, {depth} {unit}", info={"extra_layer": False, "variant": None})
-        deeper = Arm(name=deeper_name, label=f"baseline, {depth + 1} {unit} (one more)",
+        base = Arm(name=base_name, label=f"baseline, {self.units(depth)}",
+                   info={"extra_layer": False, "variant": None})
+        deeper = Arm(name=deeper_name, label=f"baseline, {self.units(depth + 1)} (one more)",
                      info={"extra_layer": True, "variant": None})
-        variants = [Arm(name=v, label=f"LAuReL-{v.upper()}, {depth} {unit}", info={"extra_layer": False,
-                                                                                    "variant": v})
+        variants = [Arm(name=v, label=f"LAuReL-{v.upper()}, {self.units(depth)}",
+                        info={"extra_layer": False, "variant": v})
                     for v in config.variants]
         # RW and RW+LR run right after the baseline, so that an interrupted run has decided claims 1 and 3 first.
         first = [arm for arm in variants if arm.name in ("rw", "rw+lr")]
@@ -125,7 +142,7 @@ class LaurelRecipe(Experiment):
 
     def laurel_options(self, config: Any, variant: str) -> dict[str, Any]:
         """The ``LaurelResidual`` options of ``variant`` under ``config``."""
-        return {"variant": variant, "rank": config.rank, "k": config.k, "bound": config.bound,
+        return {"variant": variant, "rank": config.rank, "k": config.k, "bound": config.bound, "scale": config.scale,
                 "per_channel": config.per_channel, "lr_init": config.lr_init, "pa_map": config.pa_map}
 
     def extra_parameters(self, config: Any, model: torch.nn.Module) -> dict[str, float]:
@@ -205,17 +222,17 @@ class LaurelRecipe(Experiment):
 
         base, deeper = self._baselines(config)
         quality = "held-out loss" if self.metric.endswith("loss") else "test accuracy"
-        extra_helps = f"2a premise: one more {self.unit_name[:-1]} helps"
+        extra_helps = f"2a premise: one more {self.unit_name} helps"
         return [
             Compare(name="1a RW beats the baseline",
                     statement=f"LAuReL-RW improves {quality} over the baseline "
-                              f"({self.depth(config)} {self.unit_name}).",
+                              f"({self.units(self.depth(config))}).",
                     metric=self.metric, arm="rw", baseline=base, better=self.better),
             Threshold(name="1b RW adds under 0.01% parameters",
                       statement="LAuReL-RW adds under 0.01 % parameters to the baseline.",
                       metric="extra_params_pct", arm="rw", better="lower", threshold=RW_PARAM_PCT),
             Compare(name=extra_helps,
-                    statement=f"Adding one {self.unit_name[:-1]} improves {quality} over the baseline (without a "
+                    statement=f"Adding one {self.unit_name} improves {quality} over the baseline (without a "
                               "gain there is nothing for 2a to recover).",
                     metric=self.metric, arm=deeper, baseline=base, better=self.better),
             Threshold(name="2a best variant recovers 60% of the extra layer's gain",
@@ -251,6 +268,7 @@ class LaurelLMConfig:
     rank: int = 8
     k: int = 3
     bound: str = "softmax"
+    scale: float = 2.0  # RW: α, β = scale·bound(logits); 2 starts them at 1
     per_channel: bool = False
     lr_init: str = "orthogonal"
     pa_map: str = "identity"
@@ -277,10 +295,7 @@ class LaurelLMConfig:
         if self.rank > self.d_model:
             raise ConfigError(f"laurel: rank {self.rank} exceeds d_model {self.d_model}; choose rank ≤ d_model.")
         check_choice(owner, "mlp", self.mlp, ("gelu", "swiglu"))
-        check_choice(owner, "bound", self.bound, ("softmax", "sigmoid", "none"))
-        check_choice(owner, "lr_init", self.lr_init, ("orthogonal", "xavier"))
-        check_choice(owner, "pa_map", self.pa_map, ("identity", "low-rank"))
-        _check_variants(owner, self.variants)
+        _check_laurel_options(owner, self)
         if self.max_bytes is not None:
             check_positive(owner, "max_bytes", self.max_bytes)
 
@@ -379,6 +394,7 @@ class LaurelVisionConfig:
     rank: int = 4
     k: int = 2
     bound: str = "softmax"
+    scale: float = 2.0  # RW: α, β = scale·bound(logits); 2 starts them at 1
     per_channel: bool = False
     lr_init: str = "xavier"
     pa_map: str = "identity"
@@ -396,9 +412,6 @@ class LaurelVisionConfig:
         owner = "laurel-vision"
         check_choice(owner, "dataset", self.dataset, ("fashion-mnist", "imagenet"))
         check_choice(owner, "block", self.block, ("basic", "bottleneck"))
-        check_choice(owner, "bound", self.bound, ("softmax", "sigmoid", "none"))
-        check_choice(owner, "lr_init", self.lr_init, ("orthogonal", "xavier"))
-        check_choice(owner, "pa_map", self.pa_map, ("identity", "low-rank"))
         if len(self.widths) != len(self.blocks) or not self.widths:
             raise ConfigError(f"laurel-vision: widths {self.widths} and blocks {self.blocks} need one entry per stage.")
         for value in (*self.widths, *self.blocks):
@@ -412,7 +425,7 @@ class LaurelVisionConfig:
         if self.rank > min(self.widths):
             raise ConfigError(f"laurel-vision: rank {self.rank} exceeds the narrowest stage width {min(self.widths)}; "
                               "choose a smaller rank.")
-        _check_variants(owner, self.variants)
+        _check_laurel_options(owner, self)
 
 
 def _vision_smoke() -> LaurelVisionConfig:
@@ -445,7 +458,7 @@ class LaurelVision(LaurelRecipe):
     selection_metric = "valid_accuracy"
     better = "higher"
     unit = "B"
-    unit_name = "blocks"
+    unit_name = "block"
 
     def depth(self, config: LaurelVisionConfig) -> int:
         return sum(config.blocks)
@@ -461,8 +474,10 @@ class LaurelVision(LaurelRecipe):
 
     def check(self, config: LaurelVisionConfig) -> None:
         # Here rather than in the config: the `full` preset is built before `--set data_dir=...` applies.
-        from effml.data.images import DataUnavailableError
+        from effml.data.images import DataUnavailableError, fashion_mnist_dir
 
+        if config.dataset == "fashion-mnist":
+            fashion_mnist_dir(config.data_dir)  # before a run directory is made
         if config.dataset == "imagenet" and not config.data_dir:
             raise DataUnavailableError("laurel-vision: dataset 'imagenet' needs data_dir (a directory with train/ and "
                                        "val/ class folders): --set data_dir=/path/to/imagenet, or set $EFFML_IMAGENET "
