@@ -1,6 +1,6 @@
 """The `mimetic` recipe: the smoke preset end to end through the CLI (two vocabularies per task, more seeds for the
-claim arms), the derived largest-solved length, the arms of the length and vocabulary sweeps, the masked loss, the
-training batches under data parallelism, and config validation."""
+claim arms), the derived largest-solved length (for every init, over the lengths it trained at), the arms of the length
+and vocabulary sweeps, the masked loss, the training batches under data parallelism, and config validation."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def test_smoke_run_completes_with_computed_verdicts(smoke_run: Path) -> None:
     for claim in ("copying: mimetic solves 4", "copying: default fails 4", "mqar: mimetic solves longer"):
         assert claim in report
     assert "Missing measurements" not in report
+    assert "largest length with accuracy ≥ 95%, mimetic init, over the lengths it trained at (2, 4)" in report
     assert "(95% CI, n=3)" in report                                  # the threshold claims use the claim seeds
     for plot in ("copying_2_accuracy_vs_vocabulary", "copying_4_accuracy_vs_vocabulary",
                  "mqar_2_accuracy_vs_vocabulary", "copying_accuracy_curve", "mqar_accuracy_vs_length"):
@@ -94,13 +95,21 @@ def test_ablations_train_at_the_claim_length_unless_asked_for_every_length(ablat
     assert names[:4] == ["copying-v16-8-default", "copying-v16-8-mimetic", "mqar-v4-2-default", "mqar-v4-2-mimetic"]
     assert set(names[4:8]) == {recipe.arm_name(task, vocab, n, init) for task, vocab, n in
                                (("copying", 16, 8), ("mqar", 4, 2)) for init in ("state-only", "bc-only")}
-    results = {"arms": {name: {"runs": {"0": {"status": "complete", "metrics": {"token_accuracy": 1.0}}}}
-                        for name in names}}
+    # every init gets its largest length solved, over the lengths it trained at (an ablation: the claim length alone)
+    results = {"arms": {name: {"runs": {"0": {"status": "complete", "metrics": {
+        "token_accuracy": 0.5 if name == "copying-v16-8-bc-only" else 1.0}}}} for name in names}}
     derived = recipe.derive(config, results)
-    swept = INITS if ablation_lengths == "all" else ("default", "mimetic")
     assert set(derived) == {recipe.largest_solved_name(task, vocab, init) for task, vocab in
-                            (("copying", 16), ("mqar", 4)) for init in swept}
-    assert derived["copying-v16-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 8.0
+                            (("copying", 16), ("mqar", 4)) for init in INITS}
+    largest = {name: entry["runs"]["0"]["metrics"]["largest_solved"] for name, entry in derived.items()}
+    assert largest["copying-v16-largest-solved-mimetic"] == largest["copying-v16-largest-solved-state-only"] == 8.0
+    assert largest["mqar-v4-largest-solved-bc-only"] == 2.0
+    # bc-only fails at the claim length: 0 when it trained there alone, the shorter length when it swept them all
+    assert largest["copying-v16-largest-solved-bc-only"] == (0.0 if ablation_lengths == "longest" else 4.0)
+    ablated_lengths = "8" if ablation_lengths == "longest" else "4, 8"
+    assert derived["copying-v16-largest-solved-bc-only"]["label"].endswith(
+        f"bc-only init, over the lengths it trained at ({ablated_lengths})")
+    assert derived["copying-v16-largest-solved-mimetic"]["label"].endswith("over the lengths it trained at (4, 8)")
 
 
 @pytest.mark.parametrize("vocab_lengths", ["longest", "shortest", "all"])
@@ -138,11 +147,9 @@ def test_extra_vocabularies_train_the_main_inits_after_the_main_vocabulary(vocab
                         for name in names}}
     derived = recipe.derive(config, results)
     extra = {recipe.largest_solved_name(task, vocab, init) for task, vocab in swept for init in ("default", "mimetic")}
-    if vocab_lengths == "all":          # swept over every length: the largest length solved is reported
-        assert extra <= set(derived)
-        assert derived["copying-v64-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == 8.0
-    else:
-        assert not extra & set(derived)
+    assert extra <= set(derived)        # the largest of the lengths each extra vocabulary trained at
+    assert derived["copying-v64-largest-solved-mimetic"]["runs"]["0"]["metrics"]["largest_solved"] == \
+        max(swept[("copying", 64)])
     plotted = {plot.name: plot.arms for plot in recipe.plots(config)}
     for (task, vocab), lengths in swept.items():
         for n in lengths:
