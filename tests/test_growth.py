@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from effml.nn import TransformerConfig, TransformerLM
-from effml.optim import WarmupCosine, build_adamw
+from effml.optim import WarmupCosine, build_adamw, decay_groups
 from effml.train import Callback, TrainConfig, Trainer, TrainingInterrupted
 from effml.train.growth import (GrowthCallback, Midas, Stacking, block_similarity, build_growth_operator,
-                                core_similarity, grow_model, layer_similarity, loop_similarity, prop_alpha_stages,
-                                rebuild_optimizer, stage_starts)
+                                core_similarity, grow_model, grown_optimizer, layer_similarity, layer_stack,
+                                loop_similarity, prop_alpha_stages, rebuild_optimizer, stage_starts)
 from effml.train.lm import causal_lm_loss
 
 VOCAB, SEQ = 32, 16
@@ -111,7 +112,7 @@ def test_optimizer_state_of_new_layers_is_copied_or_reset(mode: str) -> None:
     optimizer.step()
     old_params = list(model.parameters())
     sources = grow_model(model, Stacking(), block_size=1)
-    new = rebuild_optimizer(optimizer, build_adamw(model, 1e-3, 0.1), sources, mode)
+    new = rebuild_optimizer(optimizer, grown_optimizer(optimizer, model, sources), sources, mode)
     for param in old_params:  # untouched parameters keep their very state
         assert new.state[param] is optimizer.state[param]
     for copy, source in sources.items():
@@ -122,6 +123,17 @@ def test_optimizer_state_of_new_layers_is_copied_or_reset(mode: str) -> None:
                 assert torch.equal(new.state[copy][key], optimizer.state[source][key])
                 assert new.state[copy][key] is not optimizer.state[source][key]
     assert sum(len(g["params"]) for g in new.param_groups) == len(list(model.parameters()))
+
+
+def test_the_grown_optimizer_has_the_groups_a_fresh_one_would_and_leaves_frozen_copies_out() -> None:
+    model = tiny_model(1)
+    model.blocks[0].mlp_norm.weight.requires_grad_(False)
+    optimizer = build_adamw(model, 1e-3, 0.1)
+    sources = grow_model(model, Midas(), block_size=1)
+    grown = grown_optimizer(optimizer, model, sources)
+    fresh = decay_groups(model, 0.1)  # names and parameters in the model's order, frozen ones left out
+    assert [group["names"] for group in grown.param_groups] == [group["names"] for group in fresh]
+    assert "blocks.1.mlp_norm.weight" not in {name for group in grown.param_groups for name in group["names"]}
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
@@ -163,12 +175,15 @@ class DepthLog(Callback):
         self.depths.append(len(trainer.model.blocks))
 
 
-def growth_trainer(run_dir, seed: int = 0, extra=()) -> Trainer:
-    # 3 stages of 1 layer over 12 steps, Prop-1: stage lengths 2, 4, 6 (growth before steps 2 and 6).
+def growth_trainer(run_dir, seed: int = 0, extra=(), make_optimizer=None, optimizer_state: str = "copy") -> Trainer:
+    """MIDAS in 3 stages of 1 layer over 12 steps, Prop-1: stage lengths 2, 4, 6 (growth before steps 2 and 6);
+    ``make_optimizer(model)`` gives the trainer its optimizer (None: the trainer's AdamW)."""
     config = TrainConfig(steps=12, lr=3e-3, warmup_steps=2, checkpoint_every=0, eval_every=0, log_every=1)
-    growth = GrowthCallback("midas", n_stages=3, block_size=1, alpha=1.0, total_steps=12)
-    return Trainer(tiny_model(1, seed), causal_lm_loss, batches, config, callbacks=[growth, *extra],
-                   run_dir=run_dir, quiet=True)
+    growth = GrowthCallback("midas", n_stages=3, block_size=1, alpha=1.0, total_steps=12,
+                            optimizer_state=optimizer_state)
+    model = tiny_model(1, seed)
+    return Trainer(model, causal_lm_loss, batches, config, callbacks=[growth, *extra], run_dir=run_dir, quiet=True,
+                   optimizer=make_optimizer(model) if make_optimizer else None)
 
 
 def test_the_trainer_grows_at_the_stage_boundaries_and_the_lr_schedule_continues() -> None:
@@ -179,6 +194,69 @@ def test_the_trainer_grows_at_the_stage_boundaries_and_the_lr_schedule_continues
     schedule = WarmupCosine(12, 2, 0.1)
     assert [lr for _, lr in result.curves["lr"]] == pytest.approx([3e-3 * schedule(s) for s in range(12)])
     assert all(math.isfinite(loss) for _, loss in result.curves["train_loss"])
+
+
+def sgd_with_momentum(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
+
+
+def adamw_with_a_faster_stack(model: nn.Module) -> torch.optim.Optimizer:
+    """Non-default lr, betas and weight decay, and the layer stack in a group of its own at twice the lr."""
+    stack = list(layer_stack(model).parameters())
+    rest = [param for param in model.parameters() if all(param is not p for p in stack)]
+    return torch.optim.AdamW([{"params": rest}, {"params": stack, "lr": 2e-5}], lr=1e-5, betas=(0.8, 0.99),
+                             weight_decay=0.0)
+
+
+def group_settings(group: dict) -> dict:
+    """A param group's hyper-parameters, less its parameters and its scheduled lr (the trainer's base_lr stays)."""
+    return {key: value for key, value in group.items() if key not in ("params", "names", "param_names", "lr")}
+
+
+class OptimizerAtStep(Callback):
+    """Placed after the growth callback: at the start of ``step`` (after any growth, before the step changes the
+    state) records the optimizer and, for each parameter of the first two layers, its group's index and a clone of
+    its state."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        if step != self.step:
+            return
+        self.optimizer = optimizer = trainer.optimizer
+        group_of = {param: index for index, group in enumerate(optimizer.param_groups) for param in group["params"]}
+        self.groups, self.states = [], []
+        for layer in layer_stack(trainer.model)[:2]:
+            self.groups.append([group_of[param] for param in layer.parameters()])
+            self.states.append([{key: value.clone() for key, value in optimizer.state.get(param, {}).items()}
+                                for param in layer.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["copy", "reset"])
+@pytest.mark.parametrize("make_optimizer", [sgd_with_momentum, adamw_with_a_faster_stack])
+def test_growth_keeps_the_users_optimizer_its_settings_and_the_sources_state(make_optimizer, mode: str) -> None:
+    at_growth = OptimizerAtStep(2)  # the first growth: [L0] → [L0, L0'] (MIDAS, b = 1)
+    trainer = growth_trainer(None, extra=[at_growth], make_optimizer=make_optimizer, optimizer_state=mode)
+    users = trainer.optimizer
+    settings = [group_settings(group) for group in users.param_groups]
+    result = trainer.fit()  # two growths, and every step after them
+    assert at_growth.optimizer is not users and type(at_growth.optimizer) is type(trainer.optimizer) is type(users)
+    assert [group_settings(group) for group in trainer.optimizer.param_groups] == settings
+    (source_groups, copy_groups), (source_states, copy_states) = at_growth.groups, at_growth.states
+    assert copy_groups == source_groups
+    for source_state, copy_state in zip(source_states, copy_states, strict=True):
+        assert source_state  # the source has stepped twice
+        if mode == "reset":
+            assert copy_state == {}
+        else:
+            assert copy_state.keys() == source_state.keys()
+            assert all(torch.equal(copy_state[key], source_state[key]) for key in source_state)
+    schedule = WarmupCosine(12, 2, 0.1)  # the trainer's lr per step, on each group's own base_lr
+    assert [lr for _, lr in result.curves["lr"]] == pytest.approx([settings[0]["base_lr"] * schedule(s)
+                                                                  for s in range(12)])
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["base_lr"] * schedule(11))
 
 
 @pytest.mark.parametrize("interrupt_after", [2, 4])  # checkpoints mid-stage (step 4) or at the boundary (step 6)

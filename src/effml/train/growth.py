@@ -19,11 +19,13 @@ Stage lengths follow the **Prop-α** schedule: of a budget of ``T`` steps, stage
 rounded so that the stages sum to exactly ``T`` (largest-remainder rounding, every stage at least one step).
 
 The copies are exact: new layers start as deep copies of their source layers. The optimizer is rebuilt over the
-grown model; existing parameters keep their state, and new ones either get a copy of their source's state (AdamW
-moments and step count, ``optimizer_state="copy"``) or start with none (``"reset"``). The learning-rate schedule
-is a function of the global step, so it simply continues. `GrowthCallback` does all this inside
-`effml.train.Trainer`, records how many growths happened in the checkpoint and regrows a fresh model to the
-checkpoint's shape on resume, so a resumed run continues bit for bit across stage boundaries.
+grown model as an optimizer of the same class with the same parameter groups (`grown_optimizer`: each new parameter
+joins its source's group, so its hyper-parameters and learning-rate scale are its source's); existing parameters keep
+their state, and new ones either get a copy of their source's state (e.g. AdamW's moments and step count,
+``optimizer_state="copy"``) or start with none (``"reset"``). The learning-rate schedule is a function of the global
+step applied to each group's ``base_lr``, which the rebuilt groups keep, so it simply continues. `GrowthCallback`
+does all this inside `effml.train.Trainer`, records how many growths happened in the checkpoint and regrows a fresh
+model to the checkpoint's shape on resume, so a resumed run continues bit for bit across stage boundaries.
 
 Models: effml's ``TransformerLM`` (``blocks``) and Hugging Face decoders that keep their layers in
 ``model.model.layers`` (Llama family, Mistral, Qwen2, ...; ``self_attn.layer_idx`` and ``config.num_hidden_layers``
@@ -33,6 +35,7 @@ are kept consistent so the KV cache stays correct).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,11 +44,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from effml.optim import build_adamw
 from effml.train.loop import Callback, Trainer
 
 __all__ = ["GrowthOperator", "Stacking", "Midas", "GROWTH_OPERATORS", "build_growth_operator", "prop_alpha_stages",
-           "stage_starts", "layer_stack", "insert_layer_copy", "grow_model", "rebuild_optimizer", "GrowthCallback",
+           "stage_starts", "layer_stack", "insert_layer_copy", "grow_model", "grown_optimizer", "rebuild_optimizer",
+           "GrowthCallback",
            "OPTIMIZER_STATE_MODES", "layer_similarity", "block_similarity", "loop_similarity",
            "core_similarity"]
 
@@ -217,14 +220,63 @@ def grow_model(model: nn.Module, operator: GrowthOperator, block_size: int) -> d
 
 # --------------------------------------------------------------------------------------------- optimizer
 
+# Param-group entries that list something per parameter, in the order of "params": effml's decay groups' "names"
+# and torch's "param_names". They are rebuilt from the grown model's parameter names, not copied.
+_PER_PARAMETER_KEYS = ("names", "param_names")
+
+
+def _grown_groups(old: torch.optim.Optimizer, model: nn.Module,
+                  sources: dict[nn.Parameter, nn.Parameter]) -> list[dict[str, Any]]:
+    """``old``'s param groups with the same settings, each holding its parameters and the new parameters whose
+    source is among them, in the model's parameter order (then any of its parameters that are not the model's)."""
+    names = {param: name for name, param in model.named_parameters()}
+    group_of = {param: index for index, group in enumerate(old.param_groups) for param in group["params"]}
+    members: list[list[nn.Parameter]] = [[] for _ in old.param_groups]
+    for param in names:
+        index = group_of.get(param)
+        if index is None and param in sources:
+            index = group_of.get(sources[param])
+        if index is not None:
+            members[index].append(param)
+    groups = []
+    for group, params in zip(old.param_groups, members, strict=True):
+        params += [param for param in group["params"] if param not in names]
+        settings = {key: value for key, value in group.items() if key != "params"}
+        for key in set(_PER_PARAMETER_KEYS) & set(settings):
+            earlier = dict(zip(group["params"], group[key], strict=True))
+            settings[key] = [names[param] if param in names else earlier[param] for param in params]
+        groups.append({"params": params, **settings})
+    return groups
+
+
+def grown_optimizer(old: torch.optim.Optimizer, model: nn.Module,
+                    sources: dict[nn.Parameter, nn.Parameter]) -> torch.optim.Optimizer:
+    """A new optimizer of ``old``'s class over the grown ``model``, without state (see `rebuild_optimizer`).
+
+    Every param group of ``old`` is kept with all its settings (learning rate and the trainer's ``base_lr``, weight
+    decay, betas, momentum, ...); a new parameter joins the group of its source (``sources``: new → source parameter,
+    from `grow_model`), and parameters ``old`` did not train (frozen ones, say) stay out, copies included. The
+    constructor gets ``old.defaults`` (those it accepts), so groups added later get the same defaults.
+    """
+    cls = type(old)
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    defaults = {key: value for key, value in old.defaults.items() if takes_any or key in accepted}
+    try:
+        return cls(_grown_groups(old, model, sources), **defaults)
+    except TypeError as error:
+        raise TypeError(f"GrowthCallback cannot rebuild the {cls.__name__} optimizer over the grown model from its "
+                        f"param groups and defaults ({error}); pass optimizer_factory=lambda model: ... to "
+                        "GrowthCallback to build it yourself (its state is still carried over).") from error
+
 
 def rebuild_optimizer(old: torch.optim.Optimizer, new: torch.optim.Optimizer,
                       sources: dict[nn.Parameter, nn.Parameter], mode: str) -> torch.optim.Optimizer:
     """Move the state of ``old`` into ``new`` (an optimizer over the grown model) and return ``new``.
 
     Parameters present before growth keep their state (same tensor objects). A new parameter gets a clone of its
-    source's state with ``mode="copy"`` and no state with ``mode="reset"`` (AdamW then starts it from zero moments
-    and step 0, like a freshly initialised weight).
+    source's state with ``mode="copy"`` and no state with ``mode="reset"`` (the optimizer then initialises it on
+    its first step, like a freshly initialised weight's: AdamW from zero moments and step 0, SGD without momentum).
     """
     if mode not in OPTIMIZER_STATE_MODES:
         raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {mode!r}.")
@@ -246,8 +298,9 @@ class GrowthCallback(Callback):
     """Grows the trainer's model at the Prop-α stage boundaries (a `effml.train.Trainer` callback).
 
     The trainer must start with a model of ``block_size`` layers (stage 1). Before the first step of stage ``i``
-    (``i ≥ 2``) the model grows by one block with ``operator`` and the optimizer is rebuilt by ``optimizer_factory``
-    (default: AdamW over the trainer's config, as the trainer builds it) with new parameters' state copied or reset.
+    (``i ≥ 2``) the model grows by one block with ``operator`` and the optimizer is rebuilt, with new parameters'
+    state copied or reset: by default as the trainer's own optimizer, whatever its class (`grown_optimizer`: same
+    param groups and settings, each new parameter in its source's group), or by ``optimizer_factory``.
 
     Attributes:
         operator: "stacking" or "midas" (or a `GrowthOperator`).
@@ -256,7 +309,8 @@ class GrowthCallback(Callback):
         alpha: Prop-α exponent of the stage schedule.
         total_steps: T, the training budget split into stages (usually ``trainer.config.steps``).
         optimizer_state: "copy" or "reset" (see `rebuild_optimizer`).
-        optimizer_factory: ``model -> optimizer`` over the grown model; None uses the trainer's AdamW settings.
+        optimizer_factory: ``model -> optimizer`` over the grown model (for an optimizer `grown_optimizer` cannot
+            rebuild); None rebuilds the trainer's optimizer with `grown_optimizer`.
     """
 
     replaces_model = True
@@ -290,8 +344,7 @@ class GrowthCallback(Callback):
         if self.optimizer_factory is not None:
             new = self.optimizer_factory(model)
         else:
-            cfg = trainer.config
-            new = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+            new = grown_optimizer(trainer.optimizer, model, sources)
         mode = self.optimizer_state if copy_state else "reset"
         trainer.set_model(model, rebuild_optimizer(trainer.optimizer, new, sources, mode))
         self.growths += 1
