@@ -176,11 +176,10 @@ class DepthLog(Callback):
 
 
 def growth_trainer(run_dir, seed: int = 0, extra=(), make_optimizer=None, optimizer_state: str = "copy") -> Trainer:
-    """MIDAS in 3 stages of 1 layer over 12 steps, Prop-1: stage lengths 2, 4, 6 (growth before steps 2 and 6);
-    ``make_optimizer(model)`` gives the trainer its optimizer (None: the trainer's AdamW)."""
+    """MIDAS in 3 stages of 1 layer over the trainer's 12 steps, Prop-1: stage lengths 2, 4, 6 (growth before steps 2
+    and 6); ``make_optimizer(model)`` gives the trainer its optimizer (None: the trainer's AdamW)."""
     config = TrainConfig(steps=12, lr=3e-3, warmup_steps=2, checkpoint_every=0, eval_every=0, log_every=1)
-    growth = GrowthCallback("midas", n_stages=3, block_size=1, alpha=1.0, total_steps=12,
-                            optimizer_state=optimizer_state)
+    growth = GrowthCallback("midas", n_stages=3, block_size=1, alpha=1.0, optimizer_state=optimizer_state)
     model = tiny_model(1, seed)
     return Trainer(model, causal_lm_loss, batches, config, callbacks=[growth, *extra], run_dir=run_dir, quiet=True,
                    optimizer=make_optimizer(model) if make_optimizer else None)
@@ -291,6 +290,29 @@ def test_resume_refuses_a_checkpoint_of_another_growth_schedule(tmp_path) -> Non
                     callbacks=[GrowthCallback("stacking", 3, 1, 1.0, 12)], run_dir=tmp_path, quiet=True, resume=True)
     with pytest.raises(ValueError, match="midas run"):
         other.fit()
+
+
+def test_total_steps_defaults_to_the_trainers_steps() -> None:
+    growth = GrowthCallback("midas", n_stages=3, block_size=1, alpha=1.0)
+    with pytest.raises(RuntimeError, match="once training starts"):
+        growth.stage_at(0)
+    Trainer(tiny_model(1), causal_lm_loss, batches, TrainConfig(steps=12, lr=1e-3, warmup_steps=0),
+            callbacks=[growth], quiet=True).fit()
+    assert growth.stage_lengths == [2, 4, 6] and growth.growths == 2
+    with pytest.raises(ValueError, match="alpha"):
+        GrowthCallback("midas", n_stages=3, block_size=1, alpha=-1.0)  # checked at once, not at the first step
+
+
+@pytest.mark.parametrize("total_steps, outcome", [
+    (40, "would end in stage 2 of 4, at 2 of 4 layers"),  # stages 4, 8, 12, 16: 10 steps reach stage 2
+    (6, "the last stage would get 4 steps beyond"),
+])
+def test_total_steps_other_than_the_trainers_steps_is_refused(total_steps: int, outcome: str) -> None:
+    trainer = Trainer(tiny_model(1), causal_lm_loss, batches, TrainConfig(steps=10, lr=1e-3, warmup_steps=0),
+                      callbacks=[GrowthCallback("midas", 4, 1, 1.0, total_steps=total_steps)], quiet=True)
+    with pytest.raises(ValueError, match=f"{outcome}.*set it to 10"):
+        trainer.fit()
+    assert trainer.step == 0 and len(trainer.model.blocks) == 1
 
 
 def test_growth_callback_rejects_a_model_of_the_wrong_depth(tmp_path) -> None:

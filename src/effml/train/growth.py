@@ -307,7 +307,9 @@ class GrowthCallback(Callback):
         n_stages: k, so the final depth is ``n_stages · block_size``.
         block_size: b, layers per block.
         alpha: Prop-α exponent of the stage schedule.
-        total_steps: T, the training budget split into stages (usually ``trainer.config.steps``).
+        total_steps: T, the training budget split into stages: the trainer's ``TrainConfig.steps``. None (the
+            default) takes them from the trainer when training starts; a number is checked against them then
+            (a different one would end training before the last stage, or stretch the last stage beyond its share).
         optimizer_state: "copy" or "reset" (see `rebuild_optimizer`).
         optimizer_factory: ``model -> optimizer`` over the grown model (for an optimizer `grown_optimizer` cannot
             rebuild); None rebuilds the trainer's optimizer with `grown_optimizer`.
@@ -319,7 +321,7 @@ class GrowthCallback(Callback):
     n_stages: int
     block_size: int
     alpha: float
-    total_steps: int
+    total_steps: int | None = None
     optimizer_state: str = "copy"
     optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None
 
@@ -330,12 +332,42 @@ class GrowthCallback(Callback):
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}.")
         if self.optimizer_state not in OPTIMIZER_STATE_MODES:
             raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {self.optimizer_state!r}.")
-        self.stage_lengths = prop_alpha_stages(self.total_steps, self.n_stages, self.alpha)
-        self.starts = stage_starts(self.stage_lengths)
+        self.stage_lengths: list[int] = []  # the Prop-α split of total_steps (set by _set_schedule)
+        self.starts: list[int] = []
+        if self.total_steps is not None:
+            self._set_schedule(self.total_steps)
+        else:  # check n_stages and alpha now rather than when training starts
+            prop_alpha_stages(self.n_stages, self.n_stages, self.alpha)
         self.growths = 0  # growth steps done so far: the model has (1 + growths) blocks
+
+    def _set_schedule(self, total_steps: int) -> None:
+        self.stage_lengths = prop_alpha_stages(total_steps, self.n_stages, self.alpha)
+        self.starts = stage_starts(self.stage_lengths)
+
+    def _fit_schedule_to(self, trainer: Trainer) -> None:
+        """Split the trainer's steps into the stages (``total_steps=None``), or check that ``total_steps`` is them."""
+        steps = trainer.config.steps
+        if self.total_steps is None:
+            self._set_schedule(steps)
+            return
+        if self.total_steps == steps:
+            return
+        if self.total_steps > steps:
+            outcome = (f"training would end in stage {self.stage_at(steps - 1) + 1} of {self.n_stages}, at "
+                       f"{(self.stage_at(steps - 1) + 1) * self.block_size} of {self.n_stages * self.block_size} "
+                       "layers")
+        else:
+            outcome = f"the last stage would get {steps - self.total_steps} steps beyond its Prop-α share"
+        raise ValueError(f"GrowthCallback splits total_steps={self.total_steps} steps into {self.n_stages} stages "
+                         f"{self.stage_lengths}, but the trainer trains {steps} (TrainConfig.steps), so {outcome}. "
+                         f"Leave total_steps out (None: the trainer's steps) or set it to {steps}.")
 
     def stage_at(self, step: int) -> int:
         """0-based stage that global ``step`` belongs to."""
+        if not self.starts:
+            raise RuntimeError("GrowthCallback.stage_at: with total_steps=None the stages are known only once "
+                               "training starts (they split the trainer's TrainConfig.steps); pass total_steps to "
+                               "know them before.")
         return sum(1 for start in self.starts[1:] if step >= start)
 
     def _grow(self, trainer: Trainer, copy_state: bool) -> None:
@@ -350,6 +382,7 @@ class GrowthCallback(Callback):
         self.growths += 1
 
     def on_train_start(self, trainer: Trainer) -> None:
+        self._fit_schedule_to(trainer)
         depth = len(layer_stack(trainer.model))
         if depth != (1 + self.growths) * self.block_size:
             raise ValueError(f"GrowthCallback expects a model of {(1 + self.growths) * self.block_size} layers here "
@@ -365,6 +398,7 @@ class GrowthCallback(Callback):
 
     def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
         """Regrow the freshly built model to the checkpoint's depth, before its weights and optimizer load."""
+        self._fit_schedule_to(trainer)
         if state.get("operator") != self.operator.name or state.get("stage_lengths") != self.stage_lengths:
             raise ValueError(f"The checkpoint was written by a {state.get('operator')} run with stages "
                              f"{state.get('stage_lengths')}, not {self.operator.name} with {self.stage_lengths}; "
