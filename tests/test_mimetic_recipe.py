@@ -49,6 +49,25 @@ def test_smoke_run_completes_with_computed_verdicts(smoke_run: Path) -> None:
         assert (smoke_run / f"{plot}.png").is_file()
 
 
+def test_arms_table_has_one_length_column_and_the_length_plots_read_it_from_the_arms(smoke_run: Path) -> None:
+    """The length is the arm's, not a per-seed metric: one ``length`` column in the report's Arms table, and the
+    accuracy-vs-length plots place every arm at its own length."""
+    from effml.report import MetricPlot
+
+    report = (smoke_run / "report.md").read_text()
+    arms_section = report[report.index("## Arms"):]
+    header = next(line for line in arms_section.splitlines() if line.startswith("| arm "))
+    assert [cell.strip() for cell in header.split("|")].count("length") == 1
+    results = json.loads((smoke_run / "results.json").read_text())
+    length_plots = [MetricPlot.from_dict(spec) for spec in results["plots"]
+                    if spec["kind"] == "metric" and spec["x"] == "length"]
+    assert len(length_plots) == 2                                     # one per task
+    for plot in length_plots:
+        points, missing = plot.points(results)
+        assert not missing and points
+        assert all(x == results["arms"][arm]["info"]["length"] for arm, x, _, _ in points)
+
+
 def test_largest_solved_is_the_longest_length_reaching_the_threshold() -> None:
     recipe = Mimetic()
     config = MimeticConfig(copy_lengths=(4, 8, 16), tasks=("copying",), inits=("default", "mimetic"), seeds=1)

@@ -320,8 +320,7 @@ class Mimetic(TaskExperiment):
                           evaluate=evaluate, run_dir=context.run_dir, device=device, resume=context.resume,
                           quiet=context.quiet, description=f"{self.name} {arm.name} seed {context.seed}")
         result = trainer.fit()
-        metrics = dict(result.final_metrics)
-        metrics.update(length=float(arm.info["length"]), step_time_s=result.median_step_time)
+        metrics = dict(result.final_metrics, step_time_s=result.median_step_time)   # the length is in arm.info
         return ArmRun(params=model.num_parameters(), metrics=metrics, curves=result.curves)
 
     def derive(self, config: MimeticConfig, results: dict[str, Any]) -> dict[str, Any]:
