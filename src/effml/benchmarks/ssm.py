@@ -8,9 +8,10 @@ Measured in one process, contenders interleaved in balanced rounds (``effml.benc
    (``selective_scan``: checkpointed chunks, hand-written backward) against ``mambapy.mamba.Mamba`` with the same
    d_model, n_layers, d_state, expand, d_conv and dt_rank (``mambapy``'s parallel scan, ``pscan=True``). effml's
    ``Mamba2Mixer`` stack is timed alongside for reference (a different layer: scalar decay per head; no ratio target).
-2. Time per training step of the LM (``TransformerLM``, cross-entropy) with attention and with the Mamba-2 mixer, at
-   batch 1 and growing context T. The local slope d log(time) / d log(T) between consecutive contexts tends to 1 for
-   a linear-time layer and towards 2 for attention once the T² term dominates; ``scaling.png`` plots both.
+2. Time per training step of the LM (``TransformerLM``, cross-entropy) with attention, with the Mamba-1 mixer and
+   with the Mamba-2 mixer, at batch 1 and growing context T. The local slope d log(time) / d log(T) between
+   consecutive contexts tends to 1 for a linear-time layer and towards 2 for attention once the T² term dominates;
+   ``scaling.png`` plots all three.
 
 Ratios are effml ÷ peer from the absolute numbers stored beside them. Target: effml Mamba-1 ≥ 3× mambapy training
 tokens/s on the CPU.
@@ -164,12 +165,13 @@ def _measure_scaling(config: SSMBenchConfig, device: str, result: dict[str, Any]
     from effml.nn import TransformerConfig, TransformerLM
 
     vocab = 256
-    scaling: dict[str, dict[str, Any]] = {TRANSFORMER: {}, EFFML2: {}}
+    models = ((TRANSFORMER, "attention", {}), (EFFML1, "mamba1", {"d_state": config.d_state}),
+              (EFFML2, "mamba2", {"d_state": config.d_state, "headdim": config.headdim}))
+    scaling: dict[str, dict[str, Any]] = {name: {} for name, _, _ in models}
     for context in config.scaling_contexts:
         tokens = torch.randint(0, vocab, (1, context + 1), generator=torch.Generator().manual_seed(config.seed))
         steps = {}
-        for name, mixer, options in ((TRANSFORMER, "attention", {}),
-                                     (EFFML2, "mamba2", {"d_state": config.d_state, "headdim": config.headdim})):
+        for name, mixer, options in models:
             torch.manual_seed(config.seed)
             model = TransformerLM(TransformerConfig(
                 vocab_size=vocab, d_model=config.scaling_d_model, n_layers=config.scaling_layers,
@@ -196,9 +198,10 @@ def _add_ratios(result: dict[str, Any], device: str) -> None:
                 result, ("train", name, "tokens_per_s"), ("train", MAMBAPY, "tokens_per_s"), better="higher",
                 per_round=paired_rate_ratios(train[name]["samples_s"], train[MAMBAPY]["samples_s"]))
     longest = str(max(int(k) for k in result["scaling"][TRANSFORMER]["points"]))
-    ratios["step_time_transformer_over_mamba2_longest_context"] = ratio_entry(
-        result, ("scaling", TRANSFORMER, "points", longest, "median_s"),
-        ("scaling", EFFML2, "points", longest, "median_s"), better="higher")
+    for name, label in ((EFFML1, "mamba1"), (EFFML2, "mamba2")):
+        ratios[f"step_time_transformer_over_{label}_longest_context"] = ratio_entry(
+            result, ("scaling", TRANSFORMER, "points", longest, "median_s"),
+            ("scaling", name, "points", longest, "median_s"), better="higher")
     result["ratios"] = ratios
     entry = ratios.get("train_ratio_mamba1_vs_mambapy")
     on_cpu = torch.device(device).type == "cpu"
@@ -248,8 +251,10 @@ def render(result: dict[str, Any]) -> str:
                  markdown_table(["model"] + [f"T={c} (ms)" for c in contexts] + ["local slopes d log t / d log T"],
                                 srows),
                  "A slope near 1 is linear in T; attention's slope rises towards 2 as its T² term takes over. "
-                 f"Transformer ÷ Mamba-2 step time at the longest context: "
-                 f"{format_ratio(ratios['step_time_transformer_over_mamba2_longest_context'])} (see scaling.png)."]
+                 f"Transformer ÷ Mamba-1 step time at the longest context: "
+                 f"{format_ratio(ratios.get('step_time_transformer_over_mamba1_longest_context'))}; Transformer ÷ "
+                 f"Mamba-2: {format_ratio(ratios['step_time_transformer_over_mamba2_longest_context'])} (see "
+                 "scaling.png)."]
     sections += ["## Target (evaluated from this run's measurements)",
                  markdown_table(["target", "measured", "status"],
                                 [[t["target"], format_ratio(ratios.get(t["ratio"])), f"**{t['status']}**"]
