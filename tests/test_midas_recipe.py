@@ -44,8 +44,12 @@ def test_smoke_run_reports_every_claim_with_a_computed_verdict(smoke_run: Path) 
             assert (primitives <= set(run["metrics"])) == (name in ("baseline", "midas"))
             steps = [step for step, _ in run["curves"]["valid_loss"]]
             assert [step for step, _ in run["curves"]["modeled_seconds"]] == steps  # added by derive
+    for seed in results["arms"]["midas"]["runs"]:  # both copy the first block, then [A, B, B'] against [A, A', B]
+        stacking, midas = (results["arms"][arm]["runs"][seed]["curves"] for arm in ("stacking", "midas"))
+        assert stacking["train_loss"] != midas["train_loss"]
+        assert stacking["layer_similarity"] != midas["layer_similarity"]
     claims = results["claims"]
-    assert len(claims) == 3 + 1 + 5 + 1  # smoke has 2 stages: no interior-block claim
+    assert len(claims) == 3 + 1 + 5 + 1 + 1  # smoke has 4 stages: the interior-block claim too
     report = (smoke_run / "report.md").read_text()
     assert all(claim["name"] in report for claim in claims)
     assert report.count("holds") + report.count("fails") + report.count("inconclusive") >= len(claims)
@@ -146,7 +150,7 @@ def test_modeled_seconds_sum_the_step_time_of_each_steps_depth() -> None:
 def test_derive_pairs_each_growth_arm_with_the_same_seeds_baseline() -> None:
     """Test-loss gap and compute fractions per seed; the curve-crossing saving targets the lower loss both reach (an
     arm that ends above the baseline's final loss is scored at its own final loss: finite, negative here)."""
-    recipe, config = MidasRecipe(), MidasRecipe().preset("smoke")  # 12 steps, depths 1 and 2, Prop-1 stages 4 + 8
+    recipe, config = MidasRecipe(), MidasRecipe().preset("smoke")  # 12 steps, depths 1-4, Prop-1 stages 1, 2, 4, 5
     evals = list(range(3, config.train.steps + 1, 3))
 
     def run(losses: list[float], test_loss: float, flops: float) -> dict:
@@ -158,7 +162,8 @@ def test_derive_pairs_each_growth_arm_with_the_same_seeds_baseline() -> None:
     base = run([4.0, 3.0, 2.5, 2.0], test_loss=2.1, flops=100.0)
     worse = run([4.0, 3.5, 3.0, 2.8], test_loss=2.9, flops=70.0)  # ends at 2.8: the baseline got there at step 7.2
     reduced = run([4.0, 3.5, 3.0], test_loss=3.0, flops=50.0)
-    times = {"status": "complete", "metrics": {"step_seconds_1": 1.0, "step_seconds_2": 3.0}}
+    seconds = {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    times = {"status": "complete", "metrics": {f"step_seconds_{depth}": value for depth, value in seconds.items()}}
     results = {"arms": {"baseline": {"runs": {"0": base, "1": base}},
                         "midas": {"runs": {"0": worse, "1": run([4.0, 3.0, 2.5, 2.0], 2.1, 100.0)}},
                         "midas-reduced": {"runs": {"0": reduced}},
@@ -168,15 +173,15 @@ def test_derive_pairs_each_growth_arm_with_the_same_seeds_baseline() -> None:
     assert worse_run["reached"] == 0.0 and worse_run["final_loss_gap"] == pytest.approx(0.8)
     assert worse_run["flops_saving"] == pytest.approx(1.0 - 12.0 / (6.0 + 3.0 * 0.2 / 0.5))
     assert worse_run["test_loss_gap"] == pytest.approx(0.8) and worse_run["flops_fraction"] == pytest.approx(0.7)
-    assert worse_run["time_fraction"] == pytest.approx((4 * 1.0 + 8 * 3.0) / (12 * 3.0))  # 4 steps at depth 1
+    assert worse_run["time_fraction"] == pytest.approx((1 * 1.0 + 2 * 2.0 + 4 * 3.0 + 5 * 4.0) / (12 * 4.0))
     assert derived["midas vs baseline"]["runs"]["1"]["metrics"]["flops_saving"] == pytest.approx(0.0)  # same curve
     assert derived["midas vs baseline"]["runs"]["1"]["metrics"]["test_loss_gap"] == 0.0
     assert set(derived["midas-reduced vs baseline"]["runs"]) == {"0"}  # seed 1 not measured
     steps = config.reduced_steps
     depths = depth_schedule(config, "midas", steps)
     assert derived["midas-reduced vs baseline"]["runs"]["0"]["metrics"]["time_fraction"] == pytest.approx(
-        sum({1: 1.0, 2: 3.0}[d] for d in depths) / 36.0)
-    assert base["curves"]["modeled_seconds"] == [[float(s), 3.0 * s] for s in evals]  # 3 s per step at depth 2
+        sum(seconds[d] for d in depths) / 48.0)
+    assert base["curves"]["modeled_seconds"] == [[float(s), 4.0 * s] for s in evals]  # 4 s per step at depth 4
 
     # A partial run whose step-time arm (run last) is missing keeps every quantity that needs no timing
     del results["arms"]["step-times"]

@@ -279,7 +279,9 @@ def budget_steps(config: MidasConfig, operator: str, budget_flops: float) -> int
 
 
 def _smoke() -> MidasConfig:
-    return MidasConfig(d_model=32, block_size=1, n_stages=2, max_bytes=300_000, seq_len=80, batch_size=8,
+    # 4 stages of 1 layer (Prop-1: 1, 2, 4, 5 steps): with 2 stages both operators copy block 0 at their one growth
+    # and the stacking and MIDAS arms train the same models; from the second growth on they differ
+    return MidasConfig(d_model=32, block_size=1, n_stages=4, max_bytes=300_000, seq_len=80, batch_size=8,
                        eval_windows=8, test_windows=16, shots=1, task_examples=16, finetune_steps=4, finetune_batch=8,
                        timing_repeats=2, seeds=2,
                        train=TrainConfig(steps=12, lr=3e-3, warmup_steps=2, eval_every=3, checkpoint_every=6,
