@@ -26,6 +26,24 @@ def tiny_model(n_layers: int, seed: int = 0) -> TransformerLM:
                                            max_seq_len=SEQ))
 
 
+def tiny_llama(n_layers: int, seed: int = 0) -> nn.Module:
+    """A Hugging Face LlamaForCausalLM of the same size, built from a config (nothing downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=2 * SEQ)
+    return transformers.LlamaForCausalLM(config)
+
+
+def llama_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int):
+    """`causal_lm_loss` on a Hugging Face causal LM's logits."""
+    return causal_lm_loss(lambda ids: model(ids, use_cache=False).logits, batch, step)
+
+
+MODELS = {"effml": (tiny_model, causal_lm_loss), "llama": (tiny_llama, llama_lm_loss)}  # builder, loss function
+
+
 # ------------------------------------------------------------------------------------------------ Prop-α
 
 
@@ -140,18 +158,14 @@ def test_the_grown_optimizer_has_the_groups_a_fresh_one_would_and_leaves_frozen_
 
 
 def test_growth_works_on_a_hugging_face_llama_and_keeps_its_kv_cache_right() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(2).eval()
     grow_model(model, Midas(), block_size=1)  # [L0, L0', L1]
     layers = model.model.layers
     assert model.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
     for copy, original in zip(layers[1].parameters(), layers[0].parameters(), strict=True):
         assert torch.equal(copy, original) and copy.data_ptr() != original.data_ptr()
-    ids = torch.randint(0, 64, (2, 9))
+    ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         full = model(ids).logits[:, -1]
         prefix = model(ids[:, :-1], use_cache=True)
@@ -175,14 +189,17 @@ class DepthLog(Callback):
         self.depths.append(len(trainer.model.blocks))
 
 
-def growth_trainer(run_dir, seed: int = 0, extra=(), make_optimizer=None, optimizer_state: str = "copy") -> Trainer:
+def growth_trainer(run_dir, seed: int = 0, extra=(), make_optimizer=None, optimizer_state: str = "copy",
+                   model: str = "effml") -> Trainer:
     """MIDAS in 3 stages of 1 layer over the trainer's 12 steps, Prop-1: stage lengths 2, 4, 6 (growth before steps 2
-    and 6); ``make_optimizer(model)`` gives the trainer its optimizer (None: the trainer's AdamW)."""
+    and 6), on one of `MODELS`; ``make_optimizer(model)`` gives the trainer its optimizer (None: the trainer's
+    AdamW)."""
     config = TrainConfig(steps=12, lr=3e-3, warmup_steps=2, checkpoint_every=0, eval_every=0, log_every=1)
     growth = GrowthCallback("midas", n_stages=3, block_size=1, alpha=1.0, optimizer_state=optimizer_state)
-    model = tiny_model(1, seed)
-    return Trainer(model, causal_lm_loss, batches, config, callbacks=[growth, *extra], run_dir=run_dir, quiet=True,
-                   optimizer=make_optimizer(model) if make_optimizer else None)
+    build, loss_fn = MODELS[model]
+    network = build(1, seed)
+    return Trainer(network, loss_fn, batches, config, callbacks=[growth, *extra], run_dir=run_dir, quiet=True,
+                   optimizer=make_optimizer(network) if make_optimizer else None)
 
 
 def test_the_trainer_grows_at_the_stage_boundaries_and_the_lr_schedule_continues() -> None:
@@ -258,22 +275,24 @@ def test_growth_keeps_the_users_optimizer_its_settings_and_the_sources_state(mak
         assert group["lr"] == pytest.approx(group["base_lr"] * schedule(11))
 
 
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("interrupt_after", [2, 4])  # checkpoints mid-stage (step 4) or at the boundary (step 6)
-def test_resume_mid_stage_and_across_a_boundary_is_bit_identical(tmp_path, interrupt_after: int, interrupt_at) -> None:
-    straight = growth_trainer(tmp_path / "straight")
+def test_resume_mid_stage_and_across_a_boundary_is_bit_identical(tmp_path, interrupt_after: int, model: str,
+                                                                 interrupt_at) -> None:
+    straight = growth_trainer(tmp_path / "straight", model=model)
     reference = straight.fit()
 
-    split = growth_trainer(tmp_path / "split", extra=[interrupt_at(interrupt_after)])
+    split = growth_trainer(tmp_path / "split", extra=[interrupt_at(interrupt_after)], model=model)
     with pytest.raises(TrainingInterrupted) as stop:
         split.fit()
     assert stop.value.step == interrupt_after + 2  # the signal is honoured after the next step
-    assert len(split.model.blocks) == 2  # stage 2; at step 6 the checkpoint precedes the growth into stage 3
+    assert len(layer_stack(split.model)) == 2  # stage 2; at step 6 the checkpoint precedes the growth into stage 3
 
-    resumed = growth_trainer(tmp_path / "split", seed=123)
+    resumed = growth_trainer(tmp_path / "split", seed=123, model=model)
     resumed.resume = True
     result = resumed.fit()
     assert result.curves["train_loss"] == reference.curves["train_loss"]
-    assert len(resumed.model.blocks) == 3
+    assert len(layer_stack(resumed.model)) == 3
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     state_a, state_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
