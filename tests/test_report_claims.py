@@ -302,13 +302,15 @@ def test_a_claim_whose_premise_does_not_hold_is_inconclusive_whatever_it_measure
     dependent = Compare(name="method ≥ base", statement="", metric="loss", arm="method", baseline="base",
                         better="lower", requires="base learns")
     method_better = seeded([0.5, 0.6, 0.55])
-    for base, premise_verdict, dependent_verdict in (([0.9, 0.91, 0.92], "holds", "holds"),
-                                                     ([3.0, 3.1, 3.2], "fails", "inconclusive")):
+    for base, premise_verdict, dependent_verdict, why in (
+            ([0.9, 0.91, 0.92], "holds", "holds", ""),
+            ([3.0, 3.1, 3.2], "fails", "inconclusive", "needs 'base learns' to hold (it fails)"),
+            ([0.5, 1.5, 1.0], "inconclusive", "inconclusive", "needs 'base learns' to hold (it is inconclusive)")):
         results = results_with({"base": seeded(base), "method": method_better})
         results["claims"] = [premise.to_dict(), dependent.to_dict()]
         first, second = evaluate_claims(results)
         assert (first.verdict, second.verdict) == (premise_verdict, dependent_verdict)
-    assert "needs 'base learns' to hold (it fails)" in second.evidence
+        assert why in second.evidence
     assert claim_from_dict(dependent.to_dict()) == dependent
     results["claims"] = [dependent.to_dict(), premise.to_dict()]
     with pytest.raises(ValueError, match="not declared before it"):

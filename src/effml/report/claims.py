@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 VERDICTS = ("holds", "fails", "inconclusive")
+# What a premise's verdict was, as the evidence of a claim left undecided by it says: "needs 'X' to hold (it fails)"
+_PREMISE_OUTCOME = {"holds": "it holds", "fails": "it fails", "inconclusive": "it is inconclusive"}
 _DIRECTIONS = ("lower", "higher")
 
 
@@ -457,8 +459,8 @@ def evaluate_claims(results: dict[str, Any]) -> list[ClaimResult]:
             premise = verdicts[claim.requires]
             if premise != "holds":
                 result = replace(result, verdict="inconclusive",
-                                 evidence=f"not decided: needs {claim.requires!r} to hold (it {premise}); measured: "
-                                          f"{result.evidence}")
+                                 evidence=f"not decided: needs {claim.requires!r} to hold "
+                                          f"({_PREMISE_OUTCOME[premise]}); measured: {result.evidence}")
         verdicts[claim.name] = result.verdict
         evaluated.append(result)
     return evaluated
