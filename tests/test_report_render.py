@@ -248,3 +248,13 @@ def test_partial_results_carry_one_warning_line_that_report_md_shows_above_the_c
     results["arms"]["large"]["runs"]["1"]["status"] = "failed"  # a status 'complete' with a failed seed is flagged too
     results["status"] = "complete"
     assert "(run status 'complete'; 1 of 3 arms lack complete seeds)" in partial_run_warning(results)
+
+
+def test_metric_plot_labels_of_points_in_one_place_do_not_overlap() -> None:
+    results = make_results()
+    for arm in ("medium", "large"):  # all three arms drawn at the small arm's point
+        results["arms"][arm].update(params=1_000, runs=copy.deepcopy(results["arms"]["small"]["runs"]))
+    figure = MetricPlot("m", "params", "valid_loss", "t")._figure(results)
+    boxes = [text.get_window_extent() for text in figure.axes[0].texts]
+    assert len(boxes) == 3
+    assert not any(first.overlaps(second) for i, first in enumerate(boxes) for second in boxes[i + 1:])

@@ -61,6 +61,21 @@ def _new_figure() -> tuple[Any, Any]:
     return figure, figure.add_subplot()
 
 
+def _separate_labels(figure: Any, labels: list[Any]) -> None:
+    """Move text annotations (offset in points from their anchors) down, one label height at a time, until none
+    overlaps an earlier one: labels of points at the same or nearby positions would be drawn over each other."""
+    figure.draw_without_rendering()  # lay the figure out, so that the boxes are where they will be drawn
+    placed: list[Any] = []
+    for label in labels:
+        for _ in range(2 * len(placed)):  # a box of the same height clears an earlier one in at most 2 steps
+            box = label.get_window_extent()
+            if not any(box.overlaps(other) for other in placed):
+                break
+            dx, dy = label.xyann
+            label.xyann = (dx, dy - box.height * 72.0 / figure.dpi)  # pixels to the points of the offset
+        placed.append(label.get_window_extent())
+
+
 def _figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -291,6 +306,9 @@ class MetricPlot(Plot):
 
     def render_png(self, results: dict[str, Any]) -> bytes:
         """Error-bar points per arm, labelled, plus the fitted power law when requested."""
+        return _figure_png(self._figure(results))
+
+    def _figure(self, results: dict[str, Any]) -> Any:
         figure, axes = _new_figure()
         points, _ = self.points(results)
         if points:
@@ -298,9 +316,8 @@ class MetricPlot(Plot):
                 [p[1] for p in points], [p[2] for p in points], yerr=[p[3] for p in points],
                 fmt="o", capsize=3, label=f"{self.y} (mean ± std over seeds)",
             )
-            for arm, x_value, y_value, _ in points:
-                axes.annotate(_arm_label(results, arm), (x_value, y_value), textcoords="offset points",
-                              xytext=(4, 4), fontsize="x-small")
+            labels = [axes.annotate(_arm_label(results, arm), (x_value, y_value), textcoords="offset points",
+                                    xytext=(4, 4), fontsize="x-small") for arm, x_value, y_value, _ in points]
             fitted = self.power_law(results)
             if fitted is not None:
                 a, alpha = fitted
@@ -320,7 +337,9 @@ class MetricPlot(Plot):
         axes.set_xlabel(self.x)
         axes.set_ylabel(self.y)
         axes.grid(True, alpha=0.3)
-        return _figure_png(figure)
+        if points:
+            _separate_labels(figure, labels)
+        return figure
 
     def caption(self, results: dict[str, Any]) -> str:
         """The fitted exponent (when fitting) and which arms are not measured."""
@@ -387,14 +406,18 @@ class HeatmapPlot(Plot):
 
     def render_png(self, results: dict[str, Any]) -> bytes:
         """A row of heatmaps, one per arm with a measured matrix, and a shared colour bar."""
+        return _figure_png(self._figure(results))
+
+    def _figure(self, results: dict[str, Any]) -> Any:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         drawn = [(arm, m) for arm in _selected_arms(results, self.arms)
                  if (m := self.mean_matrix(results, arm)) is not None]
         figure = Figure(figsize=(2.2 + 2.6 * max(1, len(drawn)), 3.8), dpi=100, layout="constrained")
         if not drawn:
             _note_no_data(figure.add_subplot())
-            return _figure_png(figure)
+            return figure
         axes = figure.subplots(1, len(drawn), squeeze=False)[0]
         image = None
         for ax, (arm, matrix) in zip(axes, drawn, strict=True):
@@ -402,9 +425,11 @@ class HeatmapPlot(Plot):
             ax.set_title(_arm_label(results, arm).replace(" (", "\n("), fontsize="x-small")  # long labels: 2 lines
             ax.set_xlabel("layer")
             ax.set_ylabel("layer")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(MaxNLocator(integer=True))  # rows and columns are indices: no 0.5 ticks
         figure.colorbar(image, ax=list(axes), label=self.label or self.matrix)
         figure.suptitle(self.title)
-        return _figure_png(figure)
+        return figure
 
     def caption(self, results: dict[str, Any]) -> str:
         """The mean off-diagonal entry per arm, and which arms have no matrix."""
