@@ -92,6 +92,22 @@ def test_jobs_are_refused_where_runs_must_not_share_the_machine(tmp_path, capsys
         run_experiment("lm-scaling", preset="smoke", device="cuda", jobs=2, out=tmp_path)
 
 
+def test_the_start_line_suggests_jobs_only_where_they_are_allowed_and_would_help(monkeypatch) -> None:
+    from effml.experiments import get_experiment
+    from effml.experiments.runner import _jobs_hint
+
+    lm_scaling, laurel, one = get_experiment("lm-scaling"), get_experiment("laurel"), World()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    hint = _jobs_hint(lm_scaling, 1, "cpu", one, runs=6)
+    assert hint == " (--jobs 2 would run 2 at a time, often faster for small models)"
+    assert _jobs_hint(laurel, 1, "cpu", one, runs=6) == ""  # its claims compare times
+    assert _jobs_hint(lm_scaling, 2, "cpu", one, runs=6) == ""  # already given
+    assert _jobs_hint(lm_scaling, 1, "cuda", one, runs=6) == ""
+    assert _jobs_hint(lm_scaling, 1, "cpu", one, runs=1) == ""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert _jobs_hint(lm_scaling, 1, "cpu", one, runs=6) == ""
+
+
 # --- run_in_workers with a stand-in recipe -------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -251,6 +251,15 @@ def _run_here(experiment: Experiment, config: Any, units: Sequence[Unit]) -> Ite
         yield unit, experiment.run_arm(config, unit.arm, unit.context)
 
 
+def _jobs_hint(experiment: Experiment, jobs: int, device: str, world: World, runs: int) -> str:
+    """A note for the start line where ``--jobs`` would be allowed and help: one process on the CPU, several runs,
+    more than one thread, and claims that compare no times (small models do not spread over every core)."""
+    threads = torch.get_num_threads()
+    if jobs > 1 or runs < 2 or threads < 2 or device != "cpu" or world.distributed or experiment.claims_on_time:
+        return ""
+    return f" (--jobs {threads} would run {threads} at a time, often faster for small models)"
+
+
 def _check_jobs(experiment: Experiment, jobs: int, device: str, world: World) -> None:
     """Raise RunError unless ``jobs`` runs may share this machine at once (see effml.experiments.parallel)."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -345,7 +354,8 @@ def run_experiment(
              for subdir in [run_subdir(run_dir, arm.name, seed)]]
     threads = threads_per_run(jobs)
     if world.is_main and not quiet:
-        at_once = f", {jobs} at a time with {threads} thread{'s' * (threads > 1)} each" if jobs > 1 else ""
+        at_once = (f", {jobs} at a time with {threads} thread{'s' * (threads > 1)} each" if jobs > 1
+                   else _jobs_hint(experiment, jobs, device, world, len(units)))
         print(f"effml: {name} ({preset}) → {run_dir}: {len(units)} runs to do{at_once}", file=sys.stderr)
     # Shared arms' runs come first, here with every thread: the runs needing them wait anyway (with --jobs, a worker
     # would train a shared model on its share of the threads while the others idle).
