@@ -29,9 +29,8 @@ test: setup
 
 # every registered benchmark, so a new one cannot be left out
 bench: setup
-	for name in $$($(BIN)/python -c "from effml.benchmarks import BENCHMARKS; print(*BENCHMARKS)"); do \
-		$(BIN)/effml bench $$name || exit 1; \
-	done
+	names=$$($(BIN)/python -c "from effml.benchmarks import BENCHMARKS; print(*BENCHMARKS)") || exit 1; \
+	for name in $$names; do $(BIN)/effml bench $$name || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

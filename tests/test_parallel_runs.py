@@ -104,6 +104,8 @@ def test_the_start_line_suggests_jobs_only_where_they_are_allowed_and_would_help
     assert _jobs_hint(lm_scaling, 2, "cpu", one, runs=6) == ""  # already given
     assert _jobs_hint(lm_scaling, 1, "cuda", one, runs=6) == ""
     assert _jobs_hint(lm_scaling, 1, "cpu", one, runs=1) == ""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert _jobs_hint(lm_scaling, 1, "cpu", one, runs=3).startswith(" (--jobs 3 would run 3 at a time")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert _jobs_hint(lm_scaling, 1, "cpu", one, runs=6) == ""
 

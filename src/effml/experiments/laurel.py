@@ -10,7 +10,8 @@ Both recipes train the same arms for several seeds, with the same data order per
 * ``baseline-<L>L`` — the base model with L layers (plain residuals);
 * ``baseline-<L+1>L`` — naive scaling: one more layer (transformer block / residual block);
 * one arm per LAuReL variant (default RW, LR, RW+LR, RW+LR+PA), LAuReL around every residual branch of the L-layer
-  model.
+  model, starting from the L-layer baseline's weights of the same seed (``LaurelRecipe.seeded_model``): the arms of a
+  seed differ only by LAuReL's own parameters.
 
 Reported per run: the quality metric (held-out loss for `laurel`, test accuracy for `laurel-vision`), ``extra_params``
 (absolute and % over the L-layer baseline) and the median ``step_time_s``. The derived entry ``best-laurel`` takes the
@@ -137,7 +138,7 @@ class LaurelRecipe(Experiment):
             plain = self.build_model(config, extra_layer, None).state_dict()
             unexpected = model.load_state_dict(plain, strict=False).unexpected_keys
             if unexpected:
-                raise AssertionError(f"{self.name}: the {variant} model lacks the plain model's {unexpected}.")
+                raise RuntimeError(f"{self.name}: the {variant} model lacks the plain model's {unexpected}.")
         return model
 
     def laurel_options(self, config: Any, variant: str) -> dict[str, Any]:

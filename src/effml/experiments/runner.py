@@ -252,12 +252,16 @@ def _run_here(experiment: Experiment, config: Any, units: Sequence[Unit]) -> Ite
 
 
 def _jobs_hint(experiment: Experiment, jobs: int, device: str, world: World, runs: int) -> str:
-    """A note for the start line where ``--jobs`` would be allowed and help: one process on the CPU, several runs,
-    more than one thread, and claims that compare no times (small models do not spread over every core)."""
-    threads = torch.get_num_threads()
-    if jobs > 1 or runs < 2 or threads < 2 or device != "cpu" or world.distributed or experiment.claims_on_time:
+    """A note for the start line where ``--jobs`` > 1 is allowed (``_check_jobs``) and would help: one job now,
+    several runs and more than one thread (small models do not spread over every core)."""
+    at_once = min(torch.get_num_threads(), runs)
+    if jobs > 1 or at_once < 2:
         return ""
-    return f" (--jobs {threads} would run {threads} at a time, often faster for small models)"
+    try:
+        _check_jobs(experiment, at_once, device, world)
+    except RunError:
+        return ""
+    return f" (--jobs {at_once} would run {at_once} at a time, often faster for small models)"
 
 
 def _check_jobs(experiment: Experiment, jobs: int, device: str, world: World) -> None:

@@ -163,12 +163,14 @@ def _mamba_ssm_kernels() -> dict[str, Callable[..., Any]] | None:
 
 
 def _warn_broken_mamba_ssm(error: Exception) -> None:
+    """One RuntimeWarning for an installed ``mamba_ssm`` whose kernels failed to import (``error``): what failed,
+    the fallback, and the two fixes."""
     warnings.warn(
         f"mamba_ssm is installed but its CUDA kernels failed to import ({type(error).__name__}: {error}), so the "
         "Mamba mixers run effml's PyTorch scans on CUDA instead (same results, slower). Reinstall mamba_ssm built "
         "against this torch and CUDA (pip install mamba-ssm --no-build-isolation), or turn the kernels off with "
         "mixer_options={'use_kernels': False} (use_kernels=False on a mixer) to run the PyTorch scans without this "
-        "warning.", RuntimeWarning, stacklevel=2)
+        "warning.", RuntimeWarning, stacklevel=1)  # deep in a forward pass no caller frame says more than this one
 
 
 def _inverse_softplus(value: Tensor) -> Tensor:
