@@ -51,15 +51,32 @@ def test_prop_alpha_stage_lengths_follow_the_formula_and_sum_to_the_budget() -> 
     assert prop_alpha_stages(100, 4, 1.0) == [10, 20, 30, 40]  # T·i/10 exactly
     assert prop_alpha_stages(30, 4, 2.0) == [1, 4, 9, 16]  # T·i²/30 exactly
     assert prop_alpha_stages(12, 3, 0.0) == [4, 4, 4]
-    for total, stages, alpha in [(301, 4, 1.0), (997, 6, 2.0), (17, 5, 0.5), (5, 5, 3.0)]:
+    assert stage_starts([10, 20, 30, 40]) == [0, 10, 30, 60]
+    assert prop_alpha_stages(100, 4, 600.0) == [1, 1, 1, 97]  # 4^600 overflows a float: the shares are scaled
+
+
+def test_a_stage_lifted_to_one_step_takes_no_leftover_step() -> None:
+    # shares 0.8, 1.6, 2.4, 3.2: stage 1 gets its one step, and stages 2-4 split the other 7 (1.56, 2.33, 3.11)
+    assert prop_alpha_stages(8, 4, 1.0) == [1, 2, 2, 3]
+    assert prop_alpha_stages(10, 4, 3.0) == [1, 1, 2, 6]  # shares 0.1, 0.8, 2.7, 6.4; then 2.37, 5.63 of 8
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 8.0])
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 5, 6])
+def test_prop_alpha_stages_sum_to_the_budget_never_shrink_and_follow_the_formula(stages: int, alpha: float) -> None:
+    for total in [*range(stages, 3 * stages + 40), 301, 997]:
         lengths = prop_alpha_stages(total, stages, alpha)
-        assert sum(lengths) == total and min(lengths) >= 1
+        case = f"T={total}, k={stages}, alpha={alpha}: {lengths}"
+        assert sum(lengths) == total and min(lengths) >= 1, case
+        assert lengths == sorted(lengths), case
         norm = sum(j ** alpha for j in range(1, stages + 1))
         shares = [total * i ** alpha / norm for i in range(1, stages + 1)]
         if min(shares) >= 1:
-            assert all(abs(length - share) < 1 for length, share in zip(lengths, shares, strict=True))
-    assert stage_starts([10, 20, 30, 40]) == [0, 10, 30, 60]
-    assert prop_alpha_stages(100, 4, 600.0) == [1, 1, 1, 97]  # 4^600 overflows a float: the shares are scaled
+            assert all(abs(length - share) < 1 for length, share in zip(lengths, shares, strict=True)), case
+        if alpha.is_integer():  # the formula in integers: where every share is whole, the lengths are the shares
+            weights = [i ** int(alpha) for i in range(1, stages + 1)]
+            if all(total * w % sum(weights) == 0 and total * w >= sum(weights) for w in weights):
+                assert lengths == [total * w // sum(weights) for w in weights], case
 
 
 @pytest.mark.parametrize("args", [(3, 4, 1.0), (100, 0, 1.0), (100, 4, -1.0), (100, 4, math.nan)])

@@ -113,11 +113,56 @@ def build_growth_operator(name: str) -> GrowthOperator:
 # --------------------------------------------------------------------------------------------- Prop-α schedule
 
 
+def _stage_weights(n_stages: int, alpha: float) -> list[float]:
+    """``[i^α for i = 1..k]``, or the same scaled by ``k^-α`` (≤ 1) where ``i^α`` overflows a float (a huge α)."""
+    try:
+        return [i ** alpha for i in range(1, n_stages + 1)]
+    except OverflowError:
+        return [(i / n_stages) ** alpha for i in range(1, n_stages + 1)]
+
+
+def _shares(total: int, weights: list[float]) -> list[float]:
+    """``total`` split in proportion to ``weights``: ``total · w / Σ w`` for each weight (not rounded)."""
+    weight_sum = math.fsum(weights)
+    return [total * weight / weight_sum for weight in weights]
+
+
+def _largest_remainder(total: int, weights: list[float]) -> list[int]:
+    """Integers in proportion to ``weights`` that sum to ``total``: floor every share, then give one more to each of
+    the shares with the largest fractional parts (ties to the later one) until the sum is ``total``."""
+    shares = _shares(total, weights)
+    counts = [math.floor(share) for share in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (shares[i] - counts[i], i), reverse=True)
+    for index in by_remainder[:total - sum(counts)]:
+        counts[index] += 1
+    return counts
+
+
+def _proportional_stages(total_steps: int, weights: list[float]) -> list[int]:
+    """The stages (0-based, ascending) that split the steps in proportion to their ``weights``, each share at least
+    one step, once every other stage has taken exactly one step (those whose share would be under one).
+
+    Never empty when ``total_steps ≥ len(weights)``: the shares sum to the steps left, at least one per stage, so
+    the largest share is at least one step.
+    """
+    stages = list(range(len(weights)))
+    while True:
+        budget = total_steps - (len(weights) - len(stages))
+        shares = _shares(budget, [weights[i] for i in stages])
+        kept = [stage for stage, share in zip(stages, shares, strict=True) if share >= 1]
+        if len(kept) == len(stages):
+            return stages
+        stages = kept
+
+
 def prop_alpha_stages(total_steps: int, n_stages: int, alpha: float) -> list[int]:
     """Stage lengths ``T_i = T · i^α / Σ_j j^α`` (i = 1..k), rounded to integers that sum to ``total_steps``.
 
-    Largest-remainder rounding: floor every share, then give the leftover steps to the stages with the largest
-    fractional parts (ties to the later stage). Every stage gets at least one step.
+    Every stage gets at least one step: a stage whose share is under one step gets exactly one, and the other stages
+    split the rest in proportion to their ``i^α`` (repeated until every share left is at least one step). Those
+    shares are rounded by the largest remainder: floor every share, then give the leftover steps to the stages with
+    the largest fractional parts (ties to the later stage). So the lengths are the formula's values wherever these
+    are whole numbers, and for ``α ≥ 0`` they never decrease from one stage to the next.
     """
     if not isinstance(n_stages, int) or n_stages < 1:
         raise ValueError(f"n_stages must be a positive int, got {n_stages!r}.")
@@ -127,19 +172,13 @@ def prop_alpha_stages(total_steps: int, n_stages: int, alpha: float) -> list[int
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number ≥ 0 (0: equal stages, 1: proportional to depth), got "
                          f"{alpha!r}.")
-    try:
-        weights = [i ** alpha for i in range(1, n_stages + 1)]
-    except OverflowError:  # a huge alpha: the same shares from weights scaled by k^-α (≤ 1)
-        weights = [(i / n_stages) ** alpha for i in range(1, n_stages + 1)]
-    shares = [total_steps * w / math.fsum(weights) for w in weights]
-    lengths = [max(1, math.floor(s)) for s in shares]
-    by_remainder = sorted(range(n_stages), key=lambda i: (shares[i] - math.floor(shares[i]), i), reverse=True)
-    index = 0
-    while sum(lengths) < total_steps:
-        lengths[by_remainder[index % n_stages]] += 1
-        index += 1
-    while sum(lengths) > total_steps:  # only when the max(1, ·) floor lifted a tiny stage: take from the longest
-        lengths[lengths.index(max(lengths))] -= 1
+    weights = _stage_weights(n_stages, alpha)
+    proportional = _proportional_stages(total_steps, weights)
+    budget = total_steps - (n_stages - len(proportional))  # what the one-step stages leave
+    lengths = [1] * n_stages
+    for stage, length in zip(proportional, _largest_remainder(budget, [weights[i] for i in proportional]),
+                             strict=True):
+        lengths[stage] = length
     return lengths
 
 
