@@ -339,6 +339,15 @@ def test_total_steps_defaults_to_the_trainers_steps() -> None:
         GrowthCallback("midas", n_stages=3, block_size=1, alpha=-1.0)  # checked at once, not at the first step
 
 
+def test_too_few_trainer_steps_for_the_stages_names_the_trainers_steps() -> None:
+    trainer = Trainer(tiny_model(1), causal_lm_loss, batches, TrainConfig(steps=3, lr=1e-3, warmup_steps=0),
+                      callbacks=[GrowthCallback("midas", n_stages=4, block_size=1, alpha=1.0)], quiet=True)
+    with pytest.raises(ValueError, match=r"TrainConfig.steps=3 into n_stages=4 .* at least 4") as error:
+        trainer.fit()
+    assert "total_steps" not in str(error.value)  # the user never set it
+    assert trainer.step == 0 and len(trainer.model.blocks) == 1
+
+
 @pytest.mark.parametrize("total_steps, outcome", [
     (40, "would end in stage 2 of 4, at 2 of 4 layers"),  # stages 4, 8, 12, 16: 10 steps reach stage 2
     (6, "the last stage would get 4 steps beyond"),

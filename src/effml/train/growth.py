@@ -387,6 +387,10 @@ class GrowthCallback(Callback):
         """Split the trainer's steps into the stages (``total_steps=None``), or check that ``total_steps`` is them."""
         steps = trainer.config.steps
         if self.total_steps is None:
+            if steps < self.n_stages:
+                raise ValueError(f"GrowthCallback splits the trainer's TrainConfig.steps={steps} into n_stages="
+                                 f"{self.n_stages} stages, but every stage needs at least one step; raise "
+                                 f"TrainConfig.steps to at least {self.n_stages} or use fewer stages.")
             self._set_schedule(steps)
             return
         if self.total_steps == steps:
