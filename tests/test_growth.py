@@ -337,6 +337,8 @@ def test_total_steps_defaults_to_the_trainers_steps() -> None:
     assert growth.stage_lengths == [2, 4, 6] and growth.growths == 2
     with pytest.raises(ValueError, match="alpha"):
         GrowthCallback("midas", n_stages=3, block_size=1, alpha=-1.0)  # checked at once, not at the first step
+    with pytest.raises(ValueError, match="n_stages"):
+        GrowthCallback("midas", n_stages=0, block_size=1, alpha=1.0)
 
 
 def test_too_few_trainer_steps_for_the_stages_names_the_trainers_steps() -> None:

@@ -113,6 +113,15 @@ def build_growth_operator(name: str) -> GrowthOperator:
 # --------------------------------------------------------------------------------------------- Prop-α schedule
 
 
+def _check_stage_options(n_stages: int, alpha: float) -> None:
+    """Raise ValueError unless ``n_stages`` is a positive int and ``alpha`` a finite number ≥ 0."""
+    if not isinstance(n_stages, int) or n_stages < 1:
+        raise ValueError(f"n_stages must be a positive int, got {n_stages!r}.")
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number ≥ 0 (0: equal stages, 1: proportional to depth), got "
+                         f"{alpha!r}.")
+
+
 def _stage_weights(n_stages: int, alpha: float) -> list[float]:
     """``[i^α for i = 1..k]``, or the same scaled by ``k^-α`` (≤ 1) where ``i^α`` overflows a float (a huge α)."""
     try:
@@ -164,14 +173,10 @@ def prop_alpha_stages(total_steps: int, n_stages: int, alpha: float) -> list[int
     the largest fractional parts (ties to the later stage). So the lengths are the formula's values wherever these
     are whole numbers, and for ``α ≥ 0`` they never decrease from one stage to the next.
     """
-    if not isinstance(n_stages, int) or n_stages < 1:
-        raise ValueError(f"n_stages must be a positive int, got {n_stages!r}.")
+    _check_stage_options(n_stages, alpha)
     if not isinstance(total_steps, int) or total_steps < n_stages:
         raise ValueError(f"total_steps={total_steps!r} must be an int ≥ n_stages={n_stages}: every stage needs a "
                          "step.")
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number ≥ 0 (0: equal stages, 1: proportional to depth), got "
-                         f"{alpha!r}.")
     weights = _stage_weights(n_stages, alpha)
     proportional = _proportional_stages(total_steps, weights)
     budget = total_steps - (n_stages - len(proportional))  # what the one-step stages leave
@@ -371,12 +376,11 @@ class GrowthCallback(Callback):
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}.")
         if self.optimizer_state not in OPTIMIZER_STATE_MODES:
             raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {self.optimizer_state!r}.")
+        _check_stage_options(self.n_stages, self.alpha)  # now, not when training starts
         self.stage_lengths: list[int] = []  # the Prop-α split of total_steps (set by _set_schedule)
         self.starts: list[int] = []
         if self.total_steps is not None:
             self._set_schedule(self.total_steps)
-        else:  # check n_stages and alpha now rather than when training starts
-            prop_alpha_stages(self.n_stages, self.n_stages, self.alpha)
         self.growths = 0  # growth steps done so far: the model has (1 + growths) blocks
 
     def _set_schedule(self, total_steps: int) -> None:
