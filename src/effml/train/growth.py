@@ -320,7 +320,8 @@ def rebuild_optimizer(old: torch.optim.Optimizer, new: torch.optim.Optimizer,
 
     Parameters present before growth keep their state (same tensor objects). A new parameter gets a clone of its
     source's state with ``mode="copy"`` and no state with ``mode="reset"`` (the optimizer then initialises it on
-    its first step, like a freshly initialised weight's: AdamW from zero moments and step 0, SGD without momentum).
+    its first step, like a freshly initialised weight's: AdamW from zero moments and step 0; SGD with momentum sets
+    the momentum buffer to that step's gradient, weight decay included, with no dampening).
     """
     if mode not in OPTIMIZER_STATE_MODES:
         raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {mode!r}.")
