@@ -241,6 +241,11 @@ def adamw_with_a_faster_stack(model: nn.Module) -> torch.optim.Optimizer:
                              weight_decay=0.0)
 
 
+def adamw_over_named_parameters(model: nn.Module) -> torch.optim.Optimizer:
+    """torch's named param groups: the group lists its parameters' names under "param_names", in their order."""
+    return torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+
+
 def group_settings(group: dict) -> dict:
     """A param group's hyper-parameters, less its parameters and its scheduled lr (the trainer's base_lr stays)."""
     return {key: value for key, value in group.items() if key not in ("params", "names", "param_names", "lr")}
@@ -292,30 +297,54 @@ def test_growth_keeps_the_users_optimizer_its_settings_and_the_sources_state(mak
         assert group["lr"] == pytest.approx(group["base_lr"] * schedule(11))
 
 
-@pytest.mark.parametrize("model", list(MODELS))
+def test_an_optimizer_over_named_parameters_keeps_their_names_through_growth_and_a_state_dict_round_trip() -> None:
+    trainer = growth_trainer(None, make_optimizer=adamw_over_named_parameters)
+    trainer.fit()  # two growths: [L0] → [L0, L0'] → [L0, L0'', L0', ...] (MIDAS, b = 1)
+    named = list(trainer.model.named_parameters())
+    (group,) = trainer.optimizer.param_groups
+    assert group["param_names"] == [name for name, _ in named]
+    assert len(group["params"]) == len(named) and all(a is b for a, (_, b) in zip(group["params"], named, strict=True))
+    saved = trainer.optimizer.state_dict()
+    assert saved["param_groups"][0]["param_names"] == group["param_names"]
+    reloaded = adamw_over_named_parameters(trainer.model)  # as a user rebuilds it over the grown model
+    reloaded.load_state_dict(saved)
+    for name, param in named:
+        state = trainer.optimizer.state[param]
+        assert state.keys() == reloaded.state[param].keys() == {"step", "exp_avg", "exp_avg_sq"}, name
+        assert all(torch.equal(reloaded.state[param][key], value) for key, value in state.items()), name
+
+
+@pytest.mark.parametrize("model, make_optimizer", [
+    ("effml", None), ("llama", None),  # the trainer's AdamW
+    ("effml", sgd_with_momentum), ("effml", adamw_over_named_parameters),  # a user's optimizer
+], ids=["effml-adamw", "llama-adamw", "effml-sgd-momentum", "effml-named-adamw"])
 @pytest.mark.parametrize("interrupt_after", [2, 4])  # checkpoints mid-stage (step 4) or at the boundary (step 6)
 def test_resume_mid_stage_and_across_a_boundary_is_bit_identical(tmp_path, interrupt_after: int, model: str,
-                                                                 interrupt_at) -> None:
-    straight = growth_trainer(tmp_path / "straight", model=model)
+                                                                 make_optimizer, interrupt_at) -> None:
+    straight = growth_trainer(tmp_path / "straight", model=model, make_optimizer=make_optimizer)
     reference = straight.fit()
 
-    split = growth_trainer(tmp_path / "split", extra=[interrupt_at(interrupt_after)], model=model)
+    split = growth_trainer(tmp_path / "split", extra=[interrupt_at(interrupt_after)], model=model,
+                           make_optimizer=make_optimizer)
     with pytest.raises(TrainingInterrupted) as stop:
         split.fit()
     assert stop.value.step == interrupt_after + 2  # the signal is honoured after the next step
     assert len(layer_stack(split.model)) == 2  # stage 2; at step 6 the checkpoint precedes the growth into stage 3
 
-    resumed = growth_trainer(tmp_path / "split", seed=123, model=model)
+    resumed = growth_trainer(tmp_path / "split", seed=123, model=model, make_optimizer=make_optimizer)
     resumed.resume = True
     result = resumed.fit()
     assert result.curves["train_loss"] == reference.curves["train_loss"]
     assert len(layer_stack(resumed.model)) == 3
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    state_a, state_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        assert torch.equal(state_a[key]["exp_avg_sq"], state_b[key]["exp_avg_sq"])
+    saved_a, saved_b = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    # settings, parameter order and any param_names; as JSON, since the checkpoint's JSON turns betas into a list
+    assert json.dumps(saved_a["param_groups"]) == json.dumps(saved_b["param_groups"])
+    assert saved_a["state"].keys() == saved_b["state"].keys()
+    for index, state in saved_a["state"].items():
+        assert state.keys() == saved_b["state"][index].keys()  # e.g. SGD's momentum_buffer, AdamW's moments
+        assert all(torch.equal(value, saved_b["state"][index][key]) for key, value in state.items()), index
     logged = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "train_loss" in r] == list(range(12))
 
