@@ -251,7 +251,7 @@ def test_heatmap_and_compute_axis_plots_round_trip_and_render() -> None:
     assert [v for row in heatmap.mean_matrix(results, "a") for v in row] == pytest.approx([1.0, 0.3, 0.3, 1.0])
     assert heatmap.caption(results) == "Mean off-diagonal sim: a 0.3. Not measured: b."
     assert heatmap.render_png(results).startswith(b"\x89PNG")
-    heatmap_axes = heatmap._figure(results).axes[0]  # 2 layers: ticks at 0 and 1, none at 0.5
+    heatmap_axes = heatmap.figure(results).axes[0]  # 2 layers: ticks at 0 and 1, none at 0.5
     assert all(tick == int(tick) for tick in [*heatmap_axes.get_xticks(), *heatmap_axes.get_yticks()])
     curve = CurvePlot(name="lf", curve="loss", x_curve="flops", xlabel="FLOPs", title="t", ylabel="loss")
     assert plot_from_dict(curve.to_dict()) == curve

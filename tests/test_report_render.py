@@ -254,7 +254,7 @@ def test_metric_plot_labels_of_points_in_one_place_do_not_overlap() -> None:
     results = make_results()
     for arm in ("medium", "large"):  # all three arms drawn at the small arm's point
         results["arms"][arm].update(params=1_000, runs=copy.deepcopy(results["arms"]["small"]["runs"]))
-    figure = MetricPlot("m", "params", "valid_loss", "t")._figure(results)
+    figure = MetricPlot("m", "params", "valid_loss", "t").figure(results)
     boxes = [text.get_window_extent() for text in figure.axes[0].texts]
     assert len(boxes) == 3
     assert not any(first.overlaps(second) for i, first in enumerate(boxes) for second in boxes[i + 1:])

@@ -9,8 +9,9 @@
 * ``HeatmapPlot`` — per arm, the mean over complete seeds of a square matrix a run stores in its curves (e.g. the
   layer-by-layer weight similarity of a grown model).
 
-``plot.render_png(results)`` returns PNG bytes (the caller writes them); ``plot.caption(results)`` is a line of text
-for the report (what was not measured, the fitted exponent). Neither raises on a partial results document.
+``plot.render_png(results)`` returns PNG bytes (the caller writes them), ``plot.figure(results)`` the matplotlib figure
+they are drawn from; ``plot.caption(results)`` is a line of text for the report (what was not measured, the fitted
+exponent). None of them raises on a partial results document.
 """
 
 from __future__ import annotations
@@ -128,9 +129,13 @@ class Plot(Spec):
         """File name of the rendered PNG inside the run directory."""
         return f"{self.name}.png"
 
+    def figure(self, results: dict[str, Any]) -> Any:
+        """The plot drawn from ``results``: a matplotlib ``Figure``, laid out as `render_png` saves it."""
+        raise NotImplementedError
+
     def render_png(self, results: dict[str, Any]) -> bytes:
         """Draw the plot from ``results`` and return PNG bytes."""
-        raise NotImplementedError
+        return _figure_png(self.figure(results))
 
     def caption(self, results: dict[str, Any]) -> str:
         """One line of text shown under the plot in the report ('' when there is nothing to add)."""
@@ -196,7 +201,7 @@ class CurvePlot(Plot):
     def _missing_arms(self, results: dict[str, Any]) -> list[str]:
         return [arm for arm in _selected_arms(results, self.arms) if not self._arm_curves(results, arm)[0]]
 
-    def render_png(self, results: dict[str, Any]) -> bytes:
+    def figure(self, results: dict[str, Any]) -> Any:
         """Mean line and min–max band per arm against step (or the mean of ``x_curve``)."""
         figure, axes = _new_figure()
         drawn = 0
@@ -232,7 +237,7 @@ class CurvePlot(Plot):
         axes.set_xlabel(self.xlabel)
         axes.set_ylabel(self.ylabel)
         axes.grid(True, alpha=0.3)
-        return _figure_png(figure)
+        return figure
 
     def caption(self, results: dict[str, Any]) -> str:
         """Which arms have no curve yet, if any."""
@@ -304,11 +309,8 @@ class MetricPlot(Plot):
             return None
         return fit_power_law([x for x, _ in usable], [y for _, y in usable])
 
-    def render_png(self, results: dict[str, Any]) -> bytes:
+    def figure(self, results: dict[str, Any]) -> Any:
         """Error-bar points per arm, labelled, plus the fitted power law when requested."""
-        return _figure_png(self._figure(results))
-
-    def _figure(self, results: dict[str, Any]) -> Any:
         figure, axes = _new_figure()
         points, _ = self.points(results)
         if points:
@@ -404,11 +406,8 @@ class HeatmapPlot(Plot):
         size = shapes.pop()
         return [[math.fsum(m[i][j] for m in matrices) / len(matrices) for j in range(size)] for i in range(size)]
 
-    def render_png(self, results: dict[str, Any]) -> bytes:
+    def figure(self, results: dict[str, Any]) -> Any:
         """A row of heatmaps, one per arm with a measured matrix, and a shared colour bar."""
-        return _figure_png(self._figure(results))
-
-    def _figure(self, results: dict[str, Any]) -> Any:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
