@@ -263,3 +263,20 @@ def test_checkpoint_round_trip_keeps_tied_weights_and_detects_corruption(tmp_pat
     state_file.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="state.json lacks manifest"):
         load_checkpoint(tmp_path / "checkpoints")
+
+
+def test_causal_lm_loss_takes_the_logits_of_a_hugging_face_style_output() -> None:
+    """A model whose forward returns an output object with ``.logits`` (as Hugging Face's do) gets the same loss as one
+    that returns the logits themselves, the explicit cross-entropy over every position."""
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    expected = -torch.log_softmax(logits, -1).gather(-1, targets[..., None]).mean()
+
+    class Output:
+        def __init__(self, values: torch.Tensor) -> None:
+            self.logits = values
+
+    plain, _ = causal_lm_loss(lambda ids: logits, (targets, targets), 0)
+    wrapped, _ = causal_lm_loss(lambda ids: Output(logits), (targets, targets), 0)
+    torch.testing.assert_close(plain, expected)
+    torch.testing.assert_close(wrapped, expected)

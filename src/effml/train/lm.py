@@ -27,9 +27,10 @@ def logits_of(output: Any) -> torch.Tensor:
 
 def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
                    step: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean next-token cross-entropy (nats). batch = (inputs (B, T), targets (B, T)); model maps (B, T) → (B, T, V)."""
+    """Mean next-token cross-entropy (nats). batch = (inputs (B, T), targets (B, T)); model maps (B, T) → (B, T, V)
+    logits, or to a Hugging Face output carrying them (``logits_of``)."""
     inputs, targets = batch
-    logits = model(inputs)
+    logits = logits_of(model(inputs))
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     return loss, {}
 
