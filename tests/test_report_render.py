@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import random
 import statistics
@@ -250,11 +251,22 @@ def test_partial_results_carry_one_warning_line_that_report_md_shows_above_the_c
     assert "(run status 'complete'; 1 of 3 arms lack complete seeds)" in partial_run_warning(results)
 
 
-def test_metric_plot_labels_of_points_in_one_place_do_not_overlap() -> None:
+@pytest.mark.parametrize("point, moved, twins", [
+    ("small", ["medium", "large"], 0),  # all three arms at the small arm's point
+    ("large", [], 7),  # 7 more arms at the lowest point: their labels pile up below it, and the layout makes room
+])
+def test_metric_plot_labels_of_points_in_one_place_do_not_overlap_in_the_saved_figure(point: str, moved: list[str],
+                                                                                      twins: int) -> None:
     results = make_results()
-    for arm in ("medium", "large"):  # all three arms drawn at the small arm's point
-        results["arms"][arm].update(params=1_000, runs=copy.deepcopy(results["arms"]["small"]["runs"]))
+    arms = results["arms"]
+    for name in moved:
+        arms[name].update(params=arms[point]["params"], runs=copy.deepcopy(arms[point]["runs"]))
+    for index in range(twins):
+        arms[f"twin{index}"] = {**copy.deepcopy(arms[point]), "label": f"twin {index}"}
     figure = MetricPlot("m", "params", "valid_loss", "t").figure(results)
+    figure.savefig(io.BytesIO(), format="png")  # as render_png saves it: savefig must not lay the axes out anew
     boxes = [text.get_window_extent() for text in figure.axes[0].texts]
-    assert len(boxes) == 3
+    assert len(boxes) == len(arms)
     assert not any(first.overlaps(second) for i, first in enumerate(boxes) for second in boxes[i + 1:])
+    page = figure.bbox
+    assert all(page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1 for box in boxes)

@@ -62,19 +62,42 @@ def _new_figure() -> tuple[Any, Any]:
     return figure, figure.add_subplot()
 
 
-def _separate_labels(figure: Any, labels: list[Any]) -> None:
-    """Move text annotations (offset in points from their anchors) down, one label height at a time, until none
-    overlaps an earlier one: labels of points at the same or nearby positions would be drawn over each other."""
-    figure.draw_without_rendering()  # lay the figure out, so that the boxes are where they will be drawn
+_LAYOUT_ROUNDS = 4  # layouts tried to make room for moved labels before the figure's layout is frozen
+# A moved label keeps this gap to the one above it: labels that only touched would overlap once a new layout snaps
+# them to other pixels.
+_LABEL_GAP_POINTS = 1.0
+
+
+def _move_overlapping_labels(figure: Any, labels: list[Any]) -> bool:
+    """Move text annotations (offset in points from their anchors) down, one label height (and a small gap) at a
+    time, until none overlaps an earlier one, in the figure's current layout; return whether any moved."""
     placed: list[Any] = []
+    moved = False
     for label in labels:
         for _ in range(2 * len(placed)):  # a box of the same height clears an earlier one in at most 2 steps
             box = label.get_window_extent()
             if not any(box.overlaps(other) for other in placed):
                 break
             dx, dy = label.xyann
-            label.xyann = (dx, dy - box.height * 72.0 / figure.dpi)  # pixels to the points of the offset
+            label.xyann = (dx, dy - box.height * 72.0 / figure.dpi - _LABEL_GAP_POINTS)  # pixels to points
+            moved = True
         placed.append(label.get_window_extent())
+    return moved
+
+
+def _separate_labels(figure: Any, labels: list[Any]) -> None:
+    """Keep the labels of points at the same or nearby positions from being drawn over each other, in the saved
+    figure too.
+
+    Each round lays the figure out (constrained layout makes room for the labels where they are, which can shrink
+    the axes and bring labels that were apart together again) and moves overlapping labels down. Then the layout is
+    frozen, so that ``savefig`` draws the axes where the labels were separated rather than laying them out again.
+    """
+    for _ in range(_LAYOUT_ROUNDS):
+        figure.draw_without_rendering()
+        if not _move_overlapping_labels(figure, labels):
+            break
+    figure.set_layout_engine("none")
 
 
 def _figure_png(figure: Any) -> bytes:
