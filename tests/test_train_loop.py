@@ -249,6 +249,9 @@ def test_checkpoint_round_trip_keeps_tied_weights_and_detects_corruption(tmp_pat
     tied = [n for n, p in model.named_parameters()]
     assert len(tied) == len(list(model.parameters()))  # shared tensors stay shared after loading
     assert checkpoint.optimizer["state"]  # Adam moments were saved
+    # the settings come back as they were, tuples (Adam's betas) included, though JSON has no tuples
+    assert checkpoint.optimizer["param_groups"] == trainer.optimizer.state_dict()["param_groups"]
+    assert isinstance(checkpoint.optimizer["param_groups"][0]["betas"], tuple)
 
     weights = latest_checkpoint(tmp_path / "checkpoints") / "model.safetensors"
     data = bytearray(weights.read_bytes())

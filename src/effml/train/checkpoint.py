@@ -36,6 +36,7 @@ __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint"
 
 _LATEST = "LATEST"
 _STATE = "state.json"
+_TUPLE = "__tuple__"  # JSON has no tuples: a param-group setting such as Adam's betas is saved as {_TUPLE: [...]}
 _STATE_KEYS = ("step", "aliases", "optimizer", "extra", "manifest")  # what load_checkpoint reads from state.json
 
 
@@ -82,7 +83,9 @@ def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.
             else:
                 plain_entries[key] = value
         plain_state[str(param_id)] = plain_entries
-    return tensors, {"state": plain_state, "param_groups": state_dict["param_groups"]}
+    groups = [{key: {_TUPLE: list(value)} if isinstance(value, tuple) else value for key, value in group.items()}
+              for group in state_dict["param_groups"]]
+    return tensors, {"state": plain_state, "param_groups": groups}
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +93,9 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any
     for name, tensor in tensors.items():
         _, param_id, key = name.split("/", 2)
         state.setdefault(int(param_id), {})[key] = tensor
-    return {"state": state, "param_groups": plain["param_groups"]}
+    groups = [{key: tuple(value[_TUPLE]) if isinstance(value, dict) and set(value) == {_TUPLE} else value
+               for key, value in group.items()} for group in plain["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _sha256(path: Path) -> str:
