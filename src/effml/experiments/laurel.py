@@ -50,14 +50,19 @@ RW_PARAM_PCT = 0.01  # claim 1: RW's extra parameters, in percent
 STEP_OVERHEAD = 0.05  # claim 3: RW+LR's step-time overhead
 
 
+def _residual_options(config: Any) -> dict[str, Any]:
+    """The recipe config's ``LaurelResidual`` options other than the variant (the same for every LAuReL arm)."""
+    return {"rank": config.rank, "k": config.k, "bound": config.bound, "scale": config.scale,
+            "per_channel": config.per_channel, "lr_init": config.lr_init, "pa_map": config.pa_map}
+
+
 def _check_laurel_options(owner: str, config: Any) -> None:
     """ConfigError unless the recipe config's variants and residual options are valid LAuReL options."""
     from effml.nn.laurel import LaurelConfig
 
     _check_variants(owner, config.variants)
     try:
-        LaurelConfig(rank=config.rank, k=config.k, bound=config.bound, scale=config.scale,
-                     per_channel=config.per_channel, lr_init=config.lr_init, pa_map=config.pa_map)
+        LaurelConfig(**_residual_options(config))
     except ValueError as error:
         raise ConfigError(f"{owner}: {error}") from None
 
@@ -143,8 +148,7 @@ class LaurelRecipe(Experiment):
 
     def laurel_options(self, config: Any, variant: str) -> dict[str, Any]:
         """The ``LaurelResidual`` options of ``variant`` under ``config``."""
-        return {"variant": variant, "rank": config.rank, "k": config.k, "bound": config.bound, "scale": config.scale,
-                "per_channel": config.per_channel, "lr_init": config.lr_init, "pa_map": config.pa_map}
+        return {"variant": variant, **_residual_options(config)}
 
     def extra_parameters(self, config: Any, model: torch.nn.Module) -> dict[str, float]:
         """``extra_params`` and ``extra_params_pct`` of ``model`` over the L-layer baseline (built to be counted, with
